@@ -1,0 +1,30 @@
+# The two commands of README.md:
+#   make serve   install, build tiny checkpoints if missing, serve on http://127.0.0.1:8000 (CPU)
+#   make test    install, run the whole test suite
+# Everything a fresh machine needs is installed here, into .venv.
+
+PYTHON ?= python3
+VENV   ?= .venv
+# An unpinned torch pulls several GB of CUDA wheels; this pin takes the CPU build on CPU machines.
+# GPU nodes: make TORCH_SPEC="torch==2.9.* --index-url https://download.pytorch.org/whl/cu128" install
+TORCH_SPEC ?= torch==2.13.0
+PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
+
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: install serve test
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e '.[test]'
+	touch $@
+
+serve: install
+	$(VENV)/bin/imageserve run
+
+test: install
+	$(VENV)/bin/python -m pytest

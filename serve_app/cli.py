@@ -1,0 +1,132 @@
+"""The ``imageserve`` command: plan, doctor, make-tiny-models, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from serve_app.config import AppConfig, ConfigError, load_config, parse_config
+from serve_app.planner import OFFLOAD_MODES, Plan, plan_table
+
+DEFAULT_TINY_DIR = Path(os.environ.get("IMAGESERVE_HOME", Path.home() / ".cache" / "imageserve")) / "tiny-models"
+
+
+def _config(path: str | None) -> AppConfig:
+    return load_config(path) if path else parse_config({})
+
+
+def _format_plans(plans: list[Plan], catalog) -> str:
+    headers = ["GPU", "VRAM", "sm", "variant", "fits", "mode", "peak GiB", "why not"]
+    rows = []
+    previous = None
+    for p in plans:
+        gpu = catalog.gpus.get(p.gpu)
+        name = gpu.name if gpu else p.gpu
+        if previous is not None and previous != p.gpu:
+            rows.append(None)
+        previous = p.gpu
+        rows.append([
+            name,
+            f"{gpu.vram_gib:g}" if gpu else "?",
+            gpu.compute_capability if gpu else "?",
+            p.variant,
+            "yes" if p.fits else "no",
+            p.mode or "-",
+            f"{p.peak_vram_gib:.1f}" if p.peak_vram_gib is not None else "-",
+            p.reason or "",
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows if r)) for i, h in enumerate(headers[:-1])]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths), "-" * 7)]
+    lines += ["" if r is None else fmt.format(*r).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    catalog = config.build_catalog()
+    if args.gpu == "auto":
+        from serve_app.hardware import detect_local_gpu
+
+        local = detect_local_gpu(catalog)
+        if local is None:
+            print("no CUDA GPU here: `--gpu auto` has nothing to plan for (models run on CPU, unplanned)",
+                  file=sys.stderr)
+            return 1
+        gpus = [local.gpu_class]
+    elif args.gpu:
+        gpus = [catalog.gpu(g) for g in args.gpu.split(",")]
+    else:
+        gpus = list(catalog.gpus.values())
+    variants = [catalog.variant(v) for v in args.variant.split(",")] if args.variant else list(catalog.variants.values())
+    modes = (args.mode,) if args.mode else OFFLOAD_MODES
+    plans = plan_table(variants, gpus, args.width, args.height, args.images, modes=modes,
+                       settings=config.device.planner)
+    if args.json:
+        print(json.dumps([p.model_dump(exclude={"estimates"} if not args.details else set()) for p in plans], indent=2))
+    else:
+        if gpus and gpus[0].id.startswith("local-"):
+            catalog = catalog.model_copy(update={"gpus": {**catalog.gpus, gpus[0].id: gpus[0]}})
+        print(_format_plans(plans, catalog))
+    return 0
+
+
+def cmd_make_tiny_models(args: argparse.Namespace) -> int:
+    from serve_app.tiny_models import build_all
+
+    for kind, path in build_all(args.dir, force=args.force).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from serve_app.doctor import run_doctor
+
+    report = run_doctor(_config(args.config), cache_dir=args.cache_dir)
+    print(json.dumps(report, indent=2) if args.json else report["text"])
+    return 0 if report["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imageserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="GPU x variant VRAM plan: which variants fit which GPUs, in which offload mode")
+    p.add_argument("--config", help="YAML config (adds GPU classes/variants, planner margins)")
+    p.add_argument("--gpu", help="comma-separated GPU ids or names, or 'auto' for the local GPU (default: all)")
+    p.add_argument("--variant", help="comma-separated variant ids (default: all)")
+    p.add_argument("--width", type=int, help="output width (default: each variant's)")
+    p.add_argument("--height", type=int, help="output height (default: each variant's)")
+    p.add_argument("--images", type=int, help="input images per edit request (default 1)")
+    p.add_argument("--mode", choices=OFFLOAD_MODES, help="force one offload mode")
+    p.add_argument("--json", action="store_true", help="print a JSON list of plan objects")
+    p.add_argument("--details", action="store_true", help="with --json: include the per-mode estimate parts")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("make-tiny-models", help="build tiny random-weight checkpoints offline")
+    p.add_argument("dir", nargs="?", default=str(DEFAULT_TINY_DIR))
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.set_defaults(func=cmd_make_tiny_models)
+
+    p = sub.add_parser("doctor", help="preflight: GPU, RAM, disk, nunchaku, and what this machine would serve")
+    p.add_argument("--config", help="YAML config (its models are checked; default: the whole catalog)")
+    p.add_argument("--cache-dir", help="where weights would be downloaded (default: the HF cache)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, KeyError) as err:
+        print(f"imageserve: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

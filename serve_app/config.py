@@ -1,0 +1,199 @@
+"""The one YAML configuration file, validated by pydantic.
+
+Errors name the bad key and what is allowed; unknown keys are errors, never ignored. The
+keys that users of the original planning documents already write (``device.enable_cpu_offload``,
+``models.<id>.torch_dtype``) keep their meaning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve_app.catalog import Catalog, build_catalog
+from serve_app.planner import OffloadMode, PlannerSettings
+
+TorchDtype = Literal["bfloat16", "float16", "float32"]
+
+
+class ConfigError(ValueError):
+    """A configuration file that does not validate; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceConfig(_Section):
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="Where pipelines run; 'auto' takes CUDA when present, else CPU."
+    )
+    enable_cpu_offload: bool = Field(
+        default=False,
+        description="Planning-document key: true means offload_mode 'model' unless offload_mode says otherwise.",
+    )
+    offload_mode: Literal["auto", "none", "model", "sequential"] = Field(
+        default="auto", description="'auto' takes the fastest mode the VRAM planner says fits."
+    )
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+
+    def requested_mode(self) -> OffloadMode | None:
+        """The forced offload mode, or None for the planner's choice."""
+        if self.offload_mode != "auto":
+            return self.offload_mode
+        return "model" if self.enable_cpu_offload else None
+
+
+class HFConfig(_Section):
+    cache_dir: str | None = Field(default=None, description="Hugging Face cache folder (HF_HOME's hub by default).")
+    offline: bool = Field(default=True, description="Never reach the Hub at load time; weights must be local or cached.")
+
+
+class ResolutionConfig(_Section):
+    width: int | None = Field(default=None, ge=16, description="Default output width (the variant's when null).")
+    height: int | None = Field(default=None, ge=16, description="Default output height (the variant's when null).")
+
+
+class ModelConfig(_Section):
+    enabled: bool = Field(default=True, description="Load and serve this variant.")
+    source: str | None = Field(
+        default=None, description="Local folder or hub repo id of the diffusers pipeline (catalog's when null)."
+    )
+    transformer_source: str | None = Field(
+        default=None, description="4-bit variants: local .safetensors file or folder of the nunchaku transformer."
+    )
+    torch_dtype: TorchDtype | None = Field(
+        default=None, description="Compute dtype; bfloat16 on CUDA and float32 on CPU when null."
+    )
+    offload_mode: Literal["auto", "none", "model", "sequential"] | None = Field(
+        default=None, description="Per-model override of device.offload_mode."
+    )
+    edit_vae_image_area: int | None = Field(
+        default=None, ge=64 * 64,
+        description="Edit only: pixel area each input image is resized to for the VAE (pipeline default 1024*1024).",
+    )
+    edit_condition_image_area: int | None = Field(
+        default=None, ge=28 * 28,
+        description="Edit only: pixel area each input image is resized to for the vision encoder (default 384*384).",
+    )
+
+
+class AppConfig(_Section):
+    """Everything imageserve reads from its YAML file."""
+
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+    hf: HFConfig = Field(default_factory=HFConfig)
+    defaults: ResolutionConfig = Field(default_factory=ResolutionConfig)
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="Variant id -> settings; only variants listed here are served."
+    )
+    load: list[str] | None = Field(
+        default=None,
+        description="Which of `models` to load (all enabled ones when null); on small GPUs list one at a time.",
+    )
+    catalog: dict[str, Any] | None = Field(
+        default=None, description="Extra or replacement GPU classes, components, variants and aliases."
+    )
+
+    @field_validator("catalog")
+    @classmethod
+    def _catalog_builds(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            unknown = set(value) - {"gpus", "components", "variants", "aliases"}
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)}; allowed: gpus, components, variants, aliases")
+            build_catalog(value)
+        return value
+
+    @model_validator(mode="after")
+    def _models_are_in_catalog(self) -> "AppConfig":
+        known = build_catalog(self.catalog).variants
+        unknown = [m for m in self.models if m not in known]
+        if unknown:
+            raise ValueError(f"models: unknown variant(s) {unknown}; known: {', '.join(sorted(known))}")
+        if self.load is not None:
+            not_listed = [m for m in self.load if m not in self.models]
+            if not_listed:
+                raise ValueError(f"load: {not_listed} are not configured under models")
+        return self
+
+    def build_catalog(self) -> Catalog:
+        return build_catalog(self.catalog)
+
+    def models_to_load(self) -> list[str]:
+        names = self.load if self.load is not None else list(self.models)
+        return [m for m in names if self.models[m].enabled]
+
+    def offload_mode_for(self, model_id: str) -> OffloadMode | None:
+        override = self.models[model_id].offload_mode
+        if override is not None:
+            return None if override == "auto" else override
+        return self.device.requested_mode()
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Walk ``loc`` through nested pydantic models and dicts; return the allowed keys there."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]
+        else:
+            return None
+        while get_origin(current) is not None and get_origin(current) is not dict:
+            args = [a for a in get_args(current) if a is not type(None)]
+            current = args[0] if args else None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in err.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(AppConfig, loc[:-1])
+            hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {key}: unknown key{hint}")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"  {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "config") -> AppConfig:
+    try:
+        return AppConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike) -> AppConfig:
+    """Read and validate a YAML config file; relative local paths resolve against its folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    config = parse_config(data, str(path))
+    for model in config.models.values():
+        for attr in ("source", "transformer_source"):
+            value = getattr(model, attr)
+            if value and value.startswith((".", "~")):
+                setattr(model, attr, str((path.parent / Path(value).expanduser()).resolve()))
+    return config

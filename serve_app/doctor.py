@@ -1,0 +1,104 @@
+"""``imageserve doctor``: what this machine has and what it would serve."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from serve_app.catalog import ModelVariant
+from serve_app.config import AppConfig
+from serve_app.hardware import detect_local_gpu, free_disk_gb, host_memory_gib
+from serve_app.nunchaku_support import nunchaku_status
+from serve_app.planner import plan
+
+
+def _hf_cache_dir(config: AppConfig, override: str | None) -> str:
+    if override or config.hf.cache_dir:
+        return override or config.hf.cache_dir
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return HF_HUB_CACHE
+
+
+def download_need_gb(variants: list[ModelVariant]) -> float:
+    """GB a first download of these variants fetches: each hub repo once (without its bf16
+    transformer when only 4-bit variants use it), plus each nunchaku transformer file once."""
+    need = 0.0
+    by_repo: dict[str, list[ModelVariant]] = {}
+    for v in variants:
+        by_repo.setdefault(v.source.hub_repo or v.id, []).append(v)
+    for group in by_repo.values():
+        full = [v.source.download_gb for v in group if not v.requires_nunchaku and v.source.download_gb]
+        if full:
+            need += max(full)
+        else:
+            need += max((v.source.download_gb or 0) - (v.transformer.weights_gb or 0) for v in group)
+        files = {v.source.transformer_file: v.transformer.weights_gb or 0 for v in group if v.requires_nunchaku}
+        need += sum(files.values())
+    return need
+
+
+def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any]:
+    catalog = config.build_catalog()
+    model_ids = config.models_to_load() or list(catalog.variants)
+    variants = [catalog.variant(m) for m in model_ids]
+    local = detect_local_gpu(catalog)
+    nunchaku_ok, nunchaku_text = nunchaku_status()
+    cache = _hf_cache_dir(config, cache_dir)
+    free_gb = free_disk_gb(cache)
+    local_only = [
+        v.id for v in variants
+        if (config.models.get(v.id) and config.models[v.id].source and os.path.isdir(config.models[v.id].source))
+    ]
+    need_gb = download_need_gb([v for v in variants if v.id not in local_only])
+
+    verdicts = []
+    for v in variants:
+        if local is None:
+            ok = not v.requires_nunchaku
+            verdicts.append({"variant": v.id, "serves": ok, "mode": "cpu" if ok else None,
+                             "reason": None if ok else "4-bit (nunchaku) variants need a CUDA GPU"})
+            continue
+        p = plan(v, local.gpu_class, config.defaults.width, config.defaults.height, settings=config.device.planner)
+        reason = p.reason
+        serves = p.fits
+        if serves and v.requires_nunchaku and not nunchaku_ok:
+            serves, reason = False, "needs the real nunchaku (not importable here)"
+        verdicts.append({"variant": v.id, "serves": serves, "mode": p.mode, "peak_vram_gib": p.peak_vram_gib,
+                         "reason": reason})
+
+    report: dict[str, Any] = {
+        "gpu": None if local is None else {
+            "name": local.device_name, "vram_gib": round(local.vram_gib, 2),
+            "compute_capability": local.compute_capability, "catalog_class": local.gpu_class.id,
+            "in_catalog": local.in_catalog,
+        },
+        "host_memory_gib": round(host_memory_gib(), 1),
+        "disk": {"cache_dir": cache, "free_gb": round(free_gb, 1), "download_needed_gb": round(need_gb, 1),
+                 "enough": free_gb >= need_gb},
+        "nunchaku": {"usable": nunchaku_ok, "detail": nunchaku_text},
+        "variants": verdicts,
+    }
+    report["ok"] = any(v["serves"] for v in verdicts) and report["disk"]["enough"]
+
+    lines = []
+    if local is None:
+        lines.append("GPU:       none (CUDA not available): bf16 pipelines run on CPU, slowly; 4-bit needs a GPU")
+    else:
+        g = report["gpu"]
+        known = g["catalog_class"] if g["in_catalog"] else "not in the catalog; planned from its own properties"
+        lines.append(f"GPU:       {g['name']}, {g['vram_gib']} GiB, sm_{g['compute_capability'].replace('.', '')} ({known})")
+    lines.append(f"Host RAM:  {report['host_memory_gib']} GiB")
+    d = report["disk"]
+    lines.append(f"Disk:      {d['free_gb']} GB free at {d['cache_dir']}; the chosen models need ~{d['download_needed_gb']} GB"
+                 + ("" if d["enough"] else "  <-- NOT ENOUGH"))
+    lines.append(f"nunchaku:  {'yes' if nunchaku_ok else 'no'}: {nunchaku_text}")
+    lines.append("Would serve:")
+    for v in verdicts:
+        if v["serves"]:
+            extra = f", peak ~{v['peak_vram_gib']:.1f} GiB" if v.get("peak_vram_gib") else ""
+            lines.append(f"  yes  {v['variant']} ({v['mode']}{extra})")
+        else:
+            lines.append(f"  no   {v['variant']}: {v['reason']}")
+    report["text"] = "\n".join(lines)
+    return report

@@ -1,0 +1,77 @@
+import json
+
+from serve_app.cli import main
+
+
+def test_plan_prints_a_table_for_every_catalog_gpu(capsys, catalog):
+    assert main(["plan"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:4] == ["GPU", "VRAM", "sm", "variant"]
+    for gpu in catalog.gpus.values():
+        assert gpu.name in out
+    assert "fp4 needs sm_120/121; RTX 4000 Ada is sm_89" in out
+
+
+def test_plan_json_has_the_documented_fields(capsys, catalog):
+    assert main(["plan", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == len(catalog.gpus) * len(catalog.variants)
+    for row in rows:
+        assert {"gpu", "variant", "fits", "mode", "peak_vram_gib", "reason"} <= set(row)
+        assert isinstance(row["fits"], bool)
+        assert row["mode"] in ("none", "model", "sequential", None)
+        assert (row["reason"] is None) == row["fits"]
+    a4500 = next(r for r in rows if r["gpu"] == "rtx-a4500"
+                 and r["variant"] == "qwen-image-edit-2509-svdq-int4-r128-lightning-4step")
+    assert (a4500["fits"], a4500["mode"]) == (True, "model")
+
+
+def test_plan_filters_and_request_shape(capsys):
+    assert main(["plan", "--json", "--gpu", "RTX 4090", "--variant", "qwen-image-edit-2511",
+                 "--images", "3", "--width", "768", "--height", "1344"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["gpu"], row["width"], row["height"], row["num_input_images"]) == ("rtx-4090", 768, 1344, 3)
+
+
+def test_plan_gpu_auto_without_a_gpu_says_so(capsys):
+    assert main(["plan", "--gpu", "auto"]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_plan_unknown_gpu_is_a_usage_error(capsys):
+    assert main(["plan", "--gpu", "voodoo"]) == 2
+    assert "unknown GPU class 'voodoo'" in capsys.readouterr().err
+
+
+def test_make_tiny_models_builds_loadable_folders(tmp_path, capsys):
+    assert main(["make-tiny-models", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("z-image-turbo-tiny", "qwen-image-edit-2509-tiny", "qwen-image-edit-2511-tiny"):
+        assert (tmp_path / name / "model_index.json").exists()
+        assert name in out
+    index = json.loads((tmp_path / "qwen-image-edit-2509-tiny" / "model_index.json").read_text())
+    assert index["processor"] == ["transformers", "Qwen2VLProcessor"]
+
+
+def test_doctor_reports_this_machine(capsys, tmp_path):
+    code = main(["doctor", "--json", "--cache-dir", str(tmp_path)])
+    report = json.loads(capsys.readouterr().out)
+    assert report["gpu"] is None  # the test machines have no GPU
+    assert report["host_memory_gib"] > 0
+    assert report["disk"]["download_needed_gb"] > 100  # the whole catalog: ~181 GB
+    assert report["nunchaku"]["usable"] is False
+    serves = {v["variant"]: v["serves"] for v in report["variants"]}
+    assert serves["z-image-turbo"] is True and serves["z-image-turbo-svdq-int4-r128"] is False
+    assert code == (0 if report["ok"] else 1)
+
+
+def test_doctor_counts_a_shared_repo_once():
+    from serve_app.catalog import default_catalog
+    from serve_app.doctor import download_need_gb
+
+    c = default_catalog()
+    both = download_need_gb([c.variant("qwen-image-edit-2509"),
+                             c.variant("qwen-image-edit-2509-svdq-int4-r128-lightning-4step")])
+    assert both == 58 + 12.7
+    only_int4 = download_need_gb([c.variant("qwen-image-edit-2509-svdq-int4-r128-lightning-4step")])
+    assert only_int4 == 30
