@@ -90,6 +90,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from serve_app.embedded import embedded_config
+    from serve_app.runner import run_foreground
+
+    config = load_config(args.config) if args.config else embedded_config(Path(args.tiny_dir))
+    if args.host or args.port:
+        serving = config.serving.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+        config = config.model_copy(update={"serving": serving})
+    return run_foreground(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imageserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where weights would be downloaded (default: the HF cache)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("run", help="serve in the foreground on a private local Ray (embedded tiny default)")
+    p.add_argument("--config", help="YAML config to serve (default: the embedded CPU default with tiny models)")
+    p.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR), help="where the embedded default keeps tiny models")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

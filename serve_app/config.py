@@ -58,6 +58,61 @@ class ResolutionConfig(_Section):
     height: int | None = Field(default=None, ge=16, description="Default output height (the variant's when null).")
 
 
+class AutoscalingConfig(_Section):
+    """Ray Serve replica autoscaling for one deployment (see Ray's AutoscalingConfig)."""
+
+    min_replicas: int = Field(default=1, ge=0, description="0 lets a rarely used variant scale to zero.")
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=1.0, gt=0, description="Requests per replica to aim for.")
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=300.0, ge=0)
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    look_back_period_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class DeploymentOptions(_Section):
+    """Ray Serve options of a model deployment; unset fields take ``serving.deployment``'s."""
+
+    num_replicas: int | None = Field(default=None, ge=1, description="Fixed replica count (when not autoscaling).")
+    autoscaling: AutoscalingConfig | None = Field(default=None, description="Autoscale instead of fixed replicas.")
+    max_ongoing_requests: int | None = Field(default=None, ge=1, description="Requests a replica holds at once.")
+    max_queued_requests: int | None = Field(default=None, ge=-1, description="Past this, callers get 503/429.")
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0, description="1 on CUDA and 0 on CPU when null.")
+    resources: dict[str, float] | None = Field(default=None, description="Custom Ray resources, e.g. {vram_ge_24: 0.01}.")
+    accelerator_type: str | None = Field(default=None, description="Ray accelerator type, e.g. 'A100-80G'.")
+    label_selector: dict[str, str] | None = Field(default=None, description="Ray node label selector.")
+    health_check_period_s: float | None = Field(default=None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+
+    def merged_over(self, base: "DeploymentOptions") -> "DeploymentOptions":
+        return DeploymentOptions.model_validate(
+            {**base.model_dump(exclude_none=True), **self.model_dump(exclude_unset=True, exclude_none=True)}
+        )
+
+
+class ServingConfig(_Section):
+    app_name: str = Field(default="imageserve", description="Ray Serve application name.")
+    host: str = Field(default="127.0.0.1", description="HTTP bind address (imageserve run).")
+    port: int = Field(default=8000, ge=1, le=65535)
+    route_prefix: str = Field(default="/")
+    warmup: bool = Field(default=True, description="Run one tiny request per replica before it takes traffic.")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per replica.")
+    request_timeout_s: float | None = Field(default=None, gt=0, description="HTTP 408 past this (imageserve run).")
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_replicas=1, max_ongoing_requests=4, max_queued_requests=32),
+        description="Defaults for every model deployment.",
+    )
+    router_replicas: int = Field(default=1, ge=1, description="Replicas of the HTTP router (ingress).")
+
+
 class ModelConfig(_Section):
     enabled: bool = Field(default=True, description="Load and serve this variant.")
     source: str | None = Field(
@@ -80,6 +135,7 @@ class ModelConfig(_Section):
         default=None, ge=28 * 28,
         description="Edit only: pixel area each input image is resized to for the vision encoder (default 384*384).",
     )
+    deployment: DeploymentOptions | None = Field(default=None, description="Per-model Ray Serve options.")
 
 
 class AppConfig(_Section):
@@ -88,6 +144,7 @@ class AppConfig(_Section):
     device: DeviceConfig = Field(default_factory=DeviceConfig)
     hf: HFConfig = Field(default_factory=HFConfig)
     defaults: ResolutionConfig = Field(default_factory=ResolutionConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     models: dict[str, ModelConfig] = Field(
         default_factory=dict, description="Variant id -> settings; only variants listed here are served."
     )
@@ -128,6 +185,11 @@ class AppConfig(_Section):
         names = self.load if self.load is not None else list(self.models)
         return [m for m in names if self.models[m].enabled]
 
+    def deployment_options(self, model_id: str) -> DeploymentOptions:
+        own = self.models[model_id].deployment
+        base = self.serving.deployment
+        return own.merged_over(base) if own else base
+
     def offload_mode_for(self, model_id: str) -> OffloadMode | None:
         override = self.models[model_id].offload_mode
         if override is not None:
@@ -156,13 +218,15 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
     return None
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None,
+                            what: str = "configuration") -> str:
+    model = model or AppConfig
+    lines = [f"{source}: invalid {what}"]
     for item in err.errors():
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            allowed = _allowed_keys(AppConfig, loc[:-1])
+            allowed = _allowed_keys(model, loc[:-1])
             hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
             lines.append(f"  {key}: unknown key{hint}")
         else:

@@ -178,6 +178,11 @@ def load_pipeline(variant: ModelVariant, config: AppConfig, gpu: GPUClass | None
     started = time.perf_counter()
     folder = resolve_source(source, config.hf, skip_transformer=variant.requires_nunchaku)
     import diffusers
+    import transformers
+
+    # Progress bars only clutter replica logs; load time is logged (and exported) instead.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
     pipeline_cls = getattr(diffusers, variant.pipeline)
     kwargs: dict = {"dtype": dtype, "use_safetensors": True, "local_files_only": True}

@@ -1,0 +1,179 @@
+"""What serving adds: the same tiny Z-Image pipeline called in-process, through a Serve handle, and over HTTP.
+
+Each path runs sequentially and with 16 concurrent clients, side by side in one run, and the
+script prints p50/p99 per path and the ratios to the in-process call.
+
+    .venv/bin/python bench/overhead.py [--requests 40] [--concurrency 16] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPT = "a lighthouse at dusk"
+SIZE = 64
+STEPS = 2
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def measure(call: Callable[[int], None], requests: int, concurrency: int) -> dict[str, float]:
+    call(-1)  # one untimed call: connection set-up, first-call caches
+    latencies: list[float] = []
+
+    def timed(i: int) -> None:
+        start = time.perf_counter()
+        call(i)
+        latencies.append((time.perf_counter() - start) * 1000)
+
+    wall = time.perf_counter()
+    if concurrency == 1:
+        for i in range(requests):
+            timed(i)
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(timed, range(requests)))
+    wall = time.perf_counter() - wall
+    return {"p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(percentile(latencies, 99), 2),
+            "requests_per_s": round(requests / wall, 2), "requests": requests}
+
+
+def deploy_serve_floor(png: bytes, prefix: str = "/floor") -> None:
+    """Ray Serve's own cost for our topology: FastAPI ingress -> handle -> replica, no model work."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    from serve_app.schemas import ImageResult
+
+    @serve.deployment(name="floor-model", ray_actor_options={"num_cpus": 0})
+    class FloorModel:
+        async def generate(self, request, width, height):
+            return ImageResult(variant="floor", images=[png], seeds=[request.seed or 0], width=width,
+                               height=height, num_inference_steps=STEPS, created=int(time.time()))
+
+    api = FastAPI()
+
+    @serve.deployment(name="floor-ingress", ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class FloorIngress:
+        def __init__(self, model):
+            self.model = model
+
+        @api.post("/v1/images/generations")
+        async def generations(self, body: dict):
+            from serve_app.schemas import GenerateRequest
+
+            result = await self.model.generate.remote(GenerateRequest(**body), SIZE, SIZE)
+            return result.to_openai()
+
+    serve.run(FloorIngress.bind(FloorModel.bind()), name="floor", route_prefix=prefix)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=40, help="requests per path and concurrency level")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    import httpx
+    import torch
+
+    from serve_app.embedded import embedded_config
+    from serve_app.pipelines import load_pipeline
+    from serve_app.runner import LocalService
+    from serve_app.schemas import GenerateRequest
+
+    tiny_dir = Path(tempfile.mkdtemp(prefix="imageserve-bench-"))
+    config = embedded_config(tiny_dir)
+    torch.set_num_threads(config.serving.torch_threads or 1)  # the replicas' setting, for a fair comparison
+    pipeline = load_pipeline(config.build_catalog().variant("z-image-turbo"), config)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    levels = {"sequential": 1, f"concurrent_{args.concurrency}": args.concurrency}
+
+    def in_process(i: int) -> None:
+        pipeline.generate(PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS, seed=max(i, 0))
+
+    from serve_app.images import encode_png
+
+    sample_png = encode_png(pipeline.generate(PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS).images[0])
+
+    results["in_process"] = {name: measure(in_process, args.requests, c) for name, c in levels.items()}
+    del pipeline
+
+    with LocalService(config, port=8123, log_to_driver=False) as service:
+        from ray import serve
+
+        handle = serve.get_app_handle(config.serving.app_name)
+
+        def through_handle(i: int) -> None:
+            request = GenerateRequest(prompt=PROMPT, size=f"{SIZE}x{SIZE}", num_inference_steps=STEPS, seed=max(i, 0))
+            handle.generate.remote(request).result()
+
+        results["handle"] = {name: measure(through_handle, args.requests, c) for name, c in levels.items()}
+
+        with httpx.Client(base_url=service.url, timeout=300, limits=httpx.Limits(max_connections=64)) as client:
+            def over_http(i: int) -> None:
+                response = client.post("/v1/images/generations", json={
+                    "prompt": PROMPT, "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS, "seed": max(i, 0)})
+                response.raise_for_status()
+
+            results["http"] = {name: measure(over_http, args.requests, c) for name, c in levels.items()}
+
+            deploy_serve_floor(sample_png)
+
+            def serve_floor(i: int) -> None:
+                response = client.post("/floor/v1/images/generations", json={
+                    "prompt": PROMPT, "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS, "seed": max(i, 0)})
+                response.raise_for_status()
+
+            floor = {name: measure(serve_floor, args.requests, c) for name, c in levels.items()}
+
+    ratios = {
+        path: {level: {"p50": round(results[path][level]["p50_ms"] / results["in_process"][level]["p50_ms"], 2),
+                       "p99": round(results[path][level]["p99_ms"] / results["in_process"][level]["p99_ms"], 2)}
+               for level in levels}
+        for path in ("handle", "http")
+    }
+    added = {path: {level: round(results[path][level]["p50_ms"] - results["in_process"][level]["p50_ms"], 2)
+                    for level in levels} for path in ("handle", "http")}
+    # What our HTTP path adds beyond Ray Serve's own cost of the same two hops.
+    beyond_floor = {level: round(added["http"][level] - floor[level]["p50_ms"], 2) for level in levels}
+    report = {"workload": f"z-image-turbo tiny, {SIZE}x{SIZE}, {STEPS} steps, 1 replica, CPU",
+              "paths": results, "ratio_to_in_process": ratios, "added_p50_ms": added,
+              "serve_floor_http": floor, "http_added_beyond_serve_floor_p50_ms": beyond_floor}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(report["workload"])
+    print(f"{'path':<11} {'level':<14} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7} {'p50 x':>6} {'p99 x':>6} {'+p50 ms':>8}")
+    for path, by_level in results.items():
+        for level, row in by_level.items():
+            r = ratios.get(path, {}).get(level, {"p50": 1.0, "p99": 1.0})
+            plus = added.get(path, {}).get(level, 0.0)
+            print(f"{path:<11} {level:<14} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['requests_per_s']:>7.1f}"
+                  f" {r['p50']:>6.2f} {r['p99']:>6.2f} {plus:>8.1f}")
+    for level, row in floor.items():
+        print(f"{'serve floor':<11} {level:<14} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['requests_per_s']:>7.1f}"
+              f"   (trivial model, same two hops; HTTP adds {beyond_floor[level]:+.1f} ms p50 beyond it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The instruction image-editing deployment (Qwen-Image-Edit variants)."""
+
+from __future__ import annotations
+
+from PIL import Image
+from ray import serve
+
+from deployments.model_server import ModelServer
+from serve_app.images import decode_image
+from serve_app.schemas import EditRequest, ImageResult
+
+
+@serve.deployment(name="editing")
+class EditServer(ModelServer):
+    task = "edit"
+
+    def _warmup(self) -> None:
+        width, height = self._warmup_size()
+        image = Image.new("RGB", (width, height), (127, 127, 127))
+        self.pipeline.edit([image], "warm-up", width=width, height=height, num_inference_steps=1, seed=0)
+
+    async def edit(self, request: EditRequest, width: int, height: int) -> ImageResult:
+        """Run one edit request whose size and images the router has already checked."""
+        steps = request.num_inference_steps or self.variant.defaults.num_inference_steps
+
+        def work(should_stop):
+            images = [decode_image(data, name=f"image {i + 1}") for i, data in enumerate(request.images)]
+            result = self.pipeline.edit(
+                images,
+                request.prompt,
+                n=request.n,
+                width=width,
+                height=height,
+                num_inference_steps=steps,
+                true_cfg_scale=request.true_cfg_scale,
+                negative_prompt=request.negative_prompt,
+                seed=request.seed,
+                should_stop=should_stop,
+            )
+            return self._result(result, width, height, steps)
+
+        return await self._run(work)

@@ -1,0 +1,119 @@
+"""The OpenAI-compatible HTTP API. It parses and answers HTTP; the router does the work.
+
+Routes: ``POST /v1/images/generations`` (JSON), ``POST /v1/images/edits`` (multipart, ``image``
+or ``image[]``), ``GET /v1/models``, ``GET /healthz``; the OpenAPI schema is at ``/openapi.json``.
+Every error is JSON: ``{"error": {"code", "message", "param", "type"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Protocol
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.errors import ImageServeError, InternalError
+from serve_app.schemas import EditRequest, GenerateRequest, ImageResult
+
+logger = logging.getLogger(__name__)
+
+
+class ImageService(Protocol):
+    async def generate(self, request: GenerateRequest) -> ImageResult: ...
+    async def edit(self, request: EditRequest) -> ImageResult: ...
+    async def models(self) -> dict[str, Any]: ...
+    async def health(self) -> dict[str, Any]: ...
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"code": code, "message": message, "param": param, "type": kind}},
+                        status_code=status, headers=headers)
+
+
+def _validation_response(errors: list[dict]) -> JSONResponse:
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "form", "query")]
+    param = ".".join(loc) or None
+    if param == "images":
+        param = "image"
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('body', 'form')) or 'body'}: {e['msg']}"
+        for e in errors
+    )
+    return error_response(422, "invalid_request", message, param)
+
+
+def create_api(service: ImageService) -> FastAPI:
+    """The FastAPI app over ``service`` (the router replica)."""
+    app = FastAPI(
+        title="imageserve",
+        version="0.1.0",
+        description="OpenAI-compatible image generation (Z-Image-Turbo) and editing (Qwen-Image-Edit).",
+    )
+
+    @app.exception_handler(ImageServeError)
+    async def _service_error(_: Request, err: ImageServeError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        return _validation_response(list(err.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return error_response(err.status_code, code, str(err.detail), headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        logger.exception("unexpected error")
+        wrapped = InternalError(f"internal error: {type(err).__name__}; retry shortly", retry_after_s=2)
+        return JSONResponse(wrapped.body(), status_code=wrapped.status_code, headers=wrapped.headers())
+
+    @app.post("/v1/images/generations", summary="Create images from a prompt")
+    async def generations(body: GenerateRequest) -> dict[str, Any]:
+        result = await service.generate(body)
+        return result.to_openai()
+
+    @app.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction")
+    async def edits(
+        prompt: Annotated[str, Form(description="The edit instruction.")],
+        image: Annotated[list[UploadFile] | None, File(description="Input image(s): PNG, JPEG or WEBP.")] = None,
+        image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="Same as image.")] = None,
+        model: Annotated[str | None, Form()] = None,
+        n: Annotated[int, Form()] = 1,
+        size: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "b64_json",
+        seed: Annotated[int | None, Form()] = None,
+        num_inference_steps: Annotated[int | None, Form()] = None,
+        true_cfg_scale: Annotated[float | None, Form()] = None,
+        negative_prompt: Annotated[str | None, Form()] = None,
+        user: Annotated[str | None, Form()] = None,
+    ) -> dict[str, Any]:
+        files = [*(image or []), *(image_array or [])]
+        try:
+            request = EditRequest(
+                images=[await f.read() for f in files], prompt=prompt, model=model, n=n, size=size,
+                response_format=response_format, seed=seed, num_inference_steps=num_inference_steps,
+                true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, user=user,
+            )
+        except ValidationError as err:
+            raise RequestValidationError(err.errors()) from None
+        result = await service.edit(request)
+        return result.to_openai()
+
+    @app.get("/v1/models", summary="Model variants, their needs, and the replicas serving them")
+    async def list_models() -> dict[str, Any]:
+        return await service.models()
+
+    @app.get("/healthz", summary="Liveness of the HTTP router")
+    async def healthz() -> dict[str, Any]:
+        return await service.health()
+
+    return app

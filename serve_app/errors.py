@@ -1,0 +1,84 @@
+"""Errors a caller sees, with the HTTP status each maps to.
+
+The same classes reach Python handle callers (as raised exceptions) and HTTP callers (as
+``{"error": {"code", "message", "param", "type"}}`` bodies), so both see the same reasons.
+"""
+
+from __future__ import annotations
+
+
+class ImageServeError(Exception):
+    status_code = 500
+    code = "internal_error"
+    type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, "param": self.param, "type": self.type}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+    def __reduce__(self):
+        # Keep the keyword-only fields when the error crosses a Ray process boundary.
+        return (_rebuild, (type(self), self.message, self.param, self.retry_after_s))
+
+
+def _rebuild(cls, message, param, retry_after_s):
+    return cls(message, param=param, retry_after_s=retry_after_s)
+
+
+class InvalidRequestError(ImageServeError):
+    status_code = 422
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class BadImageError(ImageServeError):
+    status_code = 400
+    code = "invalid_image"
+    type = "invalid_request_error"
+
+
+class UnsupportedImageTypeError(BadImageError):
+    status_code = 415
+    code = "unsupported_image_type"
+
+
+class ModelNotFoundError(ImageServeError):
+    status_code = 404
+    code = "model_not_found"
+    type = "invalid_request_error"
+
+
+class ModelUnavailableError(ImageServeError):
+    """The model exists in the catalog but no replica of this deployment can serve it."""
+
+    status_code = 503
+    code = "model_unavailable"
+    type = "server_error"
+
+
+class OverloadedError(ImageServeError):
+    status_code = 429
+    code = "overloaded"
+    type = "server_error"
+
+
+class RequestCancelledError(ImageServeError):
+    status_code = 499
+    code = "cancelled"
+    type = "server_error"
+
+
+class InternalError(ImageServeError):
+    """An unexpected failure; reported as 503 (retryable) rather than a bare 500."""
+
+    status_code = 503
+    code = "internal_error"
+    type = "server_error"

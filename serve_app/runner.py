@@ -1,0 +1,150 @@
+"""Run imageserve on a private local Ray: ``imageserve run`` and the integration tests use this.
+
+The Ray cluster is our own (a fresh ``RAY_TMPDIR``, ``address="local"``), so starting and
+stopping it never touches anybody else's Ray processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from typing import Any, Callable
+
+from serve_app.config import AppConfig
+
+logger = logging.getLogger(__name__)
+
+
+class LocalService:
+    """A local Ray cluster with imageserve deployed on it; use as a context manager."""
+
+    def __init__(self, config: AppConfig, host: str | None = None, port: int | None = None,
+                 num_cpus: int | None = None, extra_http_options: dict[str, Any] | None = None,
+                 log_to_driver: bool = True) -> None:
+        self.config = config
+        self.host = host or config.serving.host
+        self.port = port if port is not None else config.serving.port
+        self.num_cpus = num_cpus
+        self.extra_http_options = extra_http_options or {}
+        self.log_to_driver = log_to_driver
+        self.tmpdir: str | None = None
+        self.started = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 300, after_ray_init: Callable[[], None] | None = None) -> "LocalService":
+        import ray
+        from ray import serve
+
+        from serve_app.builder import build_app_from_config
+
+        # Short path: Ray's unix sockets live under it and must stay under ~100 characters.
+        self.tmpdir = tempfile.mkdtemp(prefix="isv-ray-", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = self.tmpdir
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1" if self.config.hf.offline else "0")
+        ray.init(
+            address="local",
+            _temp_dir=self.tmpdir,
+            num_cpus=self.num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=self.log_to_driver,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
+                                      "TOKENIZERS_PARALLELISM": "false"}},
+        )
+        self.started = True
+        if after_ray_init is not None:
+            after_ray_init()
+        http_options = {"host": self.host, "port": self.port, **self.extra_http_options}
+        if self.config.serving.request_timeout_s:
+            http_options["request_timeout_s"] = self.config.serving.request_timeout_s
+        serve.start(http_options=http_options, proxy_location="HeadOnly")
+        serve.run(
+            build_app_from_config(self.config),
+            name=self.config.serving.app_name,
+            route_prefix=self.config.serving.route_prefix,
+            blocking=False,
+        )
+        self._wait_until_running(timeout_s)
+        return self
+
+    def _wait_until_running(self, timeout_s: float) -> None:
+        from ray import serve
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            app = serve.status().applications.get(self.config.serving.app_name)
+            if app is not None and app.status == "RUNNING":
+                return
+            if app is not None and app.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"deployment failed: {app.message}")
+            time.sleep(0.5)
+        raise TimeoutError(f"imageserve was not RUNNING after {timeout_s}s")
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            self.started = False
+            if self.tmpdir:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalService":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def example_requests(url: str) -> str:
+    return (
+        f"imageserve is answering at {url}\n"
+        f"  curl -s {url}/v1/models | python3 -m json.tool\n"
+        f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"model\": \"z-image-turbo\", \"prompt\": \"a lighthouse at dusk\", \"size\": \"256x256\", \"seed\": 1}' \\\n"
+        "    | python3 -c 'import sys,json,base64; open(\"out.png\",\"wb\").write(base64.b64decode(json.load(sys.stdin)[\"data\"][0][\"b64_json\"]))'\n"
+        f"  curl -s {url}/v1/images/edits -F model=qwen-image-edit -F prompt='make it blue' -F image=@out.png -F size=256x256\n"
+        "Stop with Ctrl-C."
+    )
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_foreground(config: AppConfig) -> int:
+    """Serve until SIGINT or SIGTERM (also during start-up), then shut Serve and Ray down cleanly."""
+    service = LocalService(config)
+    previous: dict[int, Any] = {}
+
+    def take_signals() -> None:
+        # After ray.init, which installs its own SIGTERM handler that would exit without cleanup.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _interrupt)
+
+    try:
+        service.start(after_ray_init=take_signals)
+        print(example_requests(service.url), flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping imageserve ...", flush=True)
+    finally:
+        service.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("stopped; the private Ray cluster is shut down", flush=True)
+    return 0

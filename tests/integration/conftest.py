@@ -1,0 +1,32 @@
+"""One private local Ray cluster with the embedded default deployed, shared by every integration test."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service(tiny_models):
+    from serve_app.embedded import embedded_config
+    from serve_app.runner import LocalService
+
+    root = next(iter(tiny_models.values())).parent
+    config = embedded_config(root)
+    with LocalService(config, port=free_port()) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def http(service):
+    import httpx
+
+    with httpx.Client(base_url=service.url, timeout=120) as client:
+        yield client

@@ -1,0 +1,82 @@
+"""The official openai client and Ray Serve handles, against the running service."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+
+def png_file(color):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
+    buffer.seek(0)
+    buffer.name = "input.png"
+    return buffer
+
+
+@pytest.fixture(scope="module")
+def openai_client(service):
+    from openai import OpenAI
+
+    return OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_client_generates(openai_client):
+    result = openai_client.images.generate(
+        model="z-image-turbo", prompt="a red fox", n=2, size="64x64", response_format="b64_json",
+        extra_body={"seed": 42, "num_inference_steps": 2},
+    )
+    assert len(result.data) == 2
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.size == (64, 64)
+    assert result.model_extra["model"] == "z-image-turbo" and result.model_extra["seeds"] == [42, 43]
+
+
+def test_openai_client_edits_one_and_two_images(openai_client):
+    one = openai_client.images.edit(model="qwen-image-edit", image=png_file((255, 0, 0)), prompt="make it blue",
+                                    size="64x64", extra_body={"seed": 1, "num_inference_steps": 2})
+    assert Image.open(io.BytesIO(base64.b64decode(one.data[0].b64_json))).size == (64, 64)
+    two = openai_client.images.edit(model="qwen-image-edit-2509", image=[png_file((255, 0, 0)), png_file((0, 0, 255))],
+                                    prompt="merge them", size="64x64", extra_body={"num_inference_steps": 2})
+    assert two.model_extra["model"] == "qwen-image-edit-2509" and len(two.data) == 1
+
+
+def test_openai_client_sees_errors(openai_client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as err:
+        openai_client.images.generate(model="dall-e-3", prompt="x")
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_python_handle_generate_and_edit(service):
+    from ray import serve
+
+    from serve_app.schemas import EditRequest, GenerateRequest
+
+    handle = serve.get_app_handle("imageserve")
+    a = handle.generate.remote(GenerateRequest(prompt="a boat", size="64x64", seed=3, num_inference_steps=2)).result()
+    b = handle.generate.remote(GenerateRequest(prompt="a boat", size="64x64", seed=3, num_inference_steps=2)).result()
+    assert a.variant == "z-image-turbo" and a.seeds == [3]
+    assert np.array_equal(np.asarray(a.pil_images()[0]), np.asarray(b.pil_images()[0]))
+
+    source = io.BytesIO()
+    a.pil_images()[0].save(source, format="PNG")
+    edited = handle.edit.remote(EditRequest(prompt="make it night", images=[source.getvalue()] * 2,
+                                            size="80x64", num_inference_steps=2)).result()
+    assert edited.variant == "qwen-image-edit-2511" and edited.pil_images()[0].size == (80, 64)
+
+
+def test_python_handle_raises_typed_errors(service):
+    from ray import serve
+
+    from serve_app.errors import ModelNotFoundError
+    from serve_app.schemas import GenerateRequest
+
+    handle = serve.get_app_handle("imageserve")
+    with pytest.raises(ModelNotFoundError):
+        handle.generate.remote(GenerateRequest(prompt="x", model="sdxl")).result()

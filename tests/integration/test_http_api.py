@@ -1,0 +1,160 @@
+"""End to end over real HTTP: the router, the model replicas and the tiny real pipelines."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+
+def png(color=(200, 40, 40), size=(64, 64), fmt="PNG"):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def decode(item):
+    return Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+
+
+def generate(http, **body):
+    return http.post("/v1/images/generations", json={"prompt": "a lighthouse at dusk", **body})
+
+
+def test_generation_returns_pngs_of_the_asked_size_with_metadata(http):
+    response = generate(http, model="z-image-turbo", size="96x64", n=2, seed=11, num_inference_steps=2)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["data"]) == 2
+    for item in body["data"]:
+        image = decode(item)
+        assert image.format == "PNG" and image.size == (96, 64)
+    assert body["model"] == "z-image-turbo"
+    assert body["seeds"] == [11, 12] and [d["seed"] for d in body["data"]] == [11, 12]
+    assert body["timings"]["total_s"] > 0 and body["num_inference_steps"] == 2
+    assert body["gpu_class"] == "cpu" and body["replica"]
+    assert isinstance(body["created"], int)
+
+
+def test_generation_seeds_are_reproducible(http):
+    first = generate(http, size="64x64", seed=5, num_inference_steps=2).json()
+    again = generate(http, size="64x64", seed=5, num_inference_steps=2).json()
+    other = generate(http, size="64x64", seed=6, num_inference_steps=2).json()
+    a, b, c = (np.asarray(decode(r["data"][0])) for r in (first, again, other))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_default_size_comes_from_the_config(http):
+    body = generate(http, num_inference_steps=1).json()
+    assert body["size"] == "256x256" and decode(body["data"][0]).size == (256, 256)
+
+
+@pytest.mark.parametrize("field", ["image", "image[]"])
+def test_edit_with_one_image(http, field):
+    response = http.post("/v1/images/edits", files=[(field, ("in.png", png(), "image/png"))],
+                         data={"prompt": "make it blue", "size": "64x80", "seed": "3", "num_inference_steps": "2"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "qwen-image-edit-2511"  # the alias's first choice that is served
+    assert decode(body["data"][0]).size == (64, 80)
+
+
+def test_edit_with_two_images_and_an_explicit_variant(http):
+    files = [("image[]", ("a.png", png((200, 0, 0)), "image/png")),
+             ("image[]", ("b.jpg", png((0, 0, 200), fmt="JPEG"), "image/jpeg"))]
+    data = {"prompt": "put the red one left of the blue one", "model": "qwen-image-edit-2509", "size": "64x64",
+            "seed": "9", "num_inference_steps": "2", "true_cfg_scale": "4.0", "negative_prompt": " "}
+    first = http.post("/v1/images/edits", files=files, data=data)
+    again = http.post("/v1/images/edits", files=files, data=data)
+    assert first.status_code == 200, first.text
+    assert first.json()["model"] == "qwen-image-edit-2509"
+    assert np.array_equal(np.asarray(decode(first.json()["data"][0])), np.asarray(decode(again.json()["data"][0])))
+
+
+def test_models_lists_every_variant_with_needs_and_replicas(http, catalog):
+    body = http.get("/v1/models").json()
+    by_id = {m["id"]: m for m in body["data"]}
+    assert set(catalog.variants) <= set(by_id)
+    zit = by_id["z-image-turbo"]
+    assert zit["task"] == "generate" and zit["precision"] == "bf16" and zit["default_steps"] == 8
+    assert zit["served"] is True and zit["replicas"] == 1
+    assert zit["vram_gib"]["none"] > 19
+    assert {"gpu_class": "rtx-4090", "offload_mode": "none"}.items() <= next(
+        g for g in zit["gpu_classes"] if g["gpu_class"] == "rtx-4090").items()
+    fp4 = by_id["qwen-image-edit-2509-svdq-fp4-r32-lightning-8step"]
+    assert [g["gpu_class"] for g in fp4["gpu_classes"]] == ["rtx-5090"]
+    assert fp4["served"] is False and fp4["replicas"] == 0 and "not configured" in fp4["unavailable_reason"]
+    assert by_id["qwen-image-edit"]["resolves_to"] == "qwen-image-edit-2511"
+
+
+def test_healthz_and_openapi(http):
+    assert http.get("/healthz").json()["status"] == "ok"
+    schema = http.get("/openapi.json").json()
+    assert {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/healthz"} <= set(schema["paths"])
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    return response.json()["error"]
+
+
+def test_unknown_model_is_404_listing_the_known_ones(http):
+    error = error_of(generate(http, model="sdxl"), 404)
+    assert error["code"] == "model_not_found" and "z-image-turbo" in error["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"size": "65x64"}, "size"),
+    ({"size": "big"}, "size"),
+    ({"size": "4096x4096"}, "size"),
+    ({"n": 5}, "n"),
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"guidance_scale": -1}, "guidance_scale"),
+    ({"seed": -3}, "seed"),
+    ({"response_format": "url"}, "response_format"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"quality": "hd"}, "quality"),
+])
+def test_invalid_fields_are_422_naming_the_field(http, body, param):
+    error = error_of(generate(http, **body), 422)
+    assert error["param"] == param, error
+
+
+def test_missing_prompt_is_422(http):
+    error = error_of(http.post("/v1/images/generations", json={"model": "z-image-turbo"}), 422)
+    assert error["param"] == "prompt"
+
+
+def test_a_variant_this_deployment_cannot_serve_is_503_saying_why(http):
+    error = error_of(generate(http, model="z-image-turbo-svdq-int4-r128"), 503)
+    assert error["code"] == "model_unavailable" and "not configured" in error["message"]
+
+
+def test_an_edit_model_on_the_generation_endpoint_is_422(http):
+    error = error_of(generate(http, model="qwen-image-edit-2509"), 422)
+    assert "/v1/images/edits" in error["message"]
+
+
+def test_edit_errors(http):
+    no_image = http.post("/v1/images/edits", data={"prompt": "x"})
+    assert error_of(no_image, 422)["param"] == "image"
+    four = [("image[]", (f"{i}.png", png(), "image/png")) for i in range(4)]
+    assert error_of(http.post("/v1/images/edits", files=four, data={"prompt": "x"}), 422)["param"] == "image"
+    text = [("image", ("fake.png", b"this is not an image", "image/png"))]
+    assert error_of(http.post("/v1/images/edits", files=text, data={"prompt": "x"}), 415)["code"] == "unsupported_image_type"
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    gif_file = [("image", ("a.gif", gif.getvalue(), "image/gif"))]
+    assert error_of(http.post("/v1/images/edits", files=gif_file, data={"prompt": "x"}), 415)["param"] == "image"
+    no_prompt = http.post("/v1/images/edits", files=[("image", ("a.png", png(), "image/png"))])
+    assert error_of(no_prompt, 422)["param"] == "prompt"
+
+
+def test_unknown_route_is_a_json_404(http):
+    assert error_of(http.get("/v1/nothing"), 404)["code"] == "not_found"
