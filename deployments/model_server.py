@@ -10,11 +10,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from serve_app.catalog import ModelVariant
+from serve_app.catalog import GPUClass, ModelVariant
 from serve_app.config import AppConfig
-from serve_app.errors import InvalidRequestError, RequestCancelledError
+from serve_app.errors import (
+    InvalidRequestError,
+    ModelUnavailableError,
+    ReplicaOutOfMemoryError,
+    RequestCancelledError,
+)
 from serve_app.images import encode_png
-from serve_app.pipelines import GenerationCancelled, ImagePipeline, PipelineResult, load_pipeline
+from serve_app.pipelines import GenerationCancelled, ImagePipeline, load_pipeline
+from serve_app.planner import plan
 from serve_app.schemas import ImageResult
 
 logger = logging.getLogger(__name__)
@@ -31,6 +37,52 @@ def _replica_id() -> str | None:
         return None
 
 
+def _node_gpu_class(catalog) -> GPUClass | None:
+    """The GPU this replica got: the CUDA device if any, else what its Ray node's labels declare
+    (the simulated fleet's fake-GPU nodes carry the same labels as real ones)."""
+    from serve_app.fleet import GPU_CLASS_LABEL
+    from serve_app.hardware import detect_local_gpu
+
+    local = detect_local_gpu(catalog)
+    if local is not None:
+        return local.gpu_class
+    try:
+        import ray
+
+        label = ray.get_runtime_context().get_node_labels().get(GPU_CLASS_LABEL)
+    except Exception:  # noqa: BLE001 - outside Ray there are no labels
+        return None
+    return catalog.gpus.get(label) if label else None
+
+
+def pool_mismatch(pool_gpu: GPUClass, got: GPUClass | None) -> str | None:
+    """Why the GPU a replica got is not the pool's class, or None when it matches."""
+    if got is None:
+        return None
+    same_arch = got.compute_capability == pool_gpu.compute_capability
+    enough_memory = got.vram_gib >= 0.95 * pool_gpu.vram_gib
+    if got.id == pool_gpu.id or (same_arch and enough_memory):
+        return None
+    return (f"this replica's pool expects {pool_gpu.name} (sm_{pool_gpu.sm}, {pool_gpu.vram_gib:g} GiB) but got "
+            f"{got.name} (sm_{got.sm}, {got.vram_gib:g} GiB); check the pool's node markers")
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class ModelServer:
     """One variant's pipeline in one replica.
 
@@ -38,13 +90,26 @@ class ModelServer:
         variant_id: the catalog variant this replica serves.
         config: the app config as a plain dict (it crosses process boundaries).
         loader: builds the pipeline; ``load_pipeline`` unless a test injects another.
+        pool: {"name", "gpu_class", "mode"} of the GPU pool this deployment targets, if any.
     """
 
     task: str = ""
 
-    def __init__(self, variant_id: str, config: dict[str, Any], loader: Loader | None = None) -> None:
+    def __init__(self, variant_id: str, config: dict[str, Any], loader: Loader | None = None,
+                 pool: dict[str, Any] | None = None) -> None:
         self.config = AppConfig.model_validate(config)
-        self.variant = self.config.build_catalog().variant(variant_id)
+        catalog = self.config.build_catalog()
+        self.variant = catalog.variant(variant_id)
+        self.pool = pool
+        self._unhealthy: str | None = None
+        self.node_gpu = _node_gpu_class(catalog)
+        pool_gpu = catalog.gpu(pool["gpu_class"]) if pool else None
+        if pool_gpu is not None:
+            self._unhealthy = pool_mismatch(pool_gpu, self.node_gpu)
+        # Whether the planner says this variant fits the GPU the replica really got.
+        self.fits_node = None if self.node_gpu is None else plan(
+            self.variant, self.node_gpu, self.config.defaults.width, self.config.defaults.height,
+            settings=self.config.device.planner).fits
         if self.variant.task != self.task:
             raise ValueError(f"{variant_id} is a {self.variant.task} variant, not {self.task}")
         if self.config.serving.torch_threads:
@@ -55,18 +120,13 @@ class ModelServer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{variant_id}")
         self.pipeline = (loader or load_pipeline)(self.variant, self.config)
         self.replica = _replica_id()
-        self.gpu_class = "cpu" if self.pipeline.device == "cpu" else self._gpu_class_name()
-        self._unhealthy: str | None = None
-        if self.config.serving.warmup:
+        self.gpu_class = self.node_gpu.id if self.node_gpu else ("cpu" if self.pipeline.device == "cpu" else None)
+        if self._unhealthy is not None:
+            logger.error("%s refuses to serve: %s", variant_id, self._unhealthy)
+        elif self.config.serving.warmup:
             started = time.perf_counter()
             self._warmup()
             logger.info("%s warmed up in %.2fs", variant_id, time.perf_counter() - started)
-
-    def _gpu_class_name(self) -> str | None:
-        from serve_app.hardware import detect_local_gpu
-
-        local = detect_local_gpu(self.config.build_catalog())
-        return local.gpu_class.id if local else None
 
     def _warmup(self) -> None:
         raise NotImplementedError
@@ -89,10 +149,16 @@ class ModelServer:
             "offload_mode": self.pipeline.offload_mode,
             "load_seconds": self.pipeline.load_seconds,
             "planned_peak_vram_gib": self.pipeline.planned_peak_gib,
+            "pool": self.pool,
+            "node_gpu_class": self.node_gpu.id if self.node_gpu else None,
+            "fits_node": self.fits_node,
+            "unhealthy": self._unhealthy,
         }
 
-    async def _run(self, work: Callable[..., PipelineResult], **kwargs: Any) -> PipelineResult:
+    async def _run(self, work: Callable[..., ImageResult], **kwargs: Any) -> ImageResult:
         """Run blocking pipeline work in the worker thread; cancellation stops it between steps."""
+        if self._unhealthy is not None:
+            raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
         stop = threading.Event()
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, functools.partial(work, should_stop=stop.is_set, **kwargs))
@@ -106,6 +172,15 @@ class ModelServer:
             raise RequestCancelledError(str(err)) from None
         except ValueError as err:
             raise InvalidRequestError(str(err)) from None
+        except (RuntimeError, MemoryError) as err:
+            if not _is_out_of_memory(err):
+                raise
+            await asyncio.to_thread(_release_memory)
+            where = self.node_gpu.name if self.node_gpu else self.pipeline.device
+            raise ReplicaOutOfMemoryError(
+                f"{self.variant.id} ran out of memory on {where} ({type(err).__name__}); the memory was released",
+                retry_after_s=2,
+            ) from None
 
     def _result(self, result: PipelineResult, width: int, height: int, steps: int) -> ImageResult:
         return ImageResult(
@@ -118,5 +193,8 @@ class ModelServer:
             timings={k: round(v, 4) for k, v in result.timings.items()},
             replica=self.replica,
             gpu_class=self.gpu_class,
+            pool=self.pool["name"] if self.pool else None,
+            node_gpu_class=self.node_gpu.id if self.node_gpu else None,
+            fits_node=self.fits_node,
             created=int(time.time()),
         )

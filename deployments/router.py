@@ -1,30 +1,28 @@
-"""The router: ingress deployment that validates requests and sends each to a replica that can serve it.
+"""The router: the ingress deployment. It validates requests and sends each to a replica that can serve it.
 
-Routing state is a list of *routes* per variant, each a (GPU pool, deployment handle) pair, so a
-fleet with several GPU pools per variant only adds routes; the request path does not change.
+The policy that picks a (variant, GPU pool) lives in ``deployments.routing`` (no Ray there); this
+module does the I/O: calling replicas, measuring them, retrying once on a larger GPU after an
+out-of-memory error, and mapping failures to the errors callers see.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from deployments.routing import Route, RoutingTable
 from serve_app.catalog import ModelVariant
 from serve_app.config import AppConfig
 from serve_app.errors import (
     ImageServeError,
     InternalError,
     InvalidRequestError,
-    ModelNotFoundError,
-    ModelUnavailableError,
     OverloadedError,
+    ReplicaOutOfMemoryError,
 )
 from serve_app.images import open_image
 from serve_app.planner import OFFLOAD_MODES, estimate_vram, plan
@@ -32,19 +30,8 @@ from serve_app.schemas import EditRequest, GenerateRequest, ImageResult
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = {"generate": "z-image-turbo", "edit": "qwen-image-edit"}
-ENDPOINT = {"generate": "/v1/images/generations", "edit": "/v1/images/edits"}
 RETRY_AFTER_S = 2
-
-
-@dataclass
-class Route:
-    """One way to serve a variant: a deployment on one GPU pool."""
-
-    pool: str
-    gpu_class: str | None
-    deployment: str
-    handle: Any
+REPLICA_COUNT_TTL_S = 2.0
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -67,10 +54,9 @@ class Router:
                  unavailable: dict[str, str]) -> None:
         self.config = AppConfig.model_validate(config)
         self.catalog = self.config.build_catalog()
-        self.routes = {vid: [Route(**r) for r in rs] for vid, rs in routes.items()}
-        self.unavailable = unavailable
-        self._outstanding: Counter[str] = Counter()
-        self._replica_counts: tuple[float, dict[str, int]] = (0.0, {})
+        self.table = RoutingTable(self.catalog, {vid: [Route(**r) for r in rs] for vid, rs in routes.items()},
+                                  unavailable)
+        self._refresher: asyncio.Task | None = None
         self._static_model_info = {v.id: self._describe(v) for v in self.catalog.variants.values()}
 
     def __serve_build_asgi_app__(self):
@@ -79,28 +65,6 @@ class Router:
         return create_api(self)
 
     # ---- resolution and validation -------------------------------------------------------
-
-    def resolve(self, name: str | None, task: str) -> ModelVariant:
-        """A requested model name (variant id or alias) -> the variant this deployment will run."""
-        name = name or DEFAULT_MODEL[task]
-        try:
-            candidates = self.catalog.candidates(name)
-        except KeyError:
-            raise ModelNotFoundError(
-                f"unknown model {name!r}; known models: {', '.join(self.catalog.names())}", param="model"
-            ) from None
-        for_task = [v for v in candidates if v.task == task]
-        if not for_task:
-            other = candidates[0].task
-            raise InvalidRequestError(
-                f"{name} is {'an edit' if other == 'edit' else 'a generation'} model: send it to {ENDPOINT[other]}", param="model"
-            )
-        served = [v for v in for_task if self.routes.get(v.id)]
-        if not served:
-            reasons = "; ".join(f"{v.id}: {self.unavailable.get(v.id, 'not deployed')}" for v in for_task)
-            raise ModelUnavailableError(f"no replica of this deployment can serve {name} ({reasons})",
-                                        param="model")
-        return served[0]
 
     def resolve_size(self, request: GenerateRequest | EditRequest, variant: ModelVariant) -> tuple[int, int]:
         width, height = request.dimensions()
@@ -125,15 +89,31 @@ class Router:
 
     # ---- dispatch -------------------------------------------------------------------------
 
-    def choose_route(self, variant: ModelVariant) -> Route:
-        """The route with the fewest requests this router has outstanding on it."""
-        return min(self.routes[variant.id], key=lambda r: self._outstanding[r.deployment])
-
-    async def _dispatch(self, variant: ModelVariant, method: str, *args: Any) -> ImageResult:
-        route = self.choose_route(variant)
-        self._outstanding[route.deployment] += 1
+    async def _dispatch(self, variants: list[ModelVariant], method: str, request: Any,
+                        size: tuple[int, int]) -> ImageResult:
+        self._start_replica_count_refresh()
+        options = self.table.options(variants)
+        variant, route = self.table.choose(options, images=request.n)
         try:
-            return await getattr(route.handle, method).remote(*args)
+            return await self._call(variant, route, method, request, size)
+        except ReplicaOutOfMemoryError as oom:
+            retry = self.table.choose(self.table.larger_than(options, route), images=request.n)
+            if retry is None:
+                raise ReplicaOutOfMemoryError(
+                    f"{oom.message}; no pool with more memory serves {variant.id}", retry_after_s=oom.retry_after_s
+                ) from None
+            logger.warning("%s ran out of memory on %s; retrying on %s", variant.id, route.pool, retry[1].pool)
+            result = await self._call(*retry, method, request, size)
+            result.retried_from = route.pool
+            return result
+
+    async def _call(self, variant: ModelVariant, route: Route, method: str, request: Any,
+                    size: tuple[int, int]) -> ImageResult:
+        self.table.outstanding[route.deployment] += 1
+        try:
+            result = await getattr(route.handle, method).remote(request, *size)
+            route.observe(result.timings.get("total_s", 0.0) / max(len(result.images), 1))
+            return result
         except BackPressureError:
             raise OverloadedError(
                 f"{variant.id} is at capacity (every replica busy and its queue full); retry shortly",
@@ -151,20 +131,20 @@ class Router:
                 retry_after_s=RETRY_AFTER_S,
             ) from None
         finally:
-            self._outstanding[route.deployment] -= 1
+            self.table.outstanding[route.deployment] -= 1
 
     async def generate(self, request: GenerateRequest) -> ImageResult:
         """Text to image. Same path for HTTP and for ``serve.get_app_handle(...).generate``."""
-        variant = self.resolve(request.model, "generate")
-        width, height = self.resolve_size(request, variant)
-        return await self._dispatch(variant, "generate", request, width, height)
+        variants = self.table.resolve(request.model, "generate")
+        size = self.resolve_size(request, variants[0])
+        return await self._dispatch(variants, "generate", request, size)
 
     async def edit(self, request: EditRequest) -> ImageResult:
         """Instruction editing of 1 to 3 images."""
-        variant = self.resolve(request.model, "edit")
-        width, height = self.resolve_size(request, variant)
-        self.check_images(request, variant)
-        return await self._dispatch(variant, "edit", request, width, height)
+        variants = self.table.resolve(request.model, "edit")
+        size = self.resolve_size(request, variants[0])
+        self.check_images(request, variants[0])
+        return await self._dispatch(variants, "edit", request, size)
 
     # ---- introspection --------------------------------------------------------------------
 
@@ -188,39 +168,45 @@ class Router:
             ],
         }
 
-    def _running_replicas(self) -> dict[str, int]:
-        stamp, counts = self._replica_counts
-        if time.monotonic() - stamp < 2.0:
-            return counts
-        counts = {}
-        try:
-            app = serve.status().applications.get(self.config.serving.app_name)
-            for name, status in (app.deployments if app else {}).items():
-                counts[name] = status.replica_states.get("RUNNING", 0)
-        except Exception:  # noqa: BLE001 - status is informative only
-            logger.warning("could not read serve status", exc_info=True)
-        self._replica_counts = (time.monotonic(), counts)
+    def _read_replica_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        app = serve.status().applications.get(self.config.serving.app_name)
+        for name, status in (app.deployments if app else {}).items():
+            counts[name] = status.replica_states.get("RUNNING", 0)
         return counts
 
+    async def _refresh_replica_counts(self) -> None:
+        while True:
+            try:
+                self.table.replicas = await asyncio.to_thread(self._read_replica_counts)
+            except Exception:  # noqa: BLE001 - counts are advisory; keep the last ones
+                logger.warning("could not read serve status", exc_info=True)
+            await asyncio.sleep(REPLICA_COUNT_TTL_S)
+
+    def _start_replica_count_refresh(self) -> None:
+        """Running replicas per deployment are refreshed in the background, never on a request's path."""
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_replica_counts())
+
     async def models(self) -> dict[str, Any]:
-        counts = await asyncio.to_thread(self._running_replicas)
+        counts = await asyncio.to_thread(self._read_replica_counts)
         data = []
         for vid, info in self._static_model_info.items():
-            routes = self.routes.get(vid, [])
+            routes = self.table.routes.get(vid, [])
             entry = dict(info)
             entry["served"] = bool(routes)
             entry["pools"] = [{"pool": r.pool, "gpu_class": r.gpu_class, "deployment": r.deployment,
                                "replicas": counts.get(r.deployment, 0)} for r in routes]
             entry["replicas"] = sum(p["replicas"] for p in entry["pools"])
             if not routes:
-                entry["unavailable_reason"] = self.unavailable.get(vid, "not deployed")
+                entry["unavailable_reason"] = self.table.unavailable.get(vid, "not deployed")
             data.append(entry)
         for alias in self.catalog.aliases:
             if alias in self.catalog.variants:
                 continue  # a variant id that is also an alias is listed once, as the variant
             task = self.catalog.candidates(alias)[0].task
             try:
-                resolves_to = self.resolve(alias, task).id
+                resolves_to = {r.pool: v.id for v, r in self.table.options(self.table.resolve(alias, task))}
             except ImageServeError:
                 resolves_to = None
             data.append({"id": alias, "object": "model", "owned_by": "imageserve", "task": task,
@@ -228,4 +214,4 @@ class Router:
         return {"object": "list", "data": data}
 
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(self.routes)}
+        return {"status": "ok", "models": sorted(self.table.routes)}

@@ -89,6 +89,12 @@ class ComponentSpec(_Strict):
     activation_gib_per_mpix: float = Field(default=0.0, ge=0, description="Activations per megapixel (VAE).")
     activation_gib_per_image: float = Field(default=0.0, ge=0, description="Activations per input image.")
     per_block_offload: bool = Field(default=True, description="Whether per-block / sequential offload works.")
+    flops_per_token: float = Field(
+        default=0.0, ge=0, description="Forward FLOPs per sequence token from the linear layers (2 x params a token meets)."
+    )
+    attention_flops_per_token_sq: float = Field(
+        default=0.0, ge=0, description="Forward attention FLOPs per token squared (4 x width x layers)."
+    )
 
     @property
     def quantized(self) -> bool:

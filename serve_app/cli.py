@@ -101,6 +101,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_foreground(config)
 
 
+def cmd_cluster_sim(args: argparse.Namespace) -> int:
+    from cluster.simulate import run_simulation
+
+    result = run_simulation(args.fleet, args.requests, Path(args.tiny_dir), port=args.port,
+                            concurrency=args.concurrency)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"requests {result['requests']}  ok {result['ok']}  errors {result['errors']}  "
+              f"misroutes {result['misroutes']}  (start-up {result['startup_s']} s, total {result['total_s']} s)")
+        for pool, count in sorted(result["per_pool"].items()):
+            print(f"  {pool:<10} {count}")
+        for key, count in result["per_variant_pool"].items():
+            print(f"    {key:<64} {count}")
+        for sample in result["error_samples"]:
+            print(f"  error: {sample}")
+    return 0 if result["errors"] == 0 and result["misroutes"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imageserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,10 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cluster-sim", help="simulate a mixed GPU fleet locally and send it mixed traffic")
+    p.add_argument("--fleet", default="cluster/fleets/example.yaml", help="fleet file (pools of GPU classes)")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_cluster_sim)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Every Ray cluster here is started explicitly; nothing should auto-connect to one after shutdown.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

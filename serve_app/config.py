@@ -113,6 +113,26 @@ class ServingConfig(_Section):
     router_replicas: int = Field(default=1, ge=1, description="Replicas of the HTTP router (ingress).")
 
 
+class PoolConfig(_Section):
+    """A set of Ray nodes with one catalog GPU class, and how replicas find them."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Pool name, used in deployment names and metrics.")
+    gpu_class: str = Field(description="Catalog GPU class id (or name) of every GPU in this pool.")
+    resources: dict[str, float] | None = Field(
+        default=None, description="What a replica asks of a node; default a sliver of `gpu_class:<id>`.",
+    )
+    label_selector: dict[str, str] | None = Field(default=None, description="Ray node label selector, if labels mark the pool.")
+    accelerator_type: str | None = Field(default=None, description="Ray accelerator_type, if that marks the pool.")
+    max_offload_mode: Literal["none", "model", "sequential"] = Field(
+        default="model", description="Heaviest offload mode served here; sequential streams weights every step.",
+    )
+    variants: list[str] | None = Field(default=None, description="Only these variants here (all that fit when null).")
+    deployment: DeploymentOptions | None = Field(default=None, description="Ray Serve options for this pool's deployments.")
+    nodes: int = Field(default=1, ge=0, description="Cluster configs and simulation: nodes of this class to start with.")
+    max_nodes: int = Field(default=4, ge=0, description="Cluster configs and simulation: autoscaler's upper bound.")
+    gpus_per_node: int = Field(default=1, ge=1, description="Cluster configs and simulation: GPUs per node.")
+
+
 class ModelConfig(_Section):
     enabled: bool = Field(default=True, description="Load and serve this variant.")
     source: str | None = Field(
@@ -136,6 +156,11 @@ class ModelConfig(_Section):
         description="Edit only: pixel area each input image is resized to for the vision encoder (default 384*384).",
     )
     deployment: DeploymentOptions | None = Field(default=None, description="Per-model Ray Serve options.")
+    simulate_without_nunchaku: bool = Field(
+        default=False,
+        description="Simulation only: on a machine without CUDA, run a 4-bit variant's pipeline from `source` "
+                    "with its stored transformer (nunchaku's kernels need CUDA).",
+    )
 
 
 class AppConfig(_Section):
@@ -147,6 +172,9 @@ class AppConfig(_Section):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     models: dict[str, ModelConfig] = Field(
         default_factory=dict, description="Variant id -> settings; only variants listed here are served."
+    )
+    pools: list[PoolConfig] = Field(
+        default_factory=list, description="GPU pools of the fleet; empty means one pool of whatever the replica gets.",
     )
     load: list[str] | None = Field(
         default=None,
@@ -172,6 +200,18 @@ class AppConfig(_Section):
         unknown = [m for m in self.models if m not in known]
         if unknown:
             raise ValueError(f"models: unknown variant(s) {unknown}; known: {', '.join(sorted(known))}")
+        catalog = build_catalog(self.catalog)
+        names = [p.name for p in self.pools]
+        if len(names) != len(set(names)):
+            raise ValueError(f"pools: names must be unique, got {names}")
+        for pool in self.pools:
+            try:
+                catalog.gpu(pool.gpu_class)
+            except KeyError as err:
+                raise ValueError(f"pools.{pool.name}.gpu_class: {err.args[0]}") from None
+            unknown_variants = [v for v in pool.variants or [] if v not in known]
+            if unknown_variants:
+                raise ValueError(f"pools.{pool.name}.variants: unknown {unknown_variants}")
         if self.load is not None:
             not_listed = [m for m in self.load if m not in self.models]
             if not_listed:
@@ -185,10 +225,13 @@ class AppConfig(_Section):
         names = self.load if self.load is not None else list(self.models)
         return [m for m in names if self.models[m].enabled]
 
-    def deployment_options(self, model_id: str) -> DeploymentOptions:
-        own = self.models[model_id].deployment
-        base = self.serving.deployment
-        return own.merged_over(base) if own else base
+    def deployment_options(self, model_id: str, pool: PoolConfig | None = None) -> DeploymentOptions:
+        """serving.deployment, then the pool's options, then the model's: later wins."""
+        options = self.serving.deployment
+        for layer in (pool.deployment if pool else None, self.models[model_id].deployment):
+            if layer is not None:
+                options = layer.merged_over(options)
+        return options
 
     def offload_mode_for(self, model_id: str) -> OffloadMode | None:
         override = self.models[model_id].offload_mode

@@ -82,3 +82,11 @@ class InternalError(ImageServeError):
     status_code = 503
     code = "internal_error"
     type = "server_error"
+
+
+class ReplicaOutOfMemoryError(ImageServeError):
+    """The GPU ran out of memory for this request; the replica freed it and keeps serving."""
+
+    status_code = 503
+    code = "out_of_memory"
+    type = "server_error"

@@ -119,14 +119,14 @@ def _apply_edit_image_areas(model_cfg: ModelConfig) -> None:
         edit_module.CONDITION_IMAGE_SIZE = model_cfg.edit_condition_image_area
 
 
-def _apply_offload(pipe, variant: ModelVariant, mode: OffloadMode, device: str) -> None:
+def _apply_offload(pipe, mode: OffloadMode, device: str, nunchaku_transformer: bool) -> None:
     if device == "cpu" or mode == "none":
         pipe.to(device)
         return
     if mode == "model":
         pipe.enable_model_cpu_offload()
         return
-    if variant.requires_nunchaku:
+    if nunchaku_transformer:
         # nunchaku streams its own blocks; accelerate handles the text encoder and VAE.
         pipe.transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)
         pipe._exclude_from_cpu_offload.append("transformer")
@@ -160,9 +160,10 @@ def load_pipeline(variant: ModelVariant, config: AppConfig, gpu: GPUClass | None
 
         local = detect_local_gpu(config.build_catalog())
         gpu = local.gpu_class if local else None
+    simulated = device == "cpu" and variant.requires_nunchaku and model_cfg.simulate_without_nunchaku
     if device == "cpu":
         gpu = None
-        if variant.requires_nunchaku:
+        if variant.requires_nunchaku and not simulated:
             raise IncompatibleHardwareError(f"{variant.id} is a nunchaku 4-bit variant and needs a CUDA GPU")
     elif gpu is not None and (problem := architecture_problem(variant, gpu)):
         # Before any weight is read: a wrong-architecture load would only fail later, slower.
@@ -176,7 +177,8 @@ def load_pipeline(variant: ModelVariant, config: AppConfig, gpu: GPUClass | None
         raise ModelLoadError(f"{variant.id}: no weights source configured")
 
     started = time.perf_counter()
-    folder = resolve_source(source, config.hf, skip_transformer=variant.requires_nunchaku)
+    use_nunchaku = variant.requires_nunchaku and not simulated
+    folder = resolve_source(source, config.hf, skip_transformer=use_nunchaku)
     import diffusers
     import transformers
 
@@ -186,7 +188,7 @@ def load_pipeline(variant: ModelVariant, config: AppConfig, gpu: GPUClass | None
 
     pipeline_cls = getattr(diffusers, variant.pipeline)
     kwargs: dict = {"dtype": dtype, "use_safetensors": True, "local_files_only": True}
-    if variant.requires_nunchaku:
+    if use_nunchaku:
         kwargs["transformer"] = _nunchaku_transformer(variant, model_cfg, config.hf, dtype)
     if variant.pipeline == "QwenImageEditPlusPipeline":
         from serve_app.processors import ImageOnlyQwen2VLProcessor, torchvision_available
@@ -200,7 +202,7 @@ def load_pipeline(variant: ModelVariant, config: AppConfig, gpu: GPUClass | None
         raise ModelLoadError(f"{variant.id}: loading {folder} failed: {type(err).__name__}: {err}") from err
     if variant.scheduler_overrides:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **variant.scheduler_overrides)
-    _apply_offload(pipe, variant, mode, device)
+    _apply_offload(pipe, mode, device, nunchaku_transformer=use_nunchaku)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
     logger.info("loaded %s from %s on %s (%s, offload=%s) in %.2fs", variant.id, folder, device, dtype_name, mode, load_seconds)

@@ -43,6 +43,16 @@ class PlannerSettings(BaseModel):
     sequential_buffer_gib: float = Field(default=1.0, ge=0, description="Pinned/streaming buffers under sequential offload (est.).")
     margin_fraction: float = Field(default=0.05, ge=0, lt=1, description="Safety margin as a fraction of VRAM.")
     margin_min_gib: float = Field(default=0.5, ge=0, description="Smallest safety margin in GiB.")
+    compute_efficiency: float = Field(
+        default=0.4, gt=0, le=1,
+        description="Fraction of peak bf16 TFLOPS a transformer forward reaches (est.; published H100/H200 runs: 0.3-0.57).",
+    )
+    four_bit_speedup: float = Field(default=2.0, gt=0, description="nunchaku 4-bit vs bf16 compute speed (est.; 1 on A100).")
+    host_to_device_gbps: float = Field(default=25.0, gt=0, description="PCIe weight streaming rate under offload (GB/s).")
+    text_and_vae_seconds_at_100_tflops: float = Field(
+        default=0.3, ge=0, description="Text encoding + VAE work per 1024^2 image at 100 TFLOPS (est.)."
+    )
+    unknown_gpu_tflops: float = Field(default=50.0, gt=0, description="TFLOPS assumed for GPUs without a figure.")
 
     def margin_gib(self, vram_gib: float) -> float:
         return max(self.margin_min_gib, self.margin_fraction * vram_gib)
@@ -236,6 +246,67 @@ def plan(
     return Plan(
         fits=False, mode=None, peak_vram_gib=lightest.peak_gib if lightest else None, reason=reason,
         estimates=estimates, mode_reasons=mode_reasons, **base,
+    )
+
+
+class SecondsEstimate(BaseModel):
+    """Seconds for one image of a request shape on one GPU class, with its parts."""
+
+    total_s: float
+    denoise_s: float
+    other_s: float = Field(description="Text encoding and VAE.")
+    offload_s: float = Field(description="Moving weights host to device under offload.")
+    forward_tflop: float
+    forwards: int
+
+
+def transformer_tokens(width: int, height: int, num_input_images: int) -> float:
+    return width * height / PIXELS_PER_TOKEN + num_input_images * EDIT_VAE_IMAGE_AREA / PIXELS_PER_TOKEN + TEXT_TOKENS
+
+
+def estimate_seconds(
+    variant: ModelVariant,
+    gpu: GPUClass,
+    mode: OffloadMode = "none",
+    width: int | None = None,
+    height: int | None = None,
+    num_input_images: int | None = None,
+    num_inference_steps: int | None = None,
+    settings: PlannerSettings | None = None,
+) -> SecondsEstimate:
+    """Expected seconds per image: transformer FLOPs at a fraction of peak, plus text/VAE, plus offload traffic.
+
+    The router starts from this and then trusts measured latency per GPU pool.
+    """
+    settings = settings or PlannerSettings()
+    width = width or variant.defaults.width
+    height = height or variant.defaults.height
+    if num_input_images is None:
+        num_input_images = 1 if variant.task == "edit" else 0
+    steps = num_inference_steps or variant.defaults.num_inference_steps
+    t = variant.transformer
+    tokens = transformer_tokens(width, height, num_input_images)
+    forward_flop = t.flops_per_token * tokens + t.attention_flops_per_token_sq * tokens**2
+    cfg = (variant.defaults.true_cfg_scale or 0) > 1 or (variant.defaults.guidance_scale or 0) > 1
+    forwards = steps * (2 if cfg else 1)
+    tflops = gpu.bf16_tflops or settings.unknown_gpu_tflops
+    speed = tflops * 1e12 * settings.compute_efficiency
+    if t.quantized and gpu.sm != 80:  # nunchaku on A100: memory savings, no speed gain (nunchaku#701)
+        speed *= settings.four_bit_speedup
+    denoise = forwards * forward_flop / speed
+    mpix = width * height / MPIX + num_input_images
+    other = settings.text_and_vae_seconds_at_100_tflops * mpix * 100 / tflops
+    weights = {role: c.weight_bytes("bf16") for role, c in variant.components.items()}
+    if mode == "model":
+        offload = sum(weights.values()) / (settings.host_to_device_gbps * 1e9)
+    elif mode == "sequential":
+        streamed = weights["transformer"] * forwards + weights["text_encoder"] + weights["vae"]
+        offload = streamed / (settings.host_to_device_gbps * 1e9)
+    else:
+        offload = 0.0
+    return SecondsEstimate(
+        total_s=round(denoise + other + offload, 3), denoise_s=round(denoise, 3), other_s=round(other, 3),
+        offload_s=round(offload, 3), forward_tflop=round(forward_flop / 1e12, 1), forwards=forwards,
     )
 
 

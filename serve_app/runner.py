@@ -125,15 +125,21 @@ def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
+def interrupt_on_signals() -> dict[int, Any]:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt; returns the previous handlers.
+
+    Call it after ``ray.init``, which installs a SIGTERM handler that exits without cleanup.
+    """
+    return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 def run_foreground(config: AppConfig) -> int:
     """Serve until SIGINT or SIGTERM (also during start-up), then shut Serve and Ray down cleanly."""
     service = LocalService(config)
     previous: dict[int, Any] = {}
 
     def take_signals() -> None:
-        # After ray.init, which installs its own SIGTERM handler that would exit without cleanup.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, _interrupt)
+        previous.update(interrupt_on_signals())
 
     try:
         service.start(after_ray_init=take_signals)

@@ -90,6 +90,10 @@ class ImageResult(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage and in total.")
     replica: str | None = None
     gpu_class: str | None = Field(default=None, description="GPU class of the replica ('cpu' without one).")
+    pool: str | None = Field(default=None, description="GPU pool whose replica served the request.")
+    node_gpu_class: str | None = Field(default=None, description="GPU class the replica's node reports.")
+    fits_node: bool | None = Field(default=None, description="Whether the planner says the variant fits that GPU.")
+    retried_from: str | None = Field(default=None, description="Pool of a first try that ran out of memory.")
     created: int
 
     def pil_images(self) -> list[Image.Image]:
@@ -111,4 +115,6 @@ class ImageResult(BaseModel):
             "timings": self.timings,
             "replica": self.replica,
             "gpu_class": self.gpu_class,
+            "pool": self.pool,
+            "retried_from": self.retried_from,
         }

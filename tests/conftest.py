@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Our clusters are started explicitly; Serve's handle threads must not silently reconnect after shutdown.
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 import pytest  # noqa: E402
 

@@ -88,7 +88,7 @@ def test_models_lists_every_variant_with_needs_and_replicas(http, catalog):
     fp4 = by_id["qwen-image-edit-2509-svdq-fp4-r32-lightning-8step"]
     assert [g["gpu_class"] for g in fp4["gpu_classes"]] == ["rtx-5090"]
     assert fp4["served"] is False and fp4["replicas"] == 0 and "not configured" in fp4["unavailable_reason"]
-    assert by_id["qwen-image-edit"]["resolves_to"] == "qwen-image-edit-2511"
+    assert by_id["qwen-image-edit"]["resolves_to"] == {"default": "qwen-image-edit-2511"}
 
 
 def test_healthz_and_openapi(http):

@@ -1,0 +1,1 @@
+"""Cluster configs (cluster launcher, KubeRay) and the local simulated GPU fleet."""

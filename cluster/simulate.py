@@ -1,0 +1,237 @@
+"""A simulated GPU fleet on one machine: ``imageserve cluster-sim`` and the fleet tests use it.
+
+``ray.cluster_utils.Cluster`` starts one raylet per fleet node; each declares fake GPUs plus the
+same resources and labels as a real node of its class (``serve_app.fleet``), so placement and
+routing run exactly as on a cluster. The pipelines are the tiny checkpoints on CPU; 4-bit variants
+run their tiny stand-in without nunchaku (``simulate_without_nunchaku``), since its kernels need CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.config import AppConfig, parse_config
+from serve_app.embedded import TINY_EDIT_AREAS, embedded_config_data
+from serve_app.fleet import node_labels, node_resources
+
+TINY_SOURCE = {
+    "z-image-turbo": "z-image",
+    "qwen-image-edit-2509": "qwen-image-edit-2509",
+    "qwen-image-edit-2511": "qwen-image-edit-2511",
+}
+
+
+def load_fleet(path: str | os.PathLike) -> list[dict[str, Any]]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict) or not data.get("pools"):
+        raise ValueError(f"{path}: a fleet file is a mapping with a non-empty `pools:` list")
+    return data["pools"]
+
+
+def simulation_config(pools: list[dict[str, Any]], tiny_dir: Path, models: list[str] | None = None,
+                      autoscaling: dict[str, Any] | None = None) -> AppConfig:
+    """The embedded tiny-model config, extended to every catalog variant and the fleet's pools."""
+    from serve_app.catalog import build_catalog
+    from serve_app.tiny_models import TINY_MODEL_DIRS, build_all
+
+    build_all(tiny_dir)
+    data = embedded_config_data(tiny_dir)
+    catalog = build_catalog()
+    data["models"] = {}
+    for variant in catalog.variants.values():
+        if models is not None and variant.id not in models:
+            continue
+        entry: dict[str, Any] = {"source": str(tiny_dir / TINY_MODEL_DIRS[TINY_SOURCE[variant.base_model]])}
+        if variant.task == "edit":
+            entry.update(TINY_EDIT_AREAS)
+        if variant.requires_nunchaku:
+            entry["simulate_without_nunchaku"] = True
+        data["models"][variant.id] = entry
+    data["pools"] = pools
+    data["defaults"] = {"width": 1024, "height": 1024}  # plan for the real request size; tests ask small ones
+    data["serving"]["warmup"] = True
+    deployment = data["serving"]["deployment"]
+    deployment.pop("num_replicas", None)
+    if autoscaling:
+        deployment["autoscaling"] = autoscaling
+    else:
+        deployment["num_replicas"] = 1
+    return parse_config(data, "simulated fleet")
+
+
+class SimulatedFleet:
+    """Head node (no GPU) + one raylet per fleet node with fake GPUs, markers and labels."""
+
+    def __init__(self, pools: list[dict[str, Any]], head_cpus: int = 2) -> None:
+        self.pools = pools
+        self.head_cpus = head_cpus
+        self.cluster = None
+        self.tmpdir: str | None = None
+
+    def start(self) -> "SimulatedFleet":
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "SimulatedFleet":
+        import ray
+        from ray.cluster_utils import Cluster
+
+        from serve_app.catalog import build_catalog
+
+        catalog = build_catalog()
+        self.tmpdir = tempfile.mkdtemp(prefix="isv-fleet-", dir="/tmp")
+        # Ray puts its sessions and the cluster address file under $RAY_TMPDIR/ray.
+        os.environ["RAY_TMPDIR"] = self.tmpdir
+        os.makedirs(os.path.join(self.tmpdir, "ray"), exist_ok=True)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": self.head_cpus, "num_gpus": 0, "include_dashboard": False,
+        })
+        for pool in self.pools:
+            gpu = catalog.gpu(pool["gpu_class"])
+            per_node = int(pool.get("gpus_per_node", 1))
+            for _ in range(int(pool.get("nodes", 1))):
+                self.cluster.add_node(num_cpus=1, num_gpus=per_node, resources=node_resources(gpu, per_node),
+                                      labels=node_labels(gpu))
+        ray.init(address=self.cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        if threading.current_thread() is threading.main_thread():
+            from serve_app.runner import interrupt_on_signals
+
+            interrupt_on_signals()
+        return self
+
+    def deploy(self, config: AppConfig, port: int, timeout_s: float = 600, loaders: dict | None = None) -> str:
+        from ray import serve
+
+        from serve_app.builder import build_app_from_config
+
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app_from_config(config, loaders), name=config.serving.app_name, route_prefix="/",
+                  blocking=False)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            app = serve.status().applications.get(config.serving.app_name)
+            if app is not None and app.status == "RUNNING":
+                return f"http://127.0.0.1:{port}"
+            if app is not None and app.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"deployment failed: {app.message}")
+            time.sleep(1)
+        raise TimeoutError("the simulated fleet's application did not become RUNNING")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        except Exception:  # noqa: BLE001 - tear the cluster down regardless
+            pass
+        try:
+            ray.shutdown()
+            if self.cluster is not None:
+                self.cluster.shutdown()
+        finally:
+            self.cluster = None
+            if self.tmpdir:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> "SimulatedFleet":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mixed_requests(config: AppConfig, count: int) -> list[tuple[str, str]]:
+    """(task, model) pairs cycling over every served variant and the two aliases."""
+    catalog = config.build_catalog()
+    names = [(v.task, v.id) for v in catalog.variants.values() if v.id in config.models_to_load()]
+    names += [("generate", "z-image-turbo"), ("edit", "qwen-image-edit")]
+    return [names[i % len(names)] for i in range(count)]
+
+
+def send_mixed_load(url: str, config: AppConfig, count: int, concurrency: int = 8) -> dict[str, Any]:
+    """Send ``count`` mixed generation/edit requests over HTTP; tally outcomes as the replicas report them."""
+    import httpx
+
+    image = _png((180, 60, 20))
+    lock = threading.Lock()
+    tally: dict[str, Any] = {"requests": count, "ok": 0, "errors": 0, "misroutes": 0,
+                             "per_pool": Counter(), "per_variant_pool": Counter(), "error_samples": []}
+
+    def one(item: tuple[str, str]) -> None:
+        task, model = item
+        with httpx.Client(base_url=url, timeout=300) as client:
+            if task == "generate":
+                response = client.post("/v1/images/generations", json={
+                    "model": model, "prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 2})
+            else:
+                response = client.post("/v1/images/edits", files=[("image", ("in.png", image, "image/png"))],
+                                       data={"model": model, "prompt": "make it blue", "size": "64x64",
+                                             "num_inference_steps": "2"})
+        with lock:
+            if response.status_code != 200:
+                tally["errors"] += 1
+                if len(tally["error_samples"]) < 5:
+                    tally["error_samples"].append(f"{response.status_code} {response.text[:200]}")
+                return
+            body = response.json()
+            tally["ok"] += 1
+            tally["per_pool"][body["pool"]] += 1
+            tally["per_variant_pool"][f"{body['model']}@{body['pool']}"] += 1
+            if body.get("gpu_class") is None or not _replica_says_it_fits(body):
+                tally["misroutes"] += 1
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, mixed_requests(config, count)))
+    tally["per_pool"] = dict(tally["per_pool"])
+    tally["per_variant_pool"] = dict(sorted(tally["per_variant_pool"].items()))
+    return tally
+
+
+def _replica_says_it_fits(body: dict[str, Any]) -> bool:
+    from serve_app.catalog import default_catalog
+    from serve_app.planner import plan
+
+    # The replica reports its node's GPU class; the planner checks the variant against it.
+    gpu = default_catalog().gpus.get(body["gpu_class"])
+    return gpu is not None and plan(default_catalog().variant(body["model"]), gpu).fits
+
+
+def run_simulation(fleet_path: str | os.PathLike, requests: int, tiny_dir: Path, port: int = 8765,
+                   concurrency: int = 8) -> dict[str, Any]:
+    pools = load_fleet(fleet_path)
+    config = simulation_config(pools, tiny_dir)
+    started = time.monotonic()
+    with SimulatedFleet(pools) as fleet:
+        url = fleet.deploy(config, port)
+        ready_s = time.monotonic() - started
+        tally = send_mixed_load(url, config, requests, concurrency)
+    tally["startup_s"] = round(ready_s, 1)
+    tally["total_s"] = round(time.monotonic() - started, 1)
+    return tally

@@ -1,0 +1,103 @@
+"""The example fleet, simulated: fake-GPU nodes marked like real ones, real Serve, real HTTP, tiny pipelines."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+                    "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+OOM_VARIANT = "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_models):
+    import socket
+
+    from cluster.simulate import SimulatedFleet, load_fleet, simulation_config
+    from serve_app.testing import out_of_memory_loader
+
+    pools = load_fleet(ROOT / "cluster" / "fleets" / "example.yaml")
+    for pool in pools:
+        if pool["name"] == "a4500":
+            # Room for every a4500 deployment to reach max_replicas at once.
+            pool["deployment"] = {"autoscaling": FAST_AUTOSCALING}
+            pool["gpus_per_node"] = 8
+    config = simulation_config(pools, next(iter(tiny_models.values())).parent)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with SimulatedFleet(pools) as simulated:
+        # TEST DOUBLE: the int4 edit variant "runs out of memory" on nodes under 22 GiB (the A4500 pool).
+        url = simulated.deploy(config, port, loaders={OOM_VARIANT: out_of_memory_loader(22)})
+        yield url, config
+
+
+def test_hundreds_of_mixed_requests_without_a_misroute(fleet):
+    from cluster.simulate import send_mixed_load
+
+    url, config = fleet
+    tally = send_mixed_load(url, config, 210, concurrency=8)
+    assert tally["errors"] == 0, tally["error_samples"]
+    assert tally["ok"] == 210 and tally["misroutes"] == 0
+    served = tally["per_variant_pool"]
+    fp4 = {k.split("@")[1] for k in served if "fp4" in k}
+    assert fp4 == {"rtx5090"}
+    bf16_edit = {k.split("@")[1] for k in served if k.split("@")[0] in ("qwen-image-edit-2509", "qwen-image-edit-2511")}
+    assert bf16_edit == {"a100"}
+
+
+def test_out_of_memory_is_retried_once_on_a_larger_gpu(fleet):
+    import httpx
+
+    from cluster.simulate import _png
+
+    url, _ = fleet
+
+    def edit(_):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            return client.post("/v1/images/edits", files=[("image", ("a.png", _png((9, 9, 9)), "image/png"))],
+                               data={"model": OOM_VARIANT, "prompt": "x", "size": "64x64", "num_inference_steps": "2"})
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(edit, range(40)))
+    assert [r.status_code for r in responses] == [200] * 40
+    bodies = [r.json() for r in responses]
+    retried = [b for b in bodies if b["retried_from"]]
+    assert retried, "under load some requests should land on the A4500 pool and be retried"
+    assert {b["retried_from"] for b in retried} == {"a4500"}
+    assert {b["pool"] for b in retried} <= {"rtx4090", "a100"}
+    assert all(b["pool"] != "a4500" for b in bodies)
+
+
+def _running(deployment: str) -> int:
+    from ray import serve
+
+    return serve.status().applications["imageserve"].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def test_replicas_scale_up_under_load_and_back_down(fleet):
+    from ray import serve
+
+    from serve_app.schemas import GenerateRequest
+
+    deployment = "gen-z-image-turbo@a4500"
+    handle = serve.get_deployment_handle(deployment, "imageserve")
+    assert _running(deployment) == 1
+    request = GenerateRequest(prompt="load", num_inference_steps=4)
+    peak, deadline = 1, time.monotonic() + 60
+    with ThreadPoolExecutor(12) as pool:
+        while time.monotonic() < deadline and peak < 2:
+            list(pool.map(lambda _: handle.generate.remote(request, 64, 64).result(), range(24)))
+            peak = max(peak, _running(deployment))
+    assert peak == 2
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _running(deployment) > 1:
+        time.sleep(1)
+    assert _running(deployment) == 1
