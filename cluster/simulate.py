@@ -227,6 +227,12 @@ def run_simulation(fleet_path: str | os.PathLike, requests: int, tiny_dir: Path,
                    concurrency: int = 8) -> dict[str, Any]:
     pools = load_fleet(fleet_path)
     config = simulation_config(pools, tiny_dir)
+    if not port:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
     started = time.monotonic()
     with SimulatedFleet(pools) as fleet:
         url = fleet.deploy(config, port)

@@ -45,8 +45,42 @@ def _format_plans(plans: list[Plan], catalog) -> str:
     return "\n".join(lines)
 
 
+def _print_placement(config: AppConfig, fleet_path: str, as_json: bool) -> int:
+    """The fleet's placement: which variant runs on which pool, in which mode, at what cost."""
+    import yaml
+
+    from serve_app.fleet import capacity_warnings, place
+
+    pools = (yaml.safe_load(Path(fleet_path).read_text()) or {}).get("pools", [])
+    catalog = config.build_catalog()
+    models = config.models or {v: {} for v in catalog.variants}
+    config = parse_config({**config.model_dump(exclude_unset=True),
+                           "models": {m: (c.model_dump(exclude_unset=True) if hasattr(c, "model_dump") else c)
+                                      for m, c in models.items()},
+                           "pools": pools})
+    placements, unplaced = place(config)
+    rows = [{"variant": p.variant.id, "pool": p.pool.name, "gpu": p.gpu.name, "mode": p.plan.mode,
+             "peak_vram_gib": p.plan.peak_vram_gib, "seconds_per_image": p.seconds_per_image} for p in placements]
+    warnings = capacity_warnings(config, placements)
+    if as_json:
+        print(json.dumps({"placements": rows, "unplaced": unplaced, "warnings": warnings}, indent=2))
+        return 0
+    width = max(len(r["variant"]) for r in rows) if rows else 10
+    print(f"{'variant':<{width}}  {'pool':<9} {'GPU':<10} {'mode':<6} {'peak GiB':>8} {'s/image':>8}")
+    for r in rows:
+        print(f"{r['variant']:<{width}}  {r['pool']:<9} {r['gpu']:<10} {r['mode']:<6} {r['peak_vram_gib']:>8.1f}"
+              f" {r['seconds_per_image']:>8.1f}")
+    for variant, reason in unplaced.items():
+        print(f"not served: {variant}: {reason}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     config = _config(args.config)
+    if args.fleet:
+        return _print_placement(config, args.fleet, args.json)
     catalog = config.build_catalog()
     if args.gpu == "auto":
         from serve_app.hardware import detect_local_gpu
@@ -120,6 +154,14 @@ def cmd_cluster_sim(args: argparse.Namespace) -> int:
     return 0 if result["errors"] == 0 and result["misroutes"] == 0 else 1
 
 
+def cmd_cluster_configs(args: argparse.Namespace) -> int:
+    from cluster.configs import write_configs
+
+    for path in write_configs(args.fleet, args.serve_config, args.out, args.redis or None):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imageserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=OFFLOAD_MODES, help="force one offload mode")
     p.add_argument("--json", action="store_true", help="print a JSON list of plan objects")
     p.add_argument("--details", action="store_true", help="with --json: include the per-mode estimate parts")
+    p.add_argument("--fleet", help="fleet file: print which variants each GPU pool hosts (placement) instead")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("make-tiny-models", help="build tiny random-weight checkpoints offline")
@@ -158,10 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet", default="cluster/fleets/example.yaml", help="fleet file (pools of GPU classes)")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=int, default=8765, help="HTTP port of the simulated fleet (0: any free port)")
     p.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_cluster_sim)
+
+    p = sub.add_parser("cluster-configs", help="write the cluster-launcher and KubeRay configs for a fleet")
+    p.add_argument("--fleet", default="cluster/fleets/example.yaml")
+    p.add_argument("--serve-config", default="serve_config.yaml")
+    p.add_argument("--out", default="cluster")
+    p.add_argument("--redis", default="redis:6379", help="GCS fault-tolerance Redis address ('' to leave it off)")
+    p.set_defaults(func=cmd_cluster_configs)
     return parser
 
 

@@ -101,3 +101,21 @@ def test_replicas_scale_up_under_load_and_back_down(fleet):
     while time.monotonic() < deadline and _running(deployment) > 1:
         time.sleep(1)
     assert _running(deployment) == 1
+
+
+def test_cluster_sim_command_end_to_end(tiny_models, tmp_path):
+    """`imageserve cluster-sim --json`, as a user runs it (its own process and cluster)."""
+    import json
+    import subprocess
+    import sys
+
+    tiny_dir = next(iter(tiny_models.values())).parent
+    out = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "cluster-sim", "--fleet", str(ROOT / "cluster/fleets/example.yaml"),
+         "--requests", "40", "--tiny-dir", str(tiny_dir), "--port", "0", "--json"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (result["requests"], result["ok"], result["errors"], result["misroutes"]) == (40, 40, 0, 0)
+    assert set(result["per_pool"]) <= {"a4500", "rtx4090", "a100", "rtx5090"}

@@ -53,9 +53,25 @@ def test_production_serve_config_validates_and_builds():
     assert (module, attr) == ("serve_app.builder", "build_app")
     config = BuilderArgs.model_validate(application["args"]).app_config()
     assert config.device.device == "cuda"
-    assert config.models["qwen-image-edit-2511"].deployment.resources == {"vram_ge_80": 0.01}
+    assert [p.gpu_class for p in config.pools] == ["rtx-a4500", "rtx-4090", "a100-80g", "rtx-5090"]
     app = build_app(application["args"])
     assert type(app).__name__ == "Application"
+
+
+def test_production_placement_keeps_80_gb_cards_for_what_needs_them():
+    from serve_app.fleet import capacity_warnings, place
+
+    (application,) = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+    config = BuilderArgs.model_validate(application["args"]).app_config()
+    placements, unplaced = place(config)
+    assert unplaced == {}
+    pools = {}
+    for p in placements:
+        pools.setdefault(p.variant.id, set()).add(p.pool.name)
+    assert pools["qwen-image-edit-2511"] == {"a100"} and pools["qwen-image-edit-2509"] == {"a100"}
+    assert pools["z-image-turbo-svdq-fp4-r32"] == {"rtx5090"}
+    assert pools["qwen-image-edit-2509-svdq-int4-r128-lightning-4step"] == {"a4500", "rtx4090"}
+    assert capacity_warnings(config, placements) == []
 
 
 def test_deployment_names_are_stable():

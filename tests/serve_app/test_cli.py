@@ -1,6 +1,17 @@
 import json
 
+import os
+
+import pytest
+
 from serve_app.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
 
 
 def test_plan_prints_a_table_for_every_catalog_gpu(capsys, catalog):
@@ -75,3 +86,14 @@ def test_doctor_counts_a_shared_repo_once():
     assert both == 58 + 12.7
     only_int4 = download_need_gb([c.variant("qwen-image-edit-2509-svdq-int4-r128-lightning-4step")])
     assert only_int4 == 30
+
+
+def test_plan_fleet_prints_the_placement(capsys):
+    assert main(["plan", "--fleet", "cluster/fleets/example.yaml", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    pools = {}
+    for row in report["placements"]:
+        pools.setdefault(row["variant"], set()).add(row["pool"])
+    assert pools["qwen-image-edit-2511"] == {"a100"}
+    assert pools["z-image-turbo-svdq-fp4-r32"] == {"rtx5090"}
+    assert report["unplaced"] == {}

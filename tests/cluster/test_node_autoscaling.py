@@ -1,0 +1,56 @@
+"""Ray's fake multi-node autoscaler launches a GPU pool's node when a variant needs it, and removes it when idle."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+POOLS = [
+    {"name": "a4500", "gpu_class": "rtx-a4500", "nodes": 1, "max_nodes": 1, "gpus_per_node": 2,
+     "variants": ["z-image-turbo"]},
+    # No node yet: the bf16 edit variant fits only here, so its replica makes the autoscaler launch one.
+    {"name": "a100", "gpu_class": "a100-80g", "nodes": 0, "max_nodes": 1, "gpus_per_node": 2,
+     "variants": ["qwen-image-edit-2511"]},
+]
+
+
+def gpu_nodes(cluster, gpu_class):
+    return [n for n in cluster.alive_nodes() if n.get("Labels", {}).get("imageserve.io/gpu-class") == gpu_class]
+
+
+def test_a_pool_without_nodes_gets_one_on_demand_and_loses_it_when_idle(tiny_models):
+    import httpx
+    from ray import serve
+
+    from cluster.autoscaling import FakeAutoscalingCluster
+    from cluster.simulate import _png, simulation_config
+    from serve_app.builder import build_app_from_config
+
+    config = simulation_config(POOLS, next(iter(tiny_models.values())).parent,
+                               models=["z-image-turbo", "qwen-image-edit-2511"])
+    with FakeAutoscalingCluster(POOLS, idle_timeout_minutes=0.1) as cluster:
+        assert gpu_nodes(cluster, "a100-80g") == []
+        serve.start(http_options={"host": "127.0.0.1", "port": 0}, proxy_location="HeadOnly")
+        serve.run(build_app_from_config(config), name="imageserve", route_prefix="/", blocking=False)
+        deadline = time.monotonic() + 180
+        while serve.status().applications["imageserve"].status != "RUNNING":
+            assert time.monotonic() < deadline, serve.status().applications["imageserve"]
+            time.sleep(1)
+        assert len(gpu_nodes(cluster, "a100-80g")) == 1
+
+        handle = serve.get_app_handle("imageserve")
+        from serve_app.schemas import EditRequest
+
+        result = handle.edit.remote(EditRequest(prompt="x", images=[_png((1, 2, 3))], size="64x64",
+                                                num_inference_steps=2)).result()
+        assert (result.variant, result.pool, result.node_gpu_class) == ("qwen-image-edit-2511", "a100", "a100-80g")
+
+        serve.delete("imageserve")
+        deadline = time.monotonic() + 90
+        while gpu_nodes(cluster, "a100-80g"):
+            assert time.monotonic() < deadline, "the idle a100 node was not removed"
+            time.sleep(2)
+        assert len(gpu_nodes(cluster, "rtx-a4500")) == 1  # the pool's min_workers stay
