@@ -13,9 +13,20 @@ PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
+# A real Prometheus for the metrics tests: Debian's package, unpacked into .tools/ (no daemon, no
+# post-install scripts). Its binaries need only libc.
+PROMETHEUS := .tools/prometheus/usr/bin/prometheus
+export IMAGESERVE_PROMETHEUS := $(CURDIR)/$(PROMETHEUS)
+
 .PHONY: install serve test
 
 install: $(VENV)/.installed
+
+$(PROMETHEUS):
+	mkdir -p .tools/deb
+	cd .tools/deb && (apt-get download prometheus 2>/dev/null || (apt-get update -qq && apt-get download prometheus))
+	dpkg -x .tools/deb/prometheus_*.deb .tools/prometheus
+	test -x $@
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,5 +37,5 @@ $(VENV)/.installed: pyproject.toml Makefile
 serve: install
 	$(VENV)/bin/imageserve run
 
-test: install
+test: install $(PROMETHEUS)
 	$(VENV)/bin/python -m pytest

@@ -39,4 +39,4 @@ class EditServer(ModelServer):
             )
             return self._result(result, width, height, steps)
 
-        return await self._run(work)
+        return await self._run(work, (width, height, len(request.images)))

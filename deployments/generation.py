@@ -34,4 +34,4 @@ class GenerationServer(ModelServer):
             )
             return self._result(result, width, height, steps)
 
-        return await self._run(work)
+        return await self._run(work, (width, height, 0))

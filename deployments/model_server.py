@@ -19,8 +19,9 @@ from serve_app.errors import (
     RequestCancelledError,
 )
 from serve_app.images import encode_png
-from serve_app.pipelines import GenerationCancelled, ImagePipeline, load_pipeline
-from serve_app.planner import plan
+from serve_app.metrics import ReplicaMetrics, shape_label
+from serve_app.pipelines import GenerationCancelled, ImagePipeline, PipelineResult, load_pipeline
+from serve_app.planner import estimate_vram, plan
 from serve_app.schemas import ImageResult
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,9 @@ class ModelServer:
         self.pipeline = (loader or load_pipeline)(self.variant, self.config)
         self.replica = _replica_id()
         self.gpu_class = self.node_gpu.id if self.node_gpu else ("cpu" if self.pipeline.device == "cpu" else None)
+        self.metrics = ReplicaMetrics(self.task, variant_id, self.gpu_class, pool["name"] if pool else None,
+                                      self.pipeline.device)
+        self.metrics.model_loaded(self.pipeline.load_seconds, self.pipeline.offload_mode)
         if self._unhealthy is not None:
             logger.error("%s refuses to serve: %s", variant_id, self._unhealthy)
         elif self.config.serving.warmup:
@@ -155,32 +159,59 @@ class ModelServer:
             "unhealthy": self._unhealthy,
         }
 
-    async def _run(self, work: Callable[..., ImageResult], **kwargs: Any) -> ImageResult:
+    def _measured(self, work: Callable[..., ImageResult], should_stop, shape: tuple[int, int, int],
+                  entered: float) -> ImageResult:
+        """Run ``work`` in the worker thread and record its stages, queue wait and memory peak."""
+        import torch
+
+        queue_s = time.perf_counter() - entered
+        cuda = self.pipeline.device == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        result = work(should_stop)
+        width, height, images = shape
+        planned = estimate_vram(self.variant, self.pipeline.offload_mode, width, height, images,
+                                self.pipeline.torch_dtype, self.config.device.planner).peak_gib
+        self.metrics.vram_peak(shape_label(width, height, images), planned,
+                               torch.cuda.max_memory_allocated() if cuda else None)
+        self.metrics.observe(result.timings, queue_s, result.num_inference_steps, len(result.images))
+        result.timings["queue_s"] = round(queue_s, 4)
+        return result
+
+    async def _run(self, work: Callable[..., ImageResult], shape: tuple[int, int, int]) -> ImageResult:
         """Run blocking pipeline work in the worker thread; cancellation stops it between steps."""
         if self._unhealthy is not None:
+            self.metrics.failed()
             raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, functools.partial(work, should_stop=stop.is_set, **kwargs))
+        future = loop.run_in_executor(
+            self._executor, functools.partial(self._measured, work, stop.is_set, shape, time.perf_counter()))
         try:
             # shield: a cancelled caller must not abandon the thread mid-step; we tell it to stop.
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             stop.set()
+            self.metrics.failed()
             raise
-        except GenerationCancelled as err:
-            raise RequestCancelledError(str(err)) from None
-        except ValueError as err:
-            raise InvalidRequestError(str(err)) from None
-        except (RuntimeError, MemoryError) as err:
-            if not _is_out_of_memory(err):
-                raise
-            await asyncio.to_thread(_release_memory)
+        except Exception as err:  # noqa: BLE001 - classified for the caller
+            self.metrics.failed()
+            raise self._classify(err) from None
+
+    def _classify(self, err: Exception) -> Exception:
+        """The error a caller should see for a failure inside the pipeline call."""
+        if isinstance(err, GenerationCancelled):
+            return RequestCancelledError(str(err))
+        if isinstance(err, ValueError):
+            return InvalidRequestError(str(err))
+        if isinstance(err, (RuntimeError, MemoryError)) and _is_out_of_memory(err):
+            _release_memory()
             where = self.node_gpu.name if self.node_gpu else self.pipeline.device
-            raise ReplicaOutOfMemoryError(
+            return ReplicaOutOfMemoryError(
                 f"{self.variant.id} ran out of memory on {where} ({type(err).__name__}); the memory was released",
                 retry_after_s=2,
-            ) from None
+            )
+        return err
 
     def _result(self, result: PipelineResult, width: int, height: int, steps: int) -> ImageResult:
         return ImageResult(

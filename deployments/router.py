@@ -25,6 +25,7 @@ from serve_app.errors import (
     ReplicaOutOfMemoryError,
 )
 from serve_app.images import open_image
+from serve_app.metrics import RouterMetrics, error_reason, fetch_node_metrics
 from serve_app.planner import OFFLOAD_MODES, estimate_vram, plan
 from serve_app.schemas import EditRequest, GenerateRequest, ImageResult
 
@@ -57,6 +58,7 @@ class Router:
         self.table = RoutingTable(self.catalog, {vid: [Route(**r) for r in rs] for vid, rs in routes.items()},
                                   unavailable)
         self._refresher: asyncio.Task | None = None
+        self.metrics = RouterMetrics()
         self._static_model_info = {v.id: self._describe(v) for v in self.catalog.variants.values()}
 
     def __serve_build_asgi_app__(self):
@@ -94,6 +96,8 @@ class Router:
         self._start_replica_count_refresh()
         options = self.table.options(variants)
         variant, route = self.table.choose(options, images=request.n)
+        self.metrics.decisions.inc(tags={"task": variant.task, "variant": variant.id, "pool": route.pool,
+                                         "gpu_class": route.gpu_class or "unknown"})
         try:
             return await self._call(variant, route, method, request, size)
         except ReplicaOutOfMemoryError as oom:
@@ -103,6 +107,8 @@ class Router:
                     f"{oom.message}; no pool with more memory serves {variant.id}", retry_after_s=oom.retry_after_s
                 ) from None
             logger.warning("%s ran out of memory on %s; retrying on %s", variant.id, route.pool, retry[1].pool)
+            self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool, "to_pool": retry[1].pool,
+                                           "reason": "oom"})
             result = await self._call(*retry, method, request, size)
             result.retried_from = route.pool
             return result
@@ -110,6 +116,7 @@ class Router:
     async def _call(self, variant: ModelVariant, route: Route, method: str, request: Any,
                     size: tuple[int, int]) -> ImageResult:
         self.table.outstanding[route.deployment] += 1
+        self._queue_gauge(variant, route)
         try:
             result = await getattr(route.handle, method).remote(request, *size)
             route.observe(result.timings.get("total_s", 0.0) / max(len(result.images), 1))
@@ -132,19 +139,47 @@ class Router:
             ) from None
         finally:
             self.table.outstanding[route.deployment] -= 1
+            self._queue_gauge(variant, route)
+
+    def _queue_gauge(self, variant: ModelVariant, route: Route) -> None:
+        self.metrics.queue.set(self.table.outstanding[route.deployment],
+                               tags={"variant": variant.id, "pool": route.pool})
 
     async def generate(self, request: GenerateRequest) -> ImageResult:
         """Text to image. Same path for HTTP and for ``serve.get_app_handle(...).generate``."""
-        variants = self.table.resolve(request.model, "generate")
-        size = self.resolve_size(request, variants[0])
-        return await self._dispatch(variants, "generate", request, size)
+        return await self._counted("generate", request)
 
     async def edit(self, request: EditRequest) -> ImageResult:
         """Instruction editing of 1 to 3 images."""
-        variants = self.table.resolve(request.model, "edit")
-        size = self.resolve_size(request, variants[0])
-        self.check_images(request, variants[0])
-        return await self._dispatch(variants, "edit", request, size)
+        return await self._counted("edit", request)
+
+    async def _counted(self, task: str, request: GenerateRequest | EditRequest) -> ImageResult:
+        variant_id = None
+        try:
+            variants = self.table.resolve(request.model, task)
+            variant_id = variants[0].id
+            size = self.resolve_size(request, variants[0])
+            if task == "edit":
+                self.check_images(request, variants[0])
+            return await self._dispatch(variants, task, request, size)
+        except ImageServeError as err:
+            self.metrics.error(task, variant_id, error_reason(err))
+            raise
+        except asyncio.CancelledError:
+            self.metrics.error(task, variant_id, "cancelled")
+            raise
+
+    def record_error(self, task: str, reason: str) -> None:
+        """Errors the HTTP layer answers before a request reaches ``generate``/``edit``."""
+        self.metrics.error(task, None, reason)
+
+    async def metrics_text(self) -> str:
+        """This node's Ray metrics export, reduced to imageserve's and Serve's series."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        return await asyncio.to_thread(fetch_node_metrics, node["MetricsExportPort"])
 
     # ---- introspection --------------------------------------------------------------------
 
@@ -179,6 +214,10 @@ class Router:
         while True:
             try:
                 self.table.replicas = await asyncio.to_thread(self._read_replica_counts)
+                for variant_id, routes in self.table.routes.items():
+                    for route in routes:
+                        self.metrics.replicas.set(self.table.replicas.get(route.deployment, 0), tags={
+                            "variant": variant_id, "pool": route.pool, "gpu_class": route.gpu_class or "unknown"})
             except Exception:  # noqa: BLE001 - counts are advisory; keep the last ones
                 logger.warning("could not read serve status", exc_info=True)
             await asyncio.sleep(REPLICA_COUNT_TTL_S)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,6 +27,8 @@ class ImageService(Protocol):
     async def edit(self, request: EditRequest) -> ImageResult: ...
     async def models(self) -> dict[str, Any]: ...
     async def health(self) -> dict[str, Any]: ...
+    async def metrics_text(self) -> str: ...
+    def record_error(self, task: str, reason: str) -> None: ...
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None,
@@ -62,7 +64,8 @@ def create_api(service: ImageService) -> FastAPI:
         return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers())
 
     @app.exception_handler(RequestValidationError)
-    async def _request_invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def _request_invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        service.record_error("edit" if request.url.path.endswith("/edits") else "generate", "bad_input")
         return _validation_response(list(err.errors()))
 
     @app.exception_handler(StarletteHTTPException)
@@ -111,6 +114,11 @@ def create_api(service: ImageService) -> FastAPI:
     @app.get("/v1/models", summary="Model variants, their needs, and the replicas serving them")
     async def list_models() -> dict[str, Any]:
         return await service.models()
+
+    @app.get("/metrics", summary="Prometheus metrics of this node (single-node runs)",
+             response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(await service.metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/healthz", summary="Liveness of the HTTP router")
     async def healthz() -> dict[str, Any]:

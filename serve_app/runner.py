@@ -24,13 +24,14 @@ class LocalService:
 
     def __init__(self, config: AppConfig, host: str | None = None, port: int | None = None,
                  num_cpus: int | None = None, extra_http_options: dict[str, Any] | None = None,
-                 log_to_driver: bool = True) -> None:
+                 log_to_driver: bool = True, metrics_report_interval_ms: int | None = None) -> None:
         self.config = config
         self.host = host or config.serving.host
         self.port = port if port is not None else config.serving.port
         self.num_cpus = num_cpus
         self.extra_http_options = extra_http_options or {}
         self.log_to_driver = log_to_driver
+        self.metrics_report_interval_ms = metrics_report_interval_ms
         self.tmpdir: str | None = None
         self.started = False
 
@@ -56,6 +57,10 @@ class LocalService:
             include_dashboard=False,
             logging_level=logging.WARNING,
             log_to_driver=self.log_to_driver,
+            _system_config=(
+                {"metrics_report_interval_ms": self.metrics_report_interval_ms}
+                if self.metrics_report_interval_ms else None
+            ),
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
                                       "TOKENIZERS_PARALLELISM": "false"}},
         )

@@ -20,7 +20,8 @@ def service(tiny_models):
 
     root = next(iter(tiny_models.values())).parent
     config = embedded_config(root)
-    with LocalService(config, port=free_port()) as running:
+    # Export metrics every second (Ray's default is 10 s) so the Prometheus test waits less.
+    with LocalService(config, port=free_port(), metrics_report_interval_ms=1000) as running:
         yield running
 
 
