@@ -83,6 +83,8 @@ def _running(deployment: str) -> int:
 
 
 def test_replicas_scale_up_under_load_and_back_down(fleet):
+    import threading
+
     from ray import serve
 
     from serve_app.schemas import GenerateRequest
@@ -91,13 +93,25 @@ def test_replicas_scale_up_under_load_and_back_down(fleet):
     handle = serve.get_deployment_handle(deployment, "imageserve")
     assert _running(deployment) == 1
     request = GenerateRequest(prompt="load", num_inference_steps=4)
-    peak, deadline = 1, time.monotonic() + 60
-    with ThreadPoolExecutor(12) as pool:
-        while time.monotonic() < deadline and peak < 2:
-            list(pool.map(lambda _: handle.generate.remote(request, 64, 64).result(), range(24)))
-            peak = max(peak, _running(deployment))
-    assert peak == 2
-    deadline = time.monotonic() + 60
+    stop = threading.Event()
+
+    def load():
+        # Steady load until told to stop: a pause longer than downscale_delay_s would undo the upscale.
+        with ThreadPoolExecutor(12) as pool:
+            while not stop.is_set():
+                list(pool.map(lambda _: handle.generate.remote(request, 64, 64).result(), range(24)))
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    try:
+        deadline = time.monotonic() + 240  # a new replica imports torch and loads its pipeline first
+        while time.monotonic() < deadline and _running(deployment) < 2:
+            time.sleep(1)
+        assert _running(deployment) == 2
+    finally:
+        stop.set()
+        loader.join(120)
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline and _running(deployment) > 1:
         time.sleep(1)
     assert _running(deployment) == 1
