@@ -24,7 +24,8 @@ class EditServer(ModelServer):
         steps = request.num_inference_steps or self.variant.defaults.num_inference_steps
 
         def work(should_stop):
-            images = [decode_image(data, name=f"image {i + 1}") for i, data in enumerate(request.images)]
+            limit = self.config.serving.limits.max_input_pixels
+            images = [decode_image(data, limit, name=f"image {i + 1}") for i, data in enumerate(request.images)]
             result = self.pipeline.edit(
                 images,
                 request.prompt,

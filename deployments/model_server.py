@@ -74,6 +74,12 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def _is_cuda_fault(err: BaseException) -> bool:
+    """A CUDA error that leaves the context unusable (illegal access, device-side assert, ECC...)."""
+    text = str(err)
+    return "CUDA error" in text or "device-side assert" in text
+
+
 def _release_memory() -> None:
     import gc
 
@@ -103,6 +109,7 @@ class ModelServer:
         self.variant = catalog.variant(variant_id)
         self.pool = pool
         self._unhealthy: str | None = None
+        self.last_cancelled: str | None = None
         self.node_gpu = _node_gpu_class(catalog)
         pool_gpu = catalog.gpu(pool["gpu_class"]) if pool else None
         if pool_gpu is not None:
@@ -157,6 +164,7 @@ class ModelServer:
             "node_gpu_class": self.node_gpu.id if self.node_gpu else None,
             "fits_node": self.fits_node,
             "unhealthy": self._unhealthy,
+            "last_cancelled": self.last_cancelled,
         }
 
     def _measured(self, work: Callable[..., ImageResult], should_stop, shape: tuple[int, int, int],
@@ -193,17 +201,30 @@ class ModelServer:
         except asyncio.CancelledError:
             stop.set()
             self.metrics.failed()
+            future.add_done_callback(self._note_abandoned)
             raise
         except Exception as err:  # noqa: BLE001 - classified for the caller
             self.metrics.failed()
             raise self._classify(err) from None
 
+    def _note_abandoned(self, future) -> None:
+        """Record how far a call got after its caller went away (the thread stops at the next step)."""
+        err = None if future.cancelled() else future.exception()
+        if isinstance(err, GenerationCancelled):
+            self.last_cancelled = str(err)
+
     def _classify(self, err: Exception) -> Exception:
         """The error a caller should see for a failure inside the pipeline call."""
         if isinstance(err, GenerationCancelled):
+            self.last_cancelled = str(err)
             return RequestCancelledError(str(err))
         if isinstance(err, ValueError):
             return InvalidRequestError(str(err))
+        if isinstance(err, RuntimeError) and _is_cuda_fault(err):
+            # The CUDA context is gone: fail health checks so Serve replaces this replica.
+            self._unhealthy = f"CUDA fault, replica must be replaced: {str(err)[:200]}"
+            logger.error("%s: %s", self.variant.id, self._unhealthy)
+            return ModelUnavailableError(f"{self.variant.id}: the replica hit a CUDA fault; retry", retry_after_s=2)
         if isinstance(err, (RuntimeError, MemoryError)) and _is_out_of_memory(err):
             _release_memory()
             where = self.node_gpu.name if self.node_gpu else self.pipeline.device

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.routing import Route, RoutingTable
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 2
 REPLICA_COUNT_TTL_S = 2.0
+# A replica that dies mid-request (killed, node lost) never answered: one retry is safe.
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -64,7 +67,9 @@ class Router:
     def __serve_build_asgi_app__(self):
         from serve_app.api import create_api
 
-        return create_api(self)
+        serving = self.config.serving
+        return create_api(self, api_keys=serving.api_keys, max_body_bytes=int(serving.limits.max_body_mb * 1e6),
+                          metrics_route=serving.metrics_route)
 
     # ---- resolution and validation -------------------------------------------------------
 
@@ -87,7 +92,7 @@ class Router:
                 param="image",
             )
         for i, data in enumerate(request.images):
-            open_image(data, name=f"image {i + 1}")
+            open_image(data, self.config.serving.limits.max_input_pixels, name=f"image {i + 1}")
 
     # ---- dispatch -------------------------------------------------------------------------
 
@@ -118,7 +123,14 @@ class Router:
         self.table.outstanding[route.deployment] += 1
         self._queue_gauge(variant, route)
         try:
-            result = await getattr(route.handle, method).remote(request, *size)
+            try:
+                result = await getattr(route.handle, method).remote(request, *size)
+            except REPLICA_LOST as lost:
+                logger.warning("%s: a replica of %s was lost (%s); retrying once", variant.id, route.deployment,
+                               type(lost).__name__)
+                self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool,
+                                               "to_pool": route.pool, "reason": "replica_lost"})
+                result = await getattr(route.handle, method).remote(request, *size)
             route.observe(result.timings.get("total_s", 0.0) / max(len(result.images), 1))
             return result
         except BackPressureError:

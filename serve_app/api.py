@@ -7,7 +7,9 @@ Every error is JSON: ``{"error": {"code", "message", "param", "type"}}``.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 from typing import Annotated, Any, Protocol
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -51,7 +53,90 @@ def _validation_response(errors: list[dict]) -> JSONResponse:
     return error_response(422, "invalid_request", message, param)
 
 
-def create_api(service: ImageService) -> FastAPI:
+API_KEYS_ENV = "IMAGESERVE_API_KEYS"
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def configured_api_keys(keys: list[str]) -> list[bytes]:
+    """Keys from the config plus ``IMAGESERVE_API_KEYS`` (comma-separated); empty means no auth."""
+    from_env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    return [k.encode() for k in [*keys, *from_env] if k]
+
+
+class ApiKeyMiddleware:
+    """Bearer-key check on every route but /healthz. Keys are compared in constant time and never logged."""
+
+    def __init__(self, app, keys: list[bytes]) -> None:
+        self.app = app
+        self.keys = keys
+
+    def _authorized(self, header: bytes | None) -> bool:
+        if not header:
+            return False
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return False
+        token = token.strip()
+        # Compare with every key (no early exit) so timing says nothing about which key nearly matched.
+        return sum(hmac.compare_digest(token, key) for key in self.keys) > 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys:
+            return await self.app(scope, receive, send)
+        if scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization")
+        if self._authorized(header):
+            return await self.app(scope, receive, send)
+        response = error_response(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+                                  headers={"WWW-Authenticate": 'Bearer realm="imageserve"'})
+        await response(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit: at once from Content-Length, or as soon as a streamed body passes it."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return error_response(413, "request_too_large",
+                              f"request body over the {self.max_bytes / 1e6:g} MB limit")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large()(scope, receive, send)
+        seen = 0
+        state = {"started": False, "refused": False}
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request" and not state["refused"]:
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    state["refused"] = True
+                    if not state["started"]:
+                        await self._too_large()(scope, receive, send)
+                    # The app sees the client leave and stops reading.
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            if not state["refused"]:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+
+def create_api(service: ImageService, api_keys: list[str] | None = None, max_body_bytes: int = 50_000_000,
+               metrics_route: bool = True) -> FastAPI:
     """The FastAPI app over ``service`` (the router replica)."""
     app = FastAPI(
         title="imageserve",
@@ -115,13 +200,19 @@ def create_api(service: ImageService) -> FastAPI:
     async def list_models() -> dict[str, Any]:
         return await service.models()
 
-    @app.get("/metrics", summary="Prometheus metrics of this node (single-node runs)",
-             response_class=PlainTextResponse)
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(await service.metrics_text(), media_type="text/plain; version=0.0.4")
+    if metrics_route:
+        @app.get("/metrics", summary="Prometheus metrics of this node (single-node runs)",
+                 response_class=PlainTextResponse)
+        async def metrics() -> PlainTextResponse:
+            return PlainTextResponse(await service.metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/healthz", summary="Liveness of the HTTP router")
     async def healthz() -> dict[str, Any]:
         return await service.health()
 
+    # Outermost first: the key check runs before anything reads the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    keys = configured_api_keys(api_keys or [])
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
     return app

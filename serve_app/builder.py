@@ -133,7 +133,10 @@ def build_app_from_config(config: AppConfig, loaders: dict[str, Any] | None = No
             )
     if not routes:
         raise ConfigError("no model to serve: list at least one variant under `models:` that fits a pool")
-    return Router.options(num_replicas=config.serving.router_replicas).bind(routes, config_data, unavailable)
+    return Router.options(
+        num_replicas=config.serving.router_replicas,
+        ray_actor_options={"num_cpus": config.serving.router_num_cpus},
+    ).bind(routes, config_data, unavailable)
 
 
 def build_app(args: dict[str, Any]) -> Application:

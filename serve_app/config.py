@@ -98,6 +98,11 @@ class DeploymentOptions(_Section):
         )
 
 
+class LimitsConfig(_Section):
+    max_body_mb: float = Field(default=50.0, gt=0, description="Largest request body (like OpenAI's edit API); 413 past it.")
+    max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="Largest input image, in pixels.")
+
+
 class ServingConfig(_Section):
     app_name: str = Field(default="imageserve", description="Ray Serve application name.")
     host: str = Field(default="127.0.0.1", description="HTTP bind address (imageserve run).")
@@ -111,6 +116,15 @@ class ServingConfig(_Section):
         description="Defaults for every model deployment.",
     )
     router_replicas: int = Field(default=1, ge=1, description="Replicas of the HTTP router (ingress).")
+    router_num_cpus: float = Field(default=1.0, ge=0, description="CPUs each router replica reserves.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    api_keys: list[str] = Field(
+        default_factory=list, repr=False,
+        description="Bearer keys accepted on every route but /healthz (plus IMAGESERVE_API_KEYS, comma-separated).",
+    )
+    metrics_route: bool = Field(
+        default=True, description="Serve /metrics on the public port; false leaves only Ray's metrics export port.",
+    )
 
 
 class PoolConfig(_Section):

@@ -28,6 +28,7 @@ def embedded_config_data(tiny_dir: Path, **serving: Any) -> dict[str, Any]:
         },
         "serving": {
             "torch_threads": 1,
+            "router_num_cpus": 0,  # I/O-bound; on 2 cores a reserved CPU would leave none for more apps
             "deployment": {"num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 32, "num_cpus": 0},
             **serving,
         },

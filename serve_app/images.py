@@ -22,12 +22,17 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, name: st
         raise BadImageError(f"{name} is empty", param="image")
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError:
+        raise BadImageError(
+            f"{name} claims more pixels than can be decoded safely (over the {max_pixels / 1e6:.1f} MP limit)",
+            param="image",
+        ) from None
     except UnidentifiedImageError:
         raise UnsupportedImageTypeError(
             f"{name} is not a PNG, JPEG or WEBP image (the file's bytes decide, not its name or content type)",
             param="image",
         ) from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError) as err:
         raise BadImageError(f"{name} cannot be read: {err}", param="image") from None
     width, height = image.size
     if width * height > max_pixels:

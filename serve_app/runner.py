@@ -39,7 +39,8 @@ class LocalService:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 300, after_ray_init: Callable[[], None] | None = None) -> "LocalService":
+    def start(self, timeout_s: float = 300, after_ray_init: Callable[[], None] | None = None,
+              loaders: dict[str, Any] | None = None) -> "LocalService":
         import ray
         from ray import serve
 
@@ -72,7 +73,7 @@ class LocalService:
             http_options["request_timeout_s"] = self.config.serving.request_timeout_s
         serve.start(http_options=http_options, proxy_location="HeadOnly")
         serve.run(
-            build_app_from_config(self.config),
+            build_app_from_config(self.config, loaders),
             name=self.config.serving.app_name,
             route_prefix=self.config.serving.route_prefix,
             blocking=False,
@@ -80,12 +81,23 @@ class LocalService:
         self._wait_until_running(timeout_s)
         return self
 
-    def _wait_until_running(self, timeout_s: float) -> None:
+    def add_application(self, config: AppConfig, route_prefix: str, loaders: dict[str, Any] | None = None,
+                        timeout_s: float = 300) -> None:
+        """Deploy another imageserve application (its own config) on the same Serve instance."""
+        from ray import serve
+
+        from serve_app.builder import build_app_from_config
+
+        serve.run(build_app_from_config(config, loaders), name=config.serving.app_name, route_prefix=route_prefix,
+                  blocking=False)
+        self._wait_until_running(timeout_s, config.serving.app_name)
+
+    def _wait_until_running(self, timeout_s: float, app_name: str | None = None) -> None:
         from ray import serve
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            app = serve.status().applications.get(self.config.serving.app_name)
+            app = serve.status().applications.get(app_name or self.config.serving.app_name)
             if app is not None and app.status == "RUNNING":
                 return
             if app is not None and app.status == "DEPLOY_FAILED":

@@ -1,8 +1,9 @@
 """Test doubles for what this machine cannot do for real. Used by tests and simulations only.
 
-A CUDA out-of-memory error cannot happen without a GPU, so ``OutOfMemoryOnSmallGPUs`` wraps a real
-loaded pipeline and raises ``torch.OutOfMemoryError`` (the exception class torch raises on a real
-OOM) when the replica's node declares less VRAM than a threshold.
+CUDA errors cannot happen without a GPU, so these wrap a real loaded pipeline and raise what torch
+raises on a GPU: ``OutOfMemoryOnSmallGPUs`` raises ``torch.OutOfMemoryError`` when the replica's
+node declares less VRAM than a threshold (or for a trigger prompt); ``CudaFaultOnPrompt`` raises the
+``RuntimeError("CUDA error: ...")`` of a broken CUDA context for a trigger prompt.
 """
 
 from __future__ import annotations
@@ -38,20 +39,48 @@ class OutOfMemoryOnSmallGPUs:
     def __getattr__(self, name):
         return getattr(self._pipeline, name)
 
-    def _maybe_fail(self) -> None:
+    def _maybe_fail(self, prompt: str = "") -> None:
         self.calls += 1
-        vram = _node_vram_gib()
-        if self.calls > 1 and vram is not None and vram < self.threshold_gib:
+        vram = _node_vram_gib() if self.threshold_gib else None
+        if prompt == OOM_TRIGGER or (self.calls > 1 and vram is not None and vram < self.threshold_gib):
             self.raised += 1
-            raise torch.OutOfMemoryError(f"CUDA out of memory (test double: node has {vram:g} GiB)")
+            where = "trigger prompt" if vram is None else f"node has {vram:g} GiB"
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test double: {where})")
 
-    def generate(self, *args, **kwargs):
-        self._maybe_fail()
-        return self._pipeline.generate(*args, **kwargs)
+    def generate(self, prompt, *args, **kwargs):
+        self._maybe_fail(prompt)
+        return self._pipeline.generate(prompt, *args, **kwargs)
 
-    def edit(self, *args, **kwargs):
-        self._maybe_fail()
-        return self._pipeline.edit(*args, **kwargs)
+    def edit(self, images, prompt, *args, **kwargs):
+        self._maybe_fail(prompt)
+        return self._pipeline.edit(images, prompt, *args, **kwargs)
+
+
+OOM_TRIGGER = "test-double: out of memory"
+CUDA_FAULT_TRIGGER = "test-double: cuda fault"
+
+
+class CudaFaultOnPrompt:
+    """TEST DOUBLE: a real pipeline that raises a CUDA-context error for the prompt ``CUDA_FAULT_TRIGGER``."""
+
+    def __init__(self, pipeline: ImagePipeline) -> None:
+        self._pipeline = pipeline
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+    def generate(self, prompt, *args, **kwargs):
+        if prompt == CUDA_FAULT_TRIGGER:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (test double)")
+        return self._pipeline.generate(prompt, *args, **kwargs)
+
+
+def _load_with_cuda_fault(variant: ModelVariant, config: AppConfig) -> CudaFaultOnPrompt:
+    return CudaFaultOnPrompt(load_pipeline(variant, config))
+
+
+def cuda_fault_loader():
+    return _load_with_cuda_fault
 
 
 def _load_with_oom(variant: ModelVariant, config: AppConfig, threshold_gib: float) -> OutOfMemoryOnSmallGPUs:

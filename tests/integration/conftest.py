@@ -1,4 +1,4 @@
-"""One private local Ray cluster with the embedded default deployed, shared by every integration test."""
+"""One private local Ray cluster with the embedded default deployed, shared by this package's tests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def service(tiny_models):
     from serve_app.embedded import embedded_config
     from serve_app.runner import LocalService
@@ -25,7 +25,7 @@ def service(tiny_models):
         yield running
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def http(service):
     import httpx
 

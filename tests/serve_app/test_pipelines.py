@@ -143,3 +143,20 @@ def test_four_bit_variants_refuse_cpu_before_loading(catalog, tmp_path):
     config = parse_config({"device": {"device": "cpu"}, "models": {"z-image-turbo-svdq-int4-r128": {"source": str(tmp_path)}}})
     with pytest.raises(IncompatibleHardwareError, match="needs a CUDA GPU"):
         load_pipeline(catalog.variant("z-image-turbo-svdq-int4-r128"), config)
+
+
+def test_weights_load_from_safetensors_only(tiny_models, tmp_path, catalog):
+    """A checkpoint with pickle (.bin) weights is refused: no code runs from a weights file."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_models["z-image"], pickled)
+    for weights in (pickled / "transformer").glob("*.safetensors"):
+        torch.save(load_file(weights), weights.with_name("diffusion_pytorch_model.bin"))
+        weights.unlink()
+    config = parse_config({"device": {"device": "cpu"}, "models": {"z-image-turbo": {"source": str(pickled)}}})
+    with pytest.raises(ModelLoadError):
+        load_pipeline(catalog.variant("z-image-turbo"), config)

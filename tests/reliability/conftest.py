@@ -1,0 +1,75 @@
+"""A private service configured to be pushed over: small limits, short timeout, fault doubles, API keys."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+SECRET = "sk-test-7f3c1e0b9a"  # a test key: it must never appear in any log
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="package")
+def reliable(tiny_models):
+    from serve_app.config import parse_config
+    from serve_app.embedded import embedded_config_data
+    from serve_app.runner import LocalService
+    from serve_app.testing import cuda_fault_loader, out_of_memory_loader
+
+    root = next(iter(tiny_models.values())).parent
+    data = embedded_config_data(root)
+    data["serving"].update({
+        "request_timeout_s": 4,
+        "limits": {"max_body_mb": 2, "max_input_pixels": 2048 * 2048},
+    })
+    data["models"]["z-image-turbo"]["deployment"] = {
+        "num_replicas": 2, "max_ongoing_requests": 2, "max_queued_requests": 8, "health_check_period_s": 1,
+    }
+    data["models"]["qwen-image-edit-2511"]["deployment"] = {"max_ongoing_requests": 1, "max_queued_requests": 1}
+    config = parse_config(data, "reliability")
+    service = LocalService(config, port=free_port(), log_to_driver=False)
+    # TEST DOUBLES (no GPU here): a CUDA-context fault and a CUDA OOM, each on a trigger prompt.
+    service.start(loaders={"z-image-turbo": cuda_fault_loader(), "qwen-image-edit-2509": out_of_memory_loader(0)})
+    try:
+        secure = embedded_config_data(root)
+        secure["serving"].update({"app_name": "secure", "api_keys": [SECRET]})
+        secure["models"] = {"z-image-turbo": secure["models"]["z-image-turbo"]}
+        service.add_application(parse_config(secure, "secure"), "/secure")
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="package")
+def api_key() -> str:
+    return SECRET
+
+
+def encode_image(fmt: str = "PNG", size: tuple[int, int] = (32, 32)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="package")
+def encoded():
+    """``encoded(fmt, size)`` -> bytes of a small image in that format."""
+    return encode_image
+
+
+@pytest.fixture(scope="package")
+def http(reliable):
+    import httpx
+
+    with httpx.Client(base_url=reliable.url, timeout=120) as client:
+        yield client

@@ -1,0 +1,124 @@
+"""Faults: OOM, a broken CUDA context, a killed replica, a model that cannot load, redeploys."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def generate(url, prompt="fine", **extra):
+    with httpx.Client(base_url=url, timeout=120) as client:
+        return client.post("/v1/images/generations",
+                           json={"prompt": prompt, "size": "64x64", "num_inference_steps": 2, **extra})
+
+
+def running_replicas(deployment, app="imageserve"):
+    from ray import serve
+
+    return serve.status().applications[app].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def test_out_of_memory_is_503_and_the_same_replica_serves_the_next_request(http, encoded):
+    from serve_app.testing import OOM_TRIGGER
+
+    files = [("image", ("a.png", encoded("PNG"), "image/png"))]
+    data = {"model": "qwen-image-edit-2509", "size": "64x64", "num_inference_steps": "1"}
+    failed = http.post("/v1/images/edits", files=files, data={**data, "prompt": OOM_TRIGGER})
+    assert failed.status_code == 503 and failed.json()["error"]["code"] == "out_of_memory"
+    assert failed.headers["retry-after"]
+    ok = http.post("/v1/images/edits", files=files, data={**data, "prompt": "after the oom"})
+    assert ok.status_code == 200  # one replica: the same one that ran out of memory
+
+
+def test_a_cuda_fault_replaces_the_replica_while_the_other_keeps_serving(reliable):
+    from ray import serve
+
+    from serve_app.testing import CUDA_FAULT_TRIGGER
+
+    handle = serve.get_deployment_handle("gen-z-image-turbo", "imageserve")
+    before = {handle.info.remote().result()["replica"] for _ in range(8)}
+    assert len(before) == 2
+    faulted = generate(reliable.url, CUDA_FAULT_TRIGGER)
+    assert faulted.status_code == 503 and "CUDA fault" in faulted.json()["error"]["message"]
+    deadline = time.monotonic() + 120
+    served = 0
+    while time.monotonic() < deadline:
+        response = generate(reliable.url)  # the healthy replica (or a retry) keeps answering
+        served += response.status_code == 200
+        now = {handle.info.remote().result()["replica"] for _ in range(8)}
+        if len(now - before) >= 1 and running_replicas("gen-z-image-turbo") == 2:
+            break
+        time.sleep(1)
+    assert len(now - before) >= 1, "the faulted replica was not replaced"
+    assert served >= 1
+
+
+def test_a_replica_killed_under_load_loses_under_one_percent(reliable):
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::imageserve#gen-z-image-turbo#")]
+    assert len(names) == 2
+    victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    results = []
+    lock = threading.Lock()
+
+    def one(i):
+        response = generate(reliable.url, f"load {i}")
+        with lock:
+            results.append(response.status_code)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(one, i) for i in range(200)]
+        time.sleep(1.0)
+        ray.kill(victim, no_restart=False)
+        for f in futures:
+            f.result()
+    failures = sum(code != 200 for code in results)
+    assert len(results) == 200 and failures <= 1, results  # < 1%
+    deadline = time.monotonic() + 120
+    while running_replicas("gen-z-image-turbo") < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert running_replicas("gen-z-image-turbo") == 2  # capacity is back
+
+
+def test_a_model_that_cannot_load_fails_its_deployment_with_the_reason(reliable, tmp_path, http):
+    from ray import serve
+
+    from serve_app.builder import build_app_from_config
+    from serve_app.config import parse_config
+
+    config = parse_config({"device": {"device": "cpu"}, "serving": {"app_name": "broken", "warmup": False},
+                           "models": {"z-image-turbo": {"source": str(tmp_path / "missing")}}})
+    # Serve gives up after a bounded number of constructor failures and says so.
+    with pytest.raises(RuntimeError, match="DEPLOY_FAILED|failed"):
+        serve.run(build_app_from_config(config), name="broken", route_prefix="/broken", blocking=False)
+    status = serve.status().applications["broken"]
+    assert status.status == "DEPLOY_FAILED", status
+    assert "does not exist" in str(status.deployments["gen-z-image-turbo"].message)
+    assert http.post("/v1/images/generations", json={"prompt": "other apps serve on", "size": "64x64",
+                                                     "num_inference_steps": 1}).status_code == 200
+    serve.delete("broken")
+
+
+def test_redeploy_lets_in_flight_requests_finish(reliable):
+    from ray import serve
+
+    from serve_app.builder import build_app_from_config
+
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(generate, reliable.url, "in flight", num_inference_steps=60, size="512x512")
+        time.sleep(1.0)
+        # Same app, one more router replica: Serve rolls the deployment; the running request must finish.
+        config = reliable.config.model_copy(deep=True)
+        config.serving.router_replicas = 2
+        from serve_app.testing import cuda_fault_loader, out_of_memory_loader
+
+        serve.run(build_app_from_config(config, {"z-image-turbo": cuda_fault_loader(),
+                                                 "qwen-image-edit-2509": out_of_memory_loader(0)}),
+                  name="imageserve", route_prefix="/", blocking=False)
+        assert in_flight.result(timeout=300).status_code == 200
