@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +26,10 @@ import yaml
 
 from serve_app.catalog import build_catalog
 from serve_app.fleet import node_labels, node_resources
+from serve_app.runner import free_port
 
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def autoscaling_config(pools: list[dict[str, Any]], gcs_address: str, idle_timeout_minutes: float,
@@ -90,7 +84,7 @@ class FakeAutoscalingCluster:
         try:
             self.tmpdir = tempfile.mkdtemp(prefix="isv-autoscale-", dir="/tmp")
             os.makedirs(os.path.join(self.tmpdir, "ray"), exist_ok=True)
-            port = _free_port()
+            port = free_port("")
             self.address = f"{get_node_ip_address()}:{port}"
             config_path = Path(self.tmpdir) / "autoscaling.yaml"
             config_path.write_text(yaml.safe_dump(

@@ -228,11 +228,9 @@ def run_simulation(fleet_path: str | os.PathLike, requests: int, tiny_dir: Path,
     pools = load_fleet(fleet_path)
     config = simulation_config(pools, tiny_dir)
     if not port:
-        import socket
+        from serve_app.runner import free_port
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
     started = time.monotonic()
     with SimulatedFleet(pools) as fleet:
         url = fleet.deploy(config, port)

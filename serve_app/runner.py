@@ -19,6 +19,15 @@ from serve_app.config import AppConfig
 logger = logging.getLogger(__name__)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for private clusters, test servers, Prometheus)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 class LocalService:
     """A local Ray cluster with imageserve deployed on it; use as a context manager."""
 

@@ -18,9 +18,8 @@ OOM_VARIANT = "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"
 
 @pytest.fixture(scope="module")
 def fleet(tiny_models):
-    import socket
-
     from cluster.simulate import SimulatedFleet, load_fleet, simulation_config
+    from serve_app.runner import free_port
     from serve_app.testing import out_of_memory_loader
 
     pools = load_fleet(ROOT / "cluster" / "fleets" / "example.yaml")
@@ -30,9 +29,7 @@ def fleet(tiny_models):
             pool["deployment"] = {"autoscaling": FAST_AUTOSCALING}
             pool["gpus_per_node"] = 8
     config = simulation_config(pools, next(iter(tiny_models.values())).parent)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with SimulatedFleet(pools) as simulated:
         # TEST DOUBLE: the int4 edit variant "runs out of memory" on nodes under 22 GiB (the A4500 pool).
         url = simulated.deploy(config, port, loaders={OOM_VARIANT: out_of_memory_loader(22)})

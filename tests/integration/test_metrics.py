@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from serve_app.runner import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +29,6 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     assert found, f"{name} not found: run `make test`, which unpacks Debian's prometheus into .tools/"
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
+from serve_app.runner import free_port
+
 SECRET = "sk-test-7f3c1e0b9a"  # a test key: it must never appear in any log
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="package")
