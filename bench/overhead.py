@@ -96,6 +96,7 @@ def main() -> int:
     import torch
 
     from serve_app.embedded import embedded_config
+    from serve_app.images import encode_png
     from serve_app.pipelines import load_pipeline
     from serve_app.runner import LocalService
     from serve_app.schemas import GenerateRequest
@@ -110,12 +111,9 @@ def main() -> int:
     def in_process(i: int) -> None:
         pipeline.generate(PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS, seed=max(i, 0))
 
-    from serve_app.images import encode_png
-
     sample_png = encode_png(pipeline.generate(PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS).images[0])
 
     results["in_process"] = {name: measure(in_process, args.requests, c) for name, c in levels.items()}
-    del pipeline
 
     with LocalService(config, port=8123, log_to_driver=False) as service:
         from ray import serve

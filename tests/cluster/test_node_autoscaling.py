@@ -22,7 +22,6 @@ def gpu_nodes(cluster, gpu_class):
 
 
 def test_a_pool_without_nodes_gets_one_on_demand_and_loses_it_when_idle(tiny_models):
-    import httpx
     from ray import serve
 
     from cluster.autoscaling import FakeAutoscalingCluster
