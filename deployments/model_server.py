@@ -19,7 +19,7 @@ from serve_app.errors import (
     RequestCancelledError,
 )
 from serve_app.images import encode_png
-from serve_app.metrics import ReplicaMetrics, shape_label
+from serve_app.metrics import ReplicaMetrics, host_rss_bytes, shape_label
 from serve_app.pipelines import GenerationCancelled, ImagePipeline, PipelineResult, load_pipeline
 from serve_app.planner import estimate_vram, plan
 from serve_app.schemas import ImageResult
@@ -110,6 +110,7 @@ class ModelServer:
         self.pool = pool
         self._unhealthy: str | None = None
         self.last_cancelled: str | None = None
+        self.warmup_seconds: float | None = None
         self.node_gpu = _node_gpu_class(catalog)
         pool_gpu = catalog.gpu(pool["gpu_class"]) if pool else None
         if pool_gpu is not None:
@@ -137,7 +138,8 @@ class ModelServer:
         elif self.config.serving.warmup:
             started = time.perf_counter()
             self._warmup()
-            logger.info("%s warmed up in %.2fs", variant_id, time.perf_counter() - started)
+            self.warmup_seconds = time.perf_counter() - started
+            logger.info("%s warmed up in %.2fs", variant_id, self.warmup_seconds)
 
     def _warmup(self) -> None:
         raise NotImplementedError
@@ -159,6 +161,8 @@ class ModelServer:
             "torch_dtype": self.pipeline.torch_dtype,
             "offload_mode": self.pipeline.offload_mode,
             "load_seconds": self.pipeline.load_seconds,
+            "warmup_seconds": self.warmup_seconds,
+            "host_rss_bytes": host_rss_bytes(),
             "planned_peak_vram_gib": self.pipeline.planned_peak_gib,
             "pool": self.pool,
             "node_gpu_class": self.node_gpu.id if self.node_gpu else None,

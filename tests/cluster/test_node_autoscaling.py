@@ -22,17 +22,20 @@ def gpu_nodes(cluster, gpu_class):
 
 
 def test_a_pool_without_nodes_gets_one_on_demand_and_loses_it_when_idle(tiny_models):
+    import httpx
     from ray import serve
 
     from cluster.autoscaling import FakeAutoscalingCluster
     from cluster.simulate import _png, simulation_config
     from serve_app.builder import build_app_from_config
+    from serve_app.runner import free_port
 
     config = simulation_config(POOLS, next(iter(tiny_models.values())).parent,
                                models=["z-image-turbo", "qwen-image-edit-2511"])
     with FakeAutoscalingCluster(POOLS, idle_timeout_minutes=0.1) as cluster:
         assert gpu_nodes(cluster, "a100-80g") == []
-        serve.start(http_options={"host": "127.0.0.1", "port": 0}, proxy_location="HeadOnly")
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         serve.run(build_app_from_config(config), name="imageserve", route_prefix="/", blocking=False)
         deadline = time.monotonic() + 180
         while serve.status().applications["imageserve"].status != "RUNNING":
@@ -40,12 +43,15 @@ def test_a_pool_without_nodes_gets_one_on_demand_and_loses_it_when_idle(tiny_mod
             time.sleep(1)
         assert len(gpu_nodes(cluster, "a100-80g")) == 1
 
-        handle = serve.get_app_handle("imageserve")
-        from serve_app.schemas import EditRequest
-
-        result = handle.edit.remote(EditRequest(prompt="x", images=[_png((1, 2, 3))], size="64x64",
-                                                num_inference_steps=2)).result()
-        assert (result.variant, result.pool, result.node_gpu_class) == ("qwen-image-edit-2511", "a100", "a100-80g")
+        # Over HTTP, not a driver handle: Serve's process-wide handle thread outlives this cluster and
+        # would stop pushing the handle metrics that a later cluster's autoscaling tests rely on.
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/images/edits", timeout=120,
+                              files=[("image", ("a.png", _png((1, 2, 3)), "image/png"))],
+                              data={"model": "qwen-image-edit-2511", "prompt": "x", "size": "64x64",
+                                    "num_inference_steps": "2"})
+        body = response.json()
+        assert response.status_code == 200, body
+        assert (body["model"], body["pool"], body["gpu_class"]) == ("qwen-image-edit-2511", "a100", "a100-80g")
 
         serve.delete("imageserve")
         deadline = time.monotonic() + 90

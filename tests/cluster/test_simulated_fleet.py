@@ -73,10 +73,20 @@ def test_out_of_memory_is_retried_once_on_a_larger_gpu(fleet):
     assert all(b["pool"] != "a4500" for b in bodies)
 
 
-def _running(deployment: str) -> int:
+def _states(deployment: str) -> dict:
     from ray import serve
 
-    return serve.status().applications["imageserve"].deployments[deployment].replica_states.get("RUNNING", 0)
+    return dict(serve.status().applications["imageserve"].deployments[deployment].replica_states)
+
+
+def _running(deployment: str) -> int:
+    return _states(deployment).get("RUNNING", 0)
+
+
+def _up(deployment: str) -> int:
+    """Replicas the autoscaler has asked for and that are starting or serving."""
+    states = _states(deployment)
+    return states.get("RUNNING", 0) + states.get("STARTING", 0)
 
 
 def test_replicas_scale_up_under_load_and_back_down(fleet):
@@ -102,16 +112,16 @@ def test_replicas_scale_up_under_load_and_back_down(fleet):
     loader.start()
     try:
         deadline = time.monotonic() + 240  # a new replica imports torch and loads its pipeline first
-        while time.monotonic() < deadline and _running(deployment) < 2:
+        while time.monotonic() < deadline and _up(deployment) < 2:
             time.sleep(1)
-        assert _running(deployment) == 2
+        assert _up(deployment) == 2, _states(deployment)
     finally:
         stop.set()
         loader.join(120)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and _running(deployment) > 1:
+    while time.monotonic() < deadline and _up(deployment) > 1:
         time.sleep(1)
-    assert _running(deployment) == 1
+    assert _up(deployment) == 1 and _running(deployment) == 1, _states(deployment)
 
 
 def test_cluster_sim_command_end_to_end(tiny_models, tmp_path):
