@@ -13,7 +13,6 @@ of the ``fake_multinode`` type.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import yaml
 
 from serve_app.catalog import build_catalog
 from serve_app.fleet import node_labels, node_resources
-from serve_app.runner import free_port
+from serve_app.runner import PrivateRayCluster, free_port
 
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
@@ -66,11 +65,13 @@ def autoscaling_config(pools: list[dict[str, Any]], gcs_address: str, idle_timeo
     }
 
 
-class FakeAutoscalingCluster:
+class FakeAutoscalingCluster(PrivateRayCluster):
     """A private Ray cluster whose GPU nodes come and go with demand; use as a context manager."""
 
-    def __init__(self, pools: list[dict[str, Any]], idle_timeout_minutes: float = 0.1, head_cpus: int = 2) -> None:
+    def __init__(self, pools: list[dict[str, Any]], idle_timeout_minutes: float = 0.1, head_cpus: int = 2,
+                 grace_s: float = 15) -> None:
         self.pools = pools
+        self.grace_s = grace_s
         self.idle_timeout_minutes = idle_timeout_minutes
         self.head_cpus = head_cpus
         self.tmpdir: str | None = None
@@ -121,34 +122,18 @@ class FakeAutoscalingCluster:
 
         return [n for n in ray.nodes() if n["Alive"]]
 
-    def stop(self, grace_s: float = 15) -> None:
-        import ray
-        from ray import serve
-
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
-        ray.shutdown()
-        if self.head is not None and self.head.poll() is None:
-            # The head, its GCS, the autoscaler and the nodes it launched share this process group.
+    def _stop_processes(self) -> None:
+        if self.head is None:
+            return
+        # The head, its GCS, the autoscaler and the nodes it launched share this process group.
+        if self.head.poll() is None:
             os.killpg(self.head.pid, signal.SIGTERM)
             try:
-                self.head.wait(grace_s)
+                self.head.wait(self.grace_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.head.pid, signal.SIGKILL)
                 self.head.wait(10)
-        if self.head is not None:
-            try:
-                os.killpg(self.head.pid, signal.SIGKILL)  # stragglers of our group, if any
-            except ProcessLookupError:
-                pass
-        if self.tmpdir:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self) -> "FakeAutoscalingCluster":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        try:
+            os.killpg(self.head.pid, signal.SIGKILL)  # stragglers of our group, if any
+        except ProcessLookupError:
+            pass

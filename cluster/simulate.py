@@ -9,7 +9,6 @@ run their tiny stand-in without nunchaku (``simulate_without_nunchaku``), since 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ import yaml
 from serve_app.config import AppConfig, parse_config
 from serve_app.embedded import TINY_EDIT_AREAS, embedded_config_data
 from serve_app.fleet import node_labels, node_resources
+from serve_app.runner import PrivateRayCluster
 
 TINY_SOURCE = {
     "z-image-turbo": "z-image",
@@ -69,7 +69,7 @@ def simulation_config(pools: list[dict[str, Any]], tiny_dir: Path, models: list[
     return parse_config(data, "simulated fleet")
 
 
-class SimulatedFleet:
+class SimulatedFleet(PrivateRayCluster):
     """Head node (no GPU) + one raylet per fleet node with fake GPUs, markers and labels."""
 
     def __init__(self, pools: list[dict[str, Any]], head_cpus: int = 2) -> None:
@@ -132,29 +132,10 @@ class SimulatedFleet:
             time.sleep(1)
         raise TimeoutError("the simulated fleet's application did not become RUNNING")
 
-    def stop(self) -> None:
-        import ray
-        from ray import serve
-
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        except Exception:  # noqa: BLE001 - tear the cluster down regardless
-            pass
-        try:
-            ray.shutdown()
-            if self.cluster is not None:
-                self.cluster.shutdown()
-        finally:
+    def _stop_processes(self) -> None:
+        if self.cluster is not None:
+            self.cluster.shutdown()
             self.cluster = None
-            if self.tmpdir:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self) -> "SimulatedFleet":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 def _png(color: tuple[int, int, int]) -> bytes:

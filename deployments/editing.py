@@ -21,23 +21,10 @@ class EditServer(ModelServer):
 
     async def edit(self, request: EditRequest, width: int, height: int) -> ImageResult:
         """Run one edit request whose size and images the router has already checked."""
-        steps = request.num_inference_steps or self.variant.defaults.num_inference_steps
 
-        def work(should_stop):
+        def call(**common):
             limit = self.config.serving.limits.max_input_pixels
             images = [decode_image(data, limit, name=f"image {i + 1}") for i, data in enumerate(request.images)]
-            result = self.pipeline.edit(
-                images,
-                request.prompt,
-                n=request.n,
-                width=width,
-                height=height,
-                num_inference_steps=steps,
-                true_cfg_scale=request.true_cfg_scale,
-                negative_prompt=request.negative_prompt,
-                seed=request.seed,
-                should_stop=should_stop,
-            )
-            return self._result(result, width, height, steps)
+            return self.pipeline.edit(images, true_cfg_scale=request.true_cfg_scale, **common)
 
-        return await self._run(work, (width, height, len(request.images)))
+        return await self._serve(request, width, height, len(request.images), call)

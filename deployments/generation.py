@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from ray import serve
 
 from deployments.model_server import ModelServer
@@ -18,20 +20,5 @@ class GenerationServer(ModelServer):
 
     async def generate(self, request: GenerateRequest, width: int, height: int) -> ImageResult:
         """Run one generation request whose size the router has already resolved and checked."""
-        steps = request.num_inference_steps or self.variant.defaults.num_inference_steps
-
-        def work(should_stop):
-            result = self.pipeline.generate(
-                request.prompt,
-                n=request.n,
-                width=width,
-                height=height,
-                num_inference_steps=steps,
-                guidance_scale=request.guidance_scale,
-                negative_prompt=request.negative_prompt,
-                seed=request.seed,
-                should_stop=should_stop,
-            )
-            return self._result(result, width, height, steps)
-
-        return await self._run(work, (width, height, 0))
+        return await self._serve(request, width, height, 0, functools.partial(
+            self.pipeline.generate, guidance_scale=request.guidance_scale))

@@ -238,6 +238,23 @@ class ModelServer:
             )
         return err
 
+    async def _serve(self, request, width: int, height: int, input_images: int,
+                     call: Callable[..., PipelineResult]) -> ImageResult:
+        """Run ``call(**common_kwargs)`` (the pipeline's generate or edit) off the event loop.
+
+        ``common_kwargs`` are the arguments both tasks share: prompt, n, size, steps (the variant's
+        default when the request has none), negative prompt, seed and the cancellation poll.
+        """
+        steps = request.num_inference_steps or self.variant.defaults.num_inference_steps
+
+        def work(should_stop):
+            result = call(prompt=request.prompt, n=request.n, width=width, height=height,
+                          num_inference_steps=steps, negative_prompt=request.negative_prompt,
+                          seed=request.seed, should_stop=should_stop)
+            return self._result(result, width, height, steps)
+
+        return await self._run(work, (width, height, input_images))
+
     def _result(self, result: PipelineResult, width: int, height: int, steps: int) -> ImageResult:
         return ImageResult(
             variant=self.variant.id,

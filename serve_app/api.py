@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.errors import ImageServeError, InternalError
+from serve_app.errors import ImageServeError, InternalError, error_type
 from serve_app.schemas import EditRequest, GenerateRequest, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ class ImageService(Protocol):
 
 def error_response(status: int, code: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"code": code, "message": message, "param": param, "type": kind}},
+    return JSONResponse({"error": {"code": code, "message": message, "param": param, "type": error_type(status)}},
                         status_code=status, headers=headers)
 
 

@@ -7,10 +7,15 @@ The same classes reach Python handle callers (as raised exceptions) and HTTP cal
 from __future__ import annotations
 
 
+def error_type(status_code: int) -> str:
+    """OpenAI's error ``type``: the caller's fault below 500, the server's from 500 on."""
+    return "invalid_request_error" if status_code < 500 else "server_error"
+
+
 class ImageServeError(Exception):
     status_code = 500
     code = "internal_error"
-    type = "server_error"
+    type: str | None = None  # set only where the status code alone would mislead
 
     def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
@@ -19,7 +24,8 @@ class ImageServeError(Exception):
         self.retry_after_s = retry_after_s
 
     def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message, "param": self.param, "type": self.type}}
+        return {"error": {"code": self.code, "message": self.message, "param": self.param,
+                          "type": self.type or error_type(self.status_code)}}
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
@@ -36,13 +42,11 @@ def _rebuild(cls, message, param, retry_after_s):
 class InvalidRequestError(ImageServeError):
     status_code = 422
     code = "invalid_request"
-    type = "invalid_request_error"
 
 
 class BadImageError(ImageServeError):
     status_code = 400
     code = "invalid_image"
-    type = "invalid_request_error"
 
 
 class UnsupportedImageTypeError(BadImageError):
@@ -53,7 +57,6 @@ class UnsupportedImageTypeError(BadImageError):
 class ModelNotFoundError(ImageServeError):
     status_code = 404
     code = "model_not_found"
-    type = "invalid_request_error"
 
 
 class ModelUnavailableError(ImageServeError):
@@ -61,13 +64,12 @@ class ModelUnavailableError(ImageServeError):
 
     status_code = 503
     code = "model_unavailable"
-    type = "server_error"
 
 
 class OverloadedError(ImageServeError):
     status_code = 429
     code = "overloaded"
-    type = "server_error"
+    type = "server_error"  # a 4xx, but not the caller's doing
 
 
 class RequestCancelledError(ImageServeError):
@@ -81,7 +83,6 @@ class InternalError(ImageServeError):
 
     status_code = 503
     code = "internal_error"
-    type = "server_error"
 
 
 class ReplicaOutOfMemoryError(ImageServeError):
@@ -89,4 +90,3 @@ class ReplicaOutOfMemoryError(ImageServeError):
 
     status_code = 503
     code = "out_of_memory"
-    type = "server_error"

@@ -28,7 +28,46 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-class LocalService:
+class PrivateRayCluster:
+    """Base of every Ray cluster this project starts for itself (service, simulated fleet, autoscaler).
+
+    One teardown order for all of them: Serve, then this driver's Ray connection, then whatever
+    processes the cluster owns (``_stop_processes``), then its private ``RAY_TMPDIR``. A failing step
+    does not keep the later ones from running.
+    """
+
+    tmpdir: str | None = None
+
+    def start(self) -> "PrivateRayCluster":
+        raise NotImplementedError
+
+    def _stop_processes(self) -> None:
+        """Stop the processes this cluster started itself (after Ray is disconnected)."""
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            try:
+                if ray.is_initialized():
+                    serve.shutdown()
+            except Exception:  # noqa: BLE001 - tear the cluster down regardless
+                logger.warning("serve.shutdown failed; shutting Ray down anyway", exc_info=True)
+            ray.shutdown()
+            self._stop_processes()
+        finally:
+            if self.tmpdir:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class LocalService(PrivateRayCluster):
     """A local Ray cluster with imageserve deployed on it; use as a context manager."""
 
     def __init__(self, config: AppConfig, host: str | None = None, port: int | None = None,
@@ -115,24 +154,9 @@ class LocalService:
         raise TimeoutError(f"imageserve was not RUNNING after {timeout_s}s")
 
     def stop(self) -> None:
-        if not self.started:
-            return
-        import ray
-        from ray import serve
-
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        if self.started:
             self.started = False
-            if self.tmpdir:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self) -> "LocalService":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+            super().stop()
 
 
 def example_requests(url: str) -> str:
