@@ -24,8 +24,8 @@ def fleet(tiny_models):
 
     pools = load_fleet(ROOT / "cluster" / "fleets" / "example.yaml")
     for pool in pools:
-        if pool["name"] == "a4500":
-            # Room for every a4500 deployment to reach max_replicas at once.
+        if pool["name"] == "rtx5090":
+            # Room for every rtx5090 deployment to reach max_replicas at once.
             pool["deployment"] = {"autoscaling": FAST_AUTOSCALING}
             pool["gpus_per_node"] = 8
     config = simulation_config(pools, next(iter(tiny_models.values())).parent)
@@ -90,26 +90,29 @@ def _up(deployment: str) -> int:
 
 
 def test_replicas_scale_up_under_load_and_back_down(fleet):
+    """Load over HTTP on the fp4 variant, which only the rtx5090 pool serves, so one deployment takes it.
+
+    Over HTTP, not a driver handle: Serve's process-wide driver-handle state outlives the earlier
+    clusters of this test process and did not reliably report load to this cluster's autoscaler.
+    """
     import threading
 
-    from ray import serve
+    import httpx
 
-    from serve_app.schemas import GenerateRequest
-
-    deployment = "gen-z-image-turbo@a4500"
-    handle = serve.get_deployment_handle(deployment, "imageserve")
+    url, _ = fleet
+    deployment = "gen-z-image-turbo-svdq-fp4-r32@rtx5090"
     assert _running(deployment) == 1
-    request = GenerateRequest(prompt="load", num_inference_steps=4)
     stop = threading.Event()
 
-    def load():
-        # Steady load until told to stop: a pause longer than downscale_delay_s would undo the upscale.
-        with ThreadPoolExecutor(12) as pool:
+    def client():
+        with httpx.Client(base_url=url, timeout=120) as http:
             while not stop.is_set():
-                list(pool.map(lambda _: handle.generate.remote(request, 64, 64).result(), range(24)))
+                http.post("/v1/images/generations", json={"model": "z-image-turbo-svdq-fp4-r32", "prompt": "load",
+                                                          "size": "64x64", "num_inference_steps": 4})
 
-    loader = threading.Thread(target=load, daemon=True)
-    loader.start()
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(12)]
+    for t in clients:
+        t.start()
     try:
         deadline = time.monotonic() + 240  # a new replica imports torch and loads its pipeline first
         while time.monotonic() < deadline and _up(deployment) < 2:
@@ -117,7 +120,8 @@ def test_replicas_scale_up_under_load_and_back_down(fleet):
         assert _up(deployment) == 2, _states(deployment)
     finally:
         stop.set()
-        loader.join(120)
+        for t in clients:
+            t.join(120)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and _up(deployment) > 1:
         time.sleep(1)
