@@ -11,47 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import measure  # noqa: E402
+
 PROMPT = "a lighthouse at dusk"
 SIZE = 64
 STEPS = 2
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def measure(call: Callable[[int], None], requests: int, concurrency: int) -> dict[str, float]:
-    call(-1)  # one untimed call: connection set-up, first-call caches
-    latencies: list[float] = []
-
-    def timed(i: int) -> None:
-        start = time.perf_counter()
-        call(i)
-        latencies.append((time.perf_counter() - start) * 1000)
-
-    wall = time.perf_counter()
-    if concurrency == 1:
-        for i in range(requests):
-            timed(i)
-    else:
-        with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(timed, range(requests)))
-    wall = time.perf_counter() - wall
-    return {"p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(percentile(latencies, 99), 2),
-            "requests_per_s": round(requests / wall, 2), "requests": requests}
 
 
 def deploy_serve_floor(png: bytes, prefix: str = "/floor") -> None:
@@ -108,12 +80,17 @@ def main() -> int:
     results: dict[str, dict[str, dict[str, float]]] = {}
     levels = {"sequential": 1, f"concurrent_{args.concurrency}": args.concurrency}
 
+    def summary(call, concurrency: int) -> dict:
+        row = measure(call, args.requests, concurrency)
+        row.pop("outcomes")
+        return row
+
     def in_process(i: int) -> None:
         pipeline.generate(PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS, seed=max(i, 0))
 
     sample_png = encode_png(pipeline.generate(PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS).images[0])
 
-    results["in_process"] = {name: measure(in_process, args.requests, c) for name, c in levels.items()}
+    results["in_process"] = {name: summary(in_process, c) for name, c in levels.items()}
 
     with LocalService(config, port=8123, log_to_driver=False) as service:
         from ray import serve
@@ -124,7 +101,7 @@ def main() -> int:
             request = GenerateRequest(prompt=PROMPT, size=f"{SIZE}x{SIZE}", num_inference_steps=STEPS, seed=max(i, 0))
             handle.generate.remote(request).result()
 
-        results["handle"] = {name: measure(through_handle, args.requests, c) for name, c in levels.items()}
+        results["handle"] = {name: summary(through_handle, c) for name, c in levels.items()}
 
         with httpx.Client(base_url=service.url, timeout=300, limits=httpx.Limits(max_connections=64)) as client:
             def over_http(i: int) -> None:
@@ -132,7 +109,7 @@ def main() -> int:
                     "prompt": PROMPT, "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS, "seed": max(i, 0)})
                 response.raise_for_status()
 
-            results["http"] = {name: measure(over_http, args.requests, c) for name, c in levels.items()}
+            results["http"] = {name: summary(over_http, c) for name, c in levels.items()}
 
             deploy_serve_floor(sample_png)
 
@@ -141,7 +118,7 @@ def main() -> int:
                     "prompt": PROMPT, "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS, "seed": max(i, 0)})
                 response.raise_for_status()
 
-            floor = {name: measure(serve_floor, args.requests, c) for name, c in levels.items()}
+            floor = {name: summary(serve_floor, c) for name, c in levels.items()}
 
     ratios = {
         path: {level: {"p50": round(results[path][level]["p50_ms"] / results["in_process"][level]["p50_ms"], 2),

@@ -118,7 +118,7 @@ class ModelServer:
         # Whether the planner says this variant fits the GPU the replica really got.
         self.fits_node = None if self.node_gpu is None else plan(
             self.variant, self.node_gpu, self.config.defaults.width, self.config.defaults.height,
-            settings=self.config.device.planner).fits
+            settings=self.config.device.planner, batch_size=self.config.batch_size(variant_id)).fits
         if self.variant.task != self.task:
             raise ValueError(f"{variant_id} is a {self.variant.task} variant, not {self.task}")
         if self.config.serving.torch_threads:
@@ -171,37 +171,51 @@ class ModelServer:
             "last_cancelled": self.last_cancelled,
         }
 
-    def _measured(self, work: Callable[..., ImageResult], should_stop, shape: tuple[int, int, int],
-                  entered: float) -> ImageResult:
-        """Run ``work`` in the worker thread and record its stages, queue wait and memory peak."""
+    def _measured(self, work: Callable[..., list[ImageResult]], should_stop, shape: tuple[int, int, int],
+                  entered: list[float]) -> list[ImageResult]:
+        """Run ``work`` (one pipeline call answering ``len(entered)`` requests) in the worker thread and
+        record its stages, each request's queue wait and the memory peak."""
         import torch
 
-        queue_s = time.perf_counter() - entered
+        started = time.perf_counter()
         cuda = self.pipeline.device == "cuda" and torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        result = work(should_stop)
+        results = work(should_stop)
         width, height, images = shape
+        # Generation puts every image of a call in the batch dimension; editing runs one per call.
+        call_batch = sum(len(r.images) for r in results) if self.task == "generate" else 1
         planned = estimate_vram(self.variant, self.pipeline.offload_mode, width, height, images,
-                                self.pipeline.torch_dtype, self.config.device.planner).peak_gib
+                                self.pipeline.torch_dtype, self.config.device.planner, call_batch).peak_gib
         self.metrics.vram_peak(shape_label(width, height, images), planned,
                                torch.cuda.max_memory_allocated() if cuda else None)
-        self.metrics.observe(result.timings, queue_s, result.num_inference_steps, len(result.images))
-        result.timings["queue_s"] = round(queue_s, 4)
-        return result
+        if self.task == "generate":
+            self.metrics.pipeline_call(call_batch)
+        for result, arrived in zip(results, entered):
+            queue_s = started - arrived
+            self.metrics.observe(result.timings, queue_s, result.num_inference_steps, call_batch)
+            result.timings["queue_s"] = round(queue_s, 4)
+            result.batch_images = call_batch
+        return results
 
-    async def _run(self, work: Callable[..., ImageResult], shape: tuple[int, int, int]) -> ImageResult:
-        """Run blocking pipeline work in the worker thread; cancellation stops it between steps."""
+    def _check_serving(self) -> None:
         if self._unhealthy is not None:
             self.metrics.failed()
             raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
+
+    def _submit(self, work: Callable[..., list[ImageResult]], should_stop: Callable[[], bool],
+                shape: tuple[int, int, int], entered: list[float]) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(self._measured, work, should_stop, shape, entered))
+
+    async def _run(self, work: Callable[..., list[ImageResult]], shape: tuple[int, int, int]) -> ImageResult:
+        """Run one request's blocking pipeline work in the worker thread; cancellation stops it between steps."""
+        self._check_serving()
         stop = threading.Event()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(
-            self._executor, functools.partial(self._measured, work, stop.is_set, shape, time.perf_counter()))
+        future = self._submit(work, stop.is_set, shape, [time.perf_counter()])
         try:
             # shield: a cancelled caller must not abandon the thread mid-step; we tell it to stop.
-            return await asyncio.shield(future)
+            return (await asyncio.shield(future))[0]
         except asyncio.CancelledError:
             stop.set()
             self.metrics.failed()
@@ -238,6 +252,9 @@ class ModelServer:
             )
         return err
 
+    def _steps(self, request) -> int:
+        return request.num_inference_steps or self.variant.defaults.num_inference_steps
+
     async def _serve(self, request, width: int, height: int, input_images: int,
                      call: Callable[..., PipelineResult]) -> ImageResult:
         """Run ``call(**common_kwargs)`` (the pipeline's generate or edit) off the event loop.
@@ -245,13 +262,13 @@ class ModelServer:
         ``common_kwargs`` are the arguments both tasks share: prompt, n, size, steps (the variant's
         default when the request has none), negative prompt, seed and the cancellation poll.
         """
-        steps = request.num_inference_steps or self.variant.defaults.num_inference_steps
+        steps = self._steps(request)
 
         def work(should_stop):
             result = call(prompt=request.prompt, n=request.n, width=width, height=height,
                           num_inference_steps=steps, negative_prompt=request.negative_prompt,
                           seed=request.seed, should_stop=should_stop)
-            return self._result(result, width, height, steps)
+            return [self._result(result, width, height, steps)]
 
         return await self._run(work, (width, height, input_images))
 

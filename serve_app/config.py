@@ -147,6 +147,27 @@ class PoolConfig(_Section):
     gpus_per_node: int = Field(default=1, ge=1, description="Cluster configs and simulation: GPUs per node.")
 
 
+AttentionBackend = Literal["native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn",
+                           "flash", "sage", "xformers"]
+
+
+class OptimizationConfig(_Section):
+    """Speed options for one model; bench/gpu_fullsize.py measures each against the default."""
+
+    attention_backend: AttentionBackend | None = Field(
+        default=None,
+        description="diffusers attention backend of the transformer (torch SDPA's choice when null); "
+                    "'_native_*' pin one SDPA kernel, 'flash'/'sage'/'xformers' need those packages.",
+    )
+    compile_transformer: bool = Field(
+        default=False, description="torch.compile the transformer at load (slower start; warm-up compiles).",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        default="default", description="torch.compile mode when compile_transformer is true.",
+    )
+    vae_channels_last: bool = Field(default=False, description="Run the VAE in channels-last memory format.")
+
+
 class ModelConfig(_Section):
     enabled: bool = Field(default=True, description="Load and serve this variant.")
     source: str | None = Field(
@@ -170,6 +191,15 @@ class ModelConfig(_Section):
         description="Edit only: pixel area each input image is resized to for the vision encoder (default 384*384).",
     )
     deployment: DeploymentOptions | None = Field(default=None, description="Per-model Ray Serve options.")
+    max_batch_size: int = Field(
+        default=1, ge=1, le=64,
+        description="Generation only: up to this many images run in one pipeline call when requests of the same "
+                    "size, steps and guidance wait together (Ray Serve batching); 1 turns batching off.",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0, le=1, description="How long the first request of a batch waits for others to join.",
+    )
+    optimizations: OptimizationConfig = Field(default_factory=OptimizationConfig)
     simulate_without_nunchaku: bool = Field(
         default=False,
         description="Simulation only: on a machine without CUDA, run a 4-bit variant's pipeline from `source` "
@@ -226,6 +256,10 @@ class AppConfig(_Section):
             unknown_variants = [v for v in pool.variants or [] if v not in known]
             if unknown_variants:
                 raise ValueError(f"pools.{pool.name}.variants: unknown {unknown_variants}")
+        for model_id, model in self.models.items():
+            if model.max_batch_size > 1 and known[model_id].task != "generate":
+                raise ValueError(f"models.{model_id}.max_batch_size: the edit pipeline takes one image set per "
+                                 "call; batching is for generation variants")
         if self.load is not None:
             not_listed = [m for m in self.load if m not in self.models]
             if not_listed:
@@ -240,12 +274,24 @@ class AppConfig(_Section):
         return [m for m in names if self.models[m].enabled]
 
     def deployment_options(self, model_id: str, pool: PoolConfig | None = None) -> DeploymentOptions:
-        """serving.deployment, then the pool's options, then the model's: later wins."""
+        """serving.deployment, then the pool's options, then the model's: later wins.
+
+        A batching model gets at least two batches of ongoing requests per replica: one running and
+        one filling (with only one, Serve hands the replica nothing while a batch runs).
+        """
         options = self.serving.deployment
         for layer in (pool.deployment if pool else None, self.models[model_id].deployment):
             if layer is not None:
                 options = layer.merged_over(options)
+        batch = self.batch_size(model_id)
+        if batch > 1 and (options.max_ongoing_requests or 0) < 2 * batch:
+            options = options.model_copy(update={"max_ongoing_requests": 2 * batch})
         return options
+
+    def batch_size(self, model_id: str) -> int:
+        """Images per pipeline call the planner must allow for (1 unless batching is on)."""
+        model = self.models.get(model_id)
+        return model.max_batch_size if model else 1
 
     def offload_mode_for(self, model_id: str) -> OffloadMode | None:
         override = self.models[model_id].offload_mode

@@ -59,7 +59,8 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
             verdicts.append({"variant": v.id, "serves": ok, "mode": "cpu" if ok else None,
                              "reason": None if ok else "4-bit (nunchaku) variants need a CUDA GPU"})
             continue
-        p = plan(v, local.gpu_class, config.defaults.width, config.defaults.height, settings=config.device.planner)
+        p = plan(v, local.gpu_class, config.defaults.width, config.defaults.height, settings=config.device.planner,
+                 batch_size=config.batch_size(v.id))
         reason = p.reason
         serves = p.fits
         if serves and v.requires_nunchaku and not nunchaku_ok:

@@ -87,7 +87,7 @@ def place(config: AppConfig, catalog: Catalog | None = None) -> tuple[list[Place
                 continue
             modes = allowed_modes(pool, config.offload_mode_for(model_id))
             verdict = plan(variant, gpu, config.defaults.width, config.defaults.height, modes=modes,
-                           settings=config.device.planner)
+                           settings=config.device.planner, batch_size=config.batch_size(model_id))
             if verdict.fits:
                 seconds = estimate_seconds(variant, gpu, verdict.mode, config.defaults.width, config.defaults.height,
                                            settings=config.device.planner).total_s

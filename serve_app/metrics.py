@@ -15,6 +15,7 @@ import threading
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600]
 STEP_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 STAGES = ("queue", "text_encode", "vae_encode", "denoise", "vae_decode", "total")
 ERROR_REASONS = ("bad_input", "oom", "timeout", "cancelled", "backpressure", "unavailable", "internal")
 MEMORY_PERIOD_S = 5.0
@@ -45,6 +46,8 @@ class ReplicaMetrics:
                               boundaries=STEP_BUCKETS, tag_keys=keys)
         self.requests = Counter("imageserve_requests_total", "Requests by outcome.", tag_keys=keys + ("status",))
         self.images = Counter("imageserve_images_total", "Images made.", tag_keys=keys)
+        self.batch_images = Histogram("imageserve_batch_images", "Images per generation pipeline call.",
+                                      boundaries=BATCH_BUCKETS, tag_keys=keys)
         self.load_seconds = Gauge("imageserve_model_load_seconds", "Seconds the pipeline took to load.", tag_keys=keys)
         self.rss = Gauge("imageserve_host_rss_bytes", "Resident host memory of the replica.", tag_keys=keys)
         self.info = Gauge("imageserve_replica_info", "1 per replica; device says whether GPU series exist.",
@@ -72,6 +75,9 @@ class ReplicaMetrics:
             self.step.observe(timings["denoise_s"] / steps / max(images, 1), tags=self.tags)
         self.requests.inc(tags={**self.tags, "status": "ok"})
         self.images.inc(images, tags=self.tags)
+
+    def pipeline_call(self, images: int) -> None:
+        self.batch_images.observe(images, tags=self.tags)
 
     def failed(self) -> None:
         self.requests.inc(tags={**self.tags, "status": "error"})

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from serve_app.catalog import GPUClass, ModelVariant
-from serve_app.config import AppConfig, HFConfig, ModelConfig
+from serve_app.config import AppConfig, HFConfig, ModelConfig, OptimizationConfig
 from serve_app.planner import OffloadMode, architecture_problem, plan
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,41 @@ def _apply_offload(pipe, mode: OffloadMode, device: str, nunchaku_transformer: b
     pipe.enable_sequential_cpu_offload()
 
 
+def set_channels_last(module: torch.nn.Module, enabled: bool = True) -> None:
+    """Put every convolution's weights of ``module`` in channels-last format (or back).
+
+    Per convolution, because the Qwen-Image VAE mixes Conv3d (5-D, channels_last_3d) and 2-D layers.
+    """
+    for conv in module.modules():
+        if isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            if not enabled:
+                fmt = torch.contiguous_format
+            else:
+                fmt = torch.channels_last_3d if isinstance(conv, torch.nn.Conv3d) else torch.channels_last
+            conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
+
+
+def apply_optimizations(pipe, options: OptimizationConfig) -> list[str]:
+    """Apply the configured speed options to a loaded pipeline; returns what was applied.
+
+    bench/gpu_fullsize.py measures each option against the default on a GPU.
+    """
+    applied = []
+    if options.attention_backend is not None:
+        try:
+            pipe.transformer.set_attention_backend(options.attention_backend)
+        except (AttributeError, ImportError, RuntimeError, ValueError) as err:
+            raise ModelLoadError(f"attention_backend {options.attention_backend!r} is not usable here: {err}") from None
+        applied.append(f"attention_backend={options.attention_backend}")
+    if options.vae_channels_last:
+        set_channels_last(pipe.vae)
+        applied.append("vae_channels_last")
+    if options.compile_transformer:
+        pipe.transformer.compile(mode=options.compile_mode)
+        applied.append(f"compile_transformer={options.compile_mode}")
+    return applied
+
+
 def choose_offload_mode(
     variant: ModelVariant, gpu: GPUClass | None, forced: OffloadMode | None, config: AppConfig
 ) -> tuple[OffloadMode, float | None]:
@@ -141,7 +176,7 @@ def choose_offload_mode(
         return "none", None
     modes = (forced,) if forced else ("none", "model", "sequential")
     verdict = plan(variant, gpu, config.defaults.width, config.defaults.height, modes=modes,
-                   settings=config.device.planner)
+                   settings=config.device.planner, batch_size=config.batch_size(variant.id))
     if not verdict.fits:
         raise IncompatibleHardwareError(f"{variant.id} does not fit {gpu.name}: {verdict.reason}")
     return verdict.mode, verdict.peak_vram_gib
@@ -203,9 +238,11 @@ def load_pipeline(variant: ModelVariant, config: AppConfig, gpu: GPUClass | None
     if variant.scheduler_overrides:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **variant.scheduler_overrides)
     _apply_offload(pipe, mode, device, nunchaku_transformer=use_nunchaku)
+    applied = apply_optimizations(pipe, model_cfg.optimizations)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
-    logger.info("loaded %s from %s on %s (%s, offload=%s) in %.2fs", variant.id, folder, device, dtype_name, mode, load_seconds)
+    logger.info("loaded %s from %s on %s (%s, offload=%s%s) in %.2fs", variant.id, folder, device, dtype_name, mode,
+                "".join(f", {a}" for a in applied), load_seconds)
     return ImagePipeline(variant, pipe, device, dtype_name, mode, load_seconds, planned_peak, str(folder))
 
 
@@ -285,7 +322,7 @@ class ImagePipeline:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | list[str],
         *,
         n: int = 1,
         width: int | None = None,
@@ -293,30 +330,39 @@ class ImagePipeline:
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
-        seed: int | None = None,
+        seed: int | list[int | None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> PipelineResult:
-        """Text to image.
+        """Text to image; a list of prompts runs as one batched pipeline call.
 
         Args:
-            prompt (`str`): what to draw.
-            n (`int`): images to make; image ``i`` uses seed ``seed + i``.
+            prompt (`str` or `list[str]`): what to draw; a list batches several requests that share
+                every other argument.
+            n (`int`): images per prompt; image ``i`` of a prompt uses seed ``seed + i``.
             width, height (`int`, *optional*): output size; the variant's default when None.
             num_inference_steps (`int`, *optional*): denoising steps (variant default).
             guidance_scale (`float`, *optional*): CFG scale; Z-Image-Turbo is distilled for 0.
             negative_prompt (`str`, *optional*): used only when ``guidance_scale > 1``.
-            seed (`int`, *optional*): random when None; returned in the result.
+            seed (`int` or `list`, *optional*): random when None; one per prompt for a list.
             should_stop (`Callable[[], bool]`, *optional*): polled after every step; True cancels.
+
+        Returns:
+            `PipelineResult` with images and seeds in prompt order, ``n`` per prompt.
         """
         if self.variant.task != "generate":
             raise TypeError(f"{self.variant.id} is an edit variant")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = seed if isinstance(seed, list) else [seed] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} seeds")
         d = self.variant.defaults
         width, height = self._size(width, height)
-        seeds = self._seeds(seed, n)
+        seeds = [s for one in per_prompt for s in self._seeds(one, n)]
         steps = num_inference_steps or d.num_inference_steps
+        negative = negative_prompt if negative_prompt is not None else d.negative_prompt
         call = dict(
-            prompt=prompt,
-            negative_prompt=negative_prompt if negative_prompt is not None else d.negative_prompt,
+            prompt=prompts if len(prompts) > 1 else prompts[0],
+            negative_prompt=[negative] * len(prompts) if negative is not None and len(prompts) > 1 else negative,
             width=width,
             height=height,
             num_inference_steps=steps,

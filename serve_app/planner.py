@@ -149,11 +149,16 @@ def estimate_vram(
     num_input_images: int = 0,
     torch_dtype: str = "bfloat16",
     settings: PlannerSettings | None = None,
+    batch_size: int = 1,
 ) -> VramEstimate:
-    """Peak VRAM in GiB for one request of this shape in this offload mode."""
+    """Peak VRAM in GiB for one pipeline call of this shape in this offload mode.
+
+    ``batch_size`` images in one call (batched generation) multiply the activations, not the weights.
+    """
     settings = settings or PlannerSettings()
     dtype = DTYPE_SHORT[torch_dtype]
-    activations = _stage_activations(variant, width, height, num_input_images)
+    activations = {role: gib * batch_size
+                   for role, gib in _stage_activations(variant, width, height, num_input_images).items()}
     all_weights = sum(c.weight_bytes(dtype) for c in variant.components.values()) / GIB
     stages: dict[str, StageEstimate] = {}
     for role, comp in variant.components.items():
@@ -195,6 +200,7 @@ def plan(
     modes: tuple[OffloadMode, ...] = OFFLOAD_MODES,
     torch_dtype: str = "bfloat16",
     settings: PlannerSettings | None = None,
+    batch_size: int = 1,
 ) -> Plan:
     """Decide whether ``variant`` fits ``gpu`` for a request shape, and in which offload mode.
 
@@ -202,6 +208,7 @@ def plan(
         width, height: output size in pixels (the variant's default when None).
         num_input_images: input images of an edit request (1 for edit variants when None).
         modes: offload modes allowed, tried fastest first; pass one mode to force it.
+        batch_size: images per pipeline call (a generation deployment's ``max_batch_size``).
     """
     settings = settings or PlannerSettings()
     width = width or variant.defaults.width
@@ -226,7 +233,7 @@ def plan(
         if (why := mode_problem(variant, mode)) is not None:
             mode_reasons[mode] = why
             continue
-        est = estimate_vram(variant, mode, width, height, num_input_images, torch_dtype, settings)
+        est = estimate_vram(variant, mode, width, height, num_input_images, torch_dtype, settings, batch_size)
         estimates[mode] = est
         if est.peak_gib <= usable:
             return Plan(

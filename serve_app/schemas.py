@@ -94,6 +94,7 @@ class ImageResult(BaseModel):
     node_gpu_class: str | None = Field(default=None, description="GPU class the replica's node reports.")
     fits_node: bool | None = Field(default=None, description="Whether the planner says the variant fits that GPU.")
     retried_from: str | None = Field(default=None, description="Pool of a first try that ran out of memory.")
+    batch_images: int = Field(default=1, description="Images computed in the same pipeline call (batching).")
     created: int
 
     def pil_images(self) -> list[Image.Image]:
@@ -117,4 +118,5 @@ class ImageResult(BaseModel):
             "gpu_class": self.gpu_class,
             "pool": self.pool,
             "retried_from": self.retried_from,
+            "batch_images": self.batch_images,
         }

@@ -14,3 +14,41 @@ def test_placement_benchmark_runs_and_reports_both_policies():
     load = json.loads(out)["loads"]["0.5/s"]
     assert {"router", "round_robin", "ratio_round_robin_over_router"} <= set(load)
     assert load["router"]["mean_s"] > 0 and load["round_robin"]["p95_s"] > 0
+
+
+def test_gpu_fullsize_harness_smoke_mode_runs_every_path_on_cpu():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_fullsize.py"), "--smoke", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    report = json.loads(out)
+    assert report["model_size"] == "tiny" and report["device"] == "cpu"
+    for key in ("z-image-turbo/none", "qwen-image-edit-2509/none"):
+        row = report["variants"][key]
+        assert row["transformer_forward_s"] > 0 and row["total_s"] >= row["denoise_s"] > 0
+        assert row["planned_allocated_gib"] > 0
+        assert row["options"]["sdpa-math"]["speedup"] > 0
+        assert row["options"]["vae-channels-last"]["compared"] == "vae_decode_s"
+        service = row["service"]
+        assert service["handle_wall_s"] > 0 and service["ratio"] == round(
+            service["handle_wall_s"] / service["direct_wall_s"], 3)
+
+
+def test_throughput_benchmark_compares_batching_settings_over_http():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--requests", "6", "--clients", "1,3",
+                          "--batching", "1,4@50", "--size", "64", "--steps", "1", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    report = json.loads(out)
+    assert set(report["results"]) == {"1", "4@50"}
+    assert report["results"]["1"]["3"]["mean_batch_images"] == 1.0
+    # Three clients and a 50 ms wait for company: some pipeline calls held more than one request.
+    assert report["results"]["4@50"]["3"]["mean_batch_images"] > 1.0
+    assert {"images_per_s_x", "p99_x", "keep"} <= set(report["vs_batching_off"]["4@50"]["1"])
+
+
+def test_autoscale_benchmark_sees_a_new_replica_answer():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "autoscale.py"), "--clients", "4", "--steps", "4",
+                          "--downscale-delay", "2", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    step = report["from_load_step"]
+    assert 0 < step["second_replica_seen_s"] <= step["second_replica_running_s"] <= step["new_replica_answered_s"]
+    assert report["from_load_end"]["back_to_one_replica_s"] > 0

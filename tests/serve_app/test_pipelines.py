@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from serve_app.catalog import default_catalog
-from serve_app.config import parse_config
+from serve_app.config import OptimizationConfig, parse_config
 from serve_app.pipelines import (
     GenerationCancelled,
     IncompatibleHardwareError,
@@ -67,6 +67,24 @@ def test_image_i_of_a_batch_equals_a_single_call_with_seed_plus_i(generator):
     batch = generator.generate("a boat", width=64, height=64, num_inference_steps=2, seed=20, n=2)
     single = generator.generate("a boat", width=64, height=64, num_inference_steps=2, seed=21)
     assert np.abs(pixels(batch.images[1]).astype(int) - pixels(single.images[0]).astype(int)).max() <= 1
+
+
+def test_a_prompt_list_batches_requests_and_matches_separate_calls(generator):
+    prompts = ["a boat", "a much longer prompt about a red lighthouse on a cliff at dusk"]
+    batch = generator.generate(prompts, width=64, height=64, num_inference_steps=2, seed=[5, 9], n=2)
+    assert batch.seeds == [5, 6, 9, 10]
+    assert len(batch.images) == 4
+    for i, (prompt, seed) in enumerate(zip(prompts, [5, 9])):
+        alone = generator.generate(prompt, width=64, height=64, num_inference_steps=2, seed=seed, n=2)
+        for j in range(2):
+            diff = np.abs(pixels(batch.images[2 * i + j]).astype(int) - pixels(alone.images[j]).astype(int))
+            # Padding the shorter prompt to the longer one's length is masked, so pixels barely move.
+            assert diff.max() <= 2, (prompt, j, diff.max())
+
+
+def test_a_prompt_list_needs_one_seed_per_prompt(generator):
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        generator.generate(["a", "b"], width=64, height=64, num_inference_steps=1, seed=[1])
 
 
 def test_random_seed_is_reported(generator):
@@ -160,3 +178,43 @@ def test_weights_load_from_safetensors_only(tiny_models, tmp_path, catalog):
     config = parse_config({"device": {"device": "cpu"}, "models": {"z-image-turbo": {"source": str(pickled)}}})
     with pytest.raises(ModelLoadError):
         load_pipeline(catalog.variant("z-image-turbo"), config)
+
+
+def test_speed_options_are_applied_at_load(tiny_models):
+    import torch
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    config = tiny_config(tiny_models)
+    config.models["z-image-turbo"].optimizations = OptimizationConfig(
+        attention_backend="_native_math", vae_channels_last=True, compile_transformer=True)
+    pipeline = load_pipeline(default_catalog().variant("z-image-turbo"), config)
+    backends = {getattr(m.processor, "_attention_backend", None) for m in pipeline.pipe.transformer.modules()
+                if hasattr(m, "processor")}
+    assert backends == {AttentionBackendName._NATIVE_MATH}
+    conv = next(m for m in pipeline.pipe.vae.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # Compiled lazily: the first call compiles (tens of seconds on CPU), so this test does not call it.
+    assert pipeline.pipe.transformer._compiled_call_impl is not None
+
+
+def test_channels_last_handles_the_video_vae_and_goes_back(editor):
+    import torch
+
+    from serve_app.pipelines import set_channels_last
+
+    set_channels_last(editor.pipe.vae)
+    convs = [m for m in editor.pipe.vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert any(isinstance(m, torch.nn.Conv3d) for m in convs)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d if isinstance(m, torch.nn.Conv3d)
+                                      else torch.channels_last) for m in convs)
+    result = editor.edit([Image.new("RGB", (64, 64), (1, 2, 3))], "x", width=64, height=64, num_inference_steps=1)
+    assert result.images[0].size == (64, 64)
+    set_channels_last(editor.pipe.vae, enabled=False)
+    assert all(m.weight.is_contiguous() for m in convs)
+
+
+def test_an_unusable_attention_backend_is_a_clear_load_error(tiny_models):
+    config = tiny_config(tiny_models)
+    config.models["z-image-turbo"].optimizations = OptimizationConfig(attention_backend="sage")
+    with pytest.raises(ModelLoadError, match="attention_backend 'sage' is not usable here"):
+        load_pipeline(default_catalog().variant("z-image-turbo"), config)

@@ -1,0 +1,67 @@
+"""What the benchmarks share: percentiles and driving a callable with N concurrent clients."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, TextIO
+
+
+@contextlib.contextmanager
+def report_stream(only_report: bool) -> Iterator[TextIO]:
+    """Where to print the report. With ``only_report`` (--json), everything else written to file
+    descriptor 1 while it is open (Ray's raylet lines among it) goes to stderr instead, so stdout
+    holds the JSON object alone."""
+    if not only_report:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(os.dup(saved), "w") as real_stdout:
+            yield real_stdout
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def measure(call: Callable[[int], Any], requests: int, concurrency: int, warm_up: bool = True) -> dict[str, Any]:
+    """Run ``call(i)`` for i in range(requests) from ``concurrency`` client threads.
+
+    Returns p50/p99 latency in ms, requests/s over the wall time, and ``outcomes``: what each call
+    returned, in completion order (for figures the caller derives, e.g. images per batch).
+    """
+    if warm_up:
+        call(-1)  # one untimed call: connection set-up, first-call caches
+    latencies: list[float] = []
+    outcomes: list[Any] = []
+
+    def timed(i: int) -> None:
+        start = time.perf_counter()
+        outcome = call(i)
+        latencies.append((time.perf_counter() - start) * 1000)
+        outcomes.append(outcome)
+
+    wall = time.perf_counter()
+    if concurrency == 1:
+        for i in range(requests):
+            timed(i)
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(timed, range(requests)))
+    wall = time.perf_counter() - wall
+    return {"p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(percentile(latencies, 99), 2),
+            "requests_per_s": round(requests / wall, 2), "requests": requests, "wall_s": round(wall, 2),
+            "outcomes": outcomes}

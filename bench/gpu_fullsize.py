@@ -1,0 +1,301 @@
+"""Full-size random-weight models on a GPU: stage seconds and peak VRAM against the planner, speed options,
+and the service (one replica, handle path) against the direct pipeline call, all in one run.
+
+Models are built in memory from the architecture numbers of ../shared/FACTS.md (``serve_app.tiny_models``
+at size "full": same classes, parameter counts, FLOPs and memory as the real weights) by the same
+``RandomWeightLoader`` a replica uses, so nothing is downloaded.
+
+    .venv/bin/python bench/gpu_fullsize.py [--variants z-image-turbo,qwen-image-edit-2509] [--modes none,model]
+        [--size 1024] [--steps 8] [--options sdpa-flash,sdpa-cudnn,sdpa-efficient,vae-channels-last,compile]
+        [--repeats 2] [--no-service] [--json]
+    .venv/bin/python bench/gpu_fullsize.py --smoke [--json]   # tiny dims on CPU: every code path, in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 1024**3
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+EDIT_PROMPT = "make the sky stormy and add a red boat"
+# Option name -> what it changes (an attention backend, or one of OptimizationConfig's switches).
+OPTIONS = {
+    "sdpa-flash": "_native_flash", "sdpa-cudnn": "_native_cudnn", "sdpa-efficient": "_native_efficient",
+    "sdpa-math": "_native_math", "vae-channels-last": None, "compile": None,
+}
+SMOKE_EDIT_AREAS = {"edit_vae_image_area": 64 * 64, "edit_condition_image_area": 56 * 56}
+
+
+def csv(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+def bench_config(args, variant_id: str, mode: str):
+    from serve_app.config import parse_config
+
+    model = {"offload_mode": mode, **(SMOKE_EDIT_AREAS if args.smoke else {})}
+    return parse_config({
+        "device": {"device": args.device},
+        "defaults": {"width": args.size, "height": args.size},
+        "models": {variant_id: model},
+        "serving": {"warmup": True, "torch_threads": 1 if args.smoke else None,
+                    "deployment": {"num_replicas": 1, "num_cpus": 0, "num_gpus": 1 if args.device == "cuda" else 0}},
+    }, "gpu_fullsize bench")
+
+
+class Runner:
+    """Calls one loaded pipeline with the bench's request and measures it."""
+
+    def __init__(self, pipeline, args) -> None:
+        from PIL import Image
+
+        self.pipeline = pipeline
+        self.args = args
+        self.cuda = pipeline.device == "cuda"
+        self.inputs = [Image.new("RGB", (args.size, args.size), (90, 120, 200))]
+
+    def call(self, steps: int):
+        kwargs = dict(width=self.args.size, height=self.args.size, num_inference_steps=steps, seed=0)
+        if self.pipeline.variant.task == "generate":
+            return self.pipeline.generate(PROMPT, **kwargs)
+        return self.pipeline.edit(self.inputs, EDIT_PROMPT, **kwargs)
+
+    def measure(self, repeats: int) -> dict:
+        import torch
+
+        self.call(1)  # warm-up: kernels, allocator, lazy init
+        rows = []
+        for _ in range(repeats):
+            if self.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            result = self.call(self.args.steps)
+            if self.cuda:
+                torch.cuda.synchronize()
+            rows.append({**result.timings, "wall_s": time.perf_counter() - started})
+        row = {key: round(statistics.median(r[key] for r in rows if key in r), 4) for key in rows[0]}
+        row["forwards"] = self.forwards()
+        row["transformer_forward_s"] = round(row["denoise_s"] / row["forwards"], 4)
+        if self.cuda:
+            row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        return row
+
+    def forwards(self) -> int:
+        d = self.pipeline.variant.defaults
+        cfg = (d.true_cfg_scale or 0) > 1 and d.negative_prompt is not None or (d.guidance_scale or 0) > 1
+        return self.args.steps * (2 if cfg else 1)
+
+
+def with_option(runner: Runner, name: str, base: dict) -> dict:
+    """Measure ``runner`` with one option on, against ``base``; the option is undone afterwards
+    (except compile, which is measured last)."""
+    from serve_app.pipelines import set_channels_last
+
+    pipe = runner.pipeline.pipe
+    row: dict = {}
+    if OPTIONS[name] is not None:
+        try:
+            pipe.transformer.set_attention_backend(OPTIONS[name])
+        except Exception as err:  # noqa: BLE001 - a backend this GPU/torch lacks is a result, not a crash
+            return {"error": f"{type(err).__name__}: {err}"[:300]}
+    elif name == "vae-channels-last":
+        set_channels_last(pipe.vae)
+    elif name == "compile":
+        pipe.transformer.compile()
+        started = time.perf_counter()
+        runner.call(1)
+        row["compile_s"] = round(time.perf_counter() - started, 2)
+    try:
+        measured = runner.measure(runner.args.repeats)
+    except Exception as err:  # noqa: BLE001 - e.g. a backend that refuses this shape or dtype
+        measured = {"error": f"{type(err).__name__}: {err}"[:300]}
+    finally:
+        if OPTIONS[name] is not None:
+            pipe.transformer.set_attention_backend("native")
+        elif name == "vae-channels-last":
+            set_channels_last(pipe.vae, enabled=False)
+    row.update(measured)
+    if "error" not in measured:
+        key = "vae_decode_s" if name == "vae-channels-last" else "transformer_forward_s"
+        row["compared"] = key
+        row["speedup"] = round(base[key] / measured[key], 3) if measured[key] else None
+    return row
+
+
+def planner_view(variant, gpu, mode: str, args, input_images: int) -> dict:
+    from serve_app.planner import estimate_seconds, estimate_vram
+
+    vram = estimate_vram(variant, mode, args.size, args.size, input_images)
+    view = {"planned_peak_gib": vram.peak_gib,
+            "planned_allocated_gib": round(vram.peak_gib - vram.cuda_context_gib, 2)}  # what torch can see
+    if gpu is not None and gpu.bf16_tflops:
+        est = estimate_seconds(variant, gpu, mode, args.size, args.size, input_images, args.steps)
+        view["forward_tflop"] = est.forward_tflop
+        view["lower_bound_forward_s"] = round(est.forward_tflop / gpu.bf16_tflops, 4)  # 100% of peak
+        view["planned_forward_s"] = round(est.denoise_s / est.forwards, 4)
+        view["planned_total_s"] = est.total_s
+    return view
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def through_service(args, variant, mode: str, direct_wall_s: float) -> dict:
+    """One replica serving the same random-weight model; the handle path's wall time vs the direct call."""
+    from ray import serve
+
+    from serve_app.images import encode_png
+    from serve_app.runner import LocalService, free_port
+    from serve_app.schemas import EditRequest, GenerateRequest
+    from serve_app.tiny_models import RandomWeightLoader
+
+    config = bench_config(args, variant.id, mode)
+    size = f"{args.size}x{args.size}"
+    service = LocalService(config, port=free_port(), log_to_driver=False)
+    try:
+        service.start(loaders={variant.id: RandomWeightLoader(args.model_size)})
+        handle = serve.get_app_handle(service.config.serving.app_name)
+        if variant.task == "generate":
+            def call():
+                return handle.generate.remote(GenerateRequest(
+                    prompt=PROMPT, model=variant.id, size=size, num_inference_steps=args.steps, seed=0)).result()
+        else:
+            from PIL import Image
+
+            png = encode_png(Image.new("RGB", (args.size, args.size), (90, 120, 200)))
+
+            def call():
+                return handle.edit.remote(EditRequest(
+                    prompt=EDIT_PROMPT, model=variant.id, images=[png], size=size, num_inference_steps=args.steps,
+                    seed=0)).result()
+        call()
+        walls = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            call()
+            walls.append(time.perf_counter() - started)
+    finally:
+        service.stop()
+    handle_s = statistics.median(walls)
+    return {"direct_wall_s": round(direct_wall_s, 4), "handle_wall_s": round(handle_s, 4),
+            "ratio": round(handle_s / direct_wall_s, 3)}
+
+
+def main() -> int:
+    from bench.common import report_stream
+
+    args = parse_args()
+    with report_stream(args.json) as out:
+        return run(args, out)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", type=csv, default=["z-image-turbo", "qwen-image-edit-2509"])
+    parser.add_argument("--modes", type=csv, default=["none"], help="offload modes: none, model, sequential")
+    parser.add_argument("--size", type=int, default=1024, help="output side in pixels")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--options", type=csv, default=["sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
+                                                         "vae-channels-last", "compile"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-service", action="store_true", help="skip the one-replica handle comparison")
+    parser.add_argument("--smoke", action="store_true", help="tiny dims on CPU: checks every code path quickly")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    unknown = [o for o in args.options if o not in OPTIONS]
+    if unknown:
+        parser.error(f"unknown options {unknown}; known: {', '.join(OPTIONS)}")
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine, or pass --smoke for the CPU check")
+    return args
+
+
+def run(args: argparse.Namespace, out) -> int:
+    import torch
+
+    from serve_app.catalog import default_catalog
+    from serve_app.hardware import detect_local_gpu
+    from serve_app.tiny_models import RandomWeightLoader
+
+    if args.smoke:
+        args.device, args.model_size, args.size, args.steps, args.repeats = "cpu", "tiny", 64, 2, 1
+        args.options = [o for o in args.options if o != "compile"] + ["sdpa-math"]
+        torch.set_num_threads(1)
+    else:
+        args.device, args.model_size = "cuda", "full"
+    catalog = default_catalog()
+    local = detect_local_gpu(catalog) if args.device == "cuda" else None
+    gpu = local.gpu_class if local else None
+    report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "gpu_class": gpu.id if gpu else None, "size": args.size, "steps": args.steps,
+                    "model_size": args.model_size, "torch": torch.__version__, "variants": {}}
+    for variant_id in args.variants:
+        variant = catalog.variant(variant_id)
+        input_images = 1 if variant.task == "edit" else 0
+        for mode in args.modes:
+            key = f"{variant_id}/{mode}"
+            try:
+                pipeline = RandomWeightLoader(args.model_size)(variant, bench_config(args, variant_id, mode))
+            except Exception as err:  # noqa: BLE001 - e.g. does not fit this GPU in this mode: a result
+                report["variants"][key] = {"error": f"{type(err).__name__}: {err}"[:400]}
+                free_memory()
+                continue
+            runner = Runner(pipeline, args)
+            row = {"build_s": round(pipeline.load_seconds, 2), **runner.measure(args.repeats),
+                   **planner_view(variant, gpu, mode, args, input_images)}
+            row["options"] = {name: with_option(runner, name, row)
+                              for name in sorted(args.options, key=lambda o: o == "compile")}
+            report["variants"][key] = row
+            del runner, pipeline
+            free_memory()
+            if not args.no_service and mode == args.modes[0]:
+                row["service"] = through_service(args, variant, mode, row["wall_s"])
+                free_memory()
+    if args.json:
+        print(json.dumps(report, indent=2), file=out)
+        return 0
+    print(f"{report['device']} ({report['gpu_class']}), {args.size}x{args.size}, {args.steps} steps, "
+          f"{args.model_size} random weights, torch {report['torch']}")
+    for key, row in report["variants"].items():
+        if "error" in row:
+            print(f"{key}: {row['error']}")
+            continue
+        print(f"{key}: forward {row['transformer_forward_s']:.4f} s (planner {row.get('planned_forward_s', '-')}, "
+              f"100%-peak bound {row.get('lower_bound_forward_s', '-')}), text {row.get('text_encode_s', 0):.3f} s, "
+              f"VAE decode {row.get('vae_decode_s', 0):.3f} s, total {row['total_s']:.3f} s "
+              f"(planner {row.get('planned_total_s', '-')}); peak VRAM {row.get('peak_vram_gib', '-')} GiB "
+              f"(planner {row['planned_allocated_gib']} + context)")
+        for name, option in row["options"].items():
+            if "error" in option:
+                print(f"    {name:<18} {option['error']}")
+            else:
+                print(f"    {name:<18} {option['compared']} x{option['speedup']} faster"
+                      + (f" (compile {option['compile_s']} s)" if "compile_s" in option else ""))
+        if "service" in row:
+            s = row["service"]
+            print(f"    service (1 replica, handle) {s['handle_wall_s']:.3f} s vs direct {s['direct_wall_s']:.3f} s:"
+                  f" x{s['ratio']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
