@@ -17,6 +17,10 @@ from serve_app.config import AppConfig
 from serve_app.pipelines import ImagePipeline, load_pipeline
 
 
+def _prompts(prompt: str | list[str]) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
 def _node_vram_gib() -> float | None:
     import ray
 
@@ -39,10 +43,10 @@ class OutOfMemoryOnSmallGPUs:
     def __getattr__(self, name):
         return getattr(self._pipeline, name)
 
-    def _maybe_fail(self, prompt: str = "") -> None:
+    def _maybe_fail(self, prompt: str | list[str] = "") -> None:
         self.calls += 1
         vram = _node_vram_gib() if self.threshold_gib else None
-        if prompt == OOM_TRIGGER or (self.calls > 1 and vram is not None and vram < self.threshold_gib):
+        if OOM_TRIGGER in _prompts(prompt) or (self.calls > 1 and vram is not None and vram < self.threshold_gib):
             self.raised += 1
             where = "trigger prompt" if vram is None else f"node has {vram:g} GiB"
             raise torch.OutOfMemoryError(f"CUDA out of memory (test double: {where})")
@@ -70,7 +74,7 @@ class CudaFaultOnPrompt:
         return getattr(self._pipeline, name)
 
     def generate(self, prompt, *args, **kwargs):
-        if prompt == CUDA_FAULT_TRIGGER:
+        if CUDA_FAULT_TRIGGER in _prompts(prompt):  # a batched call fails as a whole, as on a GPU
             raise RuntimeError("CUDA error: an illegal memory access was encountered (test double)")
         return self._pipeline.generate(prompt, *args, **kwargs)
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,8 +30,8 @@ def test_gpu_fullsize_harness_smoke_mode_runs_every_path_on_cpu():
         assert row["options"]["sdpa-math"]["speedup"] > 0
         assert row["options"]["vae-channels-last"]["compared"] == "vae_decode_s"
         service = row["service"]
-        assert service["handle_wall_s"] > 0 and service["ratio"] == round(
-            service["handle_wall_s"] / service["direct_wall_s"], 3)
+        assert service["handle_wall_s"] > 0
+        assert service["ratio"] == pytest.approx(service["handle_wall_s"] / service["direct_wall_s"], rel=0.02)
 
 
 def test_throughput_benchmark_compares_batching_settings_over_http():

@@ -9,7 +9,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 EXPORTED = {
     "ray_imageserve_request_duration_seconds", "ray_imageserve_denoise_step_seconds", "ray_imageserve_requests_total",
-    "ray_imageserve_images_total", "ray_imageserve_model_load_seconds", "ray_imageserve_host_rss_bytes",
+    "ray_imageserve_images_total", "ray_imageserve_batch_images", "ray_imageserve_model_load_seconds",
+    "ray_imageserve_host_rss_bytes",
     "ray_imageserve_replica_info", "ray_imageserve_vram_planned_peak_bytes", "ray_imageserve_vram_measured_peak_bytes",
     "ray_imageserve_gpu_memory_bytes", "ray_imageserve_router_decisions_total", "ray_imageserve_router_retries_total",
     "ray_imageserve_errors_total", "ray_imageserve_router_queue_depth", "ray_imageserve_pool_replicas",
