@@ -66,13 +66,15 @@ class ReplicaMetrics:
         self.load_seconds.set(seconds, tags=self.tags)
         self.info.set(1, tags={**self.tags, "device": self.device, "offload_mode": offload_mode})
 
-    def observe(self, timings: dict[str, float], queue_s: float, steps: int, images: int) -> None:
+    def observe(self, timings: dict[str, float], queue_s: float, steps: int, images: int,
+                images_in_call: int | None = None) -> None:
+        """One finished request. ``images_in_call``: images that shared its denoising time (a batch)."""
         self.duration.observe(queue_s, tags={**self.tags, "stage": "queue"})
         for stage in STAGES[1:]:
             if f"{stage}_s" in timings:
                 self.duration.observe(timings[f"{stage}_s"], tags={**self.tags, "stage": stage})
         if steps and "denoise_s" in timings:
-            self.step.observe(timings["denoise_s"] / steps / max(images, 1), tags=self.tags)
+            self.step.observe(timings["denoise_s"] / steps / max(images_in_call or images, 1), tags=self.tags)
         self.requests.inc(tags={**self.tags, "status": "ok"})
         self.images.inc(images, tags=self.tags)
 
