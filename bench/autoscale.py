@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import report_stream  # noqa: E402
+from bench.common import bench_parser, run_reporting  # noqa: E402
 
 DEPLOYMENT = "gen-z-image-turbo"
 
@@ -40,20 +40,17 @@ def replica_counts(app: str) -> dict[str, int]:
 
 
 def main() -> int:
-    args = parse_args()
-    with report_stream(args.json) as out:
-        return run(args, out)
+    return run_reporting(parse_args(), run)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--upscale-delay", type=float, default=1.0, help="Serve's upscale_delay_s")
     parser.add_argument("--downscale-delay", type=float, default=5.0, help="Serve's downscale_delay_s")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import statistics
@@ -29,6 +30,19 @@ def report_stream(only_report: bool) -> Iterator[TextIO]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser, described by its module docstring's first line, with --json."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def run_reporting(args: argparse.Namespace, run: Callable[[argparse.Namespace, TextIO], int]) -> int:
+    """Call ``run(args, out)`` with ``out`` the stream its report goes to (stdout alone under --json)."""
+    with report_stream(args.json) as out:
+        return run(args, out)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -26,6 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import bench_parser, run_reporting  # noqa: E402
+
 GIB = 1024**3
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 EDIT_PROMPT = "make the sky stormy and add a red boat"
@@ -199,15 +201,11 @@ def through_service(args, variant, mode: str, direct_wall_s: float) -> dict:
 
 
 def main() -> int:
-    from bench.common import report_stream
-
-    args = parse_args()
-    with report_stream(args.json) as out:
-        return run(args, out)
+    return run_reporting(parse_args(), run)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--variants", type=csv, default=["z-image-turbo", "qwen-image-edit-2509"])
     parser.add_argument("--modes", type=csv, default=["none"], help="offload modes: none, model, sequential")
     parser.add_argument("--size", type=int, default=1024, help="output side in pixels")
@@ -217,7 +215,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-service", action="store_true", help="skip the one-replica handle comparison")
     parser.add_argument("--smoke", action="store_true", help="tiny dims on CPU: checks every code path quickly")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     unknown = [o for o in args.options if o not in OPTIONS]
     if unknown:

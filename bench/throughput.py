@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure, report_stream  # noqa: E402
+from bench.common import bench_parser, measure, run_reporting  # noqa: E402
 
 PROMPTS = ["a lighthouse at dusk", "a red fox in fresh snow, morning light", "an old map of an island"]
 
@@ -90,20 +90,17 @@ def compare(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
 
 
 def main() -> int:
-    args = parse_args()
-    with report_stream(args.json) as out:
-        return run(args, out)
+    return run_reporting(parse_args(), run)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--requests", type=int, default=48, help="requests per (batch size, clients)")
     parser.add_argument("--clients", type=ints, default=[1, 4, 16], help="comma-separated client counts")
     parser.add_argument("--batching", type=lambda t: t.split(","), default=["1", "8@0", "8@10"],
                         help="settings B or B@WAITms, comma-separated; 1 = off (always measured)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args()
 
 
