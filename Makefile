@@ -1,6 +1,7 @@
 # The two commands of README.md:
 #   make serve   install, build tiny checkpoints if missing, serve on http://127.0.0.1:8000 (CPU)
-#   make test    install, run the whole test suite
+#   make test    install, lint, run the whole test suite (what .ci/run calls)
+# Also: make lint, make unit (the tests that start no Ray cluster), make cluster-configs.
 # Everything a fresh machine needs is installed here, into .venv.
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ export TOKENIZERS_PARALLELISM = false
 PROMETHEUS := .tools/prometheus/usr/bin/prometheus
 export IMAGESERVE_PROMETHEUS := $(CURDIR)/$(PROMETHEUS)
 
-.PHONY: install serve test
+.PHONY: install serve test lint unit cluster-configs
 
 install: $(VENV)/.installed
 
@@ -37,5 +38,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 serve: install
 	$(VENV)/bin/imageserve run
 
-test: install $(PROMETHEUS)
+lint: install
+	$(VENV)/bin/ruff check .
+
+unit: install
+	$(VENV)/bin/python -m pytest -m "not integration"
+
+test: lint $(PROMETHEUS)
 	$(VENV)/bin/python -m pytest
+
+# serve_config.yaml and cluster/deploy/*.yaml from the example fleet and production config.
+cluster-configs: install
+	$(VENV)/bin/imageserve cluster-configs --serve-config-out serve_config.yaml --manifests-out cluster/deploy

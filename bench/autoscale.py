@@ -7,7 +7,7 @@ decided to add a replica (a second replica appears in ``serve.status()``), when 
 when the first response came from it, all from the load step. Then the load stops and it records
 when Serve scaled back to one replica (downscale delay ``--downscale-delay``).
 
-    .venv/bin/python bench/autoscale.py [--clients 6] [--upscale-delay 1] [--downscale-delay 5] [--json]
+    .venv/bin/python -m bench.autoscale [--clients 6] [--upscale-delay 1] [--downscale-delay 5] [--json]
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import bench_parser, run_reporting  # noqa: E402
+from bench.common import bench_parser, run_reporting
 
 DEPLOYMENT = "gen-z-image-turbo"
 
@@ -58,10 +57,10 @@ def run(args: argparse.Namespace, out) -> int:
 
     import httpx
 
-    from serve_app.config import parse_config
+    from serve_app.domain.config import parse_config
     from serve_app.embedded import embedded_config_data
+    from serve_app.engines.random_weights import build_all
     from serve_app.runner import LocalService, free_port
-    from serve_app.tiny_models import build_all
 
     tiny_dir = Path(tempfile.mkdtemp(prefix="imageserve-bench-"))
     build_all(tiny_dir)
@@ -119,7 +118,8 @@ def run(args: argparse.Namespace, out) -> int:
             time.sleep(0.25)
 
     report = {
-        "workload": f"z-image-turbo tiny, {args.size}x{args.size}, {args.steps} steps, CPU, {args.clients} HTTP clients",
+        "workload": (f"z-image-turbo tiny, {args.size}x{args.size}, {args.steps} steps, CPU, "
+                     f"{args.clients} HTTP clients"),
         "autoscaling": data["models"]["z-image-turbo"]["deployment"]["autoscaling"],
         "from_load_step": {k: round(v, 2) for k, v in events.items() if k != "back_to_one_replica_s"},
         "from_load_end": {"back_to_one_replica_s": round(events["back_to_one_replica_s"], 2)}

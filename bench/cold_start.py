@@ -4,7 +4,7 @@ Time from nothing to the first answered request, and what it is spent on: Python
 the private Ray, Serve bringing up the replicas (of which: pipeline load and warm-up, as each replica
 reports them); then resident memory per replica and per Ray system process.
 
-    .venv/bin/python bench/cold_start.py [--json]
+    .venv/bin/python -m bench.cold_start [--json]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MB = 1024 * 1024
 

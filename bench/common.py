@@ -8,8 +8,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, TextIO
 
 
 @contextlib.contextmanager

@@ -1,14 +1,14 @@
 """Full-size random-weight models on a GPU: stage seconds and peak VRAM against the planner, speed options,
 and the service (one replica, handle path) against the direct pipeline call, all in one run.
 
-Models are built in memory from the architecture numbers of ../shared/FACTS.md (``serve_app.tiny_models``
+Models are built in memory from the architecture numbers of docs/facts.md (``serve_app.engines.random_weights``
 at size "full": same classes, parameter counts, FLOPs and memory as the real weights) by the same
 ``RandomWeightLoader`` a replica uses, so nothing is downloaded.
 
-    .venv/bin/python bench/gpu_fullsize.py [--variants z-image-turbo,qwen-image-edit-2509] [--modes none,model]
+    .venv/bin/python -m bench.gpu_fullsize [--variants z-image-turbo,qwen-image-edit-2509] [--modes none,model]
         [--size 1024] [--steps 8] [--options sdpa-flash,sdpa-cudnn,sdpa-efficient,vae-channels-last,compile]
         [--repeats 2] [--no-service] [--json]
-    .venv/bin/python bench/gpu_fullsize.py --smoke [--json]   # tiny dims on CPU: every code path, in seconds
+    .venv/bin/python -m bench.gpu_fullsize --smoke [--json]   # tiny dims on CPU: every code path, in seconds
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import bench_parser, run_reporting  # noqa: E402
+from bench.common import bench_parser, run_reporting
+from serve_app.domain.catalog import GIB
 
-GIB = 1024**3
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 EDIT_PROMPT = "make the sky stormy and add a red boat"
 # Option name -> what it changes (an attention backend, or one of OptimizationConfig's switches).
@@ -44,7 +42,7 @@ def csv(text: str) -> list[str]:
 
 
 def bench_config(args, variant_id: str, mode: str):
-    from serve_app.config import parse_config
+    from serve_app.domain.config import parse_config
 
     model = {"offload_mode": mode, **(SMOKE_EDIT_AREAS if args.smoke else {})}
     return parse_config({
@@ -57,21 +55,21 @@ def bench_config(args, variant_id: str, mode: str):
 
 
 class Runner:
-    """Calls one loaded pipeline with the bench's request and measures it."""
+    """Calls one loaded engine with the bench's request and measures it."""
 
-    def __init__(self, pipeline, args) -> None:
+    def __init__(self, engine, args) -> None:
         from PIL import Image
 
-        self.pipeline = pipeline
+        self.engine = engine
         self.args = args
-        self.cuda = pipeline.device == "cuda"
+        self.cuda = engine.info.device == "cuda"
         self.inputs = [Image.new("RGB", (args.size, args.size), (90, 120, 200))]
 
     def call(self, steps: int):
         kwargs = dict(width=self.args.size, height=self.args.size, num_inference_steps=steps, seed=0)
-        if self.pipeline.variant.task == "generate":
-            return self.pipeline.generate(PROMPT, **kwargs)
-        return self.pipeline.edit(self.inputs, EDIT_PROMPT, **kwargs)
+        if self.engine.variant.task == "generate":
+            return self.engine.generate(PROMPT, **kwargs)
+        return self.engine.edit(self.inputs, EDIT_PROMPT, **kwargs)
 
     def measure(self, repeats: int) -> dict:
         import torch
@@ -95,7 +93,7 @@ class Runner:
         return row
 
     def forwards(self) -> int:
-        d = self.pipeline.variant.defaults
+        d = self.engine.variant.defaults
         cfg = (d.true_cfg_scale or 0) > 1 and d.negative_prompt is not None or (d.guidance_scale or 0) > 1
         return self.args.steps * (2 if cfg else 1)
 
@@ -103,9 +101,9 @@ class Runner:
 def with_option(runner: Runner, name: str, base: dict) -> dict:
     """Measure ``runner`` with one option on, against ``base``; the option is undone afterwards
     (except compile, which is measured last)."""
-    from serve_app.pipelines import set_channels_last
+    from serve_app.engines.base import set_channels_last
 
-    pipe = runner.pipeline.pipe
+    pipe = runner.engine.pipe
     row: dict = {}
     if OPTIONS[name] is not None:
         try:
@@ -137,7 +135,7 @@ def with_option(runner: Runner, name: str, base: dict) -> dict:
 
 
 def planner_view(variant, gpu, mode: str, args, input_images: int) -> dict:
-    from serve_app.planner import estimate_seconds, estimate_vram
+    from serve_app.domain.planner import estimate_seconds, estimate_vram
 
     vram = estimate_vram(variant, mode, args.size, args.size, input_images)
     view = {"planned_peak_gib": vram.peak_gib,
@@ -163,10 +161,10 @@ def through_service(args, variant, mode: str, direct_wall_s: float) -> dict:
     """One replica serving the same random-weight model; the handle path's wall time vs the direct call."""
     from ray import serve
 
-    from serve_app.images import encode_png
+    from serve_app.domain.images import encode_png
+    from serve_app.domain.schemas import EditRequest, GenerateRequest
+    from serve_app.engines.random_weights import RandomWeightLoader
     from serve_app.runner import LocalService, free_port
-    from serve_app.schemas import EditRequest, GenerateRequest
-    from serve_app.tiny_models import RandomWeightLoader
 
     config = bench_config(args, variant.id, mode)
     size = f"{args.size}x{args.size}"
@@ -229,9 +227,10 @@ def parse_args() -> argparse.Namespace:
 def run(args: argparse.Namespace, out) -> int:
     import torch
 
-    from serve_app.catalog import default_catalog
-    from serve_app.hardware import detect_local_gpu
-    from serve_app.tiny_models import RandomWeightLoader
+    from serve_app.domain.catalog import default_catalog
+    from serve_app.domain.specs import engine_spec
+    from serve_app.engines.hardware import detect_local_gpu
+    from serve_app.engines.random_weights import RandomWeightLoader
 
     if args.smoke:
         args.device, args.model_size, args.size, args.steps, args.repeats = "cpu", "tiny", 64, 2, 1
@@ -240,7 +239,7 @@ def run(args: argparse.Namespace, out) -> int:
     else:
         args.device, args.model_size = "cuda", "full"
     catalog = default_catalog()
-    local = detect_local_gpu(catalog) if args.device == "cuda" else None
+    local = detect_local_gpu(catalog.gpus.values()) if args.device == "cuda" else None
     gpu = local.gpu_class if local else None
     report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                     "gpu_class": gpu.id if gpu else None, "size": args.size, "steps": args.steps,
@@ -251,18 +250,19 @@ def run(args: argparse.Namespace, out) -> int:
         for mode in args.modes:
             key = f"{variant_id}/{mode}"
             try:
-                pipeline = RandomWeightLoader(args.model_size)(variant, bench_config(args, variant_id, mode))
+                spec = engine_spec(bench_config(args, variant_id, mode), variant, catalog)
+                engine = RandomWeightLoader(args.model_size)(spec)
             except Exception as err:  # noqa: BLE001 - e.g. does not fit this GPU in this mode: a result
                 report["variants"][key] = {"error": f"{type(err).__name__}: {err}"[:400]}
                 free_memory()
                 continue
-            runner = Runner(pipeline, args)
-            row = {"build_s": round(pipeline.load_seconds, 2), **runner.measure(args.repeats),
+            runner = Runner(engine, args)
+            row = {"build_s": round(engine.info.load_seconds, 2), **runner.measure(args.repeats),
                    **planner_view(variant, gpu, mode, args, input_images)}
             row["options"] = {name: with_option(runner, name, row)
                               for name in sorted(args.options, key=lambda o: o == "compile")}
             report["variants"][key] = row
-            del runner, pipeline
+            del runner, engine
             free_memory()
             if not args.no_service and mode == args.modes[0]:
                 row["service"] = through_service(args, variant, mode, row["wall_s"])

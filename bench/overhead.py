@@ -3,7 +3,7 @@
 Each path runs sequentially and with 16 concurrent clients, side by side in one run, and the
 script prints p50/p99 per path and the ratios to the in-process call.
 
-    .venv/bin/python bench/overhead.py [--requests 40] [--concurrency 16] [--json]
+    .venv/bin/python -m bench.overhead [--requests 40] [--concurrency 16] [--json]
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import measure  # noqa: E402
+from bench.common import measure
 
 PROMPT = "a lighthouse at dusk"
 SIZE = 64
@@ -31,7 +30,7 @@ def deploy_serve_floor(png: bytes, prefix: str = "/floor") -> None:
     from fastapi import FastAPI
     from ray import serve
 
-    from serve_app.schemas import ImageResult
+    from serve_app.domain.schemas import ImageResult
 
     @serve.deployment(name="floor-model", ray_actor_options={"num_cpus": 0})
     class FloorModel:
@@ -49,7 +48,7 @@ def deploy_serve_floor(png: bytes, prefix: str = "/floor") -> None:
 
         @api.post("/v1/images/generations")
         async def generations(self, body: dict):
-            from serve_app.schemas import GenerateRequest
+            from serve_app.domain.schemas import GenerateRequest
 
             result = await self.model.generate.remote(GenerateRequest(**body), SIZE, SIZE)
             return result.to_openai()
@@ -67,16 +66,18 @@ def main() -> int:
     import httpx
     import torch
 
+    from serve_app.domain.images import encode_png
+    from serve_app.domain.schemas import GenerateRequest
+    from serve_app.domain.specs import engine_spec
     from serve_app.embedded import embedded_config
-    from serve_app.images import encode_png
-    from serve_app.pipelines import load_pipeline
+    from serve_app.engines import load_engine
     from serve_app.runner import LocalService
-    from serve_app.schemas import GenerateRequest
 
     tiny_dir = Path(tempfile.mkdtemp(prefix="imageserve-bench-"))
     config = embedded_config(tiny_dir)
     torch.set_num_threads(config.serving.torch_threads or 1)  # the replicas' setting, for a fair comparison
-    pipeline = load_pipeline(config.build_catalog().variant("z-image-turbo"), config)
+    catalog = config.build_catalog()
+    pipeline = load_engine(engine_spec(config, catalog.variant("z-image-turbo"), catalog))
     results: dict[str, dict[str, dict[str, float]]] = {}
     levels = {"sequential": 1, f"concurrent_{args.concurrency}": args.concurrency}
 
@@ -137,7 +138,8 @@ def main() -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(report["workload"])
-    print(f"{'path':<11} {'level':<14} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7} {'p50 x':>6} {'p99 x':>6} {'+p50 ms':>8}")
+    print(f"{'path':<11} {'level':<14} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7} {'p50 x':>6} {'p99 x':>6}"
+          f" {'+p50 ms':>8}")
     for path, by_level in results.items():
         for level, row in by_level.items():
             r = ratios.get(path, {}).get(level, {"p50": 1.0, "p99": 1.0})
@@ -145,8 +147,9 @@ def main() -> int:
             print(f"{path:<11} {level:<14} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['requests_per_s']:>7.1f}"
                   f" {r['p50']:>6.2f} {r['p99']:>6.2f} {plus:>8.1f}")
     for level, row in floor.items():
-        print(f"{'serve floor':<11} {level:<14} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['requests_per_s']:>7.1f}"
-              f"   (trivial model, same two hops; HTTP adds {beyond_floor[level]:+.1f} ms p50 beyond it)")
+        print(f"{'serve floor':<11} {level:<14} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f}"
+              f" {row['requests_per_s']:>7.1f}   (trivial model, same two hops;"
+              f" HTTP adds {beyond_floor[level]:+.1f} ms p50 beyond it)")
     return 0
 
 

@@ -1,13 +1,13 @@
 """Router policy vs round-robin over feasible pools, on the example fleet, side by side in one run.
 
 A discrete-event queueing simulation: the placement and routing code are imageserve's own
-(``serve_app.fleet.place`` and ``deployments.routing.RoutingTable``), service times are the
+(``serve_app.domain.placement.place`` and ``serve_app.domain.routing.RoutingTable``), service times are the
 planner's per-image estimates for each (variant, GPU class) with +-20% noise, arrivals are Poisson
 with a mixed workload. Tiny CPU models cannot show GPU speed differences, so this is how the policy's
 effect is measured here; a GPU fleet measures it for real. Prints mean and p95 completion time per
 policy and load, and their ratio.
 
-    .venv/bin/python bench/placement.py [--requests 4000] [--seed 0] [--json]
+    .venv/bin/python -m bench.placement [--requests 4000] [--seed 0] [--json]
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ import itertools
 import json
 import random
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve_app.domain.config import load_fleet, parse_config
+from serve_app.domain.placement import place
+from serve_app.domain.routing import Route, RoutingTable
+from serve_app.examples import EXAMPLE_FLEET
 
-from deployments.routing import Route, RoutingTable  # noqa: E402
-from serve_app.config import parse_config  # noqa: E402
-from serve_app.fleet import place  # noqa: E402
-
-FLEET = Path(__file__).resolve().parents[1] / "cluster" / "fleets" / "example.yaml"
+FLEET = EXAMPLE_FLEET
 # (task, requested model, share of traffic)
 WORKLOAD = [
     ("generate", "z-image-turbo", 0.45),
@@ -37,12 +35,10 @@ WORKLOAD = [
 
 
 def build_table(gpus_per_replica: int = 1):
-    import yaml
-
-    pools = yaml.safe_load(FLEET.read_text())["pools"]
+    fleet = load_fleet(FLEET)
     models = {m for _, m, _ in WORKLOAD} | {
         "qwen-image-edit-2511", "qwen-image-edit-2509-svdq-fp4-r32-lightning-8step", "z-image-turbo-svdq-fp4-r32"}
-    config = parse_config({"models": {m: {} for m in models if m not in ("qwen-image-edit",)}, "pools": pools})
+    config = fleet.serve_with(parse_config({"models": {m: {} for m in models if m not in ("qwen-image-edit",)}}))
     placements, _ = place(config)
     routes: dict[str, list[Route]] = {}
     replicas: dict[str, int] = {}
@@ -55,7 +51,8 @@ def build_table(gpus_per_replica: int = 1):
             pool=p.pool.name, gpu_class=p.gpu.id, deployment=name, vram_gib=p.gpu.vram_gib,
             cost_s=p.seconds_per_image))
         # The pool's GPUs shared evenly among the variants placed on it.
-        gpus = p.pool.nodes * p.pool.gpus_per_node
+        pool = fleet.pool(p.pool.name)
+        gpus = pool.nodes * pool.gpus_per_node
         replicas[name] = max(1, gpus // per_pool[p.pool.name] // gpus_per_replica)
     return RoutingTable(config.build_catalog(), routes, {}), replicas
 

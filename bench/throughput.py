@@ -8,7 +8,7 @@ clients), the mean images per pipeline call, and each batch size's ratios to bat
 the same client count, with the verdict of the rule we keep batching by: on only where it raises
 images/s by more than it raises p99.
 
-    .venv/bin/python bench/throughput.py [--requests 48] [--clients 1,4,16] [--batching 1,8@0,8@10]
+    .venv/bin/python -m bench.throughput [--requests 48] [--clients 1,4,16] [--batching 1,8@0,8@10]
                                          [--size 128] [--steps 4] [--json]
 """
 
@@ -23,9 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import bench_parser, measure, run_reporting  # noqa: E402
+from bench.common import bench_parser, measure, run_reporting
 
 PROMPTS = ["a lighthouse at dusk", "a red fox in fresh snow, morning light", "an old map of an island"]
 
@@ -43,7 +42,7 @@ def parse_setting(text: str) -> tuple[int, float]:
 def run_setting(tiny_dir: Path, setting: str, args: argparse.Namespace) -> dict[str, dict]:
     import httpx
 
-    from serve_app.config import parse_config
+    from serve_app.domain.config import parse_config
     from serve_app.embedded import embedded_config_data
     from serve_app.runner import LocalService, free_port
 
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace, out) -> int:
     if "1" not in args.batching:
         args.batching = ["1", *args.batching]
 
-    from serve_app.tiny_models import build_all
+    from serve_app.engines.random_weights import build_all
 
     tiny_dir = Path(tempfile.mkdtemp(prefix="imageserve-bench-"))
     build_all(tiny_dir)

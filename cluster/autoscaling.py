@@ -1,7 +1,7 @@
 """Node autoscaling, simulated: a head started with Ray's fake multi-node provider (autoscaler v2).
 
-Node types are the fleet's pools with the same resources and labels as ``serve_app.fleet`` gives
-real nodes. A replica that needs a pool with no node makes the autoscaler launch one (a local
+Node types are the fleet's pools with the same resources and labels as ``serve_app.domain.placement``
+gives real nodes. A replica that needs a pool with no node makes the autoscaler launch one (a local
 raylet with fake GPUs); idle nodes go away after ``idle_timeout_minutes``.
 
 The head runs as ``ray start --head --block`` in a process group of its own, with a private
@@ -23,36 +23,37 @@ from typing import Any
 
 import yaml
 
-from serve_app.catalog import build_catalog
-from serve_app.fleet import node_labels, node_resources
-from serve_app.runner import PrivateRayCluster, free_port
+from cluster.configs import node_type_name
+from serve_app.domain.catalog import default_catalog
+from serve_app.domain.config import FleetConfig
+from serve_app.domain.placement import node_labels, node_resources
+from serve_app.runner import PrivateRayCluster, free_port, worker_env
 
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 
 
-def autoscaling_config(pools: list[dict[str, Any]], gcs_address: str, idle_timeout_minutes: float,
+def autoscaling_config(fleet: FleetConfig, gcs_address: str, idle_timeout_minutes: float,
                        head_cpus: int = 2) -> dict[str, Any]:
-    catalog = build_catalog()
+    catalog = default_catalog()
     node_types: dict[str, Any] = {
         "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
     }
-    for pool in pools:
-        gpu = catalog.gpu(pool["gpu_class"])
-        per_node = int(pool.get("gpus_per_node", 1))
-        node_types[f"gpu-{pool['name']}"] = {
-            "resources": {"CPU": 1, "GPU": per_node, **node_resources(gpu, per_node)},
+    for pool in fleet.pools:
+        gpu = catalog.gpu(pool.gpu_class)
+        node_types[node_type_name(pool)] = {
+            "resources": {"CPU": 1, "GPU": pool.gpus_per_node, **node_resources(gpu, pool.gpus_per_node)},
             "labels": node_labels(gpu),
             "node_config": {},
-            "min_workers": int(pool.get("nodes", 0)),
-            "max_workers": int(pool.get("max_nodes", 1)),
+            "min_workers": pool.nodes,
+            "max_workers": pool.max_nodes,
         }
     empty: dict[str, Any] = {key: [] for key in (
         "cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands", "setup_commands",
         "head_setup_commands", "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")}
     return {
         "cluster_name": "imageserve-fake",
-        "max_workers": sum(int(p.get("max_nodes", 1)) for p in pools),
+        "max_workers": sum(p.max_nodes for p in fleet.pools),
         "idle_timeout_minutes": idle_timeout_minutes,
         "upscaling_speed": 10,
         "provider": {"type": "external", "module": PROVIDER, "launch_multiple": True, "gcs_address": gcs_address},
@@ -68,9 +69,9 @@ def autoscaling_config(pools: list[dict[str, Any]], gcs_address: str, idle_timeo
 class FakeAutoscalingCluster(PrivateRayCluster):
     """A private Ray cluster whose GPU nodes come and go with demand; use as a context manager."""
 
-    def __init__(self, pools: list[dict[str, Any]], idle_timeout_minutes: float = 0.1, head_cpus: int = 2,
+    def __init__(self, fleet: FleetConfig, idle_timeout_minutes: float = 0.1, head_cpus: int = 2,
                  grace_s: float = 15) -> None:
-        self.pools = pools
+        self.fleet = fleet
         self.grace_s = grace_s
         self.idle_timeout_minutes = idle_timeout_minutes
         self.head_cpus = head_cpus
@@ -78,7 +79,7 @@ class FakeAutoscalingCluster(PrivateRayCluster):
         self.head: subprocess.Popen | None = None
         self.address: str | None = None
 
-    def start(self, timeout_s: float = 90) -> "FakeAutoscalingCluster":
+    def start(self, timeout_s: float = 90) -> FakeAutoscalingCluster:
         import ray
         from ray._private.services import get_node_ip_address
 
@@ -89,7 +90,7 @@ class FakeAutoscalingCluster(PrivateRayCluster):
             self.address = f"{get_node_ip_address()}:{port}"
             config_path = Path(self.tmpdir) / "autoscaling.yaml"
             config_path.write_text(yaml.safe_dump(
-                autoscaling_config(self.pools, self.address, self.idle_timeout_minutes, self.head_cpus)))
+                autoscaling_config(self.fleet, self.address, self.idle_timeout_minutes, self.head_cpus)))
             env = dict(os.environ, RAY_FAKE_CLUSTER="1", RAY_enable_autoscaler_v2="1",
                        RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID, RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
                        RAY_TMPDIR=self.tmpdir, RAY_AUTH_MODE="disabled")
@@ -107,9 +108,9 @@ class FakeAutoscalingCluster(PrivateRayCluster):
             while True:
                 try:
                     ray.init(address=self.address, log_to_driver=False,
-                             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+                             runtime_env={"env_vars": worker_env()})
                     return self
-                except Exception:  # noqa: BLE001 - the head is still coming up
+                except Exception:
                     if time.monotonic() > deadline or self.head.poll() is not None:
                         raise
                     time.sleep(1)

@@ -1,9 +1,9 @@
 """A simulated GPU fleet on one machine: ``imageserve cluster-sim`` and the fleet tests use it.
 
 ``ray.cluster_utils.Cluster`` starts one raylet per fleet node; each declares fake GPUs plus the
-same resources and labels as a real node of its class (``serve_app.fleet``), so placement and
-routing run exactly as on a cluster. The pipelines are the tiny checkpoints on CPU; 4-bit variants
-run their tiny stand-in without nunchaku (``simulate_without_nunchaku``), since its kernels need CUDA.
+same resources and labels as a real node of its class (``serve_app.domain.placement``), so placement
+and routing run exactly as on a cluster. The pipelines are the tiny checkpoints on CPU; 4-bit
+variants run through the ``load_without_nunchaku`` test double, since nunchaku's kernels need CUDA.
 """
 
 from __future__ import annotations
@@ -17,47 +17,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from serve_app.config import AppConfig, parse_config
-from serve_app.embedded import TINY_EDIT_AREAS, embedded_config_data
-from serve_app.fleet import node_labels, node_resources
-from serve_app.runner import PrivateRayCluster
-
-TINY_SOURCE = {
-    "z-image-turbo": "z-image",
-    "qwen-image-edit-2509": "qwen-image-edit-2509",
-    "qwen-image-edit-2511": "qwen-image-edit-2511",
-}
+from serve_app.domain.config import AppConfig, FleetConfig, load_fleet, parse_config
+from serve_app.domain.placement import node_labels, node_resources
+from serve_app.embedded import embedded_config_data, tiny_model_config
+from serve_app.engines import EngineLoader
+from serve_app.engines.gpu_doubles import load_without_nunchaku
+from serve_app.runner import PrivateRayCluster, deploy, worker_env
 
 
-def load_fleet(path: str | os.PathLike) -> list[dict[str, Any]]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict) or not data.get("pools"):
-        raise ValueError(f"{path}: a fleet file is a mapping with a non-empty `pools:` list")
-    return data["pools"]
-
-
-def simulation_config(pools: list[dict[str, Any]], tiny_dir: Path, models: list[str] | None = None,
+def simulation_config(fleet: FleetConfig, tiny_dir: Path, models: list[str] | None = None,
                       autoscaling: dict[str, Any] | None = None) -> AppConfig:
-    """The embedded tiny-model config, extended to every catalog variant and the fleet's pools."""
-    from serve_app.catalog import build_catalog
-    from serve_app.tiny_models import TINY_MODEL_DIRS, build_all
+    """The embedded tiny-model config, extended to every catalog variant (or ``models``) on ``fleet``."""
+    from serve_app.domain.catalog import default_catalog
+    from serve_app.engines.random_weights import build_all
 
     build_all(tiny_dir)
     data = embedded_config_data(tiny_dir)
-    catalog = build_catalog()
-    data["models"] = {}
-    for variant in catalog.variants.values():
-        if models is not None and variant.id not in models:
-            continue
-        entry: dict[str, Any] = {"source": str(tiny_dir / TINY_MODEL_DIRS[TINY_SOURCE[variant.base_model]])}
-        if variant.task == "edit":
-            entry.update(TINY_EDIT_AREAS)
-        if variant.requires_nunchaku:
-            entry["simulate_without_nunchaku"] = True
-        data["models"][variant.id] = entry
-    data["pools"] = pools
+    data["models"] = {v.id: tiny_model_config(tiny_dir, v) for v in default_catalog().variants.values()
+                      if models is None or v.id in models}
     data["defaults"] = {"width": 1024, "height": 1024}  # plan for the real request size; tests ask small ones
     data["serving"]["warmup"] = True
     deployment = data["serving"]["deployment"]
@@ -66,32 +43,39 @@ def simulation_config(pools: list[dict[str, Any]], tiny_dir: Path, models: list[
         deployment["autoscaling"] = autoscaling
     else:
         deployment["num_replicas"] = 1
-    return parse_config(data, "simulated fleet")
+    return fleet.serve_with(parse_config(data, "simulated fleet"))
+
+
+def simulation_loaders(config: AppConfig, loaders: dict[str, EngineLoader] | None = None) -> dict[str, EngineLoader]:
+    """Engine loaders of a simulated fleet: 4-bit variants without nunchaku, then ``loaders`` over them."""
+    catalog = config.build_catalog()
+    four_bit = {m: load_without_nunchaku for m in config.models if catalog.variant(m).requires_nunchaku}
+    return {**four_bit, **(loaders or {})}
 
 
 class SimulatedFleet(PrivateRayCluster):
     """Head node (no GPU) + one raylet per fleet node with fake GPUs, markers and labels."""
 
-    def __init__(self, pools: list[dict[str, Any]], head_cpus: int = 2) -> None:
-        self.pools = pools
+    def __init__(self, fleet: FleetConfig, head_cpus: int = 2) -> None:
+        self.fleet = fleet
         self.head_cpus = head_cpus
         self.cluster = None
         self.tmpdir: str | None = None
 
-    def start(self) -> "SimulatedFleet":
+    def start(self) -> SimulatedFleet:
         try:
             return self._start()
         except BaseException:
             self.stop()
             raise
 
-    def _start(self) -> "SimulatedFleet":
+    def _start(self) -> SimulatedFleet:
         import ray
         from ray.cluster_utils import Cluster
 
-        from serve_app.catalog import build_catalog
+        from serve_app.domain.catalog import default_catalog
 
-        catalog = build_catalog()
+        catalog = default_catalog()
         self.tmpdir = tempfile.mkdtemp(prefix="isv-fleet-", dir="/tmp")
         # Ray puts its sessions and the cluster address file under $RAY_TMPDIR/ray.
         os.environ["RAY_TMPDIR"] = self.tmpdir
@@ -100,37 +84,26 @@ class SimulatedFleet(PrivateRayCluster):
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": self.head_cpus, "num_gpus": 0, "include_dashboard": False,
         })
-        for pool in self.pools:
-            gpu = catalog.gpu(pool["gpu_class"])
-            per_node = int(pool.get("gpus_per_node", 1))
-            for _ in range(int(pool.get("nodes", 1))):
-                self.cluster.add_node(num_cpus=1, num_gpus=per_node, resources=node_resources(gpu, per_node),
-                                      labels=node_labels(gpu))
+        for pool in self.fleet.pools:
+            gpu = catalog.gpu(pool.gpu_class)
+            for _ in range(pool.nodes):
+                self.cluster.add_node(num_cpus=1, num_gpus=pool.gpus_per_node,
+                                      resources=node_resources(gpu, pool.gpus_per_node), labels=node_labels(gpu))
         ray.init(address=self.cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": worker_env()})
         if threading.current_thread() is threading.main_thread():
             from serve_app.runner import interrupt_on_signals
 
             interrupt_on_signals()
         return self
 
-    def deploy(self, config: AppConfig, port: int, timeout_s: float = 600, loaders: dict | None = None) -> str:
+    def deploy(self, config: AppConfig, port: int, timeout_s: float = 600,
+               loaders: dict[str, EngineLoader] | None = None) -> str:
         from ray import serve
 
-        from serve_app.builder import build_app_from_config
-
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app_from_config(config, loaders), name=config.serving.app_name, route_prefix="/",
-                  blocking=False)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            app = serve.status().applications.get(config.serving.app_name)
-            if app is not None and app.status == "RUNNING":
-                return f"http://127.0.0.1:{port}"
-            if app is not None and app.status == "DEPLOY_FAILED":
-                raise RuntimeError(f"deployment failed: {app.message}")
-            time.sleep(1)
-        raise TimeoutError("the simulated fleet's application did not become RUNNING")
+        deploy(config, simulation_loaders(config, loaders), route_prefix="/", timeout_s=timeout_s)
+        return f"http://127.0.0.1:{port}"
 
     def _stop_processes(self) -> None:
         if self.cluster is not None:
@@ -196,8 +169,8 @@ def send_mixed_load(url: str, config: AppConfig, count: int, concurrency: int = 
 
 
 def _replica_says_it_fits(body: dict[str, Any]) -> bool:
-    from serve_app.catalog import default_catalog
-    from serve_app.planner import plan
+    from serve_app.domain.catalog import default_catalog
+    from serve_app.domain.planner import plan
 
     # The replica reports its node's GPU class; the planner checks the variant against it.
     gpu = default_catalog().gpus.get(body["gpu_class"])
@@ -206,15 +179,15 @@ def _replica_says_it_fits(body: dict[str, Any]) -> bool:
 
 def run_simulation(fleet_path: str | os.PathLike, requests: int, tiny_dir: Path, port: int = 8765,
                    concurrency: int = 8) -> dict[str, Any]:
-    pools = load_fleet(fleet_path)
-    config = simulation_config(pools, tiny_dir)
+    fleet = load_fleet(fleet_path)
+    config = simulation_config(fleet, tiny_dir)
     if not port:
         from serve_app.runner import free_port
 
         port = free_port()
     started = time.monotonic()
-    with SimulatedFleet(pools) as fleet:
-        url = fleet.deploy(config, port)
+    with SimulatedFleet(fleet) as simulated:
+        url = simulated.deploy(config, port)
         ready_s = time.monotonic() - started
         tally = send_mixed_load(url, config, requests, concurrency)
     tally["startup_s"] = round(ready_s, 1)

@@ -1,8 +1,10 @@
-"""The router: the ingress deployment. It validates requests and sends each to a replica that can serve it.
+"""The router: it checks each request and sends it to a model replica that can serve it.
 
-The policy that picks a (variant, GPU pool) lives in ``deployments.routing`` (no Ray there); this
-module does the I/O: calling replicas, measuring them, retrying once on a larger GPU after an
-out-of-memory error, and mapping failures to the errors callers see.
+Python handle callers reach ``Router.generate`` / ``Router.edit`` directly; HTTP callers reach them
+through the OpenAI images API that ``serve_app.openai_api`` puts in front of this class. The policy
+that picks a (variant, GPU pool) lives in ``serve_app.domain.routing`` (no Ray there); this module
+does the I/O: calling replicas, measuring them, retrying once on a larger GPU after an
+out-of-memory error (and once after a lost replica), and mapping failures to the errors callers see.
 """
 
 from __future__ import annotations
@@ -15,20 +17,20 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.routing import Route, RoutingTable
-from serve_app.catalog import ModelVariant
-from serve_app.config import AppConfig
-from serve_app.errors import (
+from deployments.metrics import RouterMetrics, error_reason, fetch_node_metrics
+from serve_app.domain.catalog import ModelVariant
+from serve_app.domain.errors import (
     ImageServeError,
     InternalError,
     InvalidRequestError,
     OverloadedError,
     ReplicaOutOfMemoryError,
 )
-from serve_app.images import open_image
-from serve_app.metrics import RouterMetrics, error_reason, fetch_node_metrics
-from serve_app.planner import OFFLOAD_MODES, estimate_vram, plan
-from serve_app.schemas import EditRequest, GenerateRequest, ImageResult
+from serve_app.domain.images import open_image
+from serve_app.domain.planner import OFFLOAD_MODES, estimate_vram, plan
+from serve_app.domain.routing import Route, RoutingTable
+from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
+from serve_app.domain.specs import RouterSpec
 
 logger = logging.getLogger(__name__)
 
@@ -43,40 +45,65 @@ def _unwrap(err: BaseException) -> BaseException:
     return getattr(err, "cause", None) or err
 
 
-@serve.deployment(name="router", max_ongoing_requests=1000)
-@serve.ingress()
 class Router:
-    """Ingress: HTTP (see ``serve_app.api``) and Python handle calls both arrive here.
+    """Validates requests and dispatches each to the best route.
 
     Args:
-        routes: variant id -> list of {"pool", "gpu_class", "deployment", "handle"}.
-        config: the app config as a plain dict.
-        unavailable: variant id -> why this application does not serve it.
+        spec: the catalog, the routes of every served variant, limits and HTTP settings.
+        handles: deployment name -> handle of that model deployment.
     """
 
-    def __init__(self, routes: dict[str, list[dict[str, Any]]], config: dict[str, Any],
-                 unavailable: dict[str, str]) -> None:
-        self.config = AppConfig.model_validate(config)
-        self.catalog = self.config.build_catalog()
-        self.table = RoutingTable(self.catalog, {vid: [Route(**r) for r in rs] for vid, rs in routes.items()},
-                                  unavailable)
+    @classmethod
+    def serve_options(cls, spec: RouterSpec) -> dict[str, Any]:
+        # The router awaits replicas and does little work itself: many requests share one replica.
+        return {"name": "router", "num_replicas": spec.num_replicas, "max_ongoing_requests": 1000,
+                "graceful_shutdown_timeout_s": spec.graceful_shutdown_timeout_s,
+                "ray_actor_options": {"num_cpus": spec.num_cpus}}
+
+    def __init__(self, spec: RouterSpec, handles: dict[str, Any]) -> None:
+        self.spec = spec
+        self.catalog = spec.catalog
+        routes: dict[str, list[Route]] = {}
+        for r in spec.routes:
+            routes.setdefault(r.variant, []).append(Route(
+                pool=r.pool, gpu_class=r.gpu_class, deployment=r.deployment, handle=handles[r.deployment],
+                vram_gib=r.vram_gib, cost_s=r.cost_s, min_replicas=r.min_replicas))
+        self.table = RoutingTable(self.catalog, routes, dict(spec.unavailable))
         self._refresher: asyncio.Task | None = None
         self.metrics = RouterMetrics()
         self._static_model_info = {v.id: self._describe(v) for v in self.catalog.variants.values()}
 
-    def __serve_build_asgi_app__(self):
-        from serve_app.api import create_api
+    # ---- the two tasks ----------------------------------------------------------------------
 
-        serving = self.config.serving
-        return create_api(self, api_keys=serving.api_keys, max_body_bytes=int(serving.limits.max_body_mb * 1e6),
-                          metrics_route=serving.metrics_route)
+    async def generate(self, request: GenerateRequest) -> ImageResult:
+        """Text to image. Same path for HTTP and for ``serve.get_app_handle(...).generate``."""
+        return await self._serve("generate", request)
 
-    # ---- resolution and validation -------------------------------------------------------
+    async def edit(self, request: EditRequest) -> ImageResult:
+        """Instruction editing of 1 to 3 images."""
+        return await self._serve("edit", request)
+
+    async def _serve(self, task: str, request: GenerateRequest | EditRequest) -> ImageResult:
+        variant_id = None
+        try:
+            variants = self.table.resolve(request.model, task)
+            variant_id = variants[0].id
+            size = self.resolve_size(request, variants[0])
+            self.check_input_images(request, variants[0])
+            return await self._dispatch(variants, request, size)
+        except ImageServeError as err:
+            self.metrics.error(task, variant_id, error_reason(err))
+            raise
+        except asyncio.CancelledError:
+            self.metrics.error(task, variant_id, "cancelled")
+            raise
+
+    # ---- validation ---------------------------------------------------------------------------
 
     def resolve_size(self, request: GenerateRequest | EditRequest, variant: ModelVariant) -> tuple[int, int]:
         width, height = request.dimensions()
-        width = width or self.config.defaults.width or variant.defaults.width
-        height = height or self.config.defaults.height or variant.defaults.height
+        width = width or self.spec.default_width or variant.defaults.width
+        height = height or self.spec.default_height or variant.defaults.height
         for side in (width, height):
             if not variant.min_side <= side <= variant.max_side:
                 raise InvalidRequestError(
@@ -85,18 +112,19 @@ class Router:
                 )
         return width, height
 
-    def check_images(self, request: EditRequest, variant: ModelVariant) -> None:
-        if len(request.images) > variant.max_input_images:
+    def check_input_images(self, request: GenerateRequest | EditRequest, variant: ModelVariant) -> None:
+        """Count and header checks of the input images (full decoding happens in the replica)."""
+        if request.num_input_images > variant.max_input_images:
             raise InvalidRequestError(
-                f"{variant.id} takes at most {variant.max_input_images} input images, got {len(request.images)}",
+                f"{variant.id} takes at most {variant.max_input_images} input images, got {request.num_input_images}",
                 param="image",
             )
-        for i, data in enumerate(request.images):
-            open_image(data, self.config.serving.limits.max_input_pixels, name=f"image {i + 1}")
+        for i, data in enumerate(request.input_images):
+            open_image(data, self.spec.max_input_pixels, name=f"image {i + 1}")
 
     # ---- dispatch -------------------------------------------------------------------------
 
-    async def _dispatch(self, variants: list[ModelVariant], method: str, request: Any,
+    async def _dispatch(self, variants: list[ModelVariant], request: GenerateRequest | EditRequest,
                         size: tuple[int, int]) -> ImageResult:
         self._start_replica_count_refresh()
         options = self.table.options(variants)
@@ -104,7 +132,7 @@ class Router:
         self.metrics.decisions.inc(tags={"task": variant.task, "variant": variant.id, "pool": route.pool,
                                          "gpu_class": route.gpu_class or "unknown"})
         try:
-            return await self._call(variant, route, method, request, size)
+            return await self._call(variant, route, request, size)
         except ReplicaOutOfMemoryError as oom:
             retry = self.table.choose(self.table.larger_than(options, route), images=request.n)
             if retry is None:
@@ -114,23 +142,23 @@ class Router:
             logger.warning("%s ran out of memory on %s; retrying on %s", variant.id, route.pool, retry[1].pool)
             self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool, "to_pool": retry[1].pool,
                                            "reason": "oom"})
-            result = await self._call(*retry, method, request, size)
+            result = await self._call(*retry, request, size)
             result.retried_from = route.pool
             return result
 
-    async def _call(self, variant: ModelVariant, route: Route, method: str, request: Any,
+    async def _call(self, variant: ModelVariant, route: Route, request: GenerateRequest | EditRequest,
                     size: tuple[int, int]) -> ImageResult:
         self.table.outstanding[route.deployment] += 1
         self._queue_gauge(variant, route)
         try:
             try:
-                result = await getattr(route.handle, method).remote(request, *size)
+                result = await route.handle.run.remote(request, *size)
             except REPLICA_LOST as lost:
                 logger.warning("%s: a replica of %s was lost (%s); retrying once", variant.id, route.deployment,
                                type(lost).__name__)
                 self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool,
                                                "to_pool": route.pool, "reason": "replica_lost"})
-                result = await getattr(route.handle, method).remote(request, *size)
+                result = await route.handle.run.remote(request, *size)
             route.observe(result.timings.get("total_s", 0.0) / max(len(result.images), 1))
             return result
         except BackPressureError:
@@ -140,7 +168,7 @@ class Router:
             ) from None
         except asyncio.CancelledError:
             raise
-        except Exception as err:  # noqa: BLE001 - classified below, never surfaced raw
+        except Exception as err:
             cause = _unwrap(err)
             if isinstance(cause, ImageServeError):
                 raise cause from None
@@ -157,46 +185,22 @@ class Router:
         self.metrics.queue.set(self.table.outstanding[route.deployment],
                                tags={"variant": variant.id, "pool": route.pool})
 
-    async def generate(self, request: GenerateRequest) -> ImageResult:
-        """Text to image. Same path for HTTP and for ``serve.get_app_handle(...).generate``."""
-        return await self._counted("generate", request)
-
-    async def edit(self, request: EditRequest) -> ImageResult:
-        """Instruction editing of 1 to 3 images."""
-        return await self._counted("edit", request)
-
-    async def _counted(self, task: str, request: GenerateRequest | EditRequest) -> ImageResult:
-        variant_id = None
-        try:
-            variants = self.table.resolve(request.model, task)
-            variant_id = variants[0].id
-            size = self.resolve_size(request, variants[0])
-            if task == "edit":
-                self.check_images(request, variants[0])
-            return await self._dispatch(variants, task, request, size)
-        except ImageServeError as err:
-            self.metrics.error(task, variant_id, error_reason(err))
-            raise
-        except asyncio.CancelledError:
-            self.metrics.error(task, variant_id, "cancelled")
-            raise
+    # ---- operations -----------------------------------------------------------------------
 
     def record_error(self, task: str, reason: str) -> None:
         """Errors the HTTP layer answers before a request reaches ``generate``/``edit``."""
         self.metrics.error(task, None, reason)
 
     async def metrics_text(self) -> str:
-        """This node's Ray metrics export, reduced to imageserve's and Serve's series."""
+        """This node's Ray metrics export, reduced to imageserve's series."""
         import ray
 
         node_id = ray.get_runtime_context().get_node_id()
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
         return await asyncio.to_thread(fetch_node_metrics, node["MetricsExportPort"])
 
-    # ---- introspection --------------------------------------------------------------------
-
     def _describe(self, variant: ModelVariant) -> dict[str, Any]:
-        w, h = self.config.defaults.width, self.config.defaults.height
+        w, h = self.spec.default_width, self.spec.default_height
         return {
             "id": variant.id,
             "object": "model",
@@ -217,7 +221,7 @@ class Router:
 
     def _read_replica_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        app = serve.status().applications.get(self.config.serving.app_name)
+        app = serve.status().applications.get(self.spec.app_name)
         for name, status in (app.deployments if app else {}).items():
             counts[name] = status.replica_states.get("RUNNING", 0)
         return counts
@@ -230,7 +234,7 @@ class Router:
                     for route in routes:
                         self.metrics.replicas.set(self.table.replicas.get(route.deployment, 0), tags={
                             "variant": variant_id, "pool": route.pool, "gpu_class": route.gpu_class or "unknown"})
-            except Exception:  # noqa: BLE001 - counts are advisory; keep the last ones
+            except Exception:
                 logger.warning("could not read serve status", exc_info=True)
             await asyncio.sleep(REPLICA_COUNT_TTL_S)
 
@@ -265,4 +269,6 @@ class Router:
         return {"object": "list", "data": data}
 
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(self.table.routes)}
+        """Liveness, the served variants, and the requests this router has at each deployment."""
+        in_flight = {name: count for name, count in self.table.outstanding.items() if count}
+        return {"status": "ok", "models": sorted(self.table.routes), "in_flight": in_flight}

@@ -1,18 +1,36 @@
-"""imageserve: Ray Serve for Z-Image-Turbo generation and Qwen-Image-Edit editing on mixed GPUs."""
+"""imageserve: Ray Serve for Z-Image-Turbo generation and Qwen-Image-Edit editing on mixed GPU fleets.
 
-from serve_app.catalog import Catalog, GPUClass, ModelVariant, build_catalog, default_catalog
-from serve_app.config import AppConfig, ConfigError, load_config
-from serve_app.planner import Plan, plan
+The public API: ``build_app`` (``serve_app.builder``, the ``import_path`` of serve_config.yaml), and
+the types a Python handle caller sends and gets back, re-exported here.
+"""
+
+from serve_app.domain.config import AppConfig, ConfigError, load_config
+from serve_app.domain.errors import (
+    ImageServeError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    OverloadedError,
+    ReplicaOutOfMemoryError,
+    RequestCancelledError,
+)
+from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
+
+__version__ = "0.1.0"
 
 __all__ = [
     "AppConfig",
-    "Catalog",
     "ConfigError",
-    "GPUClass",
-    "ModelVariant",
-    "Plan",
-    "build_catalog",
-    "default_catalog",
+    "EditRequest",
+    "GenerateRequest",
+    "ImageResult",
+    "ImageServeError",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "ModelUnavailableError",
+    "OverloadedError",
+    "ReplicaOutOfMemoryError",
+    "RequestCancelledError",
+    "__version__",
     "load_config",
-    "plan",
 ]

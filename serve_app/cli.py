@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from serve_app.config import AppConfig, ConfigError, load_config, parse_config
-from serve_app.planner import OFFLOAD_MODES, Plan, plan_table
+from serve_app.domain.config import AppConfig, ConfigError, load_config, load_fleet, parse_config
+from serve_app.domain.planner import OFFLOAD_MODES, Plan, plan_table
+from serve_app.examples import EXAMPLE_FLEET, EXAMPLE_PRODUCTION_CONFIG
 
 DEFAULT_TINY_DIR = Path(os.environ.get("IMAGESERVE_HOME", Path.home() / ".cache" / "imageserve")) / "tiny-models"
 
@@ -47,21 +48,17 @@ def _format_plans(plans: list[Plan], catalog) -> str:
 
 def _print_placement(config: AppConfig, fleet_path: str, as_json: bool) -> int:
     """The fleet's placement: which variant runs on which pool, in which mode, at what cost."""
-    import yaml
+    from serve_app.domain.placement import capacity_warnings, place
 
-    from serve_app.fleet import capacity_warnings, place
-
-    pools = (yaml.safe_load(Path(fleet_path).read_text()) or {}).get("pools", [])
-    catalog = config.build_catalog()
-    models = config.models or {v: {} for v in catalog.variants}
-    config = parse_config({**config.model_dump(exclude_unset=True),
-                           "models": {m: (c.model_dump(exclude_unset=True) if hasattr(c, "model_dump") else c)
-                                      for m, c in models.items()},
-                           "pools": pools})
+    fleet = load_fleet(fleet_path)
+    if not config.models:  # no models configured: place the whole catalog
+        config = parse_config({**config.model_dump(mode="json", exclude_unset=True),
+                               "models": {v: {} for v in config.build_catalog().variants}})
+    config = fleet.serve_with(config)
     placements, unplaced = place(config)
     rows = [{"variant": p.variant.id, "pool": p.pool.name, "gpu": p.gpu.name, "mode": p.plan.mode,
              "peak_vram_gib": p.plan.peak_vram_gib, "seconds_per_image": p.seconds_per_image} for p in placements]
-    warnings = capacity_warnings(config, placements)
+    warnings = capacity_warnings(config, fleet, placements)
     if as_json:
         print(json.dumps({"placements": rows, "unplaced": unplaced, "warnings": warnings}, indent=2))
         return 0
@@ -83,9 +80,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _print_placement(config, args.fleet, args.json)
     catalog = config.build_catalog()
     if args.gpu == "auto":
-        from serve_app.hardware import detect_local_gpu
+        from serve_app.engines.hardware import detect_local_gpu
 
-        local = detect_local_gpu(catalog)
+        local = detect_local_gpu(catalog.gpus.values())
         if local is None:
             print("no CUDA GPU here: `--gpu auto` has nothing to plan for (models run on CPU, unplanned)",
                   file=sys.stderr)
@@ -95,7 +92,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         gpus = [catalog.gpu(g) for g in args.gpu.split(",")]
     else:
         gpus = list(catalog.gpus.values())
-    variants = [catalog.variant(v) for v in args.variant.split(",")] if args.variant else list(catalog.variants.values())
+    variants = ([catalog.variant(v) for v in args.variant.split(",")] if args.variant
+                else list(catalog.variants.values()))
     modes = (args.mode,) if args.mode else OFFLOAD_MODES
     plans = plan_table(variants, gpus, args.width, args.height, args.images, modes=modes,
                        settings=config.device.planner)
@@ -109,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_models(args: argparse.Namespace) -> int:
-    from serve_app.tiny_models import build_all
+    from serve_app.engines.random_weights import build_all
 
     for kind, path in build_all(args.dir, force=args.force).items():
         print(f"{kind}: {path}")
@@ -157,7 +155,8 @@ def cmd_cluster_sim(args: argparse.Namespace) -> int:
 def cmd_cluster_configs(args: argparse.Namespace) -> int:
     from cluster.configs import write_configs
 
-    for path in write_configs(args.fleet, args.serve_config, args.out, args.redis or None):
+    for path in write_configs(args.fleet, args.config, args.serve_config_out, args.manifests_out,
+                              args.redis or None):
         print(f"wrote {path}")
     return 0
 
@@ -176,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=OFFLOAD_MODES, help="force one offload mode")
     p.add_argument("--json", action="store_true", help="print a JSON list of plan objects")
     p.add_argument("--details", action="store_true", help="with --json: include the per-mode estimate parts")
-    p.add_argument("--fleet", help="fleet file: print which variants each GPU pool hosts (placement) instead")
+    p.add_argument("--fleet", nargs="?", const=str(EXAMPLE_FLEET),
+                   help="fleet file (the example fleet when no path is given): print which variants each GPU pool "
+                        "hosts (placement) instead")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("make-tiny-models", help="build tiny random-weight checkpoints offline")
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("cluster-sim", help="simulate a mixed GPU fleet locally and send it mixed traffic")
-    p.add_argument("--fleet", default="cluster/fleets/example.yaml", help="fleet file (pools of GPU classes)")
+    p.add_argument("--fleet", default=str(EXAMPLE_FLEET), help="fleet file (default: the example fleet)")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--port", type=int, default=8765, help="HTTP port of the simulated fleet (0: any free port)")
@@ -206,10 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_cluster_sim)
 
-    p = sub.add_parser("cluster-configs", help="write the cluster-launcher and KubeRay configs for a fleet")
-    p.add_argument("--fleet", default="cluster/fleets/example.yaml")
-    p.add_argument("--serve-config", default="serve_config.yaml")
-    p.add_argument("--out", default="cluster")
+    p = sub.add_parser("cluster-configs", help="write serve_config.yaml and the cluster configs for a fleet")
+    p.add_argument("--fleet", default=str(EXAMPLE_FLEET), help="fleet file (default: the example fleet)")
+    p.add_argument("--config", default=str(EXAMPLE_PRODUCTION_CONFIG),
+                   help="imageserve config to serve on it (default: the example production config)")
+    p.add_argument("--serve-config-out", default="serve_config.yaml", help="where to write the Ray Serve config")
+    p.add_argument("--manifests-out", default=".", help="folder for ray-cluster.yaml and kuberay-rayservice.yaml")
     p.add_argument("--redis", default="redis:6379", help="GCS fault-tolerance Redis address ('' to leave it off)")
     p.set_defaults(func=cmd_cluster_configs)
     return parser

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from serve_app.catalog import ModelVariant
-from serve_app.config import AppConfig
-from serve_app.hardware import detect_local_gpu, free_disk_gb, host_memory_gib
-from serve_app.nunchaku_support import nunchaku_status
-from serve_app.planner import plan
+from serve_app.domain.catalog import ModelVariant
+from serve_app.domain.config import AppConfig
+from serve_app.domain.planner import plan
+from serve_app.engines.hardware import detect_local_gpu, free_disk_gb, host_memory_gib
+from serve_app.engines.nunchaku_support import nunchaku_status
 
 
 def _hf_cache_dir(config: AppConfig, override: str | None) -> str:
@@ -42,7 +42,7 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
     catalog = config.build_catalog()
     model_ids = config.models_to_load() or list(catalog.variants)
     variants = [catalog.variant(m) for m in model_ids]
-    local = detect_local_gpu(catalog)
+    local = detect_local_gpu(catalog.gpus.values())
     nunchaku_ok, nunchaku_text = nunchaku_status()
     cache = _hf_cache_dir(config, cache_dir)
     free_gb = free_disk_gb(cache)
@@ -88,10 +88,12 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
     else:
         g = report["gpu"]
         known = g["catalog_class"] if g["in_catalog"] else "not in the catalog; planned from its own properties"
-        lines.append(f"GPU:       {g['name']}, {g['vram_gib']} GiB, sm_{g['compute_capability'].replace('.', '')} ({known})")
+        sm = g["compute_capability"].replace(".", "")
+        lines.append(f"GPU:       {g['name']}, {g['vram_gib']} GiB, sm_{sm} ({known})")
     lines.append(f"Host RAM:  {report['host_memory_gib']} GiB")
     d = report["disk"]
-    lines.append(f"Disk:      {d['free_gb']} GB free at {d['cache_dir']}; the chosen models need ~{d['download_needed_gb']} GB"
+    lines.append(f"Disk:      {d['free_gb']} GB free at {d['cache_dir']}; "
+                 f"the chosen models need ~{d['download_needed_gb']} GB"
                  + ("" if d["enough"] else "  <-- NOT ENOUGH"))
     lines.append(f"nunchaku:  {'yes' if nunchaku_ok else 'no'}: {nunchaku_text}")
     lines.append("Would serve:")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from serve_app.config import AppConfig, parse_config
+from serve_app.domain.config import AppConfig, parse_config
+from serve_app.engines.random_weights import build_all, tiny_checkpoint
 
 # Small VAE/vision areas keep an edit on two CPU cores well under a second (the real pipeline
 # resizes every input image to 1024^2 for the VAE, which costs seconds even with tiny weights).
@@ -13,22 +14,28 @@ TINY_EDIT_AREAS = {"edit_vae_image_area": 128 * 128, "edit_condition_image_area"
 # Batching without a wait: bench/throughput.py measured more images/s and a lower p99 from 4
 # clients up, and no cost for a lone client (docs/benchmarks.md).
 TINY_GENERATION_BATCHING = {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
+EMBEDDED_VARIANTS = ("z-image-turbo", "qwen-image-edit-2509", "qwen-image-edit-2511")
+
+
+def tiny_model_config(tiny_dir: Path, variant) -> dict[str, Any]:
+    """``models.<id>`` settings that run ``variant`` on its base model's tiny checkpoint."""
+    entry: dict[str, Any] = {"source": str(tiny_checkpoint(tiny_dir, variant.base_model))}
+    if variant.task == "edit":
+        entry.update(TINY_EDIT_AREAS)
+    return entry
 
 
 def embedded_config_data(tiny_dir: Path, **serving: Any) -> dict[str, Any]:
-    from serve_app.tiny_models import TINY_MODEL_DIRS
+    from serve_app.domain.catalog import default_catalog
 
+    catalog = default_catalog()
+    models = {v: tiny_model_config(tiny_dir, catalog.variant(v)) for v in EMBEDDED_VARIANTS}
+    models["z-image-turbo"].update(TINY_GENERATION_BATCHING)
     return {
         "device": {"device": "cpu"},
         "hf": {"offline": True},
         "defaults": {"width": 256, "height": 256},
-        "models": {
-            "z-image-turbo": {"source": str(tiny_dir / TINY_MODEL_DIRS["z-image"]), **TINY_GENERATION_BATCHING},
-            "qwen-image-edit-2509": {"source": str(tiny_dir / TINY_MODEL_DIRS["qwen-image-edit-2509"]),
-                                     **TINY_EDIT_AREAS},
-            "qwen-image-edit-2511": {"source": str(tiny_dir / TINY_MODEL_DIRS["qwen-image-edit-2511"]),
-                                     **TINY_EDIT_AREAS},
-        },
+        "models": models,
         "serving": {
             "torch_threads": 1,
             "router_num_cpus": 0,  # I/O-bound; on 2 cores a reserved CPU would leave none for more apps
@@ -40,7 +47,5 @@ def embedded_config_data(tiny_dir: Path, **serving: Any) -> dict[str, Any]:
 
 def embedded_config(tiny_dir: Path, **serving: Any) -> AppConfig:
     """Build the tiny checkpoints under ``tiny_dir`` if missing and return the embedded config."""
-    from serve_app.tiny_models import build_all
-
     build_all(tiny_dir)
     return parse_config(embedded_config_data(tiny_dir, **serving), "embedded default")

@@ -12,11 +12,17 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from serve_app.config import AppConfig
+from serve_app.domain.config import AppConfig
 
 logger = logging.getLogger(__name__)
+
+
+def worker_env(offline: bool = True) -> dict[str, str]:
+    """Environment of every replica process: the Hub only when the config allows it, quiet tokenizers."""
+    return {"HF_HUB_OFFLINE": "1" if offline else "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,7 +44,7 @@ class PrivateRayCluster:
 
     tmpdir: str | None = None
 
-    def start(self) -> "PrivateRayCluster":
+    def start(self) -> PrivateRayCluster:
         raise NotImplementedError
 
     def _stop_processes(self) -> None:
@@ -52,7 +58,7 @@ class PrivateRayCluster:
             try:
                 if ray.is_initialized():
                     serve.shutdown()
-            except Exception:  # noqa: BLE001 - tear the cluster down regardless
+            except Exception:
                 logger.warning("serve.shutdown failed; shutting Ray down anyway", exc_info=True)
             ray.shutdown()
             self._stop_processes()
@@ -65,6 +71,28 @@ class PrivateRayCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def deploy(config: AppConfig, loaders: dict[str, Any] | None = None, route_prefix: str | None = None,
+           timeout_s: float = 300) -> None:
+    """Deploy ``config``'s application on the Serve instance this driver is connected to, and wait
+    until it is RUNNING (a failed deployment raises with Serve's reason)."""
+    from ray import serve
+
+    from serve_app.builder import build_app_from_config
+
+    name = config.serving.app_name
+    serve.run(build_app_from_config(config, loaders), name=name,
+              route_prefix=route_prefix or config.serving.route_prefix, blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deployment failed: {app.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{name} was not RUNNING after {timeout_s}s")
 
 
 class LocalService(PrivateRayCluster):
@@ -88,11 +116,9 @@ class LocalService(PrivateRayCluster):
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 300, after_ray_init: Callable[[], None] | None = None,
-              loaders: dict[str, Any] | None = None) -> "LocalService":
+              loaders: dict[str, Any] | None = None) -> LocalService:
         import ray
         from ray import serve
-
-        from serve_app.builder import build_app_from_config
 
         # Short path: Ray's unix sockets live under it and must stay under ~100 characters.
         self.tmpdir = tempfile.mkdtemp(prefix="isv-ray-", dir="/tmp")
@@ -110,8 +136,7 @@ class LocalService(PrivateRayCluster):
                 {"metrics_report_interval_ms": self.metrics_report_interval_ms}
                 if self.metrics_report_interval_ms else None
             ),
-            runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
-                                      "TOKENIZERS_PARALLELISM": "false"}},
+            runtime_env={"env_vars": worker_env(os.environ["HF_HUB_OFFLINE"] == "1")},
         )
         self.started = True
         if after_ray_init is not None:
@@ -120,38 +145,13 @@ class LocalService(PrivateRayCluster):
         if self.config.serving.request_timeout_s:
             http_options["request_timeout_s"] = self.config.serving.request_timeout_s
         serve.start(http_options=http_options, proxy_location="HeadOnly")
-        serve.run(
-            build_app_from_config(self.config, loaders),
-            name=self.config.serving.app_name,
-            route_prefix=self.config.serving.route_prefix,
-            blocking=False,
-        )
-        self._wait_until_running(timeout_s)
+        deploy(self.config, loaders, timeout_s=timeout_s)
         return self
 
     def add_application(self, config: AppConfig, route_prefix: str, loaders: dict[str, Any] | None = None,
                         timeout_s: float = 300) -> None:
         """Deploy another imageserve application (its own config) on the same Serve instance."""
-        from ray import serve
-
-        from serve_app.builder import build_app_from_config
-
-        serve.run(build_app_from_config(config, loaders), name=config.serving.app_name, route_prefix=route_prefix,
-                  blocking=False)
-        self._wait_until_running(timeout_s, config.serving.app_name)
-
-    def _wait_until_running(self, timeout_s: float, app_name: str | None = None) -> None:
-        from ray import serve
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            app = serve.status().applications.get(app_name or self.config.serving.app_name)
-            if app is not None and app.status == "RUNNING":
-                return
-            if app is not None and app.status == "DEPLOY_FAILED":
-                raise RuntimeError(f"deployment failed: {app.message}")
-            time.sleep(0.5)
-        raise TimeoutError(f"imageserve was not RUNNING after {timeout_s}s")
+        deploy(config, loaders, route_prefix=route_prefix, timeout_s=timeout_s)
 
     def stop(self) -> None:
         if self.started:
@@ -159,14 +159,20 @@ class LocalService(PrivateRayCluster):
             super().stop()
 
 
+_GENERATE_BODY = '{"model": "z-image-turbo", "prompt": "a lighthouse at dusk", "size": "256x256", "seed": 1}'
+_SAVE_FIRST_IMAGE = ('import sys,json,base64; '
+                     'open("out.png","wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))')
+
+
 def example_requests(url: str) -> str:
     return (
         f"imageserve is answering at {url}\n"
         f"  curl -s {url}/v1/models | python3 -m json.tool\n"
         f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\\n"
-        "       -d '{\"model\": \"z-image-turbo\", \"prompt\": \"a lighthouse at dusk\", \"size\": \"256x256\", \"seed\": 1}' \\\n"
-        "    | python3 -c 'import sys,json,base64; open(\"out.png\",\"wb\").write(base64.b64decode(json.load(sys.stdin)[\"data\"][0][\"b64_json\"]))'\n"
-        f"  curl -s {url}/v1/images/edits -F model=qwen-image-edit -F prompt='make it blue' -F image=@out.png -F size=256x256\n"
+        f"       -d '{_GENERATE_BODY}' \\\n"
+        f"    | python3 -c '{_SAVE_FIRST_IMAGE}'\n"
+        f"  curl -s {url}/v1/images/edits -F model=qwen-image-edit -F prompt='make it blue' -F image=@out.png \\\n"
+        "       -F size=256x256\n"
         "Stop with Ctrl-C."
     )
 

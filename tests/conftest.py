@@ -9,19 +9,61 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Our clusters are started explicitly; Serve's handle threads must not silently reconnect after shutdown.
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
-import pytest  # noqa: E402
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
-    """Tiny random-weight checkpoints of every pipeline, built once per test session."""
-    from serve_app.tiny_models import build_all
+    """Tiny random-weight checkpoints of every base model (base model id -> folder), built once per session."""
+    from serve_app.engines.random_weights import build_all
 
     return build_all(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")
+def tiny_root(tiny_models):
+    """The folder that holds every tiny checkpoint (what the embedded config and the simulation take)."""
+    return next(iter(tiny_models.values())).parent
+
+
+@pytest.fixture(scope="session")
+def load_engine_for():
+    """``load_engine_for(config, variant_id)``: the real engine of a variant, loaded as ``config`` says."""
+    from serve_app.domain.specs import engine_spec
+    from serve_app.engines import load_engine
+
+    def load(config, variant_id: str):
+        catalog = config.build_catalog()
+        return load_engine(engine_spec(config, catalog.variant(variant_id), catalog))
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def catalog():
-    from serve_app.catalog import default_catalog
+    from serve_app.domain.catalog import default_catalog
 
     return default_catalog()
+
+
+@pytest.fixture(scope="session")
+def prometheus_tool():
+    """``prometheus_tool(name)``: the path of ``prometheus`` or ``promtool`` from `make test`'s .tools/ (or PATH)."""
+    import shutil
+
+    def find(name: str) -> str:
+        configured = os.environ.get("IMAGESERVE_PROMETHEUS")
+        candidates = [Path(configured).with_name(name)] if configured else []
+        candidates.append(ROOT / ".tools" / "prometheus" / "usr" / "bin" / name)
+        for path in candidates:
+            if path.exists():
+                return str(path)
+        found = shutil.which(name)
+        assert found, f"{name} not found: run `make test`, which unpacks Debian's prometheus into .tools/"
+        return found
+
+    return find

@@ -11,16 +11,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_placement_benchmark_runs_and_reports_both_policies():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "placement.py"), "--requests", "300", "--rates", "0.5",
-                          "--json"], capture_output=True, text=True, check=True, timeout=120).stdout
+    out = subprocess.run([sys.executable, "-m", "bench.placement", "--requests", "300", "--rates", "0.5",
+                          "--json"], capture_output=True, text=True, check=True, timeout=120, cwd=ROOT).stdout
     load = json.loads(out)["loads"]["0.5/s"]
     assert {"router", "round_robin", "ratio_round_robin_over_router"} <= set(load)
     assert load["router"]["mean_s"] > 0 and load["round_robin"]["p95_s"] > 0
 
 
+@pytest.mark.integration
 def test_gpu_fullsize_harness_smoke_mode_runs_every_path_on_cpu():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_fullsize.py"), "--smoke", "--json"],
-                         capture_output=True, text=True, check=True, timeout=600).stdout
+    out = subprocess.run([sys.executable, "-m", "bench.gpu_fullsize", "--smoke", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
     report = json.loads(out)
     assert report["model_size"] == "tiny" and report["device"] == "cpu"
     for key in ("z-image-turbo/none", "qwen-image-edit-2509/none"):
@@ -34,10 +35,11 @@ def test_gpu_fullsize_harness_smoke_mode_runs_every_path_on_cpu():
         assert service["ratio"] == pytest.approx(service["handle_wall_s"] / service["direct_wall_s"], rel=0.02)
 
 
+@pytest.mark.integration
 def test_throughput_benchmark_compares_batching_settings_over_http():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--requests", "6", "--clients", "1,3",
+    out = subprocess.run([sys.executable, "-m", "bench.throughput", "--requests", "6", "--clients", "1,3",
                           "--batching", "1,4@50", "--size", "64", "--steps", "1", "--json"],
-                         capture_output=True, text=True, check=True, timeout=600).stdout
+                         capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
     report = json.loads(out)
     assert set(report["results"]) == {"1", "4@50"}
     assert report["results"]["1"]["3"]["mean_batch_images"] == 1.0
@@ -46,9 +48,10 @@ def test_throughput_benchmark_compares_batching_settings_over_http():
     assert {"images_per_s_x", "p99_x", "keep"} <= set(report["vs_batching_off"]["4@50"]["1"])
 
 
+@pytest.mark.integration
 def test_autoscale_benchmark_sees_a_new_replica_answer():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "autoscale.py"), "--clients", "4", "--steps", "4",
-                          "--downscale-delay", "2", "--json"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "bench.autoscale", "--clients", "4", "--steps", "4",
+                          "--downscale-delay", "2", "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     step = report["from_load_step"]

@@ -8,39 +8,37 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-POOLS = [
+FLEET = {"pools": [
     {"name": "a4500", "gpu_class": "rtx-a4500", "nodes": 1, "max_nodes": 1, "gpus_per_node": 2,
      "variants": ["z-image-turbo"]},
     # No node yet: the bf16 edit variant fits only here, so its replica makes the autoscaler launch one.
     {"name": "a100", "gpu_class": "a100-80g", "nodes": 0, "max_nodes": 1, "gpus_per_node": 2,
      "variants": ["qwen-image-edit-2511"]},
-]
+]}
 
 
 def gpu_nodes(cluster, gpu_class):
-    return [n for n in cluster.alive_nodes() if n.get("Labels", {}).get("imageserve.io/gpu-class") == gpu_class]
+    from serve_app.domain.placement import GPU_CLASS_LABEL
+
+    return [n for n in cluster.alive_nodes() if n.get("Labels", {}).get(GPU_CLASS_LABEL) == gpu_class]
 
 
-def test_a_pool_without_nodes_gets_one_on_demand_and_loses_it_when_idle(tiny_models):
+def test_a_pool_without_nodes_gets_one_on_demand_and_loses_it_when_idle(tiny_root):
     import httpx
     from ray import serve
 
     from cluster.autoscaling import FakeAutoscalingCluster
     from cluster.simulate import _png, simulation_config
-    from serve_app.builder import build_app_from_config
-    from serve_app.runner import free_port
+    from serve_app.domain.config import parse_fleet
+    from serve_app.runner import deploy, free_port
 
-    config = simulation_config(POOLS, next(iter(tiny_models.values())).parent,
-                               models=["z-image-turbo", "qwen-image-edit-2511"])
-    with FakeAutoscalingCluster(POOLS, idle_timeout_minutes=0.1) as cluster:
+    fleet = parse_fleet(FLEET)
+    config = simulation_config(fleet, tiny_root, models=["z-image-turbo", "qwen-image-edit-2511"])
+    with FakeAutoscalingCluster(fleet, idle_timeout_minutes=0.1) as cluster:
         assert gpu_nodes(cluster, "a100-80g") == []
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app_from_config(config), name="imageserve", route_prefix="/", blocking=False)
-        deadline = time.monotonic() + 180
-        while serve.status().applications["imageserve"].status != "RUNNING":
-            assert time.monotonic() < deadline, serve.status().applications["imageserve"]
-            time.sleep(1)
+        deploy(config, route_prefix="/", timeout_s=180)
         assert len(gpu_nodes(cluster, "a100-80g")) == 1
 
         # Over HTTP, not a driver handle: Serve's process-wide handle thread outlives this cluster and

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "cluster" / "deploy"
 EXPORTED = {
     "ray_imageserve_request_duration_seconds", "ray_imageserve_denoise_step_seconds", "ray_imageserve_requests_total",
     "ray_imageserve_images_total", "ray_imageserve_batch_images", "ray_imageserve_model_load_seconds",
@@ -18,13 +19,13 @@ EXPORTED = {
 
 
 def test_metric_names_in_the_code_are_the_documented_ones():
-    source = (ROOT / "serve_app" / "metrics.py").read_text()
+    source = (ROOT / "deployments" / "metrics.py").read_text()
     defined = {"ray_" + name for name in re.findall(r'"(imageserve_[a-z_]+)"', source)}
     assert defined == EXPORTED
 
 
 def test_dashboard_queries_use_exported_series_only():
-    dashboard = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
     titles = [p["title"] for p in dashboard["panels"]]
     assert any("Latency percentiles" in t for t in titles) and any("headroom" in t for t in titles)
     assert any("queue depth" in t for t in titles) and any("Replicas" in t for t in titles)
@@ -36,18 +37,14 @@ def test_dashboard_queries_use_exported_series_only():
 
 
 def test_scrape_config_uses_rays_service_discovery():
-    config = yaml.safe_load((ROOT / "cluster" / "prometheus.yml").read_text())
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
 
 
-def test_promtool_accepts_the_scrape_config():
+def test_promtool_accepts_the_scrape_config(prometheus_tool):
     import subprocess
-    import sys
 
-    sys.path.insert(0, str(ROOT / "tests" / "integration"))
-    from test_metrics import tool
-
-    check = subprocess.run([tool("promtool"), "check", "config", str(ROOT / "cluster" / "prometheus.yml")],
+    check = subprocess.run([prometheus_tool("promtool"), "check", "config", str(DEPLOY / "prometheus.yml")],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr

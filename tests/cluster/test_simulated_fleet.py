@@ -4,33 +4,34 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 FAST_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
                     "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2}
 OOM_VARIANT = "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_models):
-    from cluster.simulate import SimulatedFleet, load_fleet, simulation_config
+def fleet(tiny_root):
+    from cluster.simulate import SimulatedFleet, simulation_config
+    from serve_app.domain.config import load_fleet, parse_fleet
+    from serve_app.engines.gpu_doubles import out_of_memory_loader
+    from serve_app.examples import EXAMPLE_FLEET
     from serve_app.runner import free_port
-    from serve_app.testing import out_of_memory_loader
 
-    pools = load_fleet(ROOT / "cluster" / "fleets" / "example.yaml")
-    for pool in pools:
+    data = load_fleet(EXAMPLE_FLEET).model_dump(exclude_unset=True)
+    for pool in data["pools"]:
         if pool["name"] == "rtx5090":
             # Room for every rtx5090 deployment to reach max_replicas at once.
             pool["deployment"] = {"autoscaling": FAST_AUTOSCALING}
             pool["gpus_per_node"] = 8
-    config = simulation_config(pools, next(iter(tiny_models.values())).parent)
+    example = parse_fleet(data)
+    config = simulation_config(example, tiny_root)
     port = free_port()
-    with SimulatedFleet(pools) as simulated:
+    with SimulatedFleet(example) as simulated:
         # TEST DOUBLE: the int4 edit variant "runs out of memory" on nodes under 22 GiB (the A4500 pool).
         url = simulated.deploy(config, port, loaders={OOM_VARIANT: out_of_memory_loader(22)})
         yield url, config
@@ -128,17 +129,16 @@ def test_replicas_scale_up_under_load_and_back_down(fleet):
     assert _up(deployment) == 1 and _running(deployment) == 1, _states(deployment)
 
 
-def test_cluster_sim_command_end_to_end(tiny_models, tmp_path):
-    """`imageserve cluster-sim --json`, as a user runs it (its own process and cluster)."""
+def test_cluster_sim_command_end_to_end(tiny_root, tmp_path):
+    """`imageserve cluster-sim --json` on the example fleet, as a user runs it (its own process and cluster)."""
     import json
     import subprocess
     import sys
 
-    tiny_dir = next(iter(tiny_models.values())).parent
     out = subprocess.run(
-        [sys.executable, "-m", "serve_app.cli", "cluster-sim", "--fleet", str(ROOT / "cluster/fleets/example.yaml"),
-         "--requests", "40", "--tiny-dir", str(tiny_dir), "--port", "0", "--json"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [sys.executable, "-m", "serve_app.cli", "cluster-sim", "--requests", "40", "--tiny-dir", str(tiny_root),
+         "--port", "0", "--json"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -8,12 +8,11 @@ from serve_app.runner import free_port
 
 
 @pytest.fixture(scope="package")
-def service(tiny_models):
+def service(tiny_root):
     from serve_app.embedded import embedded_config
     from serve_app.runner import LocalService
 
-    root = next(iter(tiny_models.values())).parent
-    config = embedded_config(root)
+    config = embedded_config(tiny_root)
     # Export metrics every second (Ray's default is 10 s) so the Prometheus test waits less.
     with LocalService(config, port=free_port(), metrics_report_interval_ms=1000) as running:
         yield running

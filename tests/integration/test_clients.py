@@ -56,7 +56,7 @@ def test_openai_client_sees_errors(openai_client):
 def test_python_handle_generate_and_edit(service):
     from ray import serve
 
-    from serve_app.schemas import EditRequest, GenerateRequest
+    from serve_app import EditRequest, GenerateRequest
 
     handle = serve.get_app_handle("imageserve")
     a = handle.generate.remote(GenerateRequest(prompt="a boat", size="64x64", seed=3, num_inference_steps=2)).result()
@@ -74,8 +74,7 @@ def test_python_handle_generate_and_edit(service):
 def test_python_handle_raises_typed_errors(service):
     from ray import serve
 
-    from serve_app.errors import ModelNotFoundError
-    from serve_app.schemas import GenerateRequest
+    from serve_app import GenerateRequest, ModelNotFoundError
 
     handle = serve.get_app_handle("imageserve")
     with pytest.raises(ModelNotFoundError):

@@ -147,7 +147,8 @@ def test_edit_errors(http):
     four = [("image[]", (f"{i}.png", png(), "image/png")) for i in range(4)]
     assert error_of(http.post("/v1/images/edits", files=four, data={"prompt": "x"}), 422)["param"] == "image"
     text = [("image", ("fake.png", b"this is not an image", "image/png"))]
-    assert error_of(http.post("/v1/images/edits", files=text, data={"prompt": "x"}), 415)["code"] == "unsupported_image_type"
+    error = error_of(http.post("/v1/images/edits", files=text, data={"prompt": "x"}), 415)
+    assert error["code"] == "unsupported_image_type"
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, format="GIF")
     gif_file = [("image", ("a.gif", gif.getvalue(), "image/gif"))]

@@ -10,20 +10,20 @@ SECRET = "sk-test-7f3c1e0b9a"  # a test key: it must never appear in any log
 
 
 @pytest.fixture(scope="package")
-def reliable(tiny_models):
-    from serve_app.config import parse_config
+def reliable(tiny_root):
+    from serve_app.domain.config import parse_config
     from serve_app.embedded import embedded_config_data
+    from serve_app.engines.gpu_doubles import cuda_fault_loader, out_of_memory_loader
     from serve_app.runner import LocalService
-    from serve_app.testing import cuda_fault_loader, out_of_memory_loader
 
-    root = next(iter(tiny_models.values())).parent
-    data = embedded_config_data(root)
+    data = embedded_config_data(tiny_root)
     data["serving"].update({
         "request_timeout_s": 4,
         "limits": {"max_body_mb": 2, "max_input_pixels": 2048 * 2048},
     })
     data["models"]["z-image-turbo"]["deployment"] = {
         "num_replicas": 2, "max_ongoing_requests": 2, "max_queued_requests": 8, "health_check_period_s": 1,
+        "graceful_shutdown_timeout_s": 300,  # a replaced replica finishes what it runs, however loaded the machine
     }
     data["models"]["qwen-image-edit-2511"]["deployment"] = {"max_ongoing_requests": 1, "max_queued_requests": 1}
     config = parse_config(data, "reliability")
@@ -31,7 +31,7 @@ def reliable(tiny_models):
     # TEST DOUBLES (no GPU here): a CUDA-context fault and a CUDA OOM, each on a trigger prompt.
     service.start(loaders={"z-image-turbo": cuda_fault_loader(), "qwen-image-edit-2509": out_of_memory_loader(0)})
     try:
-        secure = embedded_config_data(root)
+        secure = embedded_config_data(tiny_root)
         secure["serving"].update({"app_name": "secure", "api_keys": [SECRET]})
         secure["models"] = {"z-image-turbo": secure["models"]["z-image-turbo"]}
         service.add_application(parse_config(secure, "secure"), "/secure")

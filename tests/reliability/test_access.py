@@ -30,7 +30,7 @@ def test_a_valid_key_works_and_healthz_is_open(http, api_key):
 
 
 def test_keys_from_the_environment(monkeypatch):
-    from serve_app.api import configured_api_keys
+    from serve_app.openai_api import configured_api_keys
 
     monkeypatch.setenv("IMAGESERVE_API_KEYS", "a, b,,")
     assert configured_api_keys(["c"]) == [b"c", b"a", b"b"]

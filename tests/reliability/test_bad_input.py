@@ -23,7 +23,8 @@ def png_bomb(width=20000, height=20000) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    pixels = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 def edit(http, files, **data):
@@ -77,7 +78,8 @@ def test_input_pixel_cap_is_configurable(http):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"size": "64x64x2"}, "size"), ({"size": "2064x2064"}, "size"), ({"num_inference_steps": 101}, "num_inference_steps"),
+    ({"size": "64x64x2"}, "size"), ({"size": "2064x2064"}, "size"),
+    ({"num_inference_steps": 101}, "num_inference_steps"),
     ({"n": 0}, "n"), ({"guidance_scale": 21}, "guidance_scale"), ({"prompt": "x" * 4001}, "prompt"),
 ])
 def test_fields_out_of_range_are_422_naming_them(http, body, param):
@@ -98,8 +100,8 @@ def test_the_replica_keeps_serving_after_bad_input(http):
 
 
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
-                 st.text(max_size=40), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5),
-                                                                                              st.integers(), max_size=2))
+                 st.text(max_size=40), st.lists(st.integers(), max_size=3),
+                 st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 FIELDS = ["model", "prompt", "n", "size", "response_format", "seed", "num_inference_steps", "guidance_scale",
           "negative_prompt", "user", "quality"]
 

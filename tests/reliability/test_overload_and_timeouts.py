@@ -44,8 +44,7 @@ def test_past_the_queue_limit_callers_get_429_with_retry_after(reliable):
 def test_through_a_handle_overload_is_a_typed_exception(reliable, encoded):
     from ray import serve
 
-    from serve_app.errors import OverloadedError
-    from serve_app.schemas import EditRequest
+    from serve_app import EditRequest, OverloadedError
 
     handle = serve.get_app_handle("imageserve")
     request = EditRequest(model="qwen-image-edit-2511", prompt="x", images=[encoded("PNG", (64, 64))], size="256x256",
@@ -72,18 +71,20 @@ def test_request_timeout_is_408_and_stops_the_denoising(reliable, http):
     before = replica_info_of_any("gen-z-image-turbo")
     response = http.post("/v1/images/generations", json={"prompt": "too slow", **SLOW})
     assert response.status_code == 408
-    done, total = wait_for_cancellation("gen-z-image-turbo", before)
+    info = wait_for_cancellation("gen-z-image-turbo", before)
+    done, total = steps_of(info["last_cancelled"])
     assert total == 100 and done < total
-    # No orphan work: the next request does not wait behind the abandoned one.
+    # No orphan work: the replica that stopped holds nothing, running or queued.
+    assert (info["running"], info["queued"]) == (0, 0)
     quick = http.post("/v1/images/generations", json={"prompt": "next", "size": "64x64", "num_inference_steps": 1})
-    assert quick.status_code == 200 and quick.json()["timings"]["queue_s"] < 1.0
+    assert quick.status_code == 200
 
 
 def test_a_client_that_disconnects_stops_the_denoising(reliable):
     before = replica_info_of_any("gen-z-image-turbo")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{reliable.url}/v1/images/generations", json={"prompt": "gone", **SLOW}, timeout=1.5)
-    done, total = wait_for_cancellation("gen-z-image-turbo", before)
+    done, total = steps_of(wait_for_cancellation("gen-z-image-turbo", before)["last_cancelled"])
     assert done < total
 
 
@@ -92,11 +93,12 @@ def replica_info_of_any(deployment):
 
 
 def wait_for_cancellation(deployment, before, timeout_s=60):
+    """The info of the replica that recorded a new cancelled request (its worker thread is done with it)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for _ in range(4):  # two replicas: ask a few times to reach both
             info = replica_info(deployment)
             if info["last_cancelled"] and info["last_cancelled"] not in before:
-                return steps_of(info["last_cancelled"])
+                return info
         time.sleep(0.5)
     raise AssertionError("no replica recorded a cancelled request")

@@ -3,8 +3,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.builder import BuilderArgs, build_app, deployment_name, serve_options
-from serve_app.config import ConfigError, parse_config
+from deployments.model_replica import GenerationReplica
+from serve_app.builder import BuilderArgs, build_app
+from serve_app.domain.config import ConfigError, parse_config
+from serve_app.domain.specs import resolve_application
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,12 +30,17 @@ def test_builder_refuses_an_empty_model_list():
         build_app({"config": {"models": {}}})
 
 
+def replica_options(config_data):
+    (spec,) = resolve_application(parse_config(config_data)).replicas
+    return GenerationReplica.serve_options(spec)
+
+
 def test_serve_options_map_config_to_ray():
-    config = parse_config({"device": {"device": "cuda"}, "models": {"z-image-turbo": {"deployment": {
+    options = replica_options({"device": {"device": "cuda"}, "models": {"z-image-turbo": {"deployment": {
         "resources": {"vram_ge_24": 0.01}, "label_selector": {"gpu-class": "rtx-4090"},
         "autoscaling": {"min_replicas": 0, "max_replicas": 3},
     }}}})
-    options = serve_options(config.deployment_options("z-image-turbo"), config)
+    assert options["name"] == "gen-z-image-turbo"
     assert options["ray_actor_options"] == {"num_gpus": 1.0, "num_cpus": 1.0, "resources": {"vram_ge_24": 0.01},
                                             "label_selector": {"gpu-class": "rtx-4090"}}
     assert options["autoscaling_config"]["min_replicas"] == 0 and "num_replicas" not in options
@@ -41,14 +48,25 @@ def test_serve_options_map_config_to_ray():
 
 
 def test_cpu_replicas_ask_for_no_gpu():
-    config = parse_config({"device": {"device": "cpu"}, "models": {"z-image-turbo": {}}})
-    options = serve_options(config.deployment_options("z-image-turbo"), config)
+    options = replica_options({"device": {"device": "cpu"}, "models": {"z-image-turbo": {}}})
     assert options["ray_actor_options"]["num_gpus"] == 0 and options["num_replicas"] == 1
 
 
+def test_pool_replicas_are_pinned_to_their_pools_nodes():
+    options = replica_options({"pools": [{"name": "rtx4090", "gpu_class": "rtx-4090"}],
+                               "models": {"z-image-turbo": {}}})
+    assert options["name"] == "gen-z-image-turbo@rtx4090"
+    assert options["ray_actor_options"] == {"num_gpus": 1.0, "num_cpus": 1.0,
+                                            "resources": {"gpu_class:rtx-4090": 0.01}}
+
+
+def production_config():
+    (application,) = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+    return application
+
+
 def test_production_serve_config_validates_and_builds():
-    serve_config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    (application,) = serve_config["applications"]
+    application = production_config()
     module, _, attr = application["import_path"].partition(":")
     assert (module, attr) == ("serve_app.builder", "build_app")
     config = BuilderArgs.model_validate(application["args"]).app_config()
@@ -59,10 +77,11 @@ def test_production_serve_config_validates_and_builds():
 
 
 def test_production_placement_keeps_80_gb_cards_for_what_needs_them():
-    from serve_app.fleet import capacity_warnings, place
+    from serve_app.domain.config import load_fleet
+    from serve_app.domain.placement import capacity_warnings, place
+    from serve_app.examples import EXAMPLE_FLEET
 
-    (application,) = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
-    config = BuilderArgs.model_validate(application["args"]).app_config()
+    config = BuilderArgs.model_validate(production_config()["args"]).app_config()
     placements, unplaced = place(config)
     assert unplaced == {}
     pools = {}
@@ -71,9 +90,4 @@ def test_production_placement_keeps_80_gb_cards_for_what_needs_them():
     assert pools["qwen-image-edit-2511"] == {"a100"} and pools["qwen-image-edit-2509"] == {"a100"}
     assert pools["z-image-turbo-svdq-fp4-r32"] == {"rtx5090"}
     assert pools["qwen-image-edit-2509-svdq-int4-r128-lightning-4step"] == {"a4500", "rtx4090"}
-    assert capacity_warnings(config, placements) == []
-
-
-def test_deployment_names_are_stable():
-    assert deployment_name("generate", "z-image-turbo") == "gen-z-image-turbo"
-    assert deployment_name("edit", "qwen-image-edit-2511", "a100-80g") == "edit-qwen-image-edit-2511@a100-80g"
+    assert capacity_warnings(config, load_fleet(EXAMPLE_FLEET), placements) == []

@@ -1,17 +1,19 @@
-import json
+"""The ``imageserve`` command, run from a folder outside the repository: its defaults are package data."""
 
-import os
+import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from serve_app.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
-def _in_repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)
+def _away_from_the_repository(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
 
 
 def test_plan_prints_a_table_for_every_catalog_gpu(capsys, catalog):
@@ -77,8 +79,8 @@ def test_doctor_reports_this_machine(capsys, tmp_path):
 
 
 def test_doctor_counts_a_shared_repo_once():
-    from serve_app.catalog import default_catalog
     from serve_app.doctor import download_need_gb
+    from serve_app.domain.catalog import default_catalog
 
     c = default_catalog()
     both = download_need_gb([c.variant("qwen-image-edit-2509"),
@@ -89,7 +91,7 @@ def test_doctor_counts_a_shared_repo_once():
 
 
 def test_plan_fleet_prints_the_placement(capsys):
-    assert main(["plan", "--fleet", "cluster/fleets/example.yaml", "--json"]) == 0
+    assert main(["plan", "--fleet", "--json"]) == 0  # no path: the example fleet
     report = json.loads(capsys.readouterr().out)
     pools = {}
     for row in report["placements"]:
@@ -97,3 +99,13 @@ def test_plan_fleet_prints_the_placement(capsys):
     assert pools["qwen-image-edit-2511"] == {"a100"}
     assert pools["z-image-turbo-svdq-fp4-r32"] == {"rtx5090"}
     assert report["unplaced"] == {}
+
+
+def test_cluster_configs_from_anywhere_write_what_the_repository_holds(tmp_path, capsys):
+    assert main(["cluster-configs", "--manifests-out", "deploy"]) == 0
+    assert "wrote serve_config.yaml" in capsys.readouterr().out
+    written = {"serve_config.yaml": tmp_path / "serve_config.yaml",
+               "cluster/deploy/ray-cluster.yaml": tmp_path / "deploy" / "ray-cluster.yaml",
+               "cluster/deploy/kuberay-rayservice.yaml": tmp_path / "deploy" / "kuberay-rayservice.yaml"}
+    for committed, path in written.items():
+        assert yaml.safe_load(path.read_text()) == yaml.safe_load((ROOT / committed).read_text()), committed

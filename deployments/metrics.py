@@ -1,0 +1,192 @@
+"""Prometheus metrics, the Ray way: ``ray.serve.metrics`` exported on every node's metrics port.
+
+Ray prefixes every name with ``ray_`` and adds ``application``, ``deployment`` and ``replica`` tags;
+so ``imageserve_requests_total`` is scraped as ``ray_imageserve_requests_total``. Labels are task,
+variant, gpu_class, pool, stage, status and reason: never prompts, request ids or seeds.
+
+GPU memory series exist only where CUDA does; on a CPU replica they are absent, and
+``imageserve_replica_info{device="cpu"}`` says why.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from serve_app.domain import errors
+from serve_app.domain.catalog import GIB
+
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600]
+STEP_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+STAGES = ("queue", "text_encode", "vae_encode", "denoise", "vae_decode", "total")
+ERROR_REASONS = ("bad_input", "oom", "timeout", "cancelled", "backpressure", "unavailable", "internal")
+MEMORY_PERIOD_S = 5.0
+
+
+def host_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def shape_label(width: int, height: int, images: int) -> str:
+    """A bounded label for a request shape: megapixels to one decimal and input images."""
+    return f"{width * height / 2**20:.1f}MP,{images}img"
+
+
+class ReplicaMetrics:
+    """Metrics of one model replica: latency by stage, outcomes, memory."""
+
+    def __init__(self, task: str, variant: str, gpu_class: str | None, pool: str | None, device: str) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"task": task, "variant": variant, "gpu_class": gpu_class or "unknown", "pool": pool or "default"}
+        keys = tuple(self.tags)
+        self.duration = Histogram("imageserve_request_duration_seconds", "Seconds per request, by stage.",
+                                  boundaries=LATENCY_BUCKETS, tag_keys=keys + ("stage",))
+        self.step = Histogram("imageserve_denoise_step_seconds", "Seconds per denoising step.",
+                              boundaries=STEP_BUCKETS, tag_keys=keys)
+        self.requests = Counter("imageserve_requests_total", "Requests by outcome.", tag_keys=keys + ("status",))
+        self.images = Counter("imageserve_images_total", "Images made.", tag_keys=keys)
+        self.batch_images = Histogram("imageserve_batch_images", "Images per pipeline call.",
+                                      boundaries=BATCH_BUCKETS, tag_keys=keys)
+        self.load_seconds = Gauge("imageserve_model_load_seconds", "Seconds the pipeline took to load.", tag_keys=keys)
+        self.rss = Gauge("imageserve_host_rss_bytes", "Resident host memory of the replica.", tag_keys=keys)
+        self.info = Gauge("imageserve_replica_info", "1 per replica; device says whether GPU series exist.",
+                          tag_keys=keys + ("device", "offload_mode"))
+        self.planned_peak = Gauge("imageserve_vram_planned_peak_bytes", "Planner's peak VRAM estimate.",
+                                  tag_keys=keys + ("shape",))
+        self.measured_peak = Gauge("imageserve_vram_measured_peak_bytes", "Measured peak VRAM of the last request.",
+                                   tag_keys=keys + ("shape",))
+        self.gpu_memory = Gauge("imageserve_gpu_memory_bytes", "GPU memory: allocated, reserved, free, total.",
+                                tag_keys=keys + ("kind",))
+        self.device = device
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample_memory, name="imageserve-memory", daemon=True).start()
+
+    def model_loaded(self, seconds: float, offload_mode: str) -> None:
+        self.load_seconds.set(seconds, tags=self.tags)
+        self.info.set(1, tags={**self.tags, "device": self.device, "offload_mode": offload_mode})
+
+    def observe(self, timings: dict[str, float], queue_s: float, steps: int, images: int,
+                denoised_images: int) -> None:
+        """One finished request. ``denoised_images``: images whose denoising ``denoise_s`` covers
+        (a whole batch shares one denoising time; ``n`` edit outputs add theirs up)."""
+        self.duration.observe(queue_s, tags={**self.tags, "stage": "queue"})
+        for stage in STAGES[1:]:
+            if f"{stage}_s" in timings:
+                self.duration.observe(timings[f"{stage}_s"], tags={**self.tags, "stage": stage})
+        if steps and "denoise_s" in timings:
+            self.step.observe(timings["denoise_s"] / steps / max(denoised_images, 1), tags=self.tags)
+        self.requests.inc(tags={**self.tags, "status": "ok"})
+        self.images.inc(images, tags=self.tags)
+
+    def pipeline_call(self, images: int) -> None:
+        self.batch_images.observe(images, tags=self.tags)
+
+    def failed(self) -> None:
+        self.requests.inc(tags={**self.tags, "status": "error"})
+
+    def vram_peak(self, shape: str, planned_gib: float | None, measured_bytes: int | None) -> None:
+        if planned_gib is not None:
+            self.planned_peak.set(planned_gib * GIB, tags={**self.tags, "shape": shape})
+        if measured_bytes is not None:
+            self.measured_peak.set(measured_bytes, tags={**self.tags, "shape": shape})
+
+    def _sample_memory(self) -> None:
+        import torch
+
+        while True:
+            self.rss.set(host_rss_bytes(), tags=self.tags)
+            if self.device == "cuda" and torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info()
+                for kind, value in (("allocated", torch.cuda.memory_allocated()),
+                                    ("reserved", torch.cuda.memory_reserved()), ("free", free), ("total", total)):
+                    self.gpu_memory.set(value, tags={**self.tags, "kind": kind})
+            if self._stop.wait(MEMORY_PERIOD_S):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class RouterMetrics:
+    """Metrics of the router: decisions by pool, retries, errors by reason, queue depth, replicas."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge
+
+        self.decisions = Counter("imageserve_router_decisions_total", "Requests sent, by variant and pool.",
+                                 tag_keys=("task", "variant", "pool", "gpu_class"))
+        self.retries = Counter("imageserve_router_retries_total", "Requests retried on another pool.",
+                               tag_keys=("variant", "from_pool", "to_pool", "reason"))
+        self.errors = Counter("imageserve_errors_total", "Failed requests by reason.",
+                              tag_keys=("task", "variant", "reason"))
+        self.queue = Gauge("imageserve_router_queue_depth", "Requests this router has outstanding, by pool.",
+                           tag_keys=("variant", "pool"))
+        self.replicas = Gauge("imageserve_pool_replicas", "Running replicas, by variant and pool.",
+                              tag_keys=("variant", "pool", "gpu_class"))
+
+    def error(self, task: str, variant: str | None, reason: str) -> None:
+        self.errors.inc(tags={"task": task, "variant": variant or "unresolved", "reason": reason})
+
+
+def error_reason(err: BaseException) -> str:
+    """The ``reason`` label of an error."""
+    if isinstance(err, (errors.InvalidRequestError, errors.BadImageError, errors.ModelNotFoundError)):
+        return "bad_input"
+    if isinstance(err, errors.ReplicaOutOfMemoryError):
+        return "oom"
+    if isinstance(err, errors.RequestCancelledError):
+        return "cancelled"
+    if isinstance(err, errors.OverloadedError):
+        return "backpressure"
+    if isinstance(err, errors.ModelUnavailableError):
+        return "unavailable"
+    if isinstance(err, TimeoutError):
+        return "timeout"
+    return "internal"
+
+
+# Labels Ray adds to identify the exporting process; Serve's application/deployment/replica tags
+# already tell series apart, and these camelCase names fail Prometheus' naming lint.
+RAY_PROCESS_LABELS = frozenset({"Component", "NodeAddress", "SessionName", "Version", "WorkerId",
+                                "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"})
+
+
+def imageserve_exposition(ray_text: str, prefix: str = "ray_imageserve_") -> str:
+    """imageserve's families from a node's Ray metrics export, merged across processes and re-rendered
+    with prometheus-client (each replica process exports its own copy of a family)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    merged: dict[str, Metric] = {}
+    seen: set[tuple] = set()
+    for family in text_string_to_metric_families(ray_text):
+        if not family.name.startswith(prefix):
+            continue
+        target = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+        for sample in family.samples:
+            labels = {k: v for k, v in sample.labels.items() if k not in RAY_PROCESS_LABELS}
+            key = (sample.name, tuple(sorted(labels.items())))
+            if key not in seen:
+                seen.add(key)
+                target.add_sample(sample.name, labels, sample.value)
+
+    class _Merged:
+        def collect(self):
+            return list(merged.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry).decode()
+
+
+def fetch_node_metrics(port: int) -> str:
+    """This node's Ray metrics export (``metrics_export_port``) as imageserve's exposition."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return imageserve_exposition(response.read().decode())

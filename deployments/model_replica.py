@@ -1,0 +1,427 @@
+"""Model replicas: one engine (one variant) per Ray Serve replica, fed by a batch queue.
+
+The path of a request inside a replica:
+
+``run`` (called by the router) makes a ``Job`` and queues it under its engine's batch key; the queue
+runs one batch at a time (the replica has one pipeline), and while a batch runs the next one fills;
+``_run_batch`` hands a batch to the replica's worker thread; there ``_run_in_worker`` calls
+``engine.run`` and turns each result into an ``ImageResult``. An unbatched request
+(``max_batch_size`` 1, and every edit) is a batch of one through the same path.
+
+``GenerationReplica`` and ``EditReplica`` are the two deployments; each states its own Serve options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.metrics import ReplicaMetrics, host_rss_bytes, shape_label
+from serve_app.domain.catalog import GPUClass, Task
+from serve_app.domain.errors import (
+    InvalidRequestError,
+    ModelUnavailableError,
+    ReplicaOutOfMemoryError,
+    RequestCancelledError,
+)
+from serve_app.domain.images import encode_png
+from serve_app.domain.placement import GPU_CLASS_LABEL
+from serve_app.domain.planner import estimate_vram, plan
+from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
+from serve_app.domain.specs import ReplicaSpec
+from serve_app.engines import EngineLoader, load_engine
+from serve_app.engines.protocol import EngineResult, GenerationCancelled, Job
+
+logger = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+
+
+@dataclass
+class _Entry(Generic[Item]):
+    item: Item
+    size: int
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class BatchQueue(Generic[Item]):
+    """Group items by key into batches of at most ``max_size`` (counted by ``size_of``); run one at a time.
+
+    Ray's ``@serve.batch`` collects every call into one list whatever its shape and needs a replica
+    context; a pipeline call can only batch requests that share size, steps and guidance. This queue
+    keeps one line per key, and the oldest line goes first. A request that finds the replica idle
+    waits up to ``wait_s`` for company (bench/throughput.py measures what that costs a lone client);
+    skipping that wait after lone batches was tried and measured worse, as closed-loop clients then
+    fall into split batches and stay there. An item of ``max_size`` or more runs alone.
+
+    Args:
+        run_batch: awaited with a list of items of one key; returns one outcome per item (a
+            result, or an exception instance that the item's caller gets raised).
+        max_size: the most size units (images) one batch may hold.
+        wait_s: how long the oldest waiting item may wait for others while the runner is idle.
+        size_of: size units of an item (1 when None).
+    """
+
+    def __init__(self, run_batch: Callable[[list[Item]], Awaitable[list[Any]]], max_size: int, wait_s: float,
+                 size_of: Callable[[Item], int] | None = None) -> None:
+        self._run_batch = run_batch
+        self.max_size = max_size
+        self.wait_s = wait_s
+        self._size_of = size_of or (lambda item: 1)
+        self._lines: dict[Hashable, list[_Entry[Item]]] = {}
+        self._changed: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task | None = None
+
+    async def submit(self, key: Hashable, item: Item) -> Any:
+        """Queue ``item`` and return its outcome once its batch ran (raising a returned exception)."""
+        if self._dispatcher is None or self._dispatcher.done():
+            self._changed = asyncio.Event()
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+        entry = _Entry(item, self._size_of(item), asyncio.get_running_loop().create_future())
+        self._lines.setdefault(key, []).append(entry)
+        self._changed.set()
+        outcome = await entry.future
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def pending(self) -> int:
+        """Items waiting for a batch (not those running)."""
+        return sum(1 for line in self._lines.values() for e in line if not e.future.done())
+
+    def _next_batch(self, now: float) -> tuple[list[_Entry[Item]] | None, float | None]:
+        """The batch to run now, or None and how long until the oldest line is due."""
+        for key in list(self._lines):
+            self._lines[key] = [e for e in self._lines[key] if not e.future.cancelled()]
+            if not self._lines[key]:
+                del self._lines[key]
+        if not self._lines:
+            return None, None
+        key = min(self._lines, key=lambda k: self._lines[k][0].arrived)
+        line = self._lines[key]
+        due_in = line[0].arrived + self.wait_s - now
+        if sum(e.size for e in line) < self.max_size and due_in > 0:
+            return None, due_in
+        batch, total = [], 0
+        while line and (not batch or total + line[0].size <= self.max_size):
+            total += line[0].size
+            batch.append(line.pop(0))
+        if not line:
+            del self._lines[key]
+        return batch, None
+
+    async def _dispatch(self) -> None:
+        while True:
+            batch, due_in = self._next_batch(time.monotonic())
+            if batch is None:
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), due_in)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                outcomes = await self._run_batch([e.item for e in batch])
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(f"batch runner returned {len(outcomes)} outcomes for {len(batch)} items")
+            except Exception as err:  # noqa: BLE001 - every caller of the batch gets the error
+                outcomes = [err] * len(batch)
+            for entry, outcome in zip(batch, outcomes, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(outcome)
+
+
+def _replica_id() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (unit tests) there is no context
+        return None
+
+
+def _node_gpu_class(gpus: Sequence[GPUClass]) -> GPUClass | None:
+    """The GPU this replica got: the CUDA device if any, else what its Ray node's labels declare
+    (the simulated fleet's fake-GPU nodes carry the same labels as real ones)."""
+    from serve_app.engines.hardware import detect_local_gpu
+
+    local = detect_local_gpu(gpus)
+    if local is not None:
+        return local.gpu_class
+    try:
+        import ray
+
+        label = ray.get_runtime_context().get_node_labels().get(GPU_CLASS_LABEL)
+    except Exception:  # noqa: BLE001 - outside Ray there are no labels
+        return None
+    return next((g for g in gpus if g.id == label), None) if label else None
+
+
+def pool_mismatch(pool_gpu: GPUClass, got: GPUClass | None) -> str | None:
+    """Why the GPU a replica got is not the pool's class, or None when it matches."""
+    if got is None:
+        return None
+    same_arch = got.compute_capability == pool_gpu.compute_capability
+    enough_memory = got.vram_gib >= 0.95 * pool_gpu.vram_gib
+    if got.id == pool_gpu.id or (same_arch and enough_memory):
+        return None
+    return (f"this replica's pool expects {pool_gpu.name} (sm_{pool_gpu.sm}, {pool_gpu.vram_gib:g} GiB) but got "
+            f"{got.name} (sm_{got.sm}, {got.vram_gib:g} GiB); check the pool's node markers")
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _is_cuda_fault(err: BaseException) -> bool:
+    """A CUDA error that leaves the context unusable (illegal access, device-side assert, ECC...)."""
+    text = str(err)
+    return "CUDA error" in text or "device-side assert" in text
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class ModelReplica:
+    """One variant's engine in one replica.
+
+    Args:
+        spec: the replica's spec (variant, pool, engine settings, batching, Serve options).
+        loader: builds the engine; ``load_engine`` unless a test or benchmark gives another.
+    """
+
+    task: ClassVar[Task]
+
+    @classmethod
+    def serve_options(cls, spec: ReplicaSpec) -> dict[str, Any]:
+        """The ``serve.deployment(...).options(...)`` of this deployment for ``spec``."""
+        options = spec.options
+        num_gpus = options.num_gpus if options.num_gpus is not None else (1.0 if spec.uses_gpu else 0.0)
+        actor: dict[str, Any] = {
+            "num_gpus": num_gpus,
+            "num_cpus": options.num_cpus if options.num_cpus is not None else (1.0 if num_gpus else 0.0),
+        }
+        for key, value in spec.node_requirements.items():
+            actor[key] = dict(value) if isinstance(value, dict) else value
+        if options.resources:
+            actor["resources"] = {**actor.get("resources", {}), **options.resources}
+        if options.accelerator_type:
+            actor["accelerator_type"] = options.accelerator_type
+        if options.label_selector:
+            actor["label_selector"] = dict(options.label_selector)
+        result: dict[str, Any] = {"name": spec.name, "ray_actor_options": actor}
+        for key in ("max_ongoing_requests", "max_queued_requests", "health_check_period_s",
+                    "graceful_shutdown_timeout_s"):
+            value = getattr(options, key)
+            if value is not None:
+                result[key] = value
+        if options.autoscaling is not None:
+            result["autoscaling_config"] = options.autoscaling.model_dump(exclude_none=True)
+        else:
+            result["num_replicas"] = options.num_replicas or 1
+        return result
+
+    def __init__(self, spec: ReplicaSpec, loader: EngineLoader | None = None) -> None:
+        if spec.task != self.task:
+            raise ValueError(f"{spec.variant.id} is a {spec.task} variant, not {self.task}")
+        self.spec = spec
+        self.variant = spec.variant
+        self._unhealthy: str | None = None
+        self.last_cancelled: str | None = None
+        self.warmup_seconds: float | None = None
+        self.node_gpu = _node_gpu_class(spec.engine.gpus)
+        if spec.pool is not None:
+            self._unhealthy = pool_mismatch(spec.pool.gpu, self.node_gpu)
+        engine_spec = spec.engine
+        # Whether the planner says this variant fits the GPU the replica really got.
+        self.fits_node = None if self.node_gpu is None else plan(
+            self.variant, self.node_gpu, engine_spec.plan_width, engine_spec.plan_height,
+            settings=engine_spec.planner, batch_size=engine_spec.batch_size).fits
+        if spec.torch_threads:
+            import torch
+
+            torch.set_num_threads(spec.torch_threads)
+        # One worker: a pipeline runs one call at a time.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.variant.id}")
+        self.engine = (loader or load_engine)(engine_spec)
+        self.replica = _replica_id()
+        device = self.engine.info.device
+        self.gpu_class = self.node_gpu.id if self.node_gpu else ("cpu" if device == "cpu" else None)
+        self.metrics = ReplicaMetrics(self.task, self.variant.id, self.gpu_class,
+                                      spec.pool.name if spec.pool else None, device)
+        self.metrics.model_loaded(self.engine.info.load_seconds, self.engine.info.offload_mode)
+        self._batches: BatchQueue[Job] = BatchQueue(self._run_batch, spec.batching.max_batch_size,
+                                                    spec.batching.wait_s, size_of=lambda job: job.images)
+        self._running: Sequence[Job] = ()
+        if self._unhealthy is not None:
+            logger.error("%s refuses to serve: %s", self.variant.id, self._unhealthy)
+        elif spec.warmup:
+            started = time.perf_counter()
+            self.engine.warm_up()
+            self.warmup_seconds = time.perf_counter() - started
+            logger.info("%s warmed up in %.2fs", self.variant.id, self.warmup_seconds)
+
+    async def check_health(self) -> None:
+        if self._unhealthy is not None:
+            raise RuntimeError(self._unhealthy)
+
+    async def info(self) -> dict[str, Any]:
+        info = self.engine.info
+        return {
+            "variant": self.variant.id,
+            "replica": self.replica,
+            "device": info.device,
+            "gpu_class": self.gpu_class,
+            "torch_dtype": info.torch_dtype,
+            "offload_mode": info.offload_mode,
+            "load_seconds": info.load_seconds,
+            "warmup_seconds": self.warmup_seconds,
+            "host_rss_bytes": host_rss_bytes(),
+            "planned_peak_vram_gib": info.planned_peak_gib,
+            "pool": self.spec.pool.name if self.spec.pool else None,
+            "node_gpu_class": self.node_gpu.id if self.node_gpu else None,
+            "fits_node": self.fits_node,
+            "unhealthy": self._unhealthy,
+            "last_cancelled": self.last_cancelled,
+            "queued": self._batches.pending(),
+            "running": len(self._running),
+        }
+
+    async def run(self, request: GenerateRequest | EditRequest, width: int, height: int) -> ImageResult:
+        """Run one request whose size (and input images) the router has resolved and checked."""
+        if self._unhealthy is not None:
+            self.metrics.failed()
+            raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
+        steps = request.num_inference_steps or self.variant.defaults.num_inference_steps
+        job = Job(request, width, height, steps)
+        try:
+            return await self._batches.submit(self.engine.batch_key(job), job)
+        except asyncio.CancelledError:
+            # A running batch stops between steps once every job in it is cancelled.
+            job.cancelled.set()
+            self.metrics.failed()
+            raise
+
+    async def _run_batch(self, jobs: list[Job]) -> list[ImageResult | Exception]:
+        """Run one batch in the worker thread; a failure becomes every job's classified error."""
+        self._running = jobs
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_in_worker, jobs)
+        except Exception as err:  # noqa: BLE001 - classified for the callers, never surfaced raw
+            for job in jobs:
+                if not job.cancelled.is_set():  # a caller that left was counted when it left
+                    self.metrics.failed()
+            return [self._classify(err)] * len(jobs)
+        finally:
+            self._running = ()
+
+    def _run_in_worker(self, jobs: list[Job]) -> list[ImageResult]:
+        """The engine call, and what it measured: stages, each job's queue wait, the memory peak."""
+        import torch
+
+        started = time.perf_counter()
+        cuda = self.engine.info.device == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        results = self.engine.run(jobs, should_stop=lambda: all(job.cancelled.is_set() for job in jobs))
+        first, batch_images = jobs[0], results[0].batch_images
+        info = self.engine.info
+        planned = estimate_vram(self.variant, info.offload_mode, first.width, first.height,
+                                first.request.num_input_images, info.torch_dtype, self.spec.engine.planner,
+                                batch_images).peak_gib
+        self.metrics.vram_peak(shape_label(first.width, first.height, first.request.num_input_images), planned,
+                               torch.cuda.max_memory_allocated() if cuda else None)
+        self.metrics.pipeline_call(batch_images)
+        answers = []
+        for job, result in zip(jobs, results, strict=True):
+            queue_s = started - job.arrived
+            self.metrics.observe(result.timings, queue_s, job.num_inference_steps, len(result.images),
+                                 result.denoised_images)
+            answers.append(self._image_result(job, result, queue_s))
+        return answers
+
+    def _image_result(self, job: Job, result: EngineResult, queue_s: float) -> ImageResult:
+        return ImageResult(
+            variant=self.variant.id,
+            images=[encode_png(image) for image in result.images],
+            seeds=result.seeds,
+            width=job.width,
+            height=job.height,
+            num_inference_steps=job.num_inference_steps,
+            timings={**{k: round(v, 4) for k, v in result.timings.items()}, "queue_s": round(queue_s, 4)},
+            replica=self.replica,
+            gpu_class=self.gpu_class,
+            pool=self.spec.pool.name if self.spec.pool else None,
+            node_gpu_class=self.node_gpu.id if self.node_gpu else None,
+            fits_node=self.fits_node,
+            batch_images=result.batch_images,
+            created=int(time.time()),
+        )
+
+    def _classify(self, err: Exception) -> Exception:
+        """The error a caller should see for a failure inside the engine call."""
+        if isinstance(err, GenerationCancelled):
+            self.last_cancelled = str(err)
+            return RequestCancelledError(str(err))
+        if isinstance(err, ValueError):
+            return InvalidRequestError(str(err))
+        if isinstance(err, RuntimeError) and _is_cuda_fault(err):
+            # The CUDA context is gone: fail health checks so Serve replaces this replica.
+            self._unhealthy = f"CUDA fault, replica must be replaced: {str(err)[:200]}"
+            logger.error("%s: %s", self.variant.id, self._unhealthy)
+            return ModelUnavailableError(f"{self.variant.id}: the replica hit a CUDA fault; retry", retry_after_s=2)
+        if isinstance(err, (RuntimeError, MemoryError)) and _is_out_of_memory(err):
+            _release_memory()
+            where = self.node_gpu.name if self.node_gpu else self.engine.info.device
+            return ReplicaOutOfMemoryError(
+                f"{self.variant.id} ran out of memory on {where} ({type(err).__name__}); the memory was released",
+                retry_after_s=2,
+            )
+        return err
+
+
+class GenerationReplica(ModelReplica):
+    """Text to image (Z-Image variants). With ``max_batch_size`` > 1, concurrent requests of one
+    shape share a pipeline call."""
+
+    task = "generate"
+
+    @classmethod
+    def serve_options(cls, spec: ReplicaSpec) -> dict[str, Any]:
+        options = super().serve_options(spec)
+        # Room for two batches: one running and one filling. With one, Serve hands the replica
+        # nothing while its batch runs, and batches never grow.
+        two_batches = 2 * spec.batching.max_batch_size
+        if spec.batching.max_batch_size > 1 and options.get("max_ongoing_requests", 0) < two_batches:
+            options["max_ongoing_requests"] = two_batches
+        return options
+
+
+class EditReplica(ModelReplica):
+    """Instruction editing (Qwen-Image-Edit variants): one image set per pipeline call."""
+
+    task = "edit"
+
+
+REPLICA_CLASSES: dict[str, type[ModelReplica]] = {"generate": GenerationReplica, "edit": EditReplica}
+
+
+def build_replica(spec: ReplicaSpec, loader: EngineLoader | None = None) -> Application:
+    """The bound Serve deployment of one ``ReplicaSpec``."""
+    replica_class = REPLICA_CLASSES[spec.task]
+    return serve.deployment(replica_class).options(**replica_class.serve_options(spec)).bind(spec, loader)

@@ -1,0 +1,433 @@
+"""The one YAML configuration file, validated by pydantic.
+
+Errors name the bad key and what is allowed; unknown keys are errors, never ignored. The
+keys that users of the original planning documents already write (``device.enable_cpu_offload``,
+``models.<id>.torch_dtype``) keep their meaning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve_app.domain.catalog import Catalog, build_catalog
+from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings
+
+TorchDtype = Literal["bfloat16", "float16", "float32"]
+
+
+class ConfigError(ValueError):
+    """A configuration file that does not validate; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceConfig(_Section):
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="Where pipelines run; 'auto' takes CUDA when present, else CPU."
+    )
+    enable_cpu_offload: bool = Field(
+        default=False,
+        description="Planning-document key: true means offload_mode 'model' unless offload_mode says otherwise.",
+    )
+    offload_mode: Literal["auto", "none", "model", "sequential"] = Field(
+        default="auto", description="'auto' takes the fastest mode the VRAM planner says fits."
+    )
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+
+    def requested_mode(self) -> OffloadMode | None:
+        """The forced offload mode, or None for the planner's choice."""
+        if self.offload_mode != "auto":
+            return self.offload_mode
+        return "model" if self.enable_cpu_offload else None
+
+
+class HFConfig(_Section):
+    cache_dir: str | None = Field(default=None, description="Hugging Face cache folder (HF_HOME's hub by default).")
+    offline: bool = Field(
+        default=True, description="Never reach the Hub at load time; weights must be local or cached.")
+
+
+class ResolutionConfig(_Section):
+    width: int | None = Field(default=None, ge=16, description="Default output width (the variant's when null).")
+    height: int | None = Field(default=None, ge=16, description="Default output height (the variant's when null).")
+
+
+class AutoscalingConfig(_Section):
+    """Ray Serve replica autoscaling for one deployment (see Ray's AutoscalingConfig)."""
+
+    min_replicas: int = Field(default=1, ge=0, description="0 lets a rarely used variant scale to zero.")
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=1.0, gt=0, description="Requests per replica to aim for.")
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=300.0, ge=0)
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    look_back_period_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class DeploymentOptions(_Section):
+    """Ray Serve options of a model deployment; unset fields take ``serving.deployment``'s."""
+
+    num_replicas: int | None = Field(default=None, ge=1, description="Fixed replica count (when not autoscaling).")
+    autoscaling: AutoscalingConfig | None = Field(default=None, description="Autoscale instead of fixed replicas.")
+    max_ongoing_requests: int | None = Field(default=None, ge=1, description="Requests a replica holds at once.")
+    max_queued_requests: int | None = Field(default=None, ge=-1, description="Past this, callers get 503/429.")
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0, description="1 on CUDA and 0 on CPU when null.")
+    resources: dict[str, float] | None = Field(
+        default=None, description="Custom Ray resources, e.g. {vram_ge_24: 0.01}.")
+    accelerator_type: str | None = Field(default=None, description="Ray accelerator type, e.g. 'A100-80G'.")
+    label_selector: dict[str, str] | None = Field(default=None, description="Ray node label selector.")
+    health_check_period_s: float | None = Field(default=None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+
+    def merged_over(self, base: DeploymentOptions) -> DeploymentOptions:
+        return DeploymentOptions.model_validate(
+            {**base.model_dump(exclude_none=True), **self.model_dump(exclude_unset=True, exclude_none=True)}
+        )
+
+
+class LimitsConfig(_Section):
+    max_body_mb: float = Field(
+        default=50.0, gt=0, description="Largest request body (like OpenAI's edit API); 413 past it.")
+    max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="Largest input image, in pixels.")
+
+
+class ServingConfig(_Section):
+    app_name: str = Field(default="imageserve", description="Ray Serve application name.")
+    host: str = Field(default="127.0.0.1", description="HTTP bind address (imageserve run).")
+    port: int = Field(default=8000, ge=1, le=65535)
+    route_prefix: str = Field(default="/")
+    warmup: bool = Field(default=True, description="Run one tiny request per replica before it takes traffic.")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per replica.")
+    request_timeout_s: float | None = Field(default=None, gt=0, description="HTTP 408 past this (imageserve run).")
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_replicas=1, max_ongoing_requests=4, max_queued_requests=32),
+        description="Defaults for every model deployment.",
+    )
+    router_replicas: int = Field(default=1, ge=1, description="Replicas of the HTTP router (ingress).")
+    router_num_cpus: float = Field(default=1.0, ge=0, description="CPUs each router replica reserves.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    api_keys: list[str] = Field(
+        default_factory=list, repr=False,
+        description="Bearer keys accepted on every route but /healthz (plus IMAGESERVE_API_KEYS, comma-separated).",
+    )
+    metrics_route: bool = Field(
+        default=True, description="Serve /metrics on the public port; false leaves only Ray's metrics export port.",
+    )
+
+
+class PoolConfig(_Section):
+    """A set of Ray nodes with one catalog GPU class, and how replicas find them."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Pool name, used in deployment names and metrics.")
+    gpu_class: str = Field(description="Catalog GPU class id (or name) of every GPU in this pool.")
+    resources: dict[str, float] | None = Field(
+        default=None, description="What a replica asks of a node; default a sliver of `gpu_class:<id>`.",
+    )
+    label_selector: dict[str, str] | None = Field(
+        default=None, description="Ray node label selector, if labels mark the pool.")
+    accelerator_type: str | None = Field(default=None, description="Ray accelerator_type, if that marks the pool.")
+    max_offload_mode: Literal["none", "model", "sequential"] = Field(
+        default="model", description="Heaviest offload mode served here; sequential streams weights every step.",
+    )
+    variants: list[str] | None = Field(default=None, description="Only these variants here (all that fit when null).")
+    deployment: DeploymentOptions | None = Field(
+        default=None, description="Ray Serve options for this pool's deployments.")
+
+    def allowed_modes(self, forced: OffloadMode | None = None) -> tuple[OffloadMode, ...]:
+        """Offload modes a replica may load with here, fastest first (only ``forced`` when given)."""
+        modes = OFFLOAD_MODES[: OFFLOAD_MODES.index(self.max_offload_mode) + 1]
+        return tuple(m for m in modes if forced is None or m == forced)
+
+
+AttentionBackend = Literal["native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn",
+                           "flash", "sage", "xformers"]
+
+
+class OptimizationConfig(_Section):
+    """Speed options for one model; bench/gpu_fullsize.py measures each against the default."""
+
+    attention_backend: AttentionBackend | None = Field(
+        default=None,
+        description="diffusers attention backend of the transformer (torch SDPA's choice when null); "
+                    "'_native_*' pin one SDPA kernel, 'flash'/'sage'/'xformers' need those packages.",
+    )
+    compile_transformer: bool = Field(
+        default=False, description="torch.compile the transformer at load (slower start; warm-up compiles).",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        default="default", description="torch.compile mode when compile_transformer is true.",
+    )
+    vae_channels_last: bool = Field(default=False, description="Run the VAE in channels-last memory format.")
+
+
+class ModelConfig(_Section):
+    enabled: bool = Field(default=True, description="Load and serve this variant.")
+    source: str | None = Field(
+        default=None, description="Local folder or hub repo id of the diffusers pipeline (catalog's when null)."
+    )
+    transformer_source: str | None = Field(
+        default=None, description="4-bit variants: local .safetensors file or folder of the nunchaku transformer."
+    )
+    torch_dtype: TorchDtype | None = Field(
+        default=None, description="Compute dtype; bfloat16 on CUDA and float32 on CPU when null."
+    )
+    offload_mode: Literal["auto", "none", "model", "sequential"] | None = Field(
+        default=None, description="Per-model override of device.offload_mode."
+    )
+    edit_vae_image_area: int | None = Field(
+        default=None, ge=64 * 64,
+        description="Edit only: pixel area each input image is resized to for the VAE (pipeline default 1024*1024).",
+    )
+    edit_condition_image_area: int | None = Field(
+        default=None, ge=28 * 28,
+        description="Edit only: pixel area each input image is resized to for the vision encoder (default 384*384).",
+    )
+    deployment: DeploymentOptions | None = Field(default=None, description="Per-model Ray Serve options.")
+    max_batch_size: int = Field(
+        default=1, ge=1, le=64,
+        description="Generation only: up to this many images run in one pipeline call when requests of the same "
+                    "size, steps and guidance wait together (Ray Serve batching); 1 turns batching off.",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0, le=1, description="How long the first request of a batch waits for others to join.",
+    )
+    optimizations: OptimizationConfig = Field(default_factory=OptimizationConfig)
+
+
+class AppConfig(_Section):
+    """Everything imageserve reads from its YAML file."""
+
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+    hf: HFConfig = Field(default_factory=HFConfig)
+    defaults: ResolutionConfig = Field(default_factory=ResolutionConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="Variant id -> settings; only variants listed here are served."
+    )
+    pools: list[PoolConfig] = Field(
+        default_factory=list, description="GPU pools of the fleet; empty means one pool of whatever the replica gets.",
+    )
+    load: list[str] | None = Field(
+        default=None,
+        description="Which of `models` to load (all enabled ones when null); on small GPUs list one at a time.",
+    )
+    catalog: dict[str, Any] | None = Field(
+        default=None, description="Extra or replacement GPU classes, components, variants and aliases."
+    )
+
+    @field_validator("catalog")
+    @classmethod
+    def _catalog_builds(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            unknown = set(value) - {"gpus", "components", "variants", "aliases"}
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)}; allowed: gpus, components, variants, aliases")
+            build_catalog(value)
+        return value
+
+    @model_validator(mode="after")
+    def _models_are_in_catalog(self) -> AppConfig:
+        known = build_catalog(self.catalog).variants
+        unknown = [m for m in self.models if m not in known]
+        if unknown:
+            raise ValueError(f"models: unknown variant(s) {unknown}; known: {', '.join(sorted(known))}")
+        catalog = build_catalog(self.catalog)
+        names = [p.name for p in self.pools]
+        if len(names) != len(set(names)):
+            raise ValueError(f"pools: names must be unique, got {names}")
+        for pool in self.pools:
+            try:
+                catalog.gpu(pool.gpu_class)
+            except KeyError as err:
+                raise ValueError(f"pools.{pool.name}.gpu_class: {err.args[0]}") from None
+            unknown_variants = [v for v in pool.variants or [] if v not in known]
+            if unknown_variants:
+                raise ValueError(f"pools.{pool.name}.variants: unknown {unknown_variants}")
+        for model_id, model in self.models.items():
+            if model.max_batch_size > 1 and known[model_id].task != "generate":
+                raise ValueError(f"models.{model_id}.max_batch_size: the edit pipeline takes one image set per "
+                                 "call; batching is for generation variants")
+        if self.load is not None:
+            not_listed = [m for m in self.load if m not in self.models]
+            if not_listed:
+                raise ValueError(f"load: {not_listed} are not configured under models")
+        return self
+
+    def build_catalog(self) -> Catalog:
+        return build_catalog(self.catalog)
+
+    def models_to_load(self) -> list[str]:
+        names = self.load if self.load is not None else list(self.models)
+        return [m for m in names if self.models[m].enabled]
+
+    def deployment_options(self, model_id: str, pool: PoolConfig | None = None) -> DeploymentOptions:
+        """serving.deployment, then the pool's options, then the model's: later wins."""
+        options = self.serving.deployment
+        for layer in (pool.deployment if pool else None, self.models[model_id].deployment):
+            if layer is not None:
+                options = layer.merged_over(options)
+        return options
+
+    def batch_size(self, model_id: str) -> int:
+        """Images per pipeline call the planner must allow for (1 unless batching is on)."""
+        model = self.models.get(model_id)
+        return model.max_batch_size if model else 1
+
+    def offload_mode_for(self, model_id: str) -> OffloadMode | None:
+        override = self.models[model_id].offload_mode
+        if override is not None:
+            return None if override == "auto" else override
+        return self.device.requested_mode()
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Walk ``loc`` through nested pydantic models and dicts; return the allowed keys there."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]
+        else:
+            return None
+        while get_origin(current) is not None and get_origin(current) is not dict:
+            args = [a for a in get_args(current) if a is not type(None)]
+            current = args[0] if args else None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None,
+                            what: str = "configuration") -> str:
+    model = model or AppConfig
+    lines = [f"{source}: invalid {what}"]
+    for item in err.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {key}: unknown key{hint}")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"  {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "config") -> AppConfig:
+    try:
+        return AppConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data or {}
+
+
+def imageserve_args(serve_config: dict[str, Any], source: str = "serve config") -> dict[str, Any]:
+    """The imageserve config inside a Ray Serve config file (its application built by ``serve_app.builder``)."""
+    for app in serve_config.get("applications") or []:
+        if str(app.get("import_path", "")).startswith("serve_app.builder:"):
+            config = (app.get("args") or {}).get("config")
+            if not isinstance(config, dict):
+                raise ConfigError(f"{source}: the imageserve application has no inline `args.config`")
+            return config
+    raise ConfigError(f"{source}: no application with import_path serve_app.builder:build_app")
+
+
+def load_config(path: str | os.PathLike) -> AppConfig:
+    """Read and validate an imageserve YAML config, or the imageserve application's config inside a
+    Ray Serve config file; relative local paths resolve against the file's folder."""
+    path = Path(path)
+    data = _read_mapping(path, "config")
+    if "applications" in data:
+        data = imageserve_args(data, str(path))
+    config = parse_config(data, str(path))
+    for model in config.models.values():
+        for attr in ("source", "transformer_source"):
+            value = getattr(model, attr)
+            if value and value.startswith((".", "~")):
+                setattr(model, attr, str((path.parent / Path(value).expanduser()).resolve()))
+    return config
+
+
+class FleetPool(PoolConfig):
+    """A pool as a fleet file describes it: the serving settings of ``PoolConfig`` plus its nodes.
+
+    The node counts are for the cluster configs ``imageserve cluster-configs`` writes and for the
+    simulated fleet; the serving application never reads them.
+    """
+
+    gpus_per_node: int = Field(default=1, ge=1, description="GPUs per node of this pool.")
+    nodes: int = Field(default=1, ge=0, description="Nodes to start with (the autoscaler's minimum).")
+    max_nodes: int = Field(default=4, ge=0, description="The autoscaler's upper bound.")
+
+    def serving_pool(self) -> PoolConfig:
+        """The pool as the serving application's config declares it (no node counts)."""
+        return PoolConfig.model_validate(
+            self.model_dump(exclude={"gpus_per_node", "nodes", "max_nodes"}, exclude_unset=True))
+
+
+class FleetConfig(_Section):
+    """A fleet: its GPU pools and their nodes. One file defines it; the serve config, the cluster
+    configs and the simulated fleet are made from it."""
+
+    pools: list[FleetPool] = Field(min_length=1, description="The fleet's GPU pools.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FleetConfig:
+        names = [p.name for p in self.pools]
+        if len(names) != len(set(names)):
+            raise ValueError(f"pools: names must be unique, got {names}")
+        return self
+
+    def pool(self, name: str) -> FleetPool:
+        return next(p for p in self.pools if p.name == name)
+
+    def serve_with(self, config: AppConfig) -> AppConfig:
+        """``config`` serving on this fleet's pools (they replace any pools it had)."""
+        data = config.model_dump(mode="json", exclude_unset=True)
+        data["pools"] = [p.serving_pool().model_dump(mode="json", exclude_unset=True) for p in self.pools]
+        return parse_config(data, "config on the fleet")
+
+
+def parse_fleet(data: dict[str, Any] | None, source: str = "fleet") -> FleetConfig:
+    try:
+        return FleetConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, FleetConfig, "fleet")) from None
+
+
+def load_fleet(path: str | os.PathLike) -> FleetConfig:
+    """Read and validate a fleet file (a mapping with a ``pools:`` list)."""
+    path = Path(path)
+    return parse_fleet(_read_mapping(path, "fleet"), str(path))

@@ -1,0 +1,105 @@
+"""GPU pools: how nodes of a GPU class are marked, and which variants each pool hosts.
+
+One marking convention is shared by the pools' replica requirements, the cluster-launcher and
+KubeRay configs that ``imageserve cluster-configs`` writes, and the simulated fleet:
+
+* resources ``gpu_class:<id>`` (1 per GPU), ``vram_ge_<N>`` for every tier N the GPU reaches,
+  and ``int4`` or ``fp4`` when nunchaku runs there;
+* labels ``imageserve.io/gpu-class``, ``imageserve.io/vram-gib`` and ``imageserve.io/sm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve_app.domain.catalog import Catalog, GPUClass, ModelVariant
+from serve_app.domain.config import AppConfig, FleetConfig, PoolConfig
+from serve_app.domain.planner import Plan, estimate_seconds, plan
+
+VRAM_TIERS = (8, 12, 16, 20, 24, 32, 40, 48, 80, 141)
+GPU_CLASS_LABEL = "imageserve.io/gpu-class"
+VRAM_GIB_LABEL = "imageserve.io/vram-gib"
+SM_LABEL = "imageserve.io/sm"
+# Replicas ask a sliver of a marker resource: the GPU count, not the marker, limits packing.
+MARKER_SLIVER = 0.01
+
+
+def gpu_class_resource(gpu: GPUClass) -> str:
+    return f"gpu_class:{gpu.id}"
+
+
+def node_resources(gpu: GPUClass, gpus_per_node: int = 1) -> dict[str, float]:
+    """Custom resources a node with ``gpus_per_node`` GPUs of this class declares."""
+    resources = {gpu_class_resource(gpu): float(gpus_per_node)}
+    for tier in VRAM_TIERS:
+        if gpu.vram_gib >= tier:
+            resources[f"vram_ge_{tier}"] = float(gpus_per_node)
+    if gpu.four_bit:
+        resources[gpu.four_bit] = float(gpus_per_node)
+    return resources
+
+
+def node_labels(gpu: GPUClass) -> dict[str, str]:
+    return {GPU_CLASS_LABEL: gpu.id, VRAM_GIB_LABEL: f"{gpu.vram_gib:g}", SM_LABEL: str(gpu.sm)}
+
+
+def pool_requirements(pool: PoolConfig, gpu: GPUClass) -> dict:
+    """ray_actor_options entries that pin a replica to this pool's nodes."""
+    options: dict = {"resources": dict(pool.resources or {gpu_class_resource(gpu): MARKER_SLIVER})}
+    if pool.label_selector:
+        options["label_selector"] = dict(pool.label_selector)
+    if pool.accelerator_type:
+        options["accelerator_type"] = pool.accelerator_type
+    return options
+
+
+@dataclass(frozen=True)
+class Placement:
+    variant: ModelVariant
+    pool: PoolConfig
+    gpu: GPUClass
+    plan: Plan
+    seconds_per_image: float
+
+
+def place(config: AppConfig, catalog: Catalog | None = None) -> tuple[list[Placement], dict[str, str]]:
+    """Every (variant, pool) the planner says works, and why each unplaced variant fits nowhere."""
+    catalog = catalog or config.build_catalog()
+    placements: list[Placement] = []
+    unplaced: dict[str, str] = {}
+    for model_id in config.models_to_load():
+        variant = catalog.variant(model_id)
+        reasons = []
+        for pool in config.pools:
+            gpu = catalog.gpu(pool.gpu_class)
+            if pool.variants is not None and model_id not in pool.variants:
+                reasons.append(f"{pool.name}: not in the pool's variant list")
+                continue
+            verdict = plan(variant, gpu, config.defaults.width, config.defaults.height,
+                           modes=pool.allowed_modes(config.offload_mode_for(model_id)),
+                           settings=config.device.planner, batch_size=config.batch_size(model_id))
+            if verdict.fits:
+                seconds = estimate_seconds(variant, gpu, verdict.mode, config.defaults.width, config.defaults.height,
+                                           settings=config.device.planner).total_s
+                placements.append(Placement(variant, pool, gpu, verdict, seconds))
+            else:
+                reasons.append(f"{pool.name} ({gpu.name}): {verdict.reason}")
+        if not any(p.variant.id == model_id for p in placements):
+            unplaced[model_id] = "fits no GPU pool: " + "; ".join(reasons)
+    return placements, unplaced
+
+
+def capacity_warnings(config: AppConfig, fleet: FleetConfig, placements: list[Placement]) -> list[str]:
+    """Pools whose GPUs (at max_nodes) cannot hold the minimum replicas placed on them."""
+    warnings = []
+    for pool in fleet.pools:
+        here = [p for p in placements if p.pool.name == pool.name]
+        needed = 0
+        for p in here:
+            options = config.deployment_options(p.variant.id, p.pool)
+            needed += options.autoscaling.min_replicas if options.autoscaling else (options.num_replicas or 1)
+        gpus = pool.max_nodes * pool.gpus_per_node
+        if needed > gpus:
+            warnings.append(f"pool {pool.name}: {len(here)} variants need {needed} GPUs at minimum, "
+                            f"the pool has at most {gpus}; restrict `variants:` or add nodes")
+    return warnings

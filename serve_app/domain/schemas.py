@@ -1,0 +1,137 @@
+"""Typed requests and results, shared by the HTTP API and the Python handle API.
+
+Field names follow the OpenAI images API (``model``, ``prompt``, ``n``, ``size``,
+``response_format``) plus the diffusers names users know (``seed``, ``num_inference_steps``,
+``guidance_scale``, ``true_cfg_scale``, ``negative_prompt``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from typing import Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# The largest seed a request may give; engines draw random seeds below it and wrap seed + i past it.
+MAX_SEED = 2**31 - 1
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'1024x768' -> (1024, 768); raises ValueError naming the rule that failed."""
+    match = SIZE_PATTERN.match(size.strip())
+    if not match:
+        raise ValueError(f"size must be 'WIDTHxHEIGHT' in pixels, e.g. '1024x1024' (got {size!r})")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width % 16 or height % 16:
+        raise ValueError(f"width and height must be multiples of 16 (got {width}x{height})")
+    if width == 0 or height == 0:
+        raise ValueError("width and height must be positive")
+    return width, height
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Variant id or alias; the task's default alias when null.")
+    prompt: str = Field(min_length=1, max_length=4000, description="What to draw, or the edit instruction.")
+    n: int = Field(default=1, ge=1, le=4, description="Number of images.")
+    size: str | None = Field(
+        default=None, description="'WIDTHxHEIGHT', multiples of 16; the variant's default when null.")
+    response_format: Literal["b64_json"] = Field(default="b64_json", description="Only b64_json: no image storage.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Image i uses seed + i; random when null.")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=100, description="Denoising steps.")
+    negative_prompt: str | None = Field(default=None, max_length=4000)
+    user: str | None = Field(default=None, max_length=256, description="Accepted for OpenAI compatibility; unused.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto":
+            parse_size(value)
+        return value
+
+    def dimensions(self) -> tuple[int | None, int | None]:
+        if self.size is None or self.size == "auto":
+            return None, None
+        return parse_size(self.size)
+
+    @property
+    def input_images(self) -> list[bytes]:
+        """Encoded images the request gives the model to work from (none for generation)."""
+        return []
+
+    @property
+    def num_input_images(self) -> int:
+        return len(self.input_images)
+
+
+class GenerateRequest(_Request):
+    """Text to image (``POST /v1/images/generations``)."""
+
+    guidance_scale: float | None = Field(default=None, ge=0, le=20, description="CFG scale; 0 for Z-Image-Turbo.")
+
+
+class EditRequest(_Request):
+    """Instruction editing of 1 to 3 images (``POST /v1/images/edits``)."""
+
+    images: list[bytes] = Field(min_length=1, max_length=3, description="Encoded input images (PNG, JPEG, WEBP).")
+    true_cfg_scale: float | None = Field(default=None, ge=0, le=20, description="CFG runs when > 1.")
+
+    @property
+    def input_images(self) -> list[bytes]:
+        return self.images
+
+
+class ImageResult(BaseModel):
+    """What a generate or edit call returns, through a handle or (as JSON) over HTTP."""
+
+    variant: str = Field(description="The catalog variant that ran.")
+    images: list[bytes] = Field(description="PNG bytes, one per image.")
+    seeds: list[int] = Field(description="Seed of each image.")
+    width: int
+    height: int
+    num_inference_steps: int
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage and in total.")
+    replica: str | None = None
+    gpu_class: str | None = Field(default=None, description="GPU class of the replica ('cpu' without one).")
+    pool: str | None = Field(default=None, description="GPU pool whose replica served the request.")
+    node_gpu_class: str | None = Field(default=None, description="GPU class the replica's node reports.")
+    fits_node: bool | None = Field(default=None, description="Whether the planner says the variant fits that GPU.")
+    retried_from: str | None = Field(default=None, description="Pool of a first try that ran out of memory.")
+    batch_images: int = Field(default=1, description="Images computed in the same pipeline call (batching).")
+    created: int
+
+    def pil_images(self) -> list[Image.Image]:
+        return [Image.open(io.BytesIO(data)) for data in self.images]
+
+    def to_openai(self) -> dict:
+        """The OpenAI images response, plus imageserve's metadata next to it."""
+        return {
+            "created": self.created,
+            "data": [
+                {"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed, "revised_prompt": None}
+                for png, seed in zip(self.images, self.seeds, strict=True)
+            ],
+            "model": self.variant,
+            "output_format": "png",
+            "size": f"{self.width}x{self.height}",
+            "seeds": self.seeds,
+            "num_inference_steps": self.num_inference_steps,
+            "timings": self.timings,
+            "replica": self.replica,
+            "gpu_class": self.gpu_class,
+            "pool": self.pool,
+            "retried_from": self.retried_from,
+            "batch_images": self.batch_images,
+        }

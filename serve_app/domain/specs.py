@@ -1,0 +1,244 @@
+"""Typed specs: the config resolved once, at build time, into what each deployment needs.
+
+``resolve_application`` turns an ``AppConfig`` into one ``ReplicaSpec`` per (variant, GPU pool)
+and one ``RouterSpec``. Each deployment is bound its own small spec and never re-reads, re-validates
+or re-resolves the whole config; the specs are frozen pydantic models, so they cross Ray's process
+boundary as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.domain.catalog import Catalog, GPUClass, ModelVariant, Task
+from serve_app.domain.config import (
+    AppConfig,
+    ConfigError,
+    DeploymentOptions,
+    HFConfig,
+    OptimizationConfig,
+    PoolConfig,
+    TorchDtype,
+)
+from serve_app.domain.placement import place, pool_requirements
+from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSpec(_Spec):
+    """What a model engine needs to load and run one variant."""
+
+    variant: ModelVariant
+    source: str | None = Field(description="Local folder or hub repo id of the diffusers pipeline.")
+    transformer_source: str | None = Field(default=None, description="4-bit: the nunchaku transformer file or folder.")
+    hf: HFConfig = Field(default_factory=HFConfig)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    torch_dtype: TorchDtype | None = Field(default=None, description="bfloat16 on CUDA, float32 on CPU when null.")
+    offload_modes: tuple[OffloadMode, ...] = Field(
+        default=OFFLOAD_MODES, description="Modes the engine may load with, fastest first; the planner picks.")
+    plan_width: int | None = Field(default=None, description="Output width the offload mode is planned for.")
+    plan_height: int | None = Field(default=None, description="Output height the offload mode is planned for.")
+    batch_size: int = Field(default=1, ge=1, description="Images per pipeline call the planner must allow for.")
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+    optimizations: OptimizationConfig = Field(default_factory=OptimizationConfig)
+    edit_vae_image_area: int | None = Field(default=None, description="Edit: input area for the VAE.")
+    edit_condition_image_area: int | None = Field(default=None, description="Edit: input area for the vision encoder.")
+    max_input_pixels: int = Field(default=4096 * 4096, description="Largest input image the engine decodes.")
+    gpus: tuple[GPUClass, ...] = Field(default=(), description="Known GPU classes, to name the local CUDA device.")
+
+
+class PoolSpec(_Spec):
+    """The GPU pool a replica belongs to, as placement saw it."""
+
+    name: str
+    gpu: GPUClass
+    offload_mode: OffloadMode = Field(description="The mode placement planned for the pool's GPU.")
+
+
+class BatchingSpec(_Spec):
+    max_batch_size: int = Field(default=1, ge=1, description="Images one pipeline call may hold; 1 is off.")
+    wait_s: float = Field(default=0.0, ge=0, description="How long an idle replica waits for a batch to fill.")
+
+
+class ReplicaSpec(_Spec):
+    """One model deployment: a variant on a pool, with its engine, batching and Serve options."""
+
+    name: str = Field(description="Deployment name, e.g. 'gen-z-image-turbo@rtx4090'.")
+    engine: EngineSpec
+    pool: PoolSpec | None = None
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    warmup: bool = True
+    torch_threads: int | None = None
+    uses_gpu: bool = Field(description="Whether each replica takes a GPU (pools and CUDA do; CPU does not).")
+    node_requirements: dict = Field(default_factory=dict, description="Actor options that pin it to its pool.")
+    options: DeploymentOptions = Field(description="Serve options from serving, pool and model settings.")
+
+    @property
+    def variant(self) -> ModelVariant:
+        return self.engine.variant
+
+    @property
+    def task(self) -> Task:
+        return self.engine.variant.task
+
+    @property
+    def min_replicas(self) -> int:
+        return self.options.autoscaling.min_replicas if self.options.autoscaling else (self.options.num_replicas or 1)
+
+
+class RouteSpec(_Spec):
+    """One way the router can serve a variant: a replica deployment on one pool."""
+
+    variant: str
+    deployment: str
+    pool: str = "default"
+    gpu_class: str | None = None
+    vram_gib: float | None = None
+    cost_s: float | None = Field(default=None, description="Planner's seconds per image on this pool.")
+    min_replicas: int = 1
+
+
+class HttpSpec(_Spec):
+    api_keys: tuple[str, ...] = Field(default=(), repr=False, description="Bearer keys; none means open.")
+    max_body_bytes: int = 50_000_000
+    metrics_route: bool = True
+
+
+class RouterSpec(_Spec):
+    """The router (ingress): the catalog, what is served where, request limits and HTTP settings."""
+
+    app_name: str
+    catalog: Catalog
+    default_width: int | None = None
+    default_height: int | None = None
+    max_input_pixels: int = 4096 * 4096
+    routes: tuple[RouteSpec, ...]
+    unavailable: dict[str, str] = Field(default_factory=dict, description="Variant id -> why it is not served.")
+    http: HttpSpec = Field(default_factory=HttpSpec)
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    graceful_shutdown_timeout_s: float = Field(
+        default=20.0, description="How long a stopping router replica lets its requests finish.")
+
+
+class ApplicationSpec(_Spec):
+    replicas: tuple[ReplicaSpec, ...]
+    router: RouterSpec
+    unplaced: dict[str, str] = Field(default_factory=dict, description="Configured variants that fit no pool, and why.")
+
+
+def deployment_name(task: str, variant_id: str, pool: str | None = None) -> str:
+    base = f"{'gen' if task == 'generate' else 'edit'}-{variant_id}"
+    return f"{base}@{pool}" if pool else base
+
+
+def engine_spec(config: AppConfig, variant: ModelVariant, catalog: Catalog,
+                offload_modes: tuple[OffloadMode, ...] | None = None) -> EngineSpec:
+    """How to load ``variant`` as ``config`` says (catalog defaults where it says nothing)."""
+    model = config.models[variant.id]
+    forced = config.offload_mode_for(variant.id)
+    if offload_modes is None:
+        offload_modes = (forced,) if forced else OFFLOAD_MODES
+    return EngineSpec(
+        variant=variant,
+        source=model.source or variant.source.local_path or variant.source.hub_repo,
+        transformer_source=model.transformer_source,
+        hf=config.hf,
+        device=config.device.device,
+        torch_dtype=model.torch_dtype,
+        offload_modes=offload_modes,
+        plan_width=config.defaults.width,
+        plan_height=config.defaults.height,
+        batch_size=config.batch_size(variant.id),
+        planner=config.device.planner,
+        optimizations=model.optimizations,
+        edit_vae_image_area=model.edit_vae_image_area,
+        edit_condition_image_area=model.edit_condition_image_area,
+        max_input_pixels=config.serving.limits.max_input_pixels,
+        gpus=tuple(catalog.gpus.values()),
+    )
+
+
+def _replica_spec(config: AppConfig, catalog: Catalog, variant: ModelVariant, pool: PoolConfig | None,
+                  gpu: GPUClass | None, planned_mode: OffloadMode | None, cluster_has_gpus: bool) -> ReplicaSpec:
+    model = config.models[variant.id]
+    if pool is not None:
+        engine = engine_spec(config, variant, catalog, pool.allowed_modes(config.offload_mode_for(variant.id)))
+        uses_gpu = True
+    else:
+        engine = engine_spec(config, variant, catalog)
+        device = config.device.device
+        uses_gpu = device == "cuda" or (device == "auto" and cluster_has_gpus)
+    return ReplicaSpec(
+        name=deployment_name(variant.task, variant.id, pool.name if pool else None),
+        engine=engine,
+        pool=None if pool is None else PoolSpec(name=pool.name, gpu=gpu, offload_mode=planned_mode),
+        batching=BatchingSpec(max_batch_size=model.max_batch_size, wait_s=model.batch_wait_timeout_s),
+        warmup=config.serving.warmup,
+        torch_threads=config.serving.torch_threads,
+        uses_gpu=uses_gpu,
+        node_requirements=pool_requirements(pool, gpu) if pool is not None else {},
+        options=config.deployment_options(variant.id, pool),
+    )
+
+
+def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> ApplicationSpec:
+    """Every deployment of ``config``'s application, with its spec.
+
+    Args:
+        cluster_has_gpus: whether the cluster has GPUs; decides ``device: auto`` for replicas outside pools.
+    """
+    catalog = config.build_catalog()
+    replicas: list[ReplicaSpec] = []
+    routes: list[RouteSpec] = []
+    unplaced: dict[str, str] = {}
+
+    def add(spec: ReplicaSpec, cost_s: float | None) -> None:
+        replicas.append(spec)
+        gpu = spec.pool.gpu if spec.pool else None
+        routes.append(RouteSpec(
+            variant=spec.variant.id, deployment=spec.name, pool=spec.pool.name if spec.pool else "default",
+            gpu_class=gpu.id if gpu else None, vram_gib=gpu.vram_gib if gpu else None, cost_s=cost_s,
+            min_replicas=spec.min_replicas))
+
+    if config.pools:
+        placements, unplaced = place(config, catalog)
+        for p in placements:
+            add(_replica_spec(config, catalog, p.variant, p.pool, p.gpu, p.plan.mode, cluster_has_gpus),
+                p.seconds_per_image)
+    else:
+        for model_id in config.models_to_load():
+            add(_replica_spec(config, catalog, catalog.variant(model_id), None, None, None, cluster_has_gpus), None)
+    served = {r.variant for r in routes}
+    unavailable = dict(unplaced)
+    for variant_id in catalog.variants:
+        if variant_id not in served and variant_id not in unavailable:
+            unavailable[variant_id] = (
+                "disabled in this deployment's config" if variant_id in config.models
+                else "not configured in this deployment (add it under `models:`)"
+            )
+    if not routes:
+        raise ConfigError("no model to serve: list at least one variant under `models:` that fits a pool")
+    serving = config.serving
+    router = RouterSpec(
+        app_name=serving.app_name,
+        catalog=catalog,
+        default_width=config.defaults.width,
+        default_height=config.defaults.height,
+        max_input_pixels=serving.limits.max_input_pixels,
+        routes=tuple(routes),
+        unavailable=unavailable,
+        http=HttpSpec(api_keys=tuple(serving.api_keys), max_body_bytes=int(serving.limits.max_body_mb * 1e6),
+                      metrics_route=serving.metrics_route),
+        num_replicas=serving.router_replicas,
+        num_cpus=serving.router_num_cpus,
+        # A router waits on its replicas: stopping it must not cut requests they may still finish.
+        graceful_shutdown_timeout_s=max([20.0, serving.request_timeout_s or 0.0,
+                                         *(r.options.graceful_shutdown_timeout_s or 0.0 for r in replicas)]),
+    )
+    return ApplicationSpec(replicas=tuple(replicas), router=router, unplaced=unplaced)

@@ -1,0 +1,316 @@
+"""What every diffusers engine shares: loading, per-image seeds, stage timing and cancellation.
+
+Loading (``DiffusersEngine.load``) takes an ``EngineSpec``: it picks the device and the offload
+mode the planner says fits the local GPU, finds the weights (a local folder or the offline Hugging
+Face cache), loads the family's pipeline class with ``from_pretrained`` (with the real nunchaku's
+4-bit transformer for 4-bit variants), then applies the scheduler overrides, the offload mode and
+the configured speed options. The families add what only they need through ``extra_components``.
+
+Running: a family builds the pipeline's arguments and calls ``self.pipe`` inside
+``self.pipeline_call(...)``, which serializes calls, times the stages and stops denoising between
+steps once the caller's ``should_stop`` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from serve_app.domain.catalog import GPUClass, ModelVariant
+from serve_app.domain.config import HFConfig, OptimizationConfig
+from serve_app.domain.planner import OffloadMode, architecture_problem, plan
+from serve_app.domain.schemas import MAX_SEED
+from serve_app.domain.specs import EngineSpec
+from serve_app.engines.protocol import EngineInfo, GenerationCancelled, IncompatibleHardwareError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise IncompatibleHardwareError("device 'cuda' was asked for, but torch sees no CUDA device")
+    return requested
+
+
+def resolve_source(source: str, hf: HFConfig, skip_transformer: bool = False) -> Path:
+    """A local pipeline folder for ``source`` (a folder, or a hub repo id from the local cache).
+
+    ``skip_transformer`` leaves out the bf16 transformer (41 GB for Qwen-Image-Edit) when a
+    nunchaku 4-bit transformer replaces it.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return path
+    if not HUB_REPO_ID.fullmatch(source):
+        raise ModelLoadError(f"model folder {source} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            source, cache_dir=hf.cache_dir, local_files_only=hf.offline,
+            ignore_patterns=["transformer/*"] if skip_transformer else None,
+        ))
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
+        where = "in the local Hugging Face cache (offline mode)" if hf.offline else "on the Hub"
+        raise ModelLoadError(f"{source} is not available {where}: {type(err).__name__}: {err}") from None
+
+
+@dataclass(frozen=True)
+class LoadTarget:
+    """Where and how a variant loads: device, the local GPU's class, offload mode, dtype."""
+
+    device: str
+    gpu: GPUClass | None
+    offload_mode: OffloadMode
+    planned_peak_gib: float | None
+    torch_dtype: str
+
+    @classmethod
+    def for_spec(cls, spec: EngineSpec) -> LoadTarget:
+        """Resolve ``spec`` on this machine; refuses, before any weight is read, what cannot run here."""
+        variant = spec.variant
+        device = resolve_device(spec.device)
+        gpu = None
+        if device == "cuda":
+            from serve_app.engines.hardware import detect_local_gpu
+
+            local = detect_local_gpu(spec.gpus)
+            gpu = local.gpu_class if local else None
+        elif variant.requires_nunchaku:
+            raise IncompatibleHardwareError(f"{variant.id} is a nunchaku 4-bit variant and needs a CUDA GPU")
+        if gpu is not None and (problem := architecture_problem(variant, gpu)):
+            raise IncompatibleHardwareError(f"{variant.id} cannot run here: {problem}")
+        mode, planned = "none", None
+        if gpu is not None:
+            verdict = plan(variant, gpu, spec.plan_width, spec.plan_height, modes=spec.offload_modes,
+                           settings=spec.planner, batch_size=spec.batch_size)
+            if not verdict.fits:
+                raise IncompatibleHardwareError(f"{variant.id} does not fit {gpu.name}: {verdict.reason}")
+            mode, planned = verdict.mode, verdict.peak_vram_gib
+        dtype = spec.torch_dtype or ("bfloat16" if device == "cuda" else "float32")
+        return cls(device, gpu, mode, planned, dtype)
+
+
+def apply_offload(pipe, mode: OffloadMode, device: str, nunchaku_transformer: bool) -> None:
+    if device == "cpu" or mode == "none":
+        pipe.to(device)
+        return
+    if mode == "model":
+        pipe.enable_model_cpu_offload()
+        return
+    if nunchaku_transformer:
+        # nunchaku streams its own blocks; accelerate handles the text encoder and VAE.
+        pipe.transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)
+        pipe._exclude_from_cpu_offload.append("transformer")
+    pipe.enable_sequential_cpu_offload()
+
+
+def set_channels_last(module: torch.nn.Module, enabled: bool = True) -> None:
+    """Put every convolution's weights of ``module`` in channels-last format (or back).
+
+    Per convolution, because the Qwen-Image VAE mixes Conv3d (5-D, channels_last_3d) and 2-D layers.
+    """
+    for conv in module.modules():
+        if isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            if not enabled:
+                fmt = torch.contiguous_format
+            else:
+                fmt = torch.channels_last_3d if isinstance(conv, torch.nn.Conv3d) else torch.channels_last
+            conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
+
+
+def apply_optimizations(pipe, options: OptimizationConfig) -> list[str]:
+    """Apply the configured speed options to a loaded pipeline; returns what was applied.
+
+    bench/gpu_fullsize.py measures each option against the default on a GPU.
+    """
+    applied = []
+    if options.attention_backend is not None:
+        try:
+            pipe.transformer.set_attention_backend(options.attention_backend)
+        except (AttributeError, ImportError, RuntimeError, ValueError) as err:
+            raise ModelLoadError(f"attention_backend {options.attention_backend!r} is not usable here: {err}") from None
+        applied.append(f"attention_backend={options.attention_backend}")
+    if options.vae_channels_last:
+        set_channels_last(pipe.vae)
+        applied.append("vae_channels_last")
+    if options.compile_transformer:
+        pipe.transformer.compile(mode=options.compile_mode)
+        applied.append(f"compile_transformer={options.compile_mode}")
+    return applied
+
+
+class _StageTimer:
+    """Times the pipeline's text encoding, VAE encode and VAE decode by wrapping those calls."""
+
+    def __init__(self, pipe) -> None:
+        self.seconds: dict[str, float] = {}
+        self._wrap(pipe, "encode_prompt", "text_encode_s")
+        self._wrap(pipe.vae, "encode", "vae_encode_s")
+        self._wrap(pipe.vae, "decode", "vae_decode_s")
+
+    def _wrap(self, owner, name: str, key: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+
+@dataclass
+class PipelineCall:
+    """One call of a pipeline in progress: pass ``on_step_end`` as its ``callback_on_step_end``."""
+
+    num_inference_steps: int
+    should_stop: Callable[[], bool] | None
+    steps_done: int = 0
+    stopped: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        self.steps_done = step + 1
+        if self.should_stop is not None and self.should_stop():
+            self.stopped = True
+            pipe._interrupt = True  # diffusers checks it before the next step
+        return callback_kwargs
+
+
+class DiffusersEngine:
+    """One loaded variant on a diffusers pipeline. Calls are serialized: pipelines are not thread-safe.
+
+    Subclasses (one per model family) name their pipeline and nunchaku transformer classes and
+    implement the ``ImageEngine`` protocol's ``warm_up``, ``batch_key`` and ``run``.
+    """
+
+    pipeline_class: ClassVar[str]
+    nunchaku_transformer_class: ClassVar[str]
+
+    def __init__(self, spec: EngineSpec, pipe, info: EngineInfo) -> None:
+        self.spec = spec
+        self.variant: ModelVariant = spec.variant
+        self.pipe = pipe
+        self.info = info
+        self._lock = threading.Lock()
+        self._timer = _StageTimer(pipe)
+
+    # ---- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, spec: EngineSpec) -> DiffusersEngine:
+        """Load ``spec.variant`` with ``from_pretrained`` as ``spec`` says."""
+        started = time.perf_counter()
+        target = LoadTarget.for_spec(spec)
+        if spec.source is None:
+            raise ModelLoadError(f"{spec.variant.id}: no weights source configured")
+        four_bit = spec.variant.requires_nunchaku
+        folder = resolve_source(spec.source, spec.hf, skip_transformer=four_bit)
+        import diffusers
+        import transformers
+
+        # Progress bars only clutter replica logs; load time is logged (and exported) instead.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        dtype = DTYPES[target.torch_dtype]
+        kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "local_files_only": True,
+                                  **cls.extra_components(spec, folder)}
+        if four_bit:
+            kwargs["transformer"] = cls._nunchaku_transformer(spec, dtype)
+        try:
+            pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(folder, **kwargs)
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise ModelLoadError(f"{spec.variant.id}: loading {folder} failed: {type(err).__name__}: {err}") from err
+        return cls.prepare(pipe, spec, target, started, str(folder), nunchaku_transformer=four_bit)
+
+    @classmethod
+    def extra_components(cls, spec: EngineSpec, folder: Path) -> dict[str, Any]:
+        """Components the family builds itself instead of letting ``from_pretrained`` load them."""
+        return {}
+
+    @classmethod
+    def _nunchaku_transformer(cls, spec: EngineSpec, dtype: torch.dtype):
+        from serve_app.engines.nunchaku_support import transformer_class
+
+        transformer = transformer_class(cls.nunchaku_transformer_class)
+        source, weights = spec.transformer_source, spec.variant.source
+        if source is None:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                source = hf_hub_download(weights.transformer_repo, weights.transformer_file,
+                                         cache_dir=spec.hf.cache_dir, local_files_only=spec.hf.offline)
+            except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
+                raise ModelLoadError(f"{weights.transformer_repo}/{weights.transformer_file} is not available: "
+                                     f"{err}") from None
+        elif Path(source).is_dir():
+            source = str(Path(source) / weights.transformer_file)
+        if not Path(source).exists():
+            raise ModelLoadError(f"nunchaku transformer file {source} does not exist")
+        return transformer.from_pretrained(source, torch_dtype=dtype)
+
+    @classmethod
+    def prepare(cls, pipe, spec: EngineSpec, target: LoadTarget, started: float, source: str,
+                nunchaku_transformer: bool = False) -> DiffusersEngine:
+        """Finish a built pipeline: scheduler overrides, offload mode, speed options; wrap it as an engine."""
+        variant = spec.variant
+        if variant.scheduler_overrides:
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **variant.scheduler_overrides)
+        apply_offload(pipe, target.offload_mode, target.device, nunchaku_transformer)
+        applied = apply_optimizations(pipe, spec.optimizations)
+        pipe.set_progress_bar_config(disable=True)
+        load_seconds = time.perf_counter() - started
+        logger.info("loaded %s from %s on %s (%s, offload=%s%s) in %.2fs", variant.id, source, target.device,
+                    target.torch_dtype, target.offload_mode, "".join(f", {a}" for a in applied), load_seconds)
+        info = EngineInfo(device=target.device, torch_dtype=target.torch_dtype, offload_mode=target.offload_mode,
+                          load_seconds=load_seconds, planned_peak_gib=target.planned_peak_gib, source=source)
+        return cls(spec, pipe, info)
+
+    # ---- running --------------------------------------------------------------------------
+
+    @staticmethod
+    def seeds(seed: int | None, n: int) -> list[int]:
+        """Seeds of ``n`` images: ``seed + i`` (random ``seed`` when None), wrapped past ``MAX_SEED``."""
+        base = secrets.randbelow(MAX_SEED - n) if seed is None else seed
+        return [(base + i) % (MAX_SEED + 1) for i in range(n)]
+
+    @contextmanager
+    def pipeline_call(self, num_inference_steps: int,
+                      should_stop: Callable[[], bool] | None) -> Iterator[PipelineCall]:
+        """Serialize, time and make cancellable the ``self.pipe(...)`` call made inside this block.
+
+        On leaving it, ``call.timings`` holds the stage seconds plus ``denoise_s`` (the rest) and
+        ``total_s``; if ``should_stop`` stopped the denoising, ``GenerationCancelled`` is raised.
+        """
+        call = PipelineCall(num_inference_steps, should_stop)
+        with self._lock:
+            self._timer.seconds = {}
+            started = time.perf_counter()
+            with torch.inference_mode():
+                yield call
+            total = time.perf_counter() - started
+            call.timings = dict(self._timer.seconds)
+        if call.stopped:
+            raise GenerationCancelled(f"stopped after {call.steps_done} of {num_inference_steps} steps")
+        call.timings["denoise_s"] = max(total - sum(call.timings.values()), 0.0)
+        call.timings["total_s"] = total

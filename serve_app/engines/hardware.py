@@ -1,0 +1,55 @@
+"""What this machine has: the local GPU (as a catalog GPU class), host memory and disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from serve_app.domain.catalog import GIB, GPUClass, match_gpu_name
+
+
+@dataclass(frozen=True)
+class LocalGPU:
+    device_name: str
+    vram_gib: float
+    compute_capability: str
+    gpu_class: GPUClass
+    in_catalog: bool
+
+
+def detect_local_gpu(gpus: Iterable[GPUClass], index: int = 0) -> LocalGPU | None:
+    """CUDA device ``index`` as a GPU class: the entry of ``gpus`` (the catalog's) whose name
+    matches, else one made from the device's own properties (so an unlisted card still gets planned)."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() <= index:
+        return None
+    props = torch.cuda.get_device_properties(index)
+    cc = f"{props.major}.{props.minor}"
+    vram = props.total_memory / GIB
+    known = match_gpu_name(gpus, props.name)
+    if known is not None and known.compute_capability == cc:
+        # The card's real memory wins over the nominal figure (e.g. 79.6 GiB on an "80 GB" H100).
+        gpu_class = known.model_copy(update={"vram_gib": round(min(vram, known.vram_gib), 2)})
+        return LocalGPU(props.name, vram, cc, gpu_class, in_catalog=True)
+    synthesized = GPUClass(
+        id="local-" + props.name.lower().replace(" ", "-"),
+        name=props.name,
+        compute_capability=cc,
+        architecture="unknown",
+        vram_gib=round(vram, 2),
+    )
+    return LocalGPU(props.name, vram, cc, synthesized, in_catalog=False)
+
+
+def host_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def free_disk_gb(path: str) -> float:
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe or "/").free / 1e9

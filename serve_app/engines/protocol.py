@@ -1,0 +1,107 @@
+"""What a model replica needs from a pipeline: the ``ImageEngine`` protocol and the types it speaks.
+
+A replica hands its engine *jobs* (one request each, already validated and sized by the router),
+in batches of jobs that share the engine's ``batch_key``; the engine runs them as few pipeline
+calls as it can and returns one ``EngineResult`` per job. An unbatched request is a batch of one.
+The families (``z_image``, ``qwen_image_edit``) implement it on diffusers pipelines; the test
+doubles of ``gpu_doubles`` wrap them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+from serve_app.domain.catalog import ModelVariant
+from serve_app.domain.planner import OffloadMode
+from serve_app.domain.schemas import EditRequest, GenerateRequest
+
+
+class ModelLoadError(RuntimeError):
+    """A variant could not be loaded; the message says why and what to do."""
+
+
+class IncompatibleHardwareError(ModelLoadError):
+    """The variant cannot run on this device (architecture, VRAM, or no GPU for 4-bit)."""
+
+
+class GenerationCancelled(RuntimeError):
+    """Every caller of a pipeline call went away; denoising stopped early and no image is returned."""
+
+
+@dataclass
+class Job:
+    """One request as a replica runs it: the request, its resolved size and steps, and whether its
+    caller is still waiting."""
+
+    request: GenerateRequest | EditRequest
+    width: int
+    height: int
+    num_inference_steps: int
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def images(self) -> int:
+        """Output images the job asks for (its size in a batch)."""
+        return self.request.n
+
+
+@dataclass
+class EngineResult:
+    """One job's outcome.
+
+    Attributes:
+        images: the output images, ``n`` of them.
+        seeds: the seed of each image.
+        timings: seconds per stage (``text_encode_s``, ``vae_encode_s``, ``denoise_s``,
+            ``vae_decode_s``, ``total_s``) of the pipeline call(s) that made the images.
+        steps: denoising steps run.
+        batch_images: images computed in the same pipeline call as these.
+        denoised_images: images whose denoising ``timings["denoise_s"]`` covers (for per-step time).
+    """
+
+    images: list[Image.Image]
+    seeds: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    batch_images: int = 1
+    denoised_images: int = 1
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """How an engine was loaded."""
+
+    device: str
+    torch_dtype: str
+    offload_mode: OffloadMode
+    load_seconds: float
+    planned_peak_gib: float | None = None
+    source: str | None = None
+
+
+@runtime_checkable
+class ImageEngine(Protocol):
+    """A loaded variant that runs batches of jobs. Calls come from one worker thread at a time."""
+
+    variant: ModelVariant
+    info: EngineInfo
+
+    def warm_up(self) -> None:
+        """Run one tiny call so the first request pays no first-call costs."""
+
+    def batch_key(self, job: Job) -> Hashable:
+        """Jobs with equal keys may run as one pipeline call."""
+
+    def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
+        """Run ``jobs`` (equal batch keys) and return one result per job, in order.
+
+        ``should_stop`` is polled after every denoising step; once it returns True the engine stops
+        and raises ``GenerationCancelled``.
+        """

@@ -1,0 +1,167 @@
+"""Qwen-Image-Edit-2509/-2511 instruction editing on diffusers' ``QwenImageEditPlusPipeline``
+(bf16, or nunchaku int4/fp4 Lightning for 2509).
+
+The pipeline takes one image set per call, so every job runs alone and each of its ``n`` outputs
+is a call of its own. It resizes each input image to a fixed area for the VAE and another for the
+vision encoder; those areas are module constants of diffusers, which this engine sets only for the
+length of its own calls (``models.<id>.edit_vae_image_area`` / ``edit_condition_image_area``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import Qwen2VLProcessor
+
+from serve_app.domain.images import decode_image
+from serve_app.domain.specs import EngineSpec
+from serve_app.engines.base import DiffusersEngine
+from serve_app.engines.protocol import EngineResult, Job
+
+# Every engine in the process sets diffusers' input-area constants under this lock for its call only.
+_INPUT_AREAS_LOCK = threading.Lock()
+
+
+@contextmanager
+def input_image_areas(vae_area: int | None, condition_area: int | None) -> Iterator[None]:
+    """Within this block, the edit pipeline resizes inputs to these areas (its defaults when None)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_module
+
+    with _INPUT_AREAS_LOCK:
+        defaults = edit_module.VAE_IMAGE_SIZE, edit_module.CONDITION_IMAGE_SIZE
+        edit_module.VAE_IMAGE_SIZE = vae_area or defaults[0]
+        edit_module.CONDITION_IMAGE_SIZE = condition_area or defaults[1]
+        try:
+            yield
+        finally:
+            edit_module.VAE_IMAGE_SIZE, edit_module.CONDITION_IMAGE_SIZE = defaults
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without its video processor, and so without torchvision.
+
+    transformers 5 builds ``Qwen2VLProcessor`` with a video processor that imports torchvision, and
+    PyPI has no CPU torchvision matching ``torch==2.13.0``; on such machines (CI, laptops) the same
+    processor is assembled from its PIL image processor and tokenizer. Editing never sends video.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path) -> ImageOnlyQwen2VLProcessor:
+        """Assemble the processor from a local pipeline folder's ``processor/`` (or ``tokenizer/``) files."""
+        from transformers import Qwen2Tokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        root = Path(checkpoint)
+        processor_dir = root / "processor"
+        tokenizer_dir = processor_dir if (processor_dir / "tokenizer_config.json").exists() else root / "tokenizer"
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(processor_dir)
+        tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer_dir)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def torchvision_available() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+class QwenImageEditEngine(DiffusersEngine):
+    """Qwen-Image-Edit editing; implements ``ImageEngine``."""
+
+    pipeline_class = "QwenImageEditPlusPipeline"
+    nunchaku_transformer_class = "NunchakuQwenImageTransformer2DModel"
+
+    @classmethod
+    def extra_components(cls, spec: EngineSpec, folder: Path) -> dict[str, Any]:
+        if torchvision_available():
+            return {}
+        return {"processor": ImageOnlyQwen2VLProcessor.from_checkpoint(folder)}
+
+    def warm_up(self) -> None:
+        side = max(self.variant.min_side, 64)
+        gray = Image.new("RGB", (side, side), (127, 127, 127))
+        self.edit([gray], "warm-up", width=side, height=side, num_inference_steps=1, seed=0)
+
+    def batch_key(self, job: Job) -> Hashable:
+        return id(job)  # one image set per pipeline call: every job runs alone
+
+    def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
+        results = []
+        for job in jobs:
+            r = job.request
+            # Decoded here, in the worker thread: full decoding is the expensive part of input checks.
+            images = [decode_image(data, self.spec.max_input_pixels, name=f"image {i + 1}")
+                      for i, data in enumerate(r.images)]
+            results.append(self.edit(
+                images, r.prompt, n=r.n, width=job.width, height=job.height,
+                num_inference_steps=job.num_inference_steps, true_cfg_scale=r.true_cfg_scale,
+                negative_prompt=r.negative_prompt, seed=r.seed, should_stop=should_stop))
+        return results
+
+    def edit(
+        self,
+        images: list[Image.Image],
+        prompt: str,
+        *,
+        n: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        true_cfg_scale: float | None = None,
+        negative_prompt: str | None = None,
+        seed: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> EngineResult:
+        """Instruction editing of 1 to ``max_input_images`` images.
+
+        Args:
+            images (`list[PIL.Image.Image]`): the input images, in the order the prompt names them.
+            prompt (`str`): the instruction.
+            n (`int`): outputs; each is its own pipeline call (the pipeline takes batch size 1).
+            width, height (`int`, *optional*): output size; the variant's default when None.
+            num_inference_steps (`int`, *optional*): denoising steps (variant default).
+            true_cfg_scale (`float`, *optional*): CFG runs when > 1 and a negative prompt is given.
+            negative_prompt (`str`, *optional*): the variant's default (" ") when None.
+            seed (`int`, *optional*): image ``i`` uses ``seed + i``; random when None.
+            should_stop (`Callable[[], bool]`, *optional*): polled after every step; True cancels.
+
+        Returns:
+            `EngineResult` with ``n`` images; its timings add up the ``n`` calls.
+        """
+        if not 1 <= len(images) <= self.variant.max_input_images:
+            raise ValueError(f"{self.variant.id} takes 1 to {self.variant.max_input_images} input images")
+        defaults = self.variant.defaults
+        seeds = self.seeds(seed, n)
+        steps = num_inference_steps or defaults.num_inference_steps
+        rgb = [image.convert("RGB") for image in images]
+        outputs: list[Image.Image] = []
+        timings: dict[str, float] = {}
+        done = 0
+        for one_seed in seeds:
+            with self.pipeline_call(steps, should_stop) as call, \
+                    input_image_areas(self.spec.edit_vae_image_area, self.spec.edit_condition_image_area):
+                out = self.pipe(
+                    image=rgb,
+                    prompt=prompt,
+                    negative_prompt=negative_prompt if negative_prompt is not None else defaults.negative_prompt,
+                    true_cfg_scale=defaults.true_cfg_scale if true_cfg_scale is None else true_cfg_scale,
+                    width=width or defaults.width,
+                    height=height or defaults.height,
+                    num_inference_steps=steps,
+                    generator=torch.Generator("cpu").manual_seed(one_seed),
+                    callback_on_step_end=call.on_step_end,
+                    output_type="pil",
+                )
+            outputs.extend(out.images)
+            done = call.steps_done
+            for stage, seconds in call.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+        return EngineResult(outputs, seeds, timings, done, batch_images=1, denoised_images=len(outputs))

@@ -1,0 +1,96 @@
+"""Z-Image-Turbo text-to-image on diffusers' ``ZImagePipeline`` (bf16, or nunchaku int4/fp4).
+
+Requests that share size, steps, ``n``, guidance and negative prompt run as one pipeline call
+with a list of prompts; each keeps its own seeds, so batched images match unbatched ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+from serve_app.engines.base import DiffusersEngine
+from serve_app.engines.protocol import EngineResult, Job
+
+
+class ZImageEngine(DiffusersEngine):
+    """Z-Image generation; implements ``ImageEngine``."""
+
+    pipeline_class = "ZImagePipeline"
+    nunchaku_transformer_class = "NunchakuZImageTransformer2DModel"
+
+    def warm_up(self) -> None:
+        side = max(self.variant.min_side, 64)
+        self.generate("warm-up", width=side, height=side, num_inference_steps=1, seed=0)
+
+    def batch_key(self, job: Job) -> Hashable:
+        """Everything but the prompt and the seed must agree for one pipeline call."""
+        r = job.request
+        return job.width, job.height, job.num_inference_steps, r.n, r.guidance_scale, r.negative_prompt
+
+    def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
+        first = jobs[0]
+        n = first.request.n
+        batch = self.generate(
+            [job.request.prompt for job in jobs], n=n, width=first.width, height=first.height,
+            num_inference_steps=first.num_inference_steps, guidance_scale=first.request.guidance_scale,
+            negative_prompt=first.request.negative_prompt, seed=[job.request.seed for job in jobs],
+            should_stop=should_stop)
+        return [EngineResult(batch.images[i * n:(i + 1) * n], batch.seeds[i * n:(i + 1) * n], dict(batch.timings),
+                             batch.steps, batch.batch_images, batch.denoised_images) for i in range(len(jobs))]
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        n: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        seed: int | list[int | None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> EngineResult:
+        """Text to image; a list of prompts runs as one batched pipeline call.
+
+        Args:
+            prompt (`str` or `list[str]`): what to draw; a list batches several requests that share
+                every other argument.
+            n (`int`): images per prompt; image ``i`` of a prompt uses seed ``seed + i``.
+            width, height (`int`, *optional*): output size; the variant's default when None.
+            num_inference_steps (`int`, *optional*): denoising steps (variant default).
+            guidance_scale (`float`, *optional*): CFG scale; Z-Image-Turbo is distilled for 0.
+            negative_prompt (`str`, *optional*): used only when ``guidance_scale > 1``.
+            seed (`int` or `list`, *optional*): random when None; one per prompt for a list.
+            should_stop (`Callable[[], bool]`, *optional*): polled after every step; True cancels.
+
+        Returns:
+            `EngineResult` with images and seeds in prompt order, ``n`` per prompt.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = seed if isinstance(seed, list) else [seed] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} seeds")
+        defaults = self.variant.defaults
+        seeds = [s for one in per_prompt for s in self.seeds(one, n)]
+        steps = num_inference_steps or defaults.num_inference_steps
+        negative = negative_prompt if negative_prompt is not None else defaults.negative_prompt
+        with self.pipeline_call(steps, should_stop) as call:
+            out = self.pipe(
+                prompt=prompts if len(prompts) > 1 else prompts[0],
+                negative_prompt=[negative] * len(prompts) if negative is not None and len(prompts) > 1 else negative,
+                width=width or defaults.width,
+                height=height or defaults.height,
+                num_inference_steps=steps,
+                guidance_scale=defaults.guidance_scale if guidance_scale is None else guidance_scale,
+                num_images_per_prompt=n,
+                # CPU generators make a seed give the same image on any device.
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                callback_on_step_end=call.on_step_end,
+                output_type="pil",
+            )
+        images = list(out.images)
+        return EngineResult(images, seeds, call.timings, call.steps_done, batch_images=len(images),
+                            denoised_images=len(images))

@@ -1,0 +1,238 @@
+"""The OpenAI images API over HTTP, and the ingress deployment that serves it in front of the router.
+
+Routes: ``POST /v1/images/generations`` (JSON), ``POST /v1/images/edits`` (multipart, ``image``
+or ``image[]``), ``GET /v1/models``, ``GET /healthz``, ``GET /metrics``; the OpenAPI schema is at
+``/openapi.json``. Every error is JSON: ``{"error": {"code", "message", "param", "type"}}``. This
+module parses and answers HTTP; ``deployments.router.Router`` does the work.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from typing import Annotated, Any, Protocol
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.router import Router
+from serve_app import __version__
+from serve_app.domain.errors import ImageServeError, InternalError, error_type
+from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
+from serve_app.domain.specs import HttpSpec, RouterSpec
+
+logger = logging.getLogger(__name__)
+
+
+class ImageService(Protocol):
+    """What the HTTP layer needs from the router."""
+
+    async def generate(self, request: GenerateRequest) -> ImageResult: ...
+    async def edit(self, request: EditRequest) -> ImageResult: ...
+    async def models(self) -> dict[str, Any]: ...
+    async def health(self) -> dict[str, Any]: ...
+    async def metrics_text(self) -> str: ...
+    def record_error(self, task: str, reason: str) -> None: ...
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "param": param, "type": error_type(status)}},
+                        status_code=status, headers=headers)
+
+
+def _validation_response(errors: list[dict]) -> JSONResponse:
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "form", "query")]
+    param = ".".join(loc) or None
+    if param == "images":
+        param = "image"
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('body', 'form')) or 'body'}: {e['msg']}"
+        for e in errors
+    )
+    return error_response(422, "invalid_request", message, param)
+
+
+API_KEYS_ENV = "IMAGESERVE_API_KEYS"
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def configured_api_keys(keys: list[str]) -> list[bytes]:
+    """Keys from the config plus ``IMAGESERVE_API_KEYS`` (comma-separated); empty means no auth."""
+    from_env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    return [k.encode() for k in [*keys, *from_env] if k]
+
+
+class ApiKeyMiddleware:
+    """Bearer-key check on every route but /healthz. Keys are compared in constant time and never logged."""
+
+    def __init__(self, app, keys: list[bytes]) -> None:
+        self.app = app
+        self.keys = keys
+
+    def _authorized(self, header: bytes | None) -> bool:
+        if not header:
+            return False
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return False
+        token = token.strip()
+        # Compare with every key (no early exit) so timing says nothing about which key nearly matched.
+        return sum(hmac.compare_digest(token, key) for key in self.keys) > 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys:
+            return await self.app(scope, receive, send)
+        if scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization")
+        if self._authorized(header):
+            return await self.app(scope, receive, send)
+        response = error_response(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+                                  headers={"WWW-Authenticate": 'Bearer realm="imageserve"'})
+        await response(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit: at once from Content-Length, or as soon as a streamed body passes it."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return error_response(413, "request_too_large",
+                              f"request body over the {self.max_bytes / 1e6:g} MB limit")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large()(scope, receive, send)
+        seen = 0
+        state = {"started": False, "refused": False}
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request" and not state["refused"]:
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    state["refused"] = True
+                    if not state["started"]:
+                        await self._too_large()(scope, receive, send)
+                    # The app sees the client leave and stops reading.
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            if not state["refused"]:
+                await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+
+def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
+    """The FastAPI app over ``service`` (the router replica)."""
+    http = http or HttpSpec()
+    app = FastAPI(
+        title="imageserve",
+        version=__version__,
+        description="OpenAI-compatible image generation (Z-Image-Turbo) and editing (Qwen-Image-Edit).",
+    )
+
+    @app.exception_handler(ImageServeError)
+    async def _service_error(_: Request, err: ImageServeError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        service.record_error("edit" if request.url.path.endswith("/edits") else "generate", "bad_input")
+        return _validation_response(list(err.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return error_response(err.status_code, code, str(err.detail), headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        logger.exception("unexpected error")
+        wrapped = InternalError(f"internal error: {type(err).__name__}; retry shortly", retry_after_s=2)
+        return JSONResponse(wrapped.body(), status_code=wrapped.status_code, headers=wrapped.headers())
+
+    @app.post("/v1/images/generations", summary="Create images from a prompt")
+    async def generations(body: GenerateRequest) -> dict[str, Any]:
+        result = await service.generate(body)
+        return result.to_openai()
+
+    @app.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction")
+    async def edits(
+        prompt: Annotated[str, Form(description="The edit instruction.")],
+        image: Annotated[list[UploadFile] | None, File(description="Input image(s): PNG, JPEG or WEBP.")] = None,
+        image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="Same as image.")] = None,
+        model: Annotated[str | None, Form()] = None,
+        n: Annotated[int, Form()] = 1,
+        size: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "b64_json",
+        seed: Annotated[int | None, Form()] = None,
+        num_inference_steps: Annotated[int | None, Form()] = None,
+        true_cfg_scale: Annotated[float | None, Form()] = None,
+        negative_prompt: Annotated[str | None, Form()] = None,
+        user: Annotated[str | None, Form()] = None,
+    ) -> dict[str, Any]:
+        files = [*(image or []), *(image_array or [])]
+        try:
+            request = EditRequest(
+                images=[await f.read() for f in files], prompt=prompt, model=model, n=n, size=size,
+                response_format=response_format, seed=seed, num_inference_steps=num_inference_steps,
+                true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, user=user,
+            )
+        except ValidationError as err:
+            raise RequestValidationError(err.errors()) from None
+        result = await service.edit(request)
+        return result.to_openai()
+
+    @app.get("/v1/models", summary="Model variants, their needs, and the replicas serving them")
+    async def list_models() -> dict[str, Any]:
+        return await service.models()
+
+    if http.metrics_route:
+        @app.get("/metrics", summary="Prometheus metrics of this node (single-node runs)",
+                 response_class=PlainTextResponse)
+        async def metrics() -> PlainTextResponse:
+            return PlainTextResponse(await service.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/healthz", summary="Liveness of the HTTP router")
+    async def healthz() -> dict[str, Any]:
+        return await service.health()
+
+    # Outermost first: the key check runs before anything reads the body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=http.max_body_bytes)
+    keys = configured_api_keys(list(http.api_keys))
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
+    return app
+
+
+@serve.ingress()
+class OpenAIIngress(Router):
+    """The router deployment with the OpenAI images API in front: HTTP and handle calls both arrive here."""
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self, self.spec.http)
+
+
+def build_ingress(spec: RouterSpec, replicas: dict[str, Application]) -> Application:
+    """The application's ingress, bound to its spec and to the model deployments it routes to."""
+    return serve.deployment(OpenAIIngress).options(**Router.serve_options(spec)).bind(spec, replicas)

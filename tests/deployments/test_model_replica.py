@@ -1,0 +1,170 @@
+"""The model replica without Ray: one engine, the batch queue, cancellation, errors, Serve options."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from deployments.model_replica import EditReplica, GenerationReplica, pool_mismatch
+from serve_app.domain.config import ConfigError, parse_config
+from serve_app.domain.errors import InvalidRequestError, ModelUnavailableError, ReplicaOutOfMemoryError
+from serve_app.domain.schemas import GenerateRequest
+from serve_app.domain.specs import resolve_application
+from serve_app.engines import load_engine
+from serve_app.engines.gpu_doubles import CUDA_FAULT_TRIGGER, OOM_TRIGGER, CudaFaultOnPrompt, OutOfMemoryOnSmallGPUs
+
+
+def replica_spec(tiny_models, **model):
+    config = parse_config({"device": {"device": "cpu"}, "serving": {"warmup": False},
+                           "models": {"z-image-turbo": {"source": str(tiny_models["z-image-turbo"]), **model}}})
+    (spec,) = resolve_application(config).replicas
+    return spec
+
+
+class CountingLoader:
+    """Loads the real engine and records the prompts of each pipeline call it makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, spec):
+        engine = load_engine(spec)
+        real = engine.generate
+
+        def counted(prompt, **kwargs):
+            self.calls.append(1 if isinstance(prompt, str) else len(prompt))
+            return real(prompt, **kwargs)
+
+        engine.generate = counted
+        return engine
+
+
+def replica(tiny_models, loader=None, **model):
+    return GenerationReplica(replica_spec(tiny_models, **model), loader)
+
+
+def request(prompt, seed, **extra):
+    return GenerateRequest(prompt=prompt, seed=seed, **{"num_inference_steps": 2, **extra})
+
+
+async def gather(srv, *calls):
+    return await asyncio.gather(*(srv.run(r, w, h) for r, w, h in calls))
+
+
+def test_same_shape_requests_share_one_pipeline_call_and_keep_their_seeds(tiny_models):
+    loader = CountingLoader()
+    srv = replica(tiny_models, loader, max_batch_size=4, batch_wait_timeout_s=0.2)
+    results = asyncio.run(gather(srv, *[(request(f"prompt {i}", 10 * i), 64, 64) for i in range(4)]))
+    assert loader.calls == [4]
+    assert [r.seeds for r in results] == [[0], [10], [20], [30]]
+    assert all(r.batch_images == 4 and r.pil_images()[0].size == (64, 64) for r in results)
+
+    alone = asyncio.run(replica(tiny_models).run(request("prompt 2", 20), 64, 64))
+    batched = np.asarray(results[2].pil_images()[0], dtype=int)
+    assert np.abs(batched - np.asarray(alone.pil_images()[0], dtype=int)).max() <= 2
+
+
+def test_requests_of_different_sizes_run_as_separate_calls(tiny_models):
+    loader = CountingLoader()
+    srv = replica(tiny_models, loader, max_batch_size=4, batch_wait_timeout_s=0.2)
+    results = asyncio.run(gather(srv, (request("a", 1), 64, 64), (request("b", 2), 96, 64),
+                                 (request("c", 3), 64, 64)))
+    assert sorted(loader.calls) == [1, 2]
+    assert [r.pil_images()[0].size for r in results] == [(64, 64), (96, 64), (64, 64)]
+    assert [r.batch_images for r in results] == [2, 1, 2]
+
+
+def test_a_request_as_large_as_the_batch_runs_alone(tiny_models):
+    loader = CountingLoader()
+    srv = replica(tiny_models, loader, max_batch_size=2)
+    result = asyncio.run(srv.run(request("many", 5, n=2), 64, 64))
+    assert loader.calls == [1] and result.seeds == [5, 6] and result.batch_images == 2
+
+
+def test_batching_off_by_default_runs_each_request_alone_through_the_same_queue(tiny_models):
+    loader = CountingLoader()
+    srv = replica(tiny_models, loader)
+    results = asyncio.run(gather(srv, (request("a", 1), 64, 64), (request("b", 2), 64, 64)))
+    assert loader.calls == [1, 1]
+    assert [r.batch_images for r in results] == [1, 1]
+    assert all(r.timings["queue_s"] >= 0 and r.num_inference_steps == 2 for r in results)
+
+
+def test_a_cancelled_batch_stops_between_steps(tiny_models):
+    srv = replica(tiny_models, max_batch_size=4, batch_wait_timeout_s=0.0)
+
+    async def cancel_while_running():
+        task = asyncio.ensure_future(srv.run(request("slow", 1, num_inference_steps=100), 512, 512))
+        while not srv._running:  # until the batch is in the worker thread
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while srv._running:  # the worker thread notices at its next step
+            await asyncio.sleep(0.05)
+
+    asyncio.run(cancel_while_running())
+    assert srv.last_cancelled is not None and "of 100 steps" in srv.last_cancelled
+
+
+def test_engine_failures_reach_the_caller_classified(tiny_models):
+    spec = replica_spec(tiny_models)
+    oom = GenerationReplica(spec, lambda s: OutOfMemoryOnSmallGPUs(load_engine(s), 0))
+    with pytest.raises(ReplicaOutOfMemoryError, match="ran out of memory on cpu"):
+        asyncio.run(oom.run(request(OOM_TRIGGER, 1), 64, 64))
+    assert asyncio.run(oom.run(request("next", 1), 64, 64)).images  # the same replica serves on
+
+    faulty = GenerationReplica(spec, lambda s: CudaFaultOnPrompt(load_engine(s)))
+    with pytest.raises(ModelUnavailableError, match="CUDA fault"):
+        asyncio.run(faulty.run(request(CUDA_FAULT_TRIGGER, 1), 64, 64))
+    with pytest.raises(RuntimeError, match="must be replaced"):
+        asyncio.run(faulty.check_health())
+    with pytest.raises(ModelUnavailableError):
+        asyncio.run(faulty.run(request("after the fault", 1), 64, 64))
+
+
+def test_a_bad_argument_is_a_422_not_a_crash(tiny_models):
+    srv = replica(tiny_models)
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(srv.run(request("odd size", 1), 65, 64))  # the VAE needs multiples of 16
+
+
+def test_a_replica_serves_only_its_task(tiny_models):
+    with pytest.raises(ValueError, match="is a generate variant, not edit"):
+        EditReplica(replica_spec(tiny_models))
+
+
+def test_batching_is_refused_for_edit_variants():
+    with pytest.raises(ConfigError, match="max_batch_size: the edit pipeline takes one image set"):
+        parse_config({"models": {"qwen-image-edit-2509": {"max_batch_size": 2}}})
+
+
+def test_a_batching_deployment_gets_enough_ongoing_requests_per_replica():
+    def options(model):
+        config = parse_config({"models": {"z-image-turbo": model},
+                               "serving": {"deployment": {"max_ongoing_requests": 2}}})
+        (spec,) = resolve_application(config).replicas
+        return GenerationReplica.serve_options(spec)
+
+    assert options({"max_batch_size": 8})["max_ongoing_requests"] == 16
+    assert options({})["max_ongoing_requests"] == 2
+
+
+def test_the_planner_counts_a_batch_as_more_activations(catalog):
+    from serve_app.domain.planner import estimate_vram
+
+    variant = catalog.variant("z-image-turbo")
+    one = estimate_vram(variant, "none", 1024, 1024)
+    eight = estimate_vram(variant, "none", 1024, 1024, batch_size=8)
+    assert eight.weights_gib == one.weights_gib
+    assert eight.peak_gib - one.peak_gib == pytest.approx(7 * one.activations_gib, abs=0.05)
+
+
+def test_a_replica_checks_the_gpu_it_got_against_its_pool(catalog):
+    assert pool_mismatch(catalog.gpu("rtx-4090"), catalog.gpu("rtx-4090")) is None
+    assert pool_mismatch(catalog.gpu("rtx-4090"), catalog.gpu("l4")) is None  # same sm, 24 GiB
+    why = pool_mismatch(catalog.gpu("a100-80g"), catalog.gpu("rtx-a4500"))
+    assert "expects A100 80GB (sm_80, 80 GiB) but got RTX A4500 (sm_86, 20 GiB)" in why
+    assert pool_mismatch(catalog.gpu("rtx-4090"), None) is None

@@ -1,0 +1,117 @@
+"""The planner's verdicts pinned to the facts of docs/facts.md."""
+
+import pytest
+
+from serve_app.domain.planner import estimate_vram, plan
+
+SMALL_AND_MID_CARDS = ["rtx-4080", "rtx-a4500", "rtx-4000-ada", "rtx-4090", "rtx-3090", "l4", "rtx-5090",
+                       "a100-40g", "l40s"]
+
+
+@pytest.mark.parametrize("gpu", SMALL_AND_MID_CARDS)
+@pytest.mark.parametrize("variant", ["qwen-image-edit-2509", "qwen-image-edit-2511"])
+def test_bf16_edit_is_never_resident_on_16_to_48_gb_cards(catalog, gpu, variant):
+    verdict = plan(catalog.variant(variant), catalog.gpu(gpu))
+    assert verdict.mode != "none"
+    assert verdict.estimates["none"].peak_gib > 48
+
+
+@pytest.mark.parametrize("variant", ["qwen-image-edit-2509", "qwen-image-edit-2511"])
+def test_bf16_edit_is_resident_on_80_gb_cards(catalog, variant):
+    for gpu in ("a100-80g", "h100-sxm"):
+        assert plan(catalog.variant(variant), catalog.gpu(gpu)).mode == "none"
+
+
+def test_bf16_edit_transformer_alone_exceeds_24_gb(catalog):
+    est = estimate_vram(catalog.variant("qwen-image-edit-2509"), "model", 1024, 1024, 1)
+    assert est.peak_stage == "transformer" and est.weights_gib > 38
+
+
+@pytest.mark.parametrize("gpu", ["rtx-a4500", "rtx-4000-ada", "rtx-4090", "rtx-3090", "a100-80g", "l40s", "h100-sxm"])
+@pytest.mark.parametrize("variant", ["z-image-turbo-svdq-fp4-r32", "qwen-image-edit-2509-svdq-fp4-r32-lightning-8step"])
+def test_fp4_never_runs_below_sm_120(catalog, gpu, variant):
+    verdict = plan(catalog.variant(variant), catalog.gpu(gpu))
+    assert not verdict.fits
+    assert "fp4 needs sm_120/121" in verdict.reason
+
+
+def test_fp4_reason_names_the_card_and_its_sm(catalog):
+    verdict = plan(catalog.variant("z-image-turbo-svdq-fp4-r32"), catalog.gpu("RTX 4000 Ada"))
+    assert verdict.reason.startswith("fp4 needs sm_120/121; RTX 4000 Ada is sm_89")
+
+
+@pytest.mark.parametrize("gpu", ["h100-sxm", "h200", "rtx-5090"])
+@pytest.mark.parametrize("variant", ["z-image-turbo-svdq-int4-r128",
+                                     "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"])
+def test_int4_never_runs_on_hopper_or_blackwell(catalog, gpu, variant):
+    verdict = plan(catalog.variant(variant), catalog.gpu(gpu))
+    assert not verdict.fits and "int4 needs sm_75/80/86/89" in verdict.reason
+
+
+def test_int4_refuses_sm_100_too(catalog):
+    from serve_app.domain.catalog import GPUClass
+
+    b200 = GPUClass(id="b200", name="B200", compute_capability="10.0", architecture="Blackwell", vram_gib=180)
+    assert not plan(catalog.variant("z-image-turbo-svdq-int4-r128"), b200).fits
+
+
+def test_fp4_runs_on_the_rtx_5090(catalog):
+    verdict = plan(catalog.variant("qwen-image-edit-2509-svdq-fp4-r32-lightning-8step"), catalog.gpu("rtx-5090"))
+    assert verdict.fits
+
+
+def test_int4_lightning_edit_fits_a_20_gb_a4500_only_with_model_offload(catalog):
+    variant = catalog.variant("qwen-image-edit-2509-svdq-int4-r128-lightning-4step")
+    verdict = plan(variant, catalog.gpu("rtx-a4500"))
+    assert verdict.fits and verdict.mode == "model"
+    assert "none" in verdict.mode_reasons
+    assert 16 <= verdict.peak_vram_gib <= 19.5  # docs/facts.md: ~17-19 GiB with model offload
+    assert not plan(variant, catalog.gpu("rtx-a4500"), modes=("none",)).fits
+
+
+def test_z_image_bf16_fits_an_rtx_4090_resident(catalog):
+    verdict = plan(catalog.variant("z-image-turbo"), catalog.gpu("rtx-4090"))
+    assert verdict.fits and verdict.mode == "none"
+    assert 19.1 < verdict.peak_vram_gib < 24
+
+
+def test_z_image_bf16_needs_model_offload_on_16_and_20_gb_cards(catalog):
+    for gpu in ("rtx-4080", "rtx-a4500"):
+        verdict = plan(catalog.variant("z-image-turbo"), catalog.gpu(gpu))
+        assert verdict.mode == "model" and 12 <= verdict.peak_vram_gib <= 15
+
+
+def test_z_image_nunchaku_transformer_refuses_per_block_offload(catalog):
+    verdict = plan(catalog.variant("z-image-turbo-svdq-int4-r128"), catalog.gpu("rtx-3070"), modes=("sequential",))
+    assert not verdict.fits
+    assert "no per-block offload" in verdict.reason
+
+
+def test_recommended_mode_is_the_fastest_that_fits(catalog):
+    variant = catalog.variant("qwen-image-edit-2509")
+    assert plan(variant, catalog.gpu("a100-80g")).mode == "none"
+    assert plan(variant, catalog.gpu("l40s")).mode == "model"
+    assert plan(variant, catalog.gpu("rtx-4090")).mode == "sequential"
+
+
+def test_bigger_requests_need_more_memory(catalog):
+    variant = catalog.variant("qwen-image-edit-2511")
+    # Each input image adds ~4k tokens to the transformer's sequence.
+    one = estimate_vram(variant, "model", 1024, 1024, 1)
+    three = estimate_vram(variant, "model", 1024, 1024, 3)
+    assert three.stages["transformer"].activations_gib > one.stages["transformer"].activations_gib + 0.7
+    assert one.peak_gib < three.peak_gib
+    # A 4-megapixel output makes the VAE decode the peak.
+    large = estimate_vram(variant, "none", 2048, 2048, 1)
+    assert large.peak_stage == "vae" and large.peak_gib > estimate_vram(variant, "none", 1024, 1024, 1).peak_gib
+
+
+def test_estimate_parts_add_up(catalog):
+    est = estimate_vram(catalog.variant("z-image-turbo"), "none", 1024, 1024)
+    assert est.peak_gib == pytest.approx(est.weights_gib + est.activations_gib + est.cuda_context_gib, abs=0.02)
+    assert est.weights_gib == pytest.approx(19.1, abs=0.1)  # docs/facts.md: all resident 19.1 GiB
+
+
+def test_too_many_input_images_is_a_reason(catalog):
+    verdict = plan(catalog.variant("qwen-image-edit-2509"), catalog.gpu("h100-sxm"), num_input_images=4)
+    assert not verdict.fits and "at most 3 input images" in verdict.reason

@@ -1,0 +1,91 @@
+"""Loading, shared by every engine family: weights, device, scheduler overrides, speed options, clear errors."""
+
+import shutil
+
+import pytest
+
+from serve_app.domain.config import OptimizationConfig, parse_config
+from serve_app.domain.specs import engine_spec
+from serve_app.engines import load_engine
+from serve_app.engines.protocol import IncompatibleHardwareError, ModelLoadError
+
+
+def cpu_config(models: dict, **extra):
+    return parse_config({"device": {"device": "cpu"}, "models": models, **extra})
+
+
+def test_lightning_scheduler_overrides_are_applied(tiny_models, catalog):
+    """The Lightning variant's scheduler settings land on the loaded scheduler (bf16 stand-in variant)."""
+    lightning = catalog.variant("qwen-image-edit-2509-svdq-int4-r128-lightning-4step")
+    stand_in = catalog.variant("qwen-image-edit-2509").model_copy(
+        update={"scheduler_overrides": lightning.scheduler_overrides})
+    config = cpu_config({"qwen-image-edit-2509": {"source": str(tiny_models["qwen-image-edit-2509"])}})
+    engine = load_engine(engine_spec(config, stand_in, catalog))
+    assert engine.pipe.scheduler.config.base_shift == pytest.approx(1.0986, abs=1e-3)
+    assert engine.pipe.scheduler.config.time_shift_type == "exponential"
+
+
+def test_missing_folder_is_a_clear_load_error(tmp_path, load_engine_for):
+    config = cpu_config({"z-image-turbo": {"source": str(tmp_path / "nope")}})
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_engine_for(config, "z-image-turbo")
+
+
+def test_uncached_hub_repo_offline_is_a_clear_load_error(tmp_path, load_engine_for):
+    config = cpu_config({"z-image-turbo": {}}, hf={"cache_dir": str(tmp_path)})
+    offline = "Tongyi-MAI/Z-Image-Turbo is not available in the local Hugging Face cache"
+    with pytest.raises(ModelLoadError, match=offline):
+        load_engine_for(config, "z-image-turbo")
+
+
+def test_corrupt_weights_are_a_clear_load_error(tiny_models, tmp_path, load_engine_for):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["z-image-turbo"], broken)
+    for weights in (broken / "transformer").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="loading .* failed"):
+        load_engine_for(cpu_config({"z-image-turbo": {"source": str(broken)}}), "z-image-turbo")
+
+
+def test_four_bit_variants_refuse_cpu_before_loading(tmp_path, load_engine_for):
+    config = cpu_config({"z-image-turbo-svdq-int4-r128": {"source": str(tmp_path)}})
+    with pytest.raises(IncompatibleHardwareError, match="needs a CUDA GPU"):
+        load_engine_for(config, "z-image-turbo-svdq-int4-r128")
+
+
+def test_weights_load_from_safetensors_only(tiny_models, tmp_path, load_engine_for):
+    """A checkpoint with pickle (.bin) weights is refused: no code runs from a weights file."""
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_models["z-image-turbo"], pickled)
+    for weights in (pickled / "transformer").glob("*.safetensors"):
+        torch.save(load_file(weights), weights.with_name("diffusion_pytorch_model.bin"))
+        weights.unlink()
+    with pytest.raises(ModelLoadError):
+        load_engine_for(cpu_config({"z-image-turbo": {"source": str(pickled)}}), "z-image-turbo")
+
+
+def test_speed_options_are_applied_at_load(tiny_models, load_engine_for):
+    import torch
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    config = cpu_config({"z-image-turbo": {"source": str(tiny_models["z-image-turbo"])}})
+    config.models["z-image-turbo"].optimizations = OptimizationConfig(
+        attention_backend="_native_math", vae_channels_last=True, compile_transformer=True)
+    engine = load_engine_for(config, "z-image-turbo")
+    backends = {getattr(m.processor, "_attention_backend", None) for m in engine.pipe.transformer.modules()
+                if hasattr(m, "processor")}
+    assert backends == {AttentionBackendName._NATIVE_MATH}
+    conv = next(m for m in engine.pipe.vae.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # Compiled lazily: the first call compiles (tens of seconds on CPU), so this test does not call it.
+    assert engine.pipe.transformer._compiled_call_impl is not None
+
+
+def test_an_unusable_attention_backend_is_a_clear_load_error(tiny_models, load_engine_for):
+    config = cpu_config({"z-image-turbo": {"source": str(tiny_models["z-image-turbo"])}})
+    config.models["z-image-turbo"].optimizations = OptimizationConfig(attention_backend="sage")
+    with pytest.raises(ModelLoadError, match="attention_backend 'sage' is not usable here"):
+        load_engine_for(config, "z-image-turbo")
