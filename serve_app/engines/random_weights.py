@@ -212,6 +212,16 @@ QWEN_IMAGE_EDIT_DIMS = {
 }
 
 
+# The scheduler/scheduler_config.json of Qwen/Qwen-Image-Edit-2509 and -2511 (docs/facts.md), so the
+# tiny checkpoints schedule exactly as the real ones do (shift_terminal included).
+QWEN_IMAGE_SCHEDULER = {
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+    "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential",
+    "invert_sigmas": False, "stochastic_sampling": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+}
+
+
 def qwen_image_edit_pipeline(size: str = "tiny", zero_cond_t: bool = False, seed: int = 0):
     """A random-weight ``QwenImageEditPlusPipeline`` of ``size``; ``zero_cond_t=True`` makes it 2511."""
     from diffusers import (
@@ -257,16 +267,7 @@ def qwen_image_edit_pipeline(size: str = "tiny", zero_cond_t: bool = False, seed
         pad_token_id=ids["<|endoftext|>"],
     )
     text_encoder = Qwen2_5_VLForConditionalGeneration(config)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        time_shift_type="exponential",
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
     return QwenImageEditPlusPipeline(
         scheduler=scheduler,
         vae=vae,

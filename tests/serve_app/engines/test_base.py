@@ -89,3 +89,27 @@ def test_an_unusable_attention_backend_is_a_clear_load_error(tiny_models, load_e
     config.models["z-image-turbo"].optimizations = OptimizationConfig(attention_backend="sage")
     with pytest.raises(ModelLoadError, match="attention_backend 'sage' is not usable here"):
         load_engine_for(config, "z-image-turbo")
+
+
+# Qwen-Image-Lightning's reference schedules at 1024x1024 (ModelTC/Qwen-Image-Lightning: shift 3,
+# no terminal stretch): sigma' = 3 s / (1 + 2 s) over s = linspace(1, 1/steps, steps).
+LIGHTNING_SIGMAS = {4: [1.0, 0.9, 0.75, 0.5], 8: [1.0, 0.9545, 0.9, 0.8333, 0.75, 0.6429, 0.5, 0.3]}
+
+
+@pytest.mark.parametrize("variant_id, steps", [("qwen-image-edit-2509-svdq-int4-r128-lightning-4step", 4),
+                                               ("qwen-image-edit-2509-svdq-fp4-r32-lightning-8step", 8)])
+def test_lightning_variants_denoise_on_lightnings_own_sigmas(tiny_models, catalog, variant_id, steps):
+    """The checkpoint's scheduler (shift_terminal 0.02, as in the real repository) under the variant's
+    overrides gives the sigmas the edit pipeline computes at 1024x1024, and they are Lightning's."""
+    import numpy as np
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
+
+    lightning = catalog.variant(variant_id)
+    stand_in = catalog.variant("qwen-image-edit-2509").model_copy(
+        update={"scheduler_overrides": lightning.scheduler_overrides})
+    config = cpu_config({"qwen-image-edit-2509": {"source": str(tiny_models["qwen-image-edit-2509"])}})
+    scheduler = load_engine(engine_spec(config, stand_in, catalog)).pipe.scheduler
+    c = scheduler.config
+    mu = calculate_shift((1024 // 16) ** 2, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    assert scheduler.sigmas[:-1].tolist() == pytest.approx(LIGHTNING_SIGMAS[steps], abs=1e-4)
