@@ -93,9 +93,7 @@ class Runner:
         return row
 
     def forwards(self) -> int:
-        d = self.engine.variant.defaults
-        cfg = (d.true_cfg_scale or 0) > 1 and d.negative_prompt is not None or (d.guidance_scale or 0) > 1
-        return self.args.steps * (2 if cfg else 1)
+        return self.args.steps * (2 if self.engine.variant.runs_cfg() else 1)
 
 
 def with_option(runner: Runner, name: str, base: dict) -> dict:

@@ -183,6 +183,20 @@ class ModelVariant(_Strict):
     def transformer(self) -> ComponentSpec:
         return self.components["transformer"]
 
+    def runs_cfg(self, guidance_scale: float | None = None, true_cfg_scale: float | None = None,
+                 negative_prompt: str | None = None) -> bool:
+        """Whether the pipeline runs classifier-free guidance (two transformer forwards per step) for
+        these settings (the variant's defaults where None). The rule is the pipeline's own, in
+        diffusers 0.42: ``ZImagePipeline`` guides when ``guidance_scale > 0``;
+        ``QwenImageEditPlusPipeline`` when ``true_cfg_scale > 1`` and a negative prompt is given."""
+        d = self.defaults
+        if self.pipeline == "ZImagePipeline":
+            scale = d.guidance_scale if guidance_scale is None else guidance_scale
+            return (scale or 0) > 0
+        scale = d.true_cfg_scale if true_cfg_scale is None else true_cfg_scale
+        negative = d.negative_prompt if negative_prompt is None else negative_prompt
+        return (scale or 0) > 1 and negative is not None
+
     def total_params_b(self) -> float:
         return sum(c.params_b for c in self.components.values())
 

@@ -298,8 +298,7 @@ def estimate_seconds(
     t = variant.transformer
     tokens = transformer_tokens(width, height, num_input_images)
     forward_flop = t.flops_per_token * tokens + t.attention_flops_per_token_sq * tokens**2
-    cfg = (variant.defaults.true_cfg_scale or 0) > 1 or (variant.defaults.guidance_scale or 0) > 1
-    forwards = steps * (2 if cfg else 1)
+    forwards = steps * (2 if variant.runs_cfg() else 1)
     tflops = gpu.bf16_tflops or settings.unknown_gpu_tflops
     speed = tflops * 1e12 * settings.compute_efficiency
     if t.quantized and gpu.sm != 80:  # nunchaku on A100: memory savings, no speed gain (nunchaku#701)

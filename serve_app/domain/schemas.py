@@ -79,14 +79,16 @@ class _Request(BaseModel):
 class GenerateRequest(_Request):
     """Text to image (``POST /v1/images/generations``)."""
 
-    guidance_scale: float | None = Field(default=None, ge=0, le=20, description="CFG scale; 0 for Z-Image-Turbo.")
+    guidance_scale: float | None = Field(default=None, ge=0, le=20,
+                                         description="CFG scale; Z-Image-Turbo: 0, and CFG runs above 0.")
 
 
 class EditRequest(_Request):
     """Instruction editing of 1 to 3 images (``POST /v1/images/edits``)."""
 
     images: list[bytes] = Field(min_length=1, max_length=3, description="Encoded input images (PNG, JPEG, WEBP).")
-    true_cfg_scale: float | None = Field(default=None, ge=0, le=20, description="CFG runs when > 1.")
+    true_cfg_scale: float | None = Field(default=None, ge=0, le=20,
+                                         description="CFG runs when > 1 (with a negative prompt).")
 
     @property
     def input_images(self) -> list[bytes]:

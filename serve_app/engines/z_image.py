@@ -61,8 +61,9 @@ class ZImageEngine(DiffusersEngine):
             n (`int`): images per prompt; image ``i`` of a prompt uses seed ``seed + i``.
             width, height (`int`, *optional*): output size; the variant's default when None.
             num_inference_steps (`int`, *optional*): denoising steps (variant default).
-            guidance_scale (`float`, *optional*): CFG scale; Z-Image-Turbo is distilled for 0.
-            negative_prompt (`str`, *optional*): used only when ``guidance_scale > 1``.
+            guidance_scale (`float`, *optional*): CFG scale; Z-Image-Turbo is distilled for 0, and any
+                value above 0 runs CFG (two transformer forwards per step).
+            negative_prompt (`str`, *optional*): used only when ``guidance_scale > 0``.
             seed (`int` or `list`, *optional*): random when None; one per prompt for a list.
             should_stop (`Callable[[], bool]`, *optional*): polled after every step; True cancels.
 

@@ -115,3 +115,19 @@ def test_estimate_parts_add_up(catalog):
 def test_too_many_input_images_is_a_reason(catalog):
     verdict = plan(catalog.variant("qwen-image-edit-2509"), catalog.gpu("h100-sxm"), num_input_images=4)
     assert not verdict.fits and "at most 3 input images" in verdict.reason
+
+
+def test_cfg_follows_each_pipelines_own_rule(catalog):
+    """ZImagePipeline guides from guidance_scale > 0 (diffusers 0.42); the edit pipeline from
+    true_cfg_scale > 1 with a negative prompt. A guided request costs two forwards per step."""
+    from serve_app.domain.planner import estimate_seconds
+
+    z = catalog.variant("z-image-turbo")
+    assert not z.runs_cfg() and z.runs_cfg(guidance_scale=0.5) and z.runs_cfg(guidance_scale=3)
+    edit = catalog.variant("qwen-image-edit-2511")
+    assert edit.runs_cfg() and not edit.runs_cfg(true_cfg_scale=1.0)
+    lightning = catalog.variant("qwen-image-edit-2509-svdq-int4-r128-lightning-4step")
+    assert not lightning.runs_cfg() and lightning.runs_cfg(true_cfg_scale=4.0)
+    guided = z.model_copy(update={"defaults": z.defaults.model_copy(update={"guidance_scale": 0.5})})
+    gpu = catalog.gpu("h100-sxm")
+    assert estimate_seconds(guided, gpu).forwards == 2 * estimate_seconds(z, gpu).forwards
