@@ -10,6 +10,7 @@ GPU memory series exist only where CUDA does; on a CPU replica they are absent, 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -22,6 +23,8 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 STAGES = ("queue", "text_encode", "vae_encode", "denoise", "vae_decode", "total")
 ERROR_REASONS = ("bad_input", "oom", "timeout", "cancelled", "backpressure", "unavailable", "internal")
 MEMORY_PERIOD_S = 5.0
+
+logger = logging.getLogger(__name__)
 
 
 def host_rss_bytes() -> int:
@@ -37,7 +40,8 @@ def shape_label(width: int, height: int, images: int) -> str:
 class ReplicaMetrics:
     """Metrics of one model replica: latency by stage, outcomes, memory."""
 
-    def __init__(self, task: str, variant: str, gpu_class: str | None, pool: str | None, device: str) -> None:
+    def __init__(self, task: str, variant: str, gpu_class: str | None, pool: str | None, device: str,
+                 sample_memory: bool = True) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
         self.tags = {"task": task, "variant": variant, "gpu_class": gpu_class or "unknown", "pool": pool or "default"}
@@ -62,7 +66,8 @@ class ReplicaMetrics:
                                 tag_keys=keys + ("kind",))
         self.device = device
         self._stop = threading.Event()
-        threading.Thread(target=self._sample_memory, name="imageserve-memory", daemon=True).start()
+        if sample_memory:
+            threading.Thread(target=self._sample_memory, name="imageserve-memory", daemon=True).start()
 
     def model_loaded(self, seconds: float, offload_mode: str) -> None:
         self.load_seconds.set(seconds, tags=self.tags)
@@ -93,16 +98,27 @@ class ReplicaMetrics:
         if measured_bytes is not None:
             self.measured_peak.set(measured_bytes, tags={**self.tags, "shape": shape})
 
-    def _sample_memory(self) -> None:
+    def sample_memory_once(self) -> None:
+        """Set the host RSS and (on CUDA) the GPU memory gauges."""
         import torch
 
+        self.rss.set(host_rss_bytes(), tags=self.tags)
+        if self.device == "cuda" and torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            for kind, value in (("allocated", torch.cuda.memory_allocated()),
+                                ("reserved", torch.cuda.memory_reserved()), ("free", free), ("total", total)):
+                self.gpu_memory.set(value, tags={**self.tags, "kind": kind})
+
+    def _sample_memory(self) -> None:
+        failures = 0
         while True:
-            self.rss.set(host_rss_bytes(), tags=self.tags)
-            if self.device == "cuda" and torch.cuda.is_available():
-                free, total = torch.cuda.mem_get_info()
-                for kind, value in (("allocated", torch.cuda.memory_allocated()),
-                                    ("reserved", torch.cuda.memory_reserved()), ("free", free), ("total", total)):
-                    self.gpu_memory.set(value, tags={**self.tags, "kind": kind})
+            try:
+                self.sample_memory_once()
+            except Exception:  # a failed reading (a busy or lost device) must not end the sampling
+                failures += 1
+                # The first failure with its traceback, then a line now and then: the gauges keep going.
+                if failures == 1 or failures % 100 == 0:
+                    logger.warning("memory sampling failed (%d times so far)", failures, exc_info=failures == 1)
             if self._stop.wait(MEMORY_PERIOD_S):
                 return
 

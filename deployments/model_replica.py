@@ -28,7 +28,8 @@ from ray.serve import Application
 from deployments.metrics import ReplicaMetrics, host_rss_bytes, shape_label
 from serve_app.domain.catalog import GPUClass, Task
 from serve_app.domain.errors import (
-    InvalidRequestError,
+    ImageServeError,
+    InternalError,
     ModelUnavailableError,
     ReplicaOutOfMemoryError,
     RequestCancelledError,
@@ -323,12 +324,19 @@ class ModelReplica:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_in_worker, jobs)
         except Exception as err:  # noqa: BLE001 - classified for the callers, never surfaced raw
-            for job in jobs:
-                if not job.cancelled.is_set():  # a caller that left was counted when it left
-                    self.metrics.failed()
-            return [self._classify(err)] * len(jobs)
+            outcome = self._classify(err)
         finally:
             self._running = ()
+        if isinstance(outcome, ReplicaOutOfMemoryError):
+            # The exception, and the frames holding the failed call's tensors, are referenced until the
+            # except block ends and the loop drops the callback that resumed this task (it holds the
+            # failed future): only after one trip through the loop can freeing memory give it back.
+            await asyncio.sleep(0)
+            _release_memory()
+        for job in jobs:
+            if not job.cancelled.is_set():  # a caller that left was counted when it left
+                self.metrics.failed()
+        return [outcome] * len(jobs)
 
     def _run_in_worker(self, jobs: list[Job]) -> list[ImageResult]:
         """The engine call, and what it measured: stages, each job's queue wait, the memory peak."""
@@ -378,21 +386,25 @@ class ModelReplica:
         if isinstance(err, GenerationCancelled):
             self.last_cancelled = str(err)
             return RequestCancelledError(str(err))
-        if isinstance(err, ValueError):
-            return InvalidRequestError(str(err))
-        if isinstance(err, RuntimeError) and _is_cuda_fault(err):
-            # The CUDA context is gone: fail health checks so Serve replaces this replica.
-            self._unhealthy = f"CUDA fault, replica must be replaced: {str(err)[:200]}"
-            logger.error("%s: %s", self.variant.id, self._unhealthy)
-            return ModelUnavailableError(f"{self.variant.id}: the replica hit a CUDA fault; retry", retry_after_s=2)
+        # Out of memory first: nunchaku reports it as "CUDA error: out of memory", which is no fault
+        # of the CUDA context, and the replica serves on once the memory is freed.
         if isinstance(err, (RuntimeError, MemoryError)) and _is_out_of_memory(err):
-            _release_memory()
             where = self.node_gpu.name if self.node_gpu else self.engine.info.device
             return ReplicaOutOfMemoryError(
                 f"{self.variant.id} ran out of memory on {where} ({type(err).__name__}); the memory was released",
                 retry_after_s=2,
             )
-        return err
+        if isinstance(err, RuntimeError) and _is_cuda_fault(err):
+            # The CUDA context is gone: fail health checks so Serve replaces this replica.
+            self._unhealthy = f"CUDA fault, replica must be replaced: {str(err)[:200]}"
+            logger.error("%s: %s", self.variant.id, self._unhealthy)
+            return ModelUnavailableError(f"{self.variant.id}: the replica hit a CUDA fault; retry", retry_after_s=2)
+        if isinstance(err, ImageServeError):
+            return err  # already the caller's answer (an undecodable input image, say)
+        # Anything else is the server's fault, never the caller's: the router has checked the request,
+        # so a ValueError from inside the pipeline means a configuration or library problem.
+        logger.error("%s: the pipeline call failed: %s: %s", self.variant.id, type(err).__name__, err)
+        return InternalError(f"{self.variant.id} failed: {type(err).__name__}: {str(err)[:200]}", retry_after_s=2)
 
 
 class GenerationReplica(ModelReplica):

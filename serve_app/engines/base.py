@@ -118,7 +118,8 @@ def apply_offload(pipe, mode: OffloadMode, device: str, nunchaku_transformer: bo
     if nunchaku_transformer:
         # nunchaku streams its own blocks; accelerate handles the text encoder and VAE.
         pipe.transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)
-        pipe._exclude_from_cpu_offload.append("transformer")
+        # A new list on this pipeline: appending would change the class attribute every pipeline shares.
+        pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, "transformer"]
     pipe.enable_sequential_cpu_offload()
 
 
@@ -158,10 +159,16 @@ def apply_optimizations(pipe, options: OptimizationConfig) -> list[str]:
 
 
 class _StageTimer:
-    """Times the pipeline's text encoding, VAE encode and VAE decode by wrapping those calls."""
+    """Times the pipeline's text encoding, VAE encode and VAE decode by wrapping those calls.
 
-    def __init__(self, pipe) -> None:
+    On CUDA the host returns from a kernel launch long before the GPU is done, so ``synchronize``
+    (``torch.cuda.synchronize``) runs before and after each stage; without it the VAE's time lands
+    in the next stage or in ``denoise_s``. On CPU there is nothing to wait for and it is None.
+    """
+
+    def __init__(self, pipe, synchronize: Callable[[], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.synchronize = synchronize
         self._wrap(pipe, "encode_prompt", "text_encode_s")
         self._wrap(pipe.vae, "encode", "vae_encode_s")
         self._wrap(pipe.vae, "decode", "vae_decode_s")
@@ -170,9 +177,14 @@ class _StageTimer:
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
+            if self.synchronize is not None:
+                self.synchronize()
             start = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                result = original(*args, **kwargs)
+                if self.synchronize is not None:
+                    self.synchronize()
+                return result
             finally:
                 self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
 
@@ -196,6 +208,9 @@ class PipelineCall:
             pipe._interrupt = True  # diffusers checks it before the next step
         return callback_kwargs
 
+    def cancelled(self) -> GenerationCancelled:
+        return GenerationCancelled(f"stopped after {self.steps_done} of {self.num_inference_steps} steps")
+
 
 class DiffusersEngine:
     """One loaded variant on a diffusers pipeline. Calls are serialized: pipelines are not thread-safe.
@@ -213,7 +228,22 @@ class DiffusersEngine:
         self.pipe = pipe
         self.info = info
         self._lock = threading.Lock()
-        self._timer = _StageTimer(pipe)
+        self._timer = _StageTimer(pipe, torch.cuda.synchronize if info.device == "cuda" else None)
+        self._call: PipelineCall | None = None
+        self._skip_decode_once_stopped()
+
+    def _skip_decode_once_stopped(self) -> None:
+        """A stopped call ends before the VAE decode: diffusers decodes the latents even after an
+        interrupt, and nobody waits for that image any more."""
+        decode = self.pipe.vae.decode
+
+        def decode_unless_stopped(*args, **kwargs):
+            call = self._call
+            if call is not None and call.stopped:
+                raise call.cancelled()
+            return decode(*args, **kwargs)
+
+        self.pipe.vae.decode = decode_unless_stopped
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -305,12 +335,16 @@ class DiffusersEngine:
         call = PipelineCall(num_inference_steps, should_stop)
         with self._lock:
             self._timer.seconds = {}
+            self._call = call
             started = time.perf_counter()
-            with torch.inference_mode():
-                yield call
+            try:
+                with torch.inference_mode():
+                    yield call
+            finally:
+                self._call = None
             total = time.perf_counter() - started
             call.timings = dict(self._timer.seconds)
         if call.stopped:
-            raise GenerationCancelled(f"stopped after {call.steps_done} of {num_inference_steps} steps")
+            raise call.cancelled()
         call.timings["denoise_s"] = max(total - sum(call.timings.values()), 0.0)
         call.timings["total_s"] = total

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import numpy as np
 import pytest
 
 from deployments.model_replica import EditReplica, GenerationReplica, pool_mismatch
 from serve_app.domain.config import ConfigError, parse_config
-from serve_app.domain.errors import InvalidRequestError, ModelUnavailableError, ReplicaOutOfMemoryError
+from serve_app.domain.errors import InternalError, ModelUnavailableError, ReplicaOutOfMemoryError
 from serve_app.domain.schemas import GenerateRequest
 from serve_app.domain.specs import resolve_application
 from serve_app.engines import load_engine
@@ -125,10 +127,52 @@ def test_engine_failures_reach_the_caller_classified(tiny_models):
         asyncio.run(faulty.run(request("after the fault", 1), 64, 64))
 
 
-def test_a_bad_argument_is_a_422_not_a_crash(tiny_models):
+def test_a_value_error_inside_the_pipeline_is_the_servers_fault_not_the_callers(tiny_models):
+    """The router has checked the request; a ValueError from the pipeline (a size the VAE refuses here,
+    or an attention backend that refuses a mask) is a 503 internal error, not a 4xx, and the replica
+    keeps serving."""
     srv = replica(tiny_models)
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(InternalError, match="ValueError"):
         asyncio.run(srv.run(request("odd size", 1), 65, 64))  # the VAE needs multiples of 16
+    assert asyncio.run(srv.run(request("next", 1), 64, 64)).images
+
+
+class OutOfMemoryHoldingActivations(OutOfMemoryOnSmallGPUs):
+    """TEST DOUBLE for CUDA running out of memory mid-call: the frame that raises holds "activations"
+    (an object the test watches), as a real failed forward holds its tensors. nunchaku words the error
+    as a CUDA error."""
+
+    def __init__(self, engine, watched: list) -> None:
+        super().__init__(engine, 0)
+        self.watched = watched
+
+    def run(self, jobs, should_stop):
+        activations = Activations()
+        self.watched.append(weakref.ref(activations))
+        raise RuntimeError("CUDA error: out of memory")
+
+
+class Activations:
+    pass
+
+
+def test_out_of_memory_worded_as_a_cuda_error_is_oom_and_memory_is_freed_after_the_frames_go(
+        tiny_models, monkeypatch):
+    import deployments.model_replica as model_replica
+
+    watched, alive_at_release = [], []
+
+    def release_memory():  # as the real one: collect garbage, then (on CUDA) hand the cache back
+        gc.collect()
+        alive_at_release.append(watched[-1]() is not None)
+
+    monkeypatch.setattr(model_replica, "_release_memory", release_memory)
+    srv = GenerationReplica(replica_spec(tiny_models),
+                            lambda s: OutOfMemoryHoldingActivations(load_engine(s), watched))
+    with pytest.raises(ReplicaOutOfMemoryError):
+        asyncio.run(srv.run(request("too big", 1), 64, 64))
+    assert alive_at_release == [False]  # released once, after the failed call's objects were gone
+    asyncio.run(srv.check_health())  # not mistaken for a broken CUDA context
 
 
 def test_a_replica_serves_only_its_task(tiny_models):

@@ -113,3 +113,21 @@ def test_lightning_variants_denoise_on_lightnings_own_sigmas(tiny_models, catalo
     mu = calculate_shift((1024 // 16) ** 2, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
     retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     assert scheduler.sigmas[:-1].tolist() == pytest.approx(LIGHTNING_SIGMAS[steps], abs=1e-4)
+
+
+def test_per_block_offload_excludes_the_transformer_on_this_pipeline_only():
+    """TEST DOUBLE for nunchaku's ``set_offload`` (the tiny transformer is diffusers'). Sequential offload
+    needs an accelerator, so the call ends in an error here; the exclusion must not leak to the class."""
+    from diffusers import ZImagePipeline
+
+    from serve_app.engines.base import apply_offload
+    from serve_app.engines.random_weights import z_image_pipeline
+
+    pipe, other = z_image_pipeline("tiny"), z_image_pipeline("tiny")
+    offloads = []
+    pipe.transformer.set_offload = lambda offload, **kwargs: offloads.append((offload, kwargs))
+    with pytest.raises(Exception):  # noqa: B017 - whatever accelerate raises without a GPU
+        apply_offload(pipe, "sequential", "cuda", nunchaku_transformer=True)
+    assert offloads == [(True, {"use_pin_memory": False, "num_blocks_on_gpu": 1})]
+    assert pipe._exclude_from_cpu_offload == ["transformer"]
+    assert ZImagePipeline._exclude_from_cpu_offload == [] and other._exclude_from_cpu_offload == []

@@ -82,6 +82,31 @@ def test_cancellation_stops_denoising_early(generator):
     with pytest.raises(GenerationCancelled, match="after 1 of 6 steps"):
         generator.generate("x", width=64, height=64, num_inference_steps=6, should_stop=stop_after_first_step)
     assert len(polls) == 1
+    # Nobody waits for the image: the VAE decode is skipped, not run on the half-denoised latents.
+    assert "vae_decode_s" not in generator._timer.seconds
+    assert generator.generate("after", width=64, height=64, num_inference_steps=1).images  # decodes again
+
+
+def test_stages_are_timed_between_cuda_synchronizations(monkeypatch, tiny_models):
+    """TEST DOUBLE for CUDA's synchronize (no GPU here): on a CUDA engine every timed stage waits for
+    the device before and after, so the VAE's kernels are not counted as denoising."""
+    import torch
+
+    from serve_app.engines.protocol import EngineInfo
+    from serve_app.engines.random_weights import z_image_pipeline
+    from serve_app.engines.z_image import ZImageEngine
+
+    synchronized = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: synchronized.append(1))
+    config = parse_config({"device": {"device": "cpu"},
+                           "models": {"z-image-turbo": {"source": str(tiny_models["z-image-turbo"])}}})
+    from serve_app.domain.specs import resolve_application
+
+    (spec,) = resolve_application(config).replicas
+    engine = ZImageEngine(spec.engine, z_image_pipeline("tiny"), EngineInfo("cuda", "float32", "none", 0.0))
+    result = engine.generate("x", width=64, height=64, num_inference_steps=1, seed=0)
+    stages = [k for k in ("text_encode_s", "vae_encode_s", "vae_decode_s") if k in result.timings]
+    assert stages == ["text_encode_s", "vae_decode_s"] and len(synchronized) == 2 * len(stages)
 
 
 def job(prompt, seed, width=64, height=64, steps=2, **extra):
