@@ -221,6 +221,9 @@ class DiffusersEngine:
 
     pipeline_class: ClassVar[str]
     nunchaku_transformer_class: ClassVar[str]
+    # The keyword arguments the pipeline passes to its transformer (diffusers 0.42's call site):
+    # a nunchaku transformer must take them all.
+    transformer_call_keywords: ClassVar[frozenset[str]]
 
     def __init__(self, spec: EngineSpec, pipe, info: EngineInfo) -> None:
         self.spec = spec
@@ -248,10 +251,11 @@ class DiffusersEngine:
     # ---- loading --------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, spec: EngineSpec) -> DiffusersEngine:
-        """Load ``spec.variant`` with ``from_pretrained`` as ``spec`` says."""
+    def load(cls, spec: EngineSpec, target: LoadTarget | None = None) -> DiffusersEngine:
+        """Load ``spec.variant`` with ``from_pretrained`` as ``spec`` says, on ``target`` (this machine's,
+        as ``LoadTarget.for_spec`` resolves it, when None)."""
         started = time.perf_counter()
-        target = LoadTarget.for_spec(spec)
+        target = target or LoadTarget.for_spec(spec)
         if spec.source is None:
             raise ModelLoadError(f"{spec.variant.id}: no weights source configured")
         four_bit = spec.variant.requires_nunchaku
@@ -280,7 +284,7 @@ class DiffusersEngine:
 
     @classmethod
     def _nunchaku_transformer(cls, spec: EngineSpec, dtype: torch.dtype):
-        from serve_app.engines.nunchaku_support import transformer_class
+        from serve_app.engines.nunchaku_support import fit_to_diffusers, transformer_class
 
         transformer = transformer_class(cls.nunchaku_transformer_class)
         source, weights = spec.transformer_source, spec.variant.source
@@ -297,7 +301,11 @@ class DiffusersEngine:
             source = str(Path(source) / weights.transformer_file)
         if not Path(source).exists():
             raise ModelLoadError(f"nunchaku transformer file {source} does not exist")
-        return transformer.from_pretrained(source, torch_dtype=dtype)
+        loaded = transformer.from_pretrained(source, torch_dtype=dtype)
+        adapters = fit_to_diffusers(loaded, cls.pipeline_class, cls.transformer_call_keywords)
+        if adapters:
+            logger.info("%s: nunchaku adapted to this diffusers with %s", spec.variant.id, ", ".join(adapters))
+        return loaded
 
     @classmethod
     def prepare(cls, pipe, spec: EngineSpec, target: LoadTarget, started: float, source: str,

@@ -78,6 +78,9 @@ class QwenImageEditEngine(DiffusersEngine):
 
     pipeline_class = "QwenImageEditPlusPipeline"
     nunchaku_transformer_class = "NunchakuQwenImageTransformer2DModel"
+    # diffusers 0.42, pipelines/qwenimage/pipeline_qwenimage_edit_plus.py: the transformer call in the denoising loop
+    transformer_call_keywords = frozenset({"hidden_states", "timestep", "guidance", "encoder_hidden_states_mask",
+                                           "encoder_hidden_states", "img_shapes", "attention_kwargs", "return_dict"})
 
     @classmethod
     def extra_components(cls, spec: EngineSpec, folder: Path) -> dict[str, Any]:

@@ -19,6 +19,9 @@ class ZImageEngine(DiffusersEngine):
 
     pipeline_class = "ZImagePipeline"
     nunchaku_transformer_class = "NunchakuZImageTransformer2DModel"
+    # diffusers 0.42, pipelines/z_image/pipeline_z_image.py: transformer(x, t, cap_feats, joint_attention_kwargs=,
+    # return_dict=)
+    transformer_call_keywords = frozenset({"joint_attention_kwargs", "return_dict"})
 
     def warm_up(self) -> None:
         side = max(self.variant.min_side, 64)

@@ -1,0 +1,39 @@
+"""TEST DOUBLE of nunchaku 1.1.0's transformers: v1.1.0's signatures and calls, diffusers' computation."""
+
+from pathlib import Path
+
+from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
+
+
+def _load(cls, path, **kwargs):
+    # The real one reads a 4-bit safetensors file; the double reads the full-precision model beside it.
+    return super(cls, cls).from_pretrained(Path(path).parent, torch_dtype=kwargs.get("torch_dtype"))
+
+
+class NunchakuZImageTransformer2DModel(ZImageTransformer2DModel):
+    """v1.1.0 keeps diffusers' forward: only loading differs."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        return _load(cls, pretrained_model_name_or_path, **kwargs)
+
+
+class NunchakuQwenImageTransformer2DModel(QwenImageTransformer2DModel):
+    offload = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        return _load(cls, pretrained_model_name_or_path, **kwargs)
+
+    def set_offload(self, offload, **kwargs):
+        self.offload = offload
+
+    def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
+                img_shapes=None, txt_seq_lens=None, guidance=None, attention_kwargs=None,
+                controlnet_block_samples=None, return_dict=True):
+        # v1.1.0's rope call, written for the diffusers before QwenEmbedRope took max_txt_seq_len.
+        self.pos_embed(img_shapes, txt_seq_lens, device=hidden_states.device)
+        return super().forward(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                               encoder_hidden_states_mask=encoder_hidden_states_mask, timestep=timestep,
+                               img_shapes=img_shapes, guidance=guidance, attention_kwargs=attention_kwargs,
+                               controlnet_block_samples=controlnet_block_samples, return_dict=return_dict)

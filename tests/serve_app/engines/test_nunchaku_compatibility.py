@@ -1,0 +1,132 @@
+"""Contract tests: each known nunchaku release, as its TEST DOUBLE (nunchaku_releases/README.md), runs
+inside the real diffusers 0.42 pipelines through the engines' real loading path.
+
+The doubles reproduce the releases' signatures and their calls into diffusers; without the adapters of
+``serve_app.engines.nunchaku_support`` those calls fail exactly as the real releases do on a GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from serve_app.domain.config import parse_config
+from serve_app.domain.specs import engine_spec
+from serve_app.engines.base import LoadTarget
+from serve_app.engines.nunchaku_support import NunchakuIncompatibleError, fit_to_diffusers, nunchaku_status
+
+RELEASES = Path(__file__).with_name("nunchaku_releases")
+Z_IMAGE_4BIT = "z-image-turbo-svdq-int4-r128"
+EDIT_4BIT = "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"
+CPU = LoadTarget(device="cpu", gpu=None, offload_mode="none", planned_peak_gib=None, torch_dtype="float32")
+
+
+def forget_nunchaku(monkeypatch) -> None:
+    for name in [m for m in sys.modules if m == "nunchaku" or m.startswith("nunchaku.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.fixture(params=["v1_1_0", "successor"])
+def release(request, monkeypatch):
+    """One release's double importable as ``nunchaku`` (with its distribution metadata)."""
+    forget_nunchaku(monkeypatch)
+    monkeypatch.syspath_prepend(str(RELEASES / request.param))
+    yield request.param
+    forget_nunchaku(monkeypatch)
+
+
+def four_bit_spec(tiny_models, catalog, tmp_path, variant_id):
+    """The 4-bit variant configured with a local transformer file (the double reads the tiny
+    full-precision transformer saved beside it)."""
+    variant = catalog.variant(variant_id)
+    checkpoint = tiny_models[variant.base_model]
+    folder = tmp_path / "nunchaku-transformer"
+    shutil.copytree(checkpoint / "transformer", folder)
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", folder / variant.source.transformer_file)
+    model = {"source": str(checkpoint), "transformer_source": str(folder)}
+    if variant.task == "edit":
+        model.update(edit_vae_image_area=64 * 64, edit_condition_image_area=56 * 56)
+    config = parse_config({"device": {"device": "cpu"}, "models": {variant_id: model}})
+    return engine_spec(config, variant, catalog)
+
+
+def test_the_doubles_are_recognised_as_the_real_nunchaku_with_their_versions(release):
+    usable, why = nunchaku_status()
+    assert usable, why
+    assert ("nunchaku 1.1.0+torch2.9" if release == "v1_1_0" else "nunchaku 0+successor.test.double") in why
+
+
+def test_the_4bit_z_image_variant_generates_with_each_release(release, tiny_models, catalog, tmp_path):
+    from serve_app.engines.z_image import ZImageEngine
+
+    engine = ZImageEngine.load(four_bit_spec(tiny_models, catalog, tmp_path, Z_IMAGE_4BIT), CPU)
+    assert type(engine.pipe.transformer).__module__ == "nunchaku.models"
+    result = engine.generate(["a boat", "a much longer prompt about a lighthouse"], width=64, height=64,
+                             num_inference_steps=2, seed=[1, 2])  # batched prompts: the masked path
+    assert [image.size for image in result.images] == [(64, 64), (64, 64)]
+    if release == "successor":
+        hook = sys.modules["nunchaku.models"].NunchakuZImageRopeHook
+        assert hook.calls > 0  # nunchaku's own rope hooks ran inside the adapted forward
+
+
+def test_the_4bit_edit_variant_edits_with_each_release(release, tiny_models, catalog, tmp_path):
+    from serve_app.engines.qwen_image_edit import QwenImageEditEngine
+
+    engine = QwenImageEditEngine.load(four_bit_spec(tiny_models, catalog, tmp_path, EDIT_4BIT), CPU)
+    transformer = engine.pipe.transformer
+    assert type(transformer).__module__ == "nunchaku.models"
+    result = engine.edit([Image.new("RGB", (64, 64), (200, 10, 10))], "make it blue", width=64, height=64,
+                         num_inference_steps=2, true_cfg_scale=4.0, seed=3)  # CFG: two calls a step
+    assert result.images[0].size == (64, 64)
+    if release == "v1_1_0":
+        # The adapted rope took the text length of the call it served, as the old txt_seq_lens did.
+        assert transformer.pos_embed.text_length is not None and transformer.pos_embed.text_length > 0
+
+
+@pytest.mark.parametrize("release_name, family, failure", [
+    ("v1_1_0", "edit", "got multiple values for argument 'device'"),
+    ("successor", "generate", "unexpected keyword argument 'joint_attention_kwargs'"),
+])
+def test_without_the_adapters_each_release_fails_in_diffusers_0_42_as_on_a_gpu(
+        release_name, family, failure, tiny_models, catalog, tmp_path, monkeypatch):
+    """The doubles are faithful: unadapted, they break inside the real pipeline call."""
+    import serve_app.engines.nunchaku_support as support
+    from serve_app.engines.qwen_image_edit import QwenImageEditEngine
+    from serve_app.engines.z_image import ZImageEngine
+
+    forget_nunchaku(monkeypatch)
+    monkeypatch.syspath_prepend(str(RELEASES / release_name))
+    monkeypatch.setattr(support, "ADAPTERS", ())
+    monkeypatch.setattr(support, "accepted_keywords", lambda function: None)  # skip the refusal too
+    if family == "edit":
+        engine = QwenImageEditEngine.load(four_bit_spec(tiny_models, catalog, tmp_path, EDIT_4BIT), CPU)
+        call = lambda: engine.edit([Image.new("RGB", (64, 64))], "x", width=64, height=64,  # noqa: E731
+                                   num_inference_steps=1, seed=0)
+    else:
+        engine = ZImageEngine.load(four_bit_spec(tiny_models, catalog, tmp_path, Z_IMAGE_4BIT), CPU)
+        call = lambda: engine.generate("x", width=64, height=64, num_inference_steps=1, seed=0)  # noqa: E731
+    with pytest.raises(TypeError, match=failure):
+        call()
+    forget_nunchaku(monkeypatch)
+
+
+def test_a_release_no_adapter_knows_is_refused_by_name(tiny_models):
+    """A transformer whose forward lacks an argument the pipeline passes is refused at load, naming the
+    versions, not discovered by the first request."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from serve_app.engines.qwen_image_edit import QwenImageEditEngine
+
+    class FutureTransformer(QwenImageTransformer2DModel):
+        def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, img_shapes=None,
+                    return_dict=True):
+            raise AssertionError("never called")
+
+    transformer = FutureTransformer.from_pretrained(tiny_models["qwen-image-edit-2509"] / "transformer")
+    with pytest.raises(NunchakuIncompatibleError,
+                       match=r"diffusers 0\.42\.\d+ do not fit: FutureTransformer\.forward takes no attention_kwargs"):
+        fit_to_diffusers(transformer, "QwenImageEditPlusPipeline", QwenImageEditEngine.transformer_call_keywords)
