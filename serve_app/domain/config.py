@@ -156,6 +156,13 @@ class PoolConfig(_Section):
 
 AttentionBackend = Literal["native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn",
                            "flash", "sage", "xformers"]
+# Backends whose kernels take no attention mask (diffusers 0.42 raises ValueError when given one).
+MASKLESS_ATTENTION_BACKENDS = ("flash", "sage", "_native_flash")
+# Pipelines that hand their transformer an attention mask in ordinary calls: ZImagePipeline pads the
+# prompts of one call to a common length and masks the padding (batched requests, and every CFG
+# call, which holds the prompt and the negative prompt). QwenImageEditPlusPipeline runs one prompt per
+# call and drops an all-true mask, so it passes none.
+PIPELINES_WITH_ATTENTION_MASKS = frozenset({"ZImagePipeline"})
 
 
 class OptimizationConfig(_Section):
@@ -259,9 +266,20 @@ class AppConfig(_Section):
             if unknown_variants:
                 raise ValueError(f"pools.{pool.name}.variants: unknown {unknown_variants}")
         for model_id, model in self.models.items():
-            if model.max_batch_size > 1 and known[model_id].task != "generate":
+            variant = known[model_id]
+            if model.max_batch_size > 1 and variant.task != "generate":
                 raise ValueError(f"models.{model_id}.max_batch_size: the edit pipeline takes one image set per "
                                  "call; batching is for generation variants")
+            backend = model.optimizations.attention_backend
+            if backend in MASKLESS_ATTENTION_BACKENDS and variant.pipeline in PIPELINES_WITH_ATTENTION_MASKS:
+                raise ValueError(
+                    f"models.{model_id}.optimizations.attention_backend: {backend!r} takes no attention mask, and "
+                    f"{variant.pipeline} masks the padding of batched prompts and of every CFG call; use "
+                    "'_native_cudnn' or '_native_efficient' (masked fused kernels) or leave it unset")
+            if model.optimizations.compile_transformer and variant.requires_nunchaku:
+                raise ValueError(
+                    f"models.{model_id}.optimizations.compile_transformer: {model_id} runs nunchaku's 4-bit "
+                    "transformer, whose custom CUDA kernels torch.compile cannot trace; compile only bf16 variants")
         if self.load is not None:
             not_listed = [m for m in self.load if m not in self.models]
             if not_listed:

@@ -326,6 +326,16 @@ class DiffusersEngine:
 
     # ---- running --------------------------------------------------------------------------
 
+    def warm_up_size(self) -> tuple[int, int]:
+        """(width, height) of the warm-up call: tiny, unless the transformer is compiled. torch.compile
+        specializes on shapes, so only a warm-up at the configured default size spares the first real
+        request the compile."""
+        if self.spec.optimizations.compile_transformer:
+            defaults = self.variant.defaults
+            return self.spec.plan_width or defaults.width, self.spec.plan_height or defaults.height
+        side = max(self.variant.min_side, 64)
+        return side, side
+
     @staticmethod
     def seeds(seed: int | None, n: int) -> list[int]:
         """Seeds of ``n`` images: ``seed + i`` (random ``seed`` when None), wrapped past ``MAX_SEED``."""

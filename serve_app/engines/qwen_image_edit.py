@@ -89,9 +89,9 @@ class QwenImageEditEngine(DiffusersEngine):
         return {"processor": ImageOnlyQwen2VLProcessor.from_checkpoint(folder)}
 
     def warm_up(self) -> None:
-        side = max(self.variant.min_side, 64)
-        gray = Image.new("RGB", (side, side), (127, 127, 127))
-        self.edit([gray], "warm-up", width=side, height=side, num_inference_steps=1, seed=0)
+        width, height = self.warm_up_size()
+        gray = Image.new("RGB", (width, height), (127, 127, 127))
+        self.edit([gray], "warm-up", width=width, height=height, num_inference_steps=1, seed=0)
 
     def batch_key(self, job: Job) -> Hashable:
         return id(job)  # one image set per pipeline call: every job runs alone

@@ -24,8 +24,8 @@ class ZImageEngine(DiffusersEngine):
     transformer_call_keywords = frozenset({"joint_attention_kwargs", "return_dict"})
 
     def warm_up(self) -> None:
-        side = max(self.variant.min_side, 64)
-        self.generate("warm-up", width=side, height=side, num_inference_steps=1, seed=0)
+        width, height = self.warm_up_size()
+        self.generate("warm-up", width=width, height=height, num_inference_steps=1, seed=0)
 
     def batch_key(self, job: Job) -> Hashable:
         """Everything but the prompt and the seed must agree for one pipeline call."""

@@ -125,5 +125,16 @@ def test_jobs_of_one_shape_share_a_batch_key_and_one_call(generator):
     assert np.abs(pixels(results[1].images[0]) - pixels(alone.images[0])).max() <= 2
 
 
-def test_warm_up_runs_one_tiny_call(generator):
+def test_warm_up_runs_one_tiny_call_unless_the_transformer_is_compiled(generator, monkeypatch):
+    calls = []
+    real = generator.generate
+    monkeypatch.setattr(generator, "generate", lambda prompt, **kw: calls.append(kw) or real(prompt, **kw))
     generator.warm_up()
+    assert (calls[-1]["width"], calls[-1]["height"]) == (64, 64)
+    # Compiled: torch.compile specializes on shapes, so the warm-up runs at the configured default size.
+    compiled = generator.spec.model_copy(update={
+        "optimizations": generator.spec.optimizations.model_copy(update={"compile_transformer": True}),
+        "plan_width": 96, "plan_height": 80})
+    monkeypatch.setattr(generator, "spec", compiled)
+    generator.warm_up()
+    assert (calls[-1]["width"], calls[-1]["height"], calls[-1]["num_inference_steps"]) == (96, 80, 1)
