@@ -7,6 +7,7 @@ their own config (``catalog:``), so adding a GPU class or a variant needs no cod
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -52,6 +53,8 @@ class GPUClass(_Strict):
     vram_gib: float = Field(gt=0, description="Total device memory in GiB.")
     bf16_tflops: float | None = Field(default=None, gt=0, description="Dense bf16 tensor TFLOPS.")
     memory_bandwidth_gbps: float | None = Field(default=None, gt=0, description="Memory bandwidth in GB/s.")
+    nvidia_smi_names: tuple[str, ...] = Field(
+        default=(), description="Device names nvidia-smi (and torch.cuda.get_device_name) print for this card.")
 
     @field_validator("compute_capability")
     @classmethod
@@ -221,10 +224,11 @@ class Catalog(_Strict):
             raise KeyError(f"unknown model variant {name!r}; known: {', '.join(sorted(self.variants))}") from None
 
     def gpu(self, name: str) -> GPUClass:
-        """Look a GPU class up by id or name, case-insensitively ('rtx-4090', 'RTX 4090')."""
-        wanted = name.strip().lower()
+        """Look a GPU class up by id, name or device name as nvidia-smi prints it, case-insensitively
+        ('rtx-4090', 'RTX 4090', 'NVIDIA GeForce RTX 4090')."""
+        wanted = " ".join(name.split()).lower()
         for gpu in self.gpus.values():
-            if wanted in (gpu.id.lower(), gpu.name.lower()):
+            if wanted in (gpu.id.lower(), gpu.name.lower(), *(n.lower() for n in gpu.nvidia_smi_names)):
                 return gpu
         raise KeyError(f"unknown GPU class {name!r}; known: {', '.join(sorted(self.gpus))}")
 
@@ -247,10 +251,19 @@ class Catalog(_Strict):
 
 
 def match_gpu_name(gpus: Iterable[GPUClass], device_name: str) -> GPUClass | None:
-    """The GPU class whose name appears in a CUDA device name, the longest name winning
-    ('NVIDIA RTX 4000 Ada Generation' is the RTX 4000 Ada, not an 'RTX 4000')."""
-    lowered = device_name.lower()
-    hits = [g for g in gpus if g.name.lower() in lowered]
+    """The GPU class of a CUDA device name ('NVIDIA GeForce RTX 4090').
+
+    First the classes' nvidia-smi names, exactly; then, for a card the table lacks, a class name that
+    stands as whole words in the device name, the longest winning (so 'NVIDIA L40' is no L4, and
+    'NVIDIA RTX 4000 Ada Generation' is the RTX 4000 Ada, not an 'RTX 4000').
+    """
+    gpus = list(gpus)
+    wanted = " ".join(device_name.split()).lower()
+    for gpu in gpus:
+        if wanted in (n.lower() for n in gpu.nvidia_smi_names):
+            return gpu
+    hits = [g for g in gpus
+            if re.search(rf"(?<![a-z0-9]){re.escape(g.name.lower())}(?![a-z0-9])", wanted)]
     return max(hits, key=lambda g: len(g.name)) if hits else None
 
 

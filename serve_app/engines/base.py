@@ -104,8 +104,23 @@ class LoadTarget:
             if not verdict.fits:
                 raise IncompatibleHardwareError(f"{variant.id} does not fit {gpu.name}: {verdict.reason}")
             mode, planned = verdict.mode, verdict.peak_vram_gib
-        dtype = spec.torch_dtype or ("bfloat16" if device == "cuda" else "float32")
-        return cls(device, gpu, mode, planned, dtype)
+        return cls(device, gpu, mode, planned, compute_dtype(spec.torch_dtype, device, gpu))
+
+
+def compute_dtype(requested: str | None, device: str, gpu: GPUClass | None) -> str:
+    """The torch dtype to run in: the requested one, else bfloat16 on CUDA and float32 on CPU.
+
+    GPUs before Ampere (sm_75, Turing) have no bfloat16: they run float16, as nunchaku's int4 kernels
+    need there, and a request for bfloat16 on them is refused rather than emulated slowly.
+    """
+    has_bf16 = gpu is None or gpu.sm >= 80
+    if requested == "bfloat16" and device == "cuda" and not has_bf16:
+        raise IncompatibleHardwareError(f"{gpu.name} (sm_{gpu.sm}) has no bfloat16; use torch_dtype float16")
+    if requested:
+        return requested
+    if device != "cuda":
+        return "float32"
+    return "bfloat16" if has_bf16 else "float16"
 
 
 def apply_offload(pipe, mode: OffloadMode, device: str, nunchaku_transformer: bool) -> None:
@@ -270,7 +285,7 @@ class DiffusersEngine:
         kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "local_files_only": True,
                                   **cls.extra_components(spec, folder)}
         if four_bit:
-            kwargs["transformer"] = cls._nunchaku_transformer(spec, dtype)
+            kwargs["transformer"] = cls._nunchaku_transformer(spec, target)
         try:
             pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(folder, **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
@@ -283,7 +298,7 @@ class DiffusersEngine:
         return {}
 
     @classmethod
-    def _nunchaku_transformer(cls, spec: EngineSpec, dtype: torch.dtype):
+    def _nunchaku_transformer(cls, spec: EngineSpec, target: LoadTarget):
         from serve_app.engines.nunchaku_support import fit_to_diffusers, transformer_class
 
         transformer = transformer_class(cls.nunchaku_transformer_class)
@@ -301,7 +316,10 @@ class DiffusersEngine:
             source = str(Path(source) / weights.transformer_file)
         if not Path(source).exists():
             raise ModelLoadError(f"nunchaku transformer file {source} does not exist")
-        loaded = transformer.from_pretrained(source, torch_dtype=dtype)
+        loaded = transformer.from_pretrained(source, torch_dtype=DTYPES[target.torch_dtype])
+        if target.torch_dtype == "float16" and hasattr(loaded, "set_attention_impl"):
+            # nunchaku's own fp16 attention, which Turing needs (its flash-attention path is Ampere+).
+            loaded.set_attention_impl("nunchaku-fp16")
         adapters = fit_to_diffusers(loaded, cls.pipeline_class, cls.transformer_call_keywords)
         if adapters:
             logger.info("%s: nunchaku adapted to this diffusers with %s", spec.variant.id, ", ".join(adapters))

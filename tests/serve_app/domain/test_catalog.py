@@ -66,6 +66,39 @@ def test_match_gpu_name_takes_the_longest_catalog_name(catalog):
     assert catalog.match_gpu_name("Tesla K80") is None
 
 
+# Device names as nvidia-smi and torch.cuda.get_device_name print them, and the class each card is.
+DEVICE_NAMES = {
+    "NVIDIA H100 80GB HBM3": "h100-sxm",
+    "NVIDIA H100 PCIe": "h100-pcie",
+    "NVIDIA A100-SXM4-80GB": "a100-80g",
+    "NVIDIA A100 80GB PCIe": "a100-80g",
+    "NVIDIA A100-SXM4-40GB": "a100-40g",
+    "NVIDIA A100-PCIE-40GB": "a100-40g",
+    "NVIDIA GeForce RTX 3060": "rtx-3060-12g",
+    "NVIDIA L40": "l40",
+    "NVIDIA L40S": "l40s",
+    "NVIDIA L4": "l4",
+    "NVIDIA A40": "a40",
+    "NVIDIA RTX A4500": "rtx-a4500",
+    "NVIDIA GeForce RTX 5090": "rtx-5090",
+    "NVIDIA H200": "h200",
+}
+
+
+@pytest.mark.parametrize("device_name, gpu_id", DEVICE_NAMES.items())
+def test_real_device_names_map_to_their_class(catalog, device_name, gpu_id):
+    assert catalog.match_gpu_name(device_name).id == gpu_id
+    assert catalog.gpu(device_name).id == gpu_id  # `imageserve plan --gpu` takes the name nvidia-smi prints
+
+
+def test_an_unlisted_card_matches_only_whole_words():
+    from serve_app.domain.catalog import GPUClass, match_gpu_name
+
+    l4 = GPUClass(id="l4", name="L4", compute_capability="8.9", architecture="Ada", vram_gib=24)
+    assert match_gpu_name([l4], "NVIDIA L40 (engineering sample)") is None
+    assert match_gpu_name([l4], "NVIDIA L4 (cloud)") is l4
+
+
 def test_users_add_gpu_classes_and_variants_without_code():
     extension = {
         "gpus": [{"id": "rtx-6000-ada", "name": "RTX 6000 Ada", "compute_capability": "8.9",

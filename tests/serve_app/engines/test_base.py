@@ -131,3 +131,18 @@ def test_per_block_offload_excludes_the_transformer_on_this_pipeline_only():
     assert offloads == [(True, {"use_pin_memory": False, "num_blocks_on_gpu": 1})]
     assert pipe._exclude_from_cpu_offload == ["transformer"]
     assert ZImagePipeline._exclude_from_cpu_offload == [] and other._exclude_from_cpu_offload == []
+
+
+def test_turing_runs_float16_and_refuses_bfloat16():
+    """sm_75 has no bfloat16: nunchaku's int4 kernels run float16 there."""
+    from serve_app.domain.catalog import GPUClass
+    from serve_app.engines.base import compute_dtype
+
+    t4 = GPUClass(id="t4", name="T4", compute_capability="7.5", architecture="Turing", vram_gib=16)
+    a4500 = GPUClass(id="a", name="RTX A4500", compute_capability="8.6", architecture="Ampere", vram_gib=20)
+    assert compute_dtype(None, "cuda", t4) == "float16"
+    assert compute_dtype(None, "cuda", a4500) == "bfloat16"
+    assert compute_dtype(None, "cpu", None) == "float32"
+    assert compute_dtype("float16", "cuda", a4500) == "float16"
+    with pytest.raises(IncompatibleHardwareError, match="T4 \\(sm_75\\) has no bfloat16"):
+        compute_dtype("bfloat16", "cuda", t4)

@@ -25,18 +25,11 @@ EDIT_4BIT = "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"
 CPU = LoadTarget(device="cpu", gpu=None, offload_mode="none", planned_peak_gib=None, torch_dtype="float32")
 
 
-def forget_nunchaku(monkeypatch) -> None:
-    for name in [m for m in sys.modules if m == "nunchaku" or m.startswith("nunchaku.")]:
-        monkeypatch.delitem(sys.modules, name)
-
-
 @pytest.fixture(params=["v1_1_0", "successor"])
-def release(request, monkeypatch):
+def release(request, nunchaku_on_path):
     """One release's double importable as ``nunchaku`` (with its distribution metadata)."""
-    forget_nunchaku(monkeypatch)
-    monkeypatch.syspath_prepend(str(RELEASES / request.param))
-    yield request.param
-    forget_nunchaku(monkeypatch)
+    nunchaku_on_path(RELEASES / request.param)
+    return request.param
 
 
 def four_bit_spec(tiny_models, catalog, tmp_path, variant_id):
@@ -92,14 +85,13 @@ def test_the_4bit_edit_variant_edits_with_each_release(release, tiny_models, cat
     ("successor", "generate", "unexpected keyword argument 'joint_attention_kwargs'"),
 ])
 def test_without_the_adapters_each_release_fails_in_diffusers_0_42_as_on_a_gpu(
-        release_name, family, failure, tiny_models, catalog, tmp_path, monkeypatch):
+        release_name, family, failure, tiny_models, catalog, tmp_path, monkeypatch, nunchaku_on_path):
     """The doubles are faithful: unadapted, they break inside the real pipeline call."""
     import serve_app.engines.nunchaku_support as support
     from serve_app.engines.qwen_image_edit import QwenImageEditEngine
     from serve_app.engines.z_image import ZImageEngine
 
-    forget_nunchaku(monkeypatch)
-    monkeypatch.syspath_prepend(str(RELEASES / release_name))
+    nunchaku_on_path(RELEASES / release_name)
     monkeypatch.setattr(support, "ADAPTERS", ())
     monkeypatch.setattr(support, "accepted_keywords", lambda function: None)  # skip the refusal too
     if family == "edit":
@@ -111,7 +103,6 @@ def test_without_the_adapters_each_release_fails_in_diffusers_0_42_as_on_a_gpu(
         call = lambda: engine.generate("x", width=64, height=64, num_inference_steps=1, seed=0)  # noqa: E731
     with pytest.raises(TypeError, match=failure):
         call()
-    forget_nunchaku(monkeypatch)
 
 
 def test_a_release_no_adapter_knows_is_refused_by_name(tiny_models):

@@ -1,16 +1,12 @@
-import sys
-
 import pytest
 
 from serve_app.engines.nunchaku_support import NunchakuUnavailableError, nunchaku_status, transformer_class
 
 
 @pytest.fixture
-def isolated_nunchaku(monkeypatch, tmp_path):
-    """Put a package named ``nunchaku`` of our making first on sys.path."""
-    for name in [m for m in sys.modules if m == "nunchaku" or m.startswith("nunchaku.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def isolated_nunchaku(nunchaku_on_path, tmp_path):
+    """An empty folder first on sys.path, where a test writes a package named ``nunchaku`` of its making."""
+    nunchaku_on_path(tmp_path)
     return tmp_path
 
 
