@@ -8,8 +8,9 @@ from typing import Any
 from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.config import AppConfig
 from serve_app.domain.planner import plan
+from serve_app.engines import nunchaku_families
 from serve_app.engines.hardware import detect_local_gpu, free_disk_gb, host_memory_gib
-from serve_app.engines.nunchaku_support import nunchaku_status
+from serve_app.engines.nunchaku_support import compatibility, nunchaku_status
 
 
 def _hf_cache_dir(config: AppConfig, override: str | None) -> str:
@@ -44,6 +45,7 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
     variants = [catalog.variant(m) for m in model_ids]
     local = detect_local_gpu(catalog.gpus.values())
     nunchaku_ok, nunchaku_text = nunchaku_status()
+    fit = compatibility(nunchaku_families())
     cache = _hf_cache_dir(config, cache_dir)
     free_gb = free_disk_gb(cache)
     local_only = [
@@ -65,6 +67,9 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
         serves = p.fits
         if serves and v.requires_nunchaku and not nunchaku_ok:
             serves, reason = False, "needs the real nunchaku (not importable here)"
+        elif serves and v.requires_nunchaku and not fit["pipelines"][v.pipeline]["works"]:
+            serves, reason = False, (f"nunchaku {fit['nunchaku']} does not fit diffusers {fit['diffusers']}: "
+                                     f"{fit['pipelines'][v.pipeline]['reason']}")
         verdicts.append({"variant": v.id, "serves": serves, "mode": p.mode, "peak_vram_gib": p.peak_vram_gib,
                          "reason": reason})
 
@@ -77,7 +82,7 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
         "host_memory_gib": round(host_memory_gib(), 1),
         "disk": {"cache_dir": cache, "free_gb": round(free_gb, 1), "download_needed_gb": round(need_gb, 1),
                  "enough": free_gb >= need_gb},
-        "nunchaku": {"usable": nunchaku_ok, "detail": nunchaku_text},
+        "nunchaku": {"usable": nunchaku_ok, "detail": nunchaku_text, "compatibility": fit},
         "variants": verdicts,
     }
     report["ok"] = any(v["serves"] for v in verdicts) and report["disk"]["enough"]
@@ -96,6 +101,12 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
                  f"the chosen models need ~{d['download_needed_gb']} GB"
                  + ("" if d["enough"] else "  <-- NOT ENOUGH"))
     lines.append(f"nunchaku:  {'yes' if nunchaku_ok else 'no'}: {nunchaku_text}")
+    if nunchaku_ok:
+        lines.append(f"           with diffusers {fit['diffusers']}, torch {fit['torch']} (docs/compatibility.md):")
+        for pipeline, verdict in fit["pipelines"].items():
+            how = (f"works{' with adapters ' + ', '.join(verdict['adapters']) if verdict['adapters'] else ''}"
+                   if verdict["works"] else f"does not work: {verdict['reason']}")
+            lines.append(f"           {pipeline}: {how}")
     lines.append("Would serve:")
     for v in verdicts:
         if v["serves"]:

@@ -27,6 +27,12 @@ def engine_class(pipeline: str) -> type:
     raise ValueError(f"no engine for pipeline {pipeline!r}")
 
 
+def nunchaku_families() -> dict[str, tuple[str, frozenset[str]]]:
+    """Pipeline class -> (its nunchaku transformer class, the keywords the pipeline passes it)."""
+    families = (engine_class("ZImagePipeline"), engine_class("QwenImageEditPlusPipeline"))
+    return {f.pipeline_class: (f.nunchaku_transformer_class, f.transformer_call_keywords) for f in families}
+
+
 def load_engine(spec: EngineSpec) -> ImageEngine:
     """Load ``spec.variant`` with its family's engine (the default ``EngineLoader``)."""
     return engine_class(spec.variant.pipeline).load(spec)

@@ -122,13 +122,14 @@ class Adapter:
 
     name: str
     releases: str
-    needed: Callable[[object], bool]
-    apply: Callable[[object], None]
+    needed: Callable[[type], bool]  # given the transformer's class
+    apply: Callable[[object], None]  # given the loaded transformer
+    replaces_forward: bool = False  # the adapted forward takes whatever diffusers passes
 
 
-def _qwen_rope_call_needed(transformer) -> bool:
-    forward = type(transformer).forward
-    return "self.pos_embed(img_shapes, txt_seq_lens" in _source(forward) and _rope_takes_max_text_length()
+def _qwen_rope_call_needed(transformer_class: type) -> bool:
+    return ("self.pos_embed(img_shapes, txt_seq_lens" in _source(transformer_class.forward)
+            and _rope_takes_max_text_length())
 
 
 def _qwen_rope_call_apply(transformer) -> None:
@@ -159,9 +160,9 @@ def _qwen_rope_call_apply(transformer) -> None:
     transformer.register_forward_pre_hook(record_text_length, with_kwargs=True)
 
 
-def _z_image_forward_needed(transformer) -> bool:
-    keywords = accepted_keywords(type(transformer).forward)
-    return (hasattr(transformer, "register_rope_hook") and keywords is not None
+def _z_image_forward_needed(transformer_class: type) -> bool:
+    keywords = accepted_keywords(transformer_class.forward)
+    return (hasattr(transformer_class, "register_rope_hook") and keywords is not None
             and "joint_attention_kwargs" not in keywords)
 
 
@@ -195,6 +196,7 @@ ADAPTERS = (
                  "diffusers' forward positionally",
         needed=_z_image_forward_needed,
         apply=_z_image_forward_apply,
+        replaces_forward=True,
     ),
 )
 
@@ -213,7 +215,7 @@ def fit_to_diffusers(transformer, pipeline: str, call_keywords: frozenset[str]) 
 
     applied = []
     for adapter in ADAPTERS:
-        if adapter.needed(transformer):
+        if adapter.needed(type(transformer)):
             adapter.apply(transformer)
             applied.append(adapter.name)
     keywords = accepted_keywords(transformer.forward)
@@ -224,3 +226,37 @@ def fit_to_diffusers(transformer, pipeline: str, call_keywords: frozenset[str]) 
             f"takes no {', '.join(sorted(missing))}, which {pipeline} passes, and no adapter knows this "
             "release; see docs/compatibility.md for the pairs that work")
     return applied
+
+
+def compatibility(families: dict[str, tuple[str, frozenset[str]]]) -> dict:
+    """How the installed nunchaku fits this diffusers, per pipeline, without loading any weights.
+
+    Args:
+        families: pipeline class -> (nunchaku transformer class name, keywords the pipeline passes).
+
+    Returns:
+        {"nunchaku", "diffusers", "torch", "pipelines": {pipeline: {"works", "adapters", "reason"}}}.
+    """
+    import diffusers
+    import torch
+
+    usable, why = nunchaku_status()
+    report: dict = {"nunchaku": installed_version(), "diffusers": diffusers.__version__,
+                    "torch": torch.__version__, "pipelines": {}}
+    for pipeline, (class_name, call_keywords) in families.items():
+        if not usable:
+            report["pipelines"][pipeline] = {"works": False, "adapters": [], "reason": why}
+            continue
+        cls = getattr(importlib.import_module("nunchaku"), class_name, None)
+        if cls is None:
+            reason = f"{_named()} has no {class_name}"
+            report["pipelines"][pipeline] = {"works": False, "adapters": [], "reason": reason}
+            continue
+        needed = [a for a in ADAPTERS if a.needed(cls)]
+        adapters = [a.name for a in needed]
+        keywords = None if any(a.replaces_forward for a in needed) else accepted_keywords(cls.forward)
+        missing = set() if keywords is None else set(call_keywords) - keywords
+        report["pipelines"][pipeline] = {
+            "works": not missing, "adapters": adapters,
+            "reason": None if not missing else f"{class_name}.forward takes no {', '.join(sorted(missing))}"}
+    return report

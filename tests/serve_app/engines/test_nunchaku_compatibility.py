@@ -121,3 +121,14 @@ def test_a_release_no_adapter_knows_is_refused_by_name(tiny_models):
     with pytest.raises(NunchakuIncompatibleError,
                        match=r"diffusers 0\.42\.\d+ do not fit: FutureTransformer\.forward takes no attention_kwargs"):
         fit_to_diffusers(transformer, "QwenImageEditPlusPipeline", QwenImageEditEngine.transformer_call_keywords)
+
+
+def test_doctor_shows_how_each_release_fits_this_diffusers(release, capsys):
+    from serve_app.cli import main
+
+    main(["doctor", "--json"])
+    fit = __import__("json").loads(capsys.readouterr().out)["nunchaku"]["compatibility"]
+    expected = {"v1_1_0": {"ZImagePipeline": [], "QwenImageEditPlusPipeline": ["qwen-rope-call"]},
+                "successor": {"ZImagePipeline": ["z-image-forward-call"], "QwenImageEditPlusPipeline": []}}[release]
+    assert {p: v["adapters"] for p, v in fit["pipelines"].items()} == expected
+    assert all(v["works"] for v in fit["pipelines"].values()) and fit["diffusers"].startswith("0.42")
