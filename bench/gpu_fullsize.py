@@ -1,6 +1,11 @@
 """Full-size random-weight models on a GPU: stage seconds and peak VRAM against the planner, speed options,
 and the service (one replica, handle path) against the direct pipeline call, all in one run.
 
+Every path only a GPU runs gets exercised: each offload mode (--modes), each attention backend with
+the calls that carry a mask or a second stream (CFG, and for generation a batch of prompts of
+different lengths), compile with the replica's warm-up (does the first request compile again?), and
+cancellation (time from the stop signal to the return, and whether the VAE decode was skipped).
+
 Models are built in memory from the architecture numbers of docs/facts.md (``serve_app.engines.random_weights``
 at size "full": same classes, parameter counts, FLOPs and memory as the real weights) by the same
 ``RandomWeightLoader`` a replica uses, so nothing is downloaded.
@@ -95,6 +100,51 @@ class Runner:
     def forwards(self) -> int:
         return self.args.steps * (2 if self.engine.variant.runs_cfg() else 1)
 
+    def masked_calls(self) -> dict:
+        """The calls that hand the attention a mask or a second stream: CFG, and (generation) a batch of
+        prompts of different lengths. A backend that cannot take them says so here, as a result."""
+        size = dict(width=self.args.size, height=self.args.size, num_inference_steps=1, seed=0)
+        if self.engine.variant.task == "generate":
+            calls = {"cfg": lambda: self.engine.generate(PROMPT, guidance_scale=3.0, **size),
+                     "batch_2": lambda: self.engine.generate([PROMPT, "a dog"], **{**size, "seed": [0, 1]})}
+        else:
+            calls = {"cfg": lambda: self.engine.edit(self.inputs, EDIT_PROMPT, true_cfg_scale=4.0, **size)}
+        outcomes = {}
+        for name, call in calls.items():
+            try:
+                call()
+                outcomes[name] = "ok"
+            except Exception as err:  # noqa: BLE001 - a backend refusing a mask is a result, not a crash
+                outcomes[name] = f"{type(err).__name__}: {err}"[:200]
+        return outcomes
+
+    def cancellation(self) -> dict:
+        """How long a call takes to end after its caller leaves: stop after the first step, time from the
+        stop signal to the return, and whether the VAE decode was skipped."""
+        import torch
+
+        from serve_app.engines.protocol import GenerationCancelled
+
+        stopped_at: list[float] = []
+
+        def stop_after_first_step() -> bool:
+            stopped_at.append(time.perf_counter())
+            return True
+
+        kwargs = dict(width=self.args.size, height=self.args.size, num_inference_steps=self.args.steps, seed=0,
+                      should_stop=stop_after_first_step)
+        try:
+            if self.engine.variant.task == "generate":
+                self.engine.generate(PROMPT, **kwargs)
+            else:
+                self.engine.edit(self.inputs, EDIT_PROMPT, **kwargs)
+        except GenerationCancelled as stop:
+            if self.cuda:
+                torch.cuda.synchronize()
+            return {"stopped": str(stop), "after_stop_s": round(time.perf_counter() - stopped_at[0], 4),
+                    "decode_skipped": "vae_decode_s" not in self.engine._timer.seconds}
+        return {"stopped": False}
+
 
 def with_option(runner: Runner, name: str, base: dict) -> dict:
     """Measure ``runner`` with one option on, against ``base``; the option is undone afterwards
@@ -111,12 +161,23 @@ def with_option(runner: Runner, name: str, base: dict) -> dict:
     elif name == "vae-channels-last":
         set_channels_last(pipe.vae)
     elif name == "compile":
+        # As a compiled replica does: warm up at the serving size, then see whether the first real
+        # request compiles again (it would if the warm-up shape differed).
         pipe.transformer.compile()
+        engine = runner.engine
+        engine.spec = engine.spec.model_copy(update={
+            "optimizations": engine.spec.optimizations.model_copy(update={"compile_transformer": True})})
         started = time.perf_counter()
-        runner.call(1)
+        engine.warm_up()
         row["compile_s"] = round(time.perf_counter() - started, 2)
+        row["warm_up_size"] = list(runner.engine.warm_up_size())
+        first = time.perf_counter()
+        runner.call(1)
+        row["first_request_after_warm_up_s"] = round(time.perf_counter() - first, 3)
     try:
         measured = runner.measure(runner.args.repeats)
+        if OPTIONS[name] is not None:
+            measured["masked_calls"] = runner.masked_calls()
     except Exception as err:  # noqa: BLE001 - e.g. a backend that refuses this shape or dtype
         measured = {"error": f"{type(err).__name__}: {err}"[:300]}
     finally:
@@ -256,7 +317,8 @@ def run(args: argparse.Namespace, out) -> int:
                 continue
             runner = Runner(engine, args)
             row = {"build_s": round(engine.info.load_seconds, 2), **runner.measure(args.repeats),
-                   **planner_view(variant, gpu, mode, args, input_images)}
+                   **planner_view(variant, gpu, mode, args, input_images),
+                   "masked_calls": runner.masked_calls(), "cancellation": runner.cancellation()}
             row["options"] = {name: with_option(runner, name, row)
                               for name in sorted(args.options, key=lambda o: o == "compile")}
             report["variants"][key] = row
@@ -279,6 +341,7 @@ def run(args: argparse.Namespace, out) -> int:
               f"VAE decode {row.get('vae_decode_s', 0):.3f} s, total {row['total_s']:.3f} s "
               f"(planner {row.get('planned_total_s', '-')}); peak VRAM {row.get('peak_vram_gib', '-')} GiB "
               f"(planner {row['planned_allocated_gib']} + context)")
+        print(f"    masked calls: {row['masked_calls']}; cancellation: {row['cancellation']}")
         for name, option in row["options"].items():
             if "error" in option:
                 print(f"    {name:<18} {option['error']}")

@@ -29,10 +29,16 @@ def test_gpu_fullsize_harness_smoke_mode_runs_every_path_on_cpu():
         assert row["transformer_forward_s"] > 0 and row["total_s"] >= row["denoise_s"] > 0
         assert row["planned_allocated_gib"] > 0
         assert row["options"]["sdpa-math"]["speedup"] > 0
+        assert row["options"]["sdpa-math"]["masked_calls"]["cfg"] == "ok"
+        assert row["masked_calls"]["cfg"] == "ok"
+        assert row["cancellation"]["decode_skipped"] is True and "after 1 of" in row["cancellation"]["stopped"]
         assert row["options"]["vae-channels-last"]["compared"] == "vae_decode_s"
         service = row["service"]
         assert service["handle_wall_s"] > 0
         assert service["ratio"] == pytest.approx(service["handle_wall_s"] / service["direct_wall_s"], rel=0.02)
+    # The fact the config's refusal of mask-less backends for Z-Image rests on, shown on CPU:
+    flash = report["variants"]["z-image-turbo/none"]["options"]["sdpa-flash"]["masked_calls"]
+    assert flash["cfg"].startswith("ValueError") and flash["batch_2"].startswith("ValueError")
 
 
 @pytest.mark.integration
