@@ -79,7 +79,7 @@ class Runner:
     def measure(self, repeats: int) -> dict:
         import torch
 
-        self.call(1)  # warm-up: kernels, allocator, lazy init
+        self.call(self.engine.variant.min_inference_steps)  # warm-up: kernels, allocator, lazy init
         rows = []
         for _ in range(repeats):
             if self.cuda:
@@ -103,7 +103,8 @@ class Runner:
     def masked_calls(self) -> dict:
         """The calls that hand the attention a mask or a second stream: CFG, and (generation) a batch of
         prompts of different lengths. A backend that cannot take them says so here, as a result."""
-        size = dict(width=self.args.size, height=self.args.size, num_inference_steps=1, seed=0)
+        size = dict(width=self.args.size, height=self.args.size,
+                    num_inference_steps=self.engine.variant.min_inference_steps, seed=0)
         if self.engine.variant.task == "generate":
             calls = {"cfg": lambda: self.engine.generate(PROMPT, guidance_scale=3.0, **size),
                      "batch_2": lambda: self.engine.generate([PROMPT, "a dog"], **{**size, "seed": [0, 1]})}
@@ -172,7 +173,7 @@ def with_option(runner: Runner, name: str, base: dict) -> dict:
         row["compile_s"] = round(time.perf_counter() - started, 2)
         row["warm_up_size"] = list(runner.engine.warm_up_size())
         first = time.perf_counter()
-        runner.call(1)
+        runner.call(engine.variant.min_inference_steps)
         row["first_request_after_warm_up_s"] = round(time.perf_counter() - first, 3)
     try:
         measured = runner.measure(runner.args.repeats)

@@ -90,6 +90,7 @@ class Router:
             variant_id = variants[0].id
             size = self.resolve_size(request, variants[0])
             self.check_input_images(request, variants[0])
+            self.check_steps(request, variants)
             return await self._dispatch(variants, request, size)
         except ImageServeError as err:
             self.metrics.error(task, variant_id, error_reason(err))
@@ -121,6 +122,16 @@ class Router:
             )
         for i, data in enumerate(request.input_images):
             open_image(data, self.spec.max_input_pixels, name=f"image {i + 1}")
+
+    def check_steps(self, request: GenerateRequest | EditRequest, variants: list[ModelVariant]) -> None:
+        """Steps every variant the request may run as can take (an alias may land on any of them)."""
+        if request.num_inference_steps is None:
+            return
+        strictest = max(variants, key=lambda v: v.min_inference_steps)
+        if request.num_inference_steps < strictest.min_inference_steps:
+            raise InvalidRequestError(
+                f"{strictest.id} needs at least {strictest.min_inference_steps} denoising steps "
+                f"(got {request.num_inference_steps})", param="num_inference_steps")
 
     # ---- dispatch -------------------------------------------------------------------------
 

@@ -155,6 +155,7 @@ class ModelVariant(_Strict):
     max_input_images: int = Field(default=0, ge=0, le=3)
     min_side: int = Field(default=64, ge=16)
     max_side: int = Field(default=2048, ge=16)
+    min_inference_steps: int = Field(default=1, ge=1, description="Fewest denoising steps the scheduler can run.")
     scheduler_overrides: dict[str, Any] = Field(default_factory=dict)
     defaults: InferenceDefaults
 
@@ -177,6 +178,8 @@ class ModelVariant(_Strict):
                 raise ValueError(f"{self.id}: Qwen-Image-Edit-2511 has no 4-bit (nunchaku) variant")
             if self.source.transformer_file is None:
                 raise ValueError(f"{self.id}: 4-bit variants need source.transformer_file")
+        if self.defaults.num_inference_steps < self.min_inference_steps:
+            raise ValueError(f"{self.id}: default steps below min_inference_steps {self.min_inference_steps}")
         for cc in [self.min_compute_capability, *(self.compute_capabilities or [])]:
             if cc is not None:
                 parse_compute_capability(cc)

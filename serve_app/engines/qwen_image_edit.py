@@ -91,7 +91,8 @@ class QwenImageEditEngine(DiffusersEngine):
     def warm_up(self) -> None:
         width, height = self.warm_up_size()
         gray = Image.new("RGB", (width, height), (127, 127, 127))
-        self.edit([gray], "warm-up", width=width, height=height, num_inference_steps=1, seed=0)
+        self.edit([gray], "warm-up", width=width, height=height, num_inference_steps=self.variant.min_inference_steps,
+                  seed=0)
 
     def batch_key(self, job: Job) -> Hashable:
         return id(job)  # one image set per pipeline call: every job runs alone

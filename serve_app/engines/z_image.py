@@ -25,7 +25,8 @@ class ZImageEngine(DiffusersEngine):
 
     def warm_up(self) -> None:
         width, height = self.warm_up_size()
-        self.generate("warm-up", width=width, height=height, num_inference_steps=1, seed=0)
+        self.generate("warm-up", width=width, height=height, num_inference_steps=self.variant.min_inference_steps,
+                      seed=0)
 
     def batch_key(self, job: Job) -> Hashable:
         """Everything but the prompt and the seed must agree for one pipeline call."""

@@ -157,5 +157,16 @@ def test_edit_errors(http):
     assert error_of(no_prompt, 422)["param"] == "prompt"
 
 
+def test_one_step_on_a_scheduler_that_cannot_take_it_is_422(http):
+    """The bf16 edit models' scheduler stretches to shift_terminal, which one step divides by zero (a
+    NaN image); the request is refused, by variant id and by alias, naming the field."""
+    image = [("image", ("a.png", png(), "image/png"))]
+    for model in ("qwen-image-edit-2511", "qwen-image-edit"):
+        response = http.post("/v1/images/edits", files=image,
+                             data={"prompt": "x", "model": model, "size": "64x64", "num_inference_steps": "1"})
+        error = error_of(response, 422)
+        assert error["param"] == "num_inference_steps" and "at least 2 denoising steps" in error["message"]
+
+
 def test_unknown_route_is_a_json_404(http):
     assert error_of(http.get("/v1/nothing"), 404)["code"] == "not_found"

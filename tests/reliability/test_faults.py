@@ -35,7 +35,7 @@ def test_out_of_memory_is_503_and_the_same_replica_serves_the_next_request(http,
     from serve_app.engines.gpu_doubles import OOM_TRIGGER
 
     files = [("image", ("a.png", encoded("PNG"), "image/png"))]
-    data = {"model": "qwen-image-edit-2509", "size": "64x64", "num_inference_steps": "1"}
+    data = {"model": "qwen-image-edit-2509", "size": "64x64", "num_inference_steps": "2"}
     failed = http.post("/v1/images/edits", files=files, data={**data, "prompt": OOM_TRIGGER})
     assert failed.status_code == 503 and failed.json()["error"]["code"] == "out_of_memory"
     assert failed.headers["retry-after"]

@@ -142,3 +142,11 @@ def test_variant_task_must_match_its_pipeline():
     }]}
     with pytest.raises(ValidationError, match="serves task 'generate'"):
         build_catalog(bad)
+
+
+def test_variants_whose_scheduler_divides_by_zero_at_one_step_need_two(catalog):
+    """The bf16 edit repositories' scheduler has shift_terminal; Lightning's overrides clear it."""
+    assert catalog.variant("qwen-image-edit-2511").min_inference_steps == 2
+    assert catalog.variant("qwen-image-edit-2509").min_inference_steps == 2
+    assert catalog.variant("qwen-image-edit-2509-svdq-int4-r128-lightning-4step").min_inference_steps == 1
+    assert catalog.variant("z-image-turbo").min_inference_steps == 1

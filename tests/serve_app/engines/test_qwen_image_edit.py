@@ -53,23 +53,23 @@ def test_edit_with_one_and_two_input_images(editor, count):
 
 
 def test_n_outputs_are_separate_calls_whose_timings_add_up(editor):
-    result = editor.edit([Image.new("RGB", (64, 64))], "x", width=64, height=64, num_inference_steps=1, seed=5, n=2)
+    result = editor.edit([Image.new("RGB", (64, 64))], "x", width=64, height=64, num_inference_steps=2, seed=5, n=2)
     assert result.seeds == [5, 6] and len(result.images) == 2
     assert (result.batch_images, result.denoised_images) == (1, 2)
 
 
 def test_edit_rejects_too_many_images(editor):
     with pytest.raises(ValueError, match="1 to 3 input images"):
-        editor.edit([Image.new("RGB", (32, 32))] * 4, "x", num_inference_steps=1)
+        editor.edit([Image.new("RGB", (32, 32))] * 4, "x", num_inference_steps=2)
 
 
 def test_every_job_runs_alone_and_decodes_its_images(editor):
-    first = Job(EditRequest(prompt="x", images=[png((9, 9, 9))], seed=1), 64, 64, 1)
-    second = Job(EditRequest(prompt="x", images=[png((9, 9, 9))], seed=1), 64, 64, 1)
+    first = Job(EditRequest(prompt="x", images=[png((9, 9, 9))], seed=1), 64, 64, 2)
+    second = Job(EditRequest(prompt="x", images=[png((9, 9, 9))], seed=1), 64, 64, 2)
     assert editor.batch_key(first) != editor.batch_key(second)
     (result,) = editor.run([first], should_stop=lambda: False)
     assert result.seeds == [1] and result.images[0].size == (64, 64)
-    broken = Job(EditRequest(prompt="x", images=[png((9, 9, 9))[:60]], seed=1), 64, 64, 1)
+    broken = Job(EditRequest(prompt="x", images=[png((9, 9, 9))[:60]], seed=1), 64, 64, 2)
     with pytest.raises(BadImageError, match="truncated or corrupt"):
         editor.run([broken], should_stop=lambda: False)
 
@@ -91,7 +91,7 @@ def test_channels_last_handles_the_video_vae_and_goes_back(editor):
     assert any(isinstance(m, torch.nn.Conv3d) for m in convs)
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d if isinstance(m, torch.nn.Conv3d)
                                       else torch.channels_last) for m in convs)
-    result = editor.edit([Image.new("RGB", (64, 64), (1, 2, 3))], "x", width=64, height=64, num_inference_steps=1)
+    result = editor.edit([Image.new("RGB", (64, 64), (1, 2, 3))], "x", width=64, height=64, num_inference_steps=2)
     assert result.images[0].size == (64, 64)
     set_channels_last(editor.pipe.vae, enabled=False)
     assert all(m.weight.is_contiguous() for m in convs)
