@@ -13,13 +13,14 @@ def _forget_nunchaku() -> None:
 
 @pytest.fixture
 def nunchaku_on_path(monkeypatch):
-    """``nunchaku_on_path(folder)``: make ``folder``'s ``nunchaku`` the importable one for this test;
-    no nunchaku module outlives the test."""
+    """``nunchaku_on_path(*folders)``: make the ``nunchaku`` in these folders the importable one for this
+    test; no nunchaku module outlives the test."""
     _forget_nunchaku()
 
-    def put(folder) -> None:
+    def put(*folders) -> None:
         _forget_nunchaku()
-        monkeypatch.syspath_prepend(str(folder))
+        for folder in folders:
+            monkeypatch.syspath_prepend(str(folder))
 
     yield put
     _forget_nunchaku()

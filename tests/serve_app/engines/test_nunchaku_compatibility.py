@@ -20,6 +20,7 @@ from serve_app.engines.base import LoadTarget
 from serve_app.engines.nunchaku_support import NunchakuIncompatibleError, fit_to_diffusers, nunchaku_status
 
 RELEASES = Path(__file__).with_name("nunchaku_releases")
+SHARED = RELEASES / "_common"  # what both doubles share
 Z_IMAGE_4BIT = "z-image-turbo-svdq-int4-r128"
 EDIT_4BIT = "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"
 CPU = LoadTarget(device="cpu", gpu=None, offload_mode="none", planned_peak_gib=None, torch_dtype="float32")
@@ -28,7 +29,7 @@ CPU = LoadTarget(device="cpu", gpu=None, offload_mode="none", planned_peak_gib=N
 @pytest.fixture(params=["v1_1_0", "successor"])
 def release(request, nunchaku_on_path):
     """One release's double importable as ``nunchaku`` (with its distribution metadata)."""
-    nunchaku_on_path(RELEASES / request.param)
+    nunchaku_on_path(SHARED, RELEASES / request.param)
     return request.param
 
 
@@ -91,7 +92,7 @@ def test_without_the_adapters_each_release_fails_in_diffusers_0_42_as_on_a_gpu(
     from serve_app.engines.qwen_image_edit import QwenImageEditEngine
     from serve_app.engines.z_image import ZImageEngine
 
-    nunchaku_on_path(RELEASES / release_name)
+    nunchaku_on_path(SHARED, RELEASES / release_name)
     monkeypatch.setattr(support, "ADAPTERS", ())
     monkeypatch.setattr(support, "accepted_keywords", lambda function: None)  # skip the refusal too
     if family == "edit":

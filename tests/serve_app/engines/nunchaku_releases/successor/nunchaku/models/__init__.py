@@ -1,13 +1,7 @@
 """TEST DOUBLE of the successor nunchaku's transformers: its signatures and calls, diffusers' computation."""
 
-from pathlib import Path
-
 from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
-
-
-def _load(cls, path, **kwargs):
-    # The real one reads a 4-bit safetensors file; the double reads the full-precision model beside it.
-    return super(cls, cls).from_pretrained(Path(path).parent, torch_dtype=kwargs.get("torch_dtype"))
+from nunchaku_double_loading import LoadsBesideTheFile  # ../../_common, put on sys.path by the test fixture
 
 
 class NunchakuZImageRopeHook:
@@ -19,11 +13,7 @@ class NunchakuZImageRopeHook:
         NunchakuZImageRopeHook.calls += 1
 
 
-class NunchakuZImageTransformer2DModel(ZImageTransformer2DModel):
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        return _load(cls, pretrained_model_name_or_path, **kwargs)
-
+class NunchakuZImageTransformer2DModel(LoadsBesideTheFile, ZImageTransformer2DModel):
     def register_rope_hook(self, rope_hook):
         self.rope_hook_handles = [layer.attention.register_forward_pre_hook(rope_hook, with_kwargs=True)
                                   for layer in self.layers]
@@ -43,16 +33,7 @@ class NunchakuZImageTransformer2DModel(ZImageTransformer2DModel):
             self.unregister_rope_hook()
 
 
-class NunchakuQwenImageTransformer2DModel(QwenImageTransformer2DModel):
-    offload = False
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        return _load(cls, pretrained_model_name_or_path, **kwargs)
-
-    def set_offload(self, offload, **kwargs):
-        self.offload = offload
-
+class NunchakuQwenImageTransformer2DModel(LoadsBesideTheFile, QwenImageTransformer2DModel):
     def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
                 img_shapes=None, txt_seq_lens=None, guidance=None, attention_kwargs=None,
                 controlnet_block_samples=None, return_dict=True):

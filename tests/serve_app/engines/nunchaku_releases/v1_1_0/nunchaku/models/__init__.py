@@ -1,33 +1,14 @@
 """TEST DOUBLE of nunchaku 1.1.0's transformers: v1.1.0's signatures and calls, diffusers' computation."""
 
-from pathlib import Path
-
 from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
+from nunchaku_double_loading import LoadsBesideTheFile  # ../../_common, put on sys.path by the test fixture
 
 
-def _load(cls, path, **kwargs):
-    # The real one reads a 4-bit safetensors file; the double reads the full-precision model beside it.
-    return super(cls, cls).from_pretrained(Path(path).parent, torch_dtype=kwargs.get("torch_dtype"))
-
-
-class NunchakuZImageTransformer2DModel(ZImageTransformer2DModel):
+class NunchakuZImageTransformer2DModel(LoadsBesideTheFile, ZImageTransformer2DModel):
     """v1.1.0 keeps diffusers' forward: only loading differs."""
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        return _load(cls, pretrained_model_name_or_path, **kwargs)
 
-
-class NunchakuQwenImageTransformer2DModel(QwenImageTransformer2DModel):
-    offload = False
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        return _load(cls, pretrained_model_name_or_path, **kwargs)
-
-    def set_offload(self, offload, **kwargs):
-        self.offload = offload
-
+class NunchakuQwenImageTransformer2DModel(LoadsBesideTheFile, QwenImageTransformer2DModel):
     def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
                 img_shapes=None, txt_seq_lens=None, guidance=None, attention_kwargs=None,
                 controlnet_block_samples=None, return_dict=True):
