@@ -12,7 +12,7 @@ at size "full": same classes, parameter counts, FLOPs and memory as the real wei
 
     .venv/bin/python -m bench.gpu_fullsize [--variants z-image-turbo,qwen-image-edit-2509] [--modes none,model]
         [--size 1024] [--steps 8] [--options sdpa-flash,sdpa-cudnn,sdpa-efficient,vae-channels-last,compile]
-        [--repeats 2] [--no-service] [--json]
+        [--repeats 2] [--no-service] [--json] [--record]
     .venv/bin/python -m bench.gpu_fullsize --smoke [--json]   # tiny dims on CPU: every code path, in seconds
 """
 
@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 from bench.common import bench_parser, run_reporting
+from serve_app.domain.calibration import MEASURED_DIR
 from serve_app.domain.catalog import GIB
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -95,6 +96,12 @@ class Runner:
         row["transformer_forward_s"] = round(row["denoise_s"] / row["forwards"], 4)
         if self.cuda:
             row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+            row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+            # What NVML would have shown at the peak: the allocator's peak reserve plus what the process holds
+            # outside the allocator (CUDA context, cuBLAS/cuDNN workspaces), read now as device use less reserve.
+            free, total = torch.cuda.mem_get_info()
+            outside = (total - free) - torch.cuda.memory_reserved()
+            row["peak_process_gib"] = round((torch.cuda.max_memory_reserved() + outside) / GIB, 2)
         return row
 
     def forwards(self) -> int:
@@ -209,6 +216,37 @@ def planner_view(variant, gpu, mode: str, args, input_images: int) -> dict:
     return view
 
 
+def record_measurements(report: dict, args, gpu, folder: str):
+    """Write this run's per-process peaks and step times in measurements.yaml's form, one file per run."""
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import yaml
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    source = f"bench/gpu_fullsize.py --record on {report['device']}, torch {report['torch']}, {stamp}"
+    memory, timing = [], []
+    for key, row in report["variants"].items():
+        if "error" in row or "peak_process_gib" not in row:
+            continue
+        variant_id, mode = key.split("/")
+        name = f"{variant_id}-{mode}-{gpu.id}-{args.size}-{stamp}"
+        memory.append({"id": name, "scope": "pipeline", "quantity": "nvml", "variant": variant_id, "mode": mode,
+                       "gpu": gpu.id, "width": args.size, "height": args.size,
+                       "num_input_images": 1 if row.get("input_images") else 0, "gib": row["peak_process_gib"],
+                       "source": source + " (reserved peak + memory outside the allocator)"})
+        if mode == "none":
+            per_step = row["denoise_s"] / args.steps
+            timing.append({"id": name, "variant": variant_id, "gpu": gpu.id, "width": args.size, "height": args.size,
+                           "num_inference_steps": args.steps, "seconds_per_step": round(per_step, 4),
+                           "total_s": row["total_s"], "source": source})
+    path = Path(folder) / f"gpu_fullsize-{gpu.id}-{stamp}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# Written by `python -m bench.gpu_fullsize --record` ({source}).\n"
+                    + yaml.safe_dump({"memory": memory, "timing": timing}, sort_keys=False))
+    return path
+
+
 def free_memory() -> None:
     import torch
 
@@ -273,6 +311,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-service", action="store_true", help="skip the one-replica handle comparison")
     parser.add_argument("--smoke", action="store_true", help="tiny dims on CPU: checks every code path quickly")
+    parser.add_argument("--record", nargs="?", const=str(MEASURED_DIR), default=None,
+                        help="write this run's peak memory and step times as planner measurements into a folder "
+                             "(default serve_app/domain/measured/; then `imageserve calibrate --fit`)")
     args = parser.parse_args()
     unknown = [o for o in args.options if o not in OPTIONS]
     if unknown:
@@ -317,7 +358,8 @@ def run(args: argparse.Namespace, out) -> int:
                 free_memory()
                 continue
             runner = Runner(engine, args)
-            row = {"build_s": round(engine.info.load_seconds, 2), **runner.measure(args.repeats),
+            row = {"build_s": round(engine.info.load_seconds, 2), "input_images": input_images,
+                   **runner.measure(args.repeats),
                    **planner_view(variant, gpu, mode, args, input_images),
                    "masked_calls": runner.masked_calls(), "cancellation": runner.cancellation()}
             row["options"] = {name: with_option(runner, name, row)
@@ -328,6 +370,9 @@ def run(args: argparse.Namespace, out) -> int:
             if not args.no_service and mode == args.modes[0]:
                 row["service"] = through_service(args, variant, mode, row["wall_s"])
                 free_memory()
+    if args.record and gpu is not None:
+        path = record_measurements(report, args, gpu, args.record)
+        print(f"recorded the measurements in {path}: run `imageserve calibrate --fit`", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2), file=out)
         return 0

@@ -1,4 +1,4 @@
-"""The ``imageserve`` command: plan, doctor, make-tiny-models, run."""
+"""The ``imageserve`` command: plan, calibrate, doctor, make-tiny-models, run."""
 
 from __future__ import annotations
 
@@ -43,6 +43,25 @@ def _format_plans(plans: list[Plan], catalog) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
     lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths), "-" * 7)]
     lines += ["" if r is None else fmt.format(*r).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def explain_plan(p: Plan, catalog) -> str:
+    """Every part of each mode's estimate, and where each part's figure comes from."""
+    gpu = catalog.gpus.get(p.gpu)
+    name = gpu.name if gpu else p.gpu
+    vram = f"{gpu.vram_gib:g} GiB ({gpu.vram_reported_by})" if gpu else "?"
+    verdict = (f"fits, {p.mode} offload, ~{p.seconds_per_image:.2f} s/image" if p.fits
+               else f"does not fit: {p.reason}")
+    lines = [f"{p.variant} on {name} ({vram}, {p.usable_vram_gib:g} usable), {p.width}x{p.height}, "
+             f"{p.num_input_images} input image(s): {verdict}"]
+    for mode, est in p.estimates.items():
+        lines.append(f"  {mode}: {est.peak_gib:.2f} GiB at the {est.peak_stage} stage ({est.source})")
+        for part in est.parts:
+            lines.append(f"    {part.gib:>+8.3f} GiB  {part.name:<24} [{part.source}] {part.detail}")
+    for mode, why in p.mode_reasons.items():
+        if mode not in p.estimates:
+            lines.append(f"  {mode}: {why}")
     return "\n".join(lines)
 
 
@@ -99,10 +118,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
                        settings=config.device.planner)
     if args.json:
         print(json.dumps([p.model_dump(exclude={"estimates"} if not args.details else set()) for p in plans], indent=2))
+    elif args.explain:
+        print("\n\n".join(explain_plan(p, catalog) for p in plans))
     else:
         if gpus and gpus[0].id.startswith("local-"):
             catalog = catalog.model_copy(update={"gpus": {**catalog.gpus, gpus[0].id: gpus[0]}})
         print(_format_plans(plans, catalog))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from serve_app.calibrate import committed_traced_table, fit_report, stale_points, traced_table, write_calibration
+    from serve_app.domain.calibration import CALIBRATION_PATH, default_calibration
+
+    if args.check:
+        problems = stale_points(traced_table(quick=True), committed_traced_table())
+        for problem in problems:
+            print(f"stale: {problem}")
+        print("the committed trace is stale: run `imageserve calibrate --trace`" if problems
+              else "the committed trace matches a fresh one")
+        return 1 if problems else 0
+    if args.trace or args.fit:
+        calibration = write_calibration(trace=args.trace)
+        print(f"wrote {CALIBRATION_PATH}")
+    else:
+        calibration = default_calibration()
+    print(fit_report(calibration))
     return 0
 
 
@@ -175,10 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=OFFLOAD_MODES, help="force one offload mode")
     p.add_argument("--json", action="store_true", help="print a JSON list of plan objects")
     p.add_argument("--details", action="store_true", help="with --json: include the per-mode estimate parts")
+    p.add_argument("--explain", action="store_true",
+                   help="show every part of each estimate and its source: traced, fitted, measured or catalog")
     p.add_argument("--fleet", nargs="?", const=str(EXAMPLE_FLEET),
                    help="fleet file (the example fleet when no path is given): print which variants each GPU pool "
                         "hosts (placement) instead")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("calibrate", help="the planner's calibration: print the fit, or regenerate it")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--trace", action="store_true",
+                      help="re-trace every stage at full size on the meta device (~2 min), refit, "
+                           "write calibration.yaml")
+    what.add_argument("--fit", action="store_true", help="refit to measurements.yaml and write calibration.yaml")
+    what.add_argument("--check", action="store_true",
+                      help="re-trace the smallest shapes and fail if the committed trace disagrees")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("make-tiny-models", help="build tiny random-weight checkpoints offline")
     p.add_argument("dir", nargs="?", default=str(DEFAULT_TINY_DIR))

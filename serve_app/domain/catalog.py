@@ -50,11 +50,17 @@ class GPUClass(_Strict):
     name: str = Field(description="Marketing name as nvidia-smi shows it, e.g. 'RTX 4090'.")
     compute_capability: str = Field(description="CUDA compute capability 'major.minor', e.g. '8.9'.")
     architecture: str = Field(description="Ampere, Ada, Hopper, Blackwell, ...")
-    vram_gib: float = Field(gt=0, description="Total device memory in GiB.")
+    vram_gib: float = Field(gt=0, description="Total device memory in GiB, as nvidia-smi reports it.")
     bf16_tflops: float | None = Field(default=None, gt=0, description="Dense bf16 tensor TFLOPS.")
     memory_bandwidth_gbps: float | None = Field(default=None, gt=0, description="Memory bandwidth in GB/s.")
     nvidia_smi_names: tuple[str, ...] = Field(
         default=(), description="Device names nvidia-smi (and torch.cuda.get_device_name) print for this card.")
+    vram_reported_by: Literal["nvidia-smi", "derived"] = Field(
+        default="nvidia-smi",
+        description="Where vram_gib comes from: a published nvidia-smi figure, or derived from the spec sheet by "
+                    "the rule those figures follow (catalog.yaml, docs/facts.md).")
+    unified_memory: bool = Field(
+        default=False, description="CPU and GPU share one memory (GB10): offloading to the host frees nothing.")
 
     @field_validator("compute_capability")
     @classmethod
@@ -88,11 +94,20 @@ class ComponentSpec(_Strict):
     largest_module_params_b: float = Field(
         default=0.0, ge=0, description="Largest single module (e.g. embedding table), in billions."
     )
+    # For a module with no trace in calibration.yaml (a user's own), the activations as the user estimates them.
     activation_gib_fixed: float = Field(default=0.0, ge=0, description="Activation memory independent of size.")
     activation_gib_per_1k_tokens: float = Field(default=0.0, ge=0, description="Activations per 1k sequence tokens.")
     activation_gib_per_mpix: float = Field(default=0.0, ge=0, description="Activations per megapixel (VAE).")
     activation_gib_per_image: float = Field(default=0.0, ge=0, description="Activations per input image.")
     per_block_offload: bool = Field(default=True, description="Whether per-block / sequential offload works.")
+    widest_linear_features: int | None = Field(
+        default=None, ge=1,
+        description="Input features of the widest linear layer (a 4-bit transformer quantizes that layer's input "
+                    "activations into a buffer of their own).")
+    traced_module: str | None = Field(
+        default=None,
+        description="The traced module (calibration.yaml) whose activations this component has: the shared "
+                    "component's id by default; a nunchaku transformer names the bf16 module it replaces.")
     flops_per_token: float = Field(
         default=0.0, ge=0,
         description="Forward FLOPs per sequence token from the linear layers (2 x params a token meets).",
@@ -280,7 +295,7 @@ def _resolve_components(raw: dict[str, Any]) -> dict[str, Any]:
             if isinstance(spec, str):
                 if spec not in shared:
                     raise ValueError(f"variant {variant.get('id')!r}: unknown component {spec!r}")
-                spec = shared[spec]
+                spec = {"traced_module": spec, **shared[spec]}
             resolved[role] = spec
         variant["components"] = resolved
         variants.append(variant)

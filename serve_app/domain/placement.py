@@ -3,7 +3,7 @@
 One marking convention is shared by the pools' replica requirements, the cluster-launcher and
 KubeRay configs that ``imageserve cluster-configs`` writes, and the simulated fleet:
 
-* resources ``gpu_class:<id>`` (1 per GPU), ``vram_ge_<N>`` for every tier N the GPU reaches,
+* resources ``gpu_class:<id>`` (1 per GPU), ``vram_ge_<N>`` for every nominal size N the GPU reaches,
   and ``int4`` or ``fp4`` when nunchaku runs there;
 * labels ``imageserve.io/gpu-class``, ``imageserve.io/vram-gib`` and ``imageserve.io/sm``.
 """
@@ -17,6 +17,9 @@ from serve_app.domain.config import AppConfig, FleetConfig, PoolConfig
 from serve_app.domain.planner import Plan, estimate_seconds, plan
 
 VRAM_TIERS = (8, 12, 16, 20, 24, 32, 40, 48, 80, 141)
+# Tiers are nominal card sizes; vram_gib is what nvidia-smi reports, which is lower: the driver's reserve
+# (~0.5%) and, on data-center GDDR cards, ECC's 1/16 (an L4 "24 GB" reports 22.49 GiB).
+TIER_TOLERANCE = 0.93
 GPU_CLASS_LABEL = "imageserve.io/gpu-class"
 VRAM_GIB_LABEL = "imageserve.io/vram-gib"
 SM_LABEL = "imageserve.io/sm"
@@ -32,7 +35,7 @@ def node_resources(gpu: GPUClass, gpus_per_node: int = 1) -> dict[str, float]:
     """Custom resources a node with ``gpus_per_node`` GPUs of this class declares."""
     resources = {gpu_class_resource(gpu): float(gpus_per_node)}
     for tier in VRAM_TIERS:
-        if gpu.vram_gib >= tier:
+        if gpu.vram_gib >= tier * TIER_TOLERANCE:
             resources[f"vram_ge_{tier}"] = float(gpus_per_node)
     if gpu.four_bit:
         resources[gpu.four_bit] = float(gpus_per_node)

@@ -1,10 +1,14 @@
-"""VRAM planner: will a model variant run on a GPU, in which offload mode, using how much memory.
+"""VRAM planner: will a model variant run on a GPU, in which offload mode, using how much memory and time.
 
-The estimate is built from visible parts so a measured figure can correct any one of them:
+An estimate is a sum of named parts, each from a stated source (``imageserve plan --explain`` prints them):
 
-* weights: parameters x bytes per parameter (or the quantized file size), per component;
-* activations: per stage (text encoding, denoising, VAE), from sequence tokens and megapixels;
-* CUDA context and, under sequential offload, the streaming buffers.
+* weights (catalog): parameters x bytes per parameter, or a quantized file's size, per component;
+* activations (traced): each stage's allocations, traced from the real model classes at full size on
+  the meta device (``serve_app.engines.memory_trace``) and interpolated between traced shapes;
+* what a trace cannot see (fitted): the CUDA context, the caching allocator's reserve over what is
+  allocated, and the extra held when every stage stays resident or when model offload swaps modules,
+  fitted to published GPU measurements (``serve_app.domain.calibration``);
+* or, where a GPU measured exactly this call, that measurement (measured over fitted over traced).
 
 Offload modes, fastest first:
 
@@ -21,50 +25,54 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from serve_app.domain.calibration import Calibration, Source, default_calibration
 from serve_app.domain.catalog import FP4_SMS, GIB, INT4_SMS, ComponentSpec, GPUClass, ModelVariant
+from serve_app.domain.shapes import (
+    EDIT_VAE_SIDE,
+    MPIX,
+    text_encoder_tokens,
+    transformer_tokens,
+)
 
 OffloadMode = Literal["none", "model", "sequential"]
 OFFLOAD_MODES: tuple[OffloadMode, ...] = ("none", "model", "sequential")
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
-# Tokens the planner assumes for a prompt after the chat template (est.).
-TEXT_TOKENS = 256
-# QwenImageEditPlusPipeline re-encodes every input image at ~1024^2 area for the VAE
-# (4096 latent tokens) and at ~384^2 area for the vision encoder (~188 merged tokens).
-EDIT_VAE_IMAGE_AREA = 1024 * 1024
-EDIT_CONDITION_TOKENS_PER_IMAGE = 188
-# Latent pixels per token: 8x VAE downsampling and 2x2 patches.
-PIXELS_PER_TOKEN = 16 * 16
-MPIX = 1024 * 1024
-
 
 class PlannerSettings(BaseModel):
-    cuda_context_gib: float = Field(default=0.75, ge=0, description="CUDA context + cuBLAS workspace (est.).")
-    sequential_buffer_gib: float = Field(
-        default=1.0, ge=0, description="Pinned/streaming buffers under sequential offload (est.).")
+    """Margins, and overrides of the calibrated terms (None: the calibration's fitted value)."""
+
+    cuda_context_gib: float | None = Field(
+        default=None, ge=0, description="CUDA context + cuBLAS workspace; None: fitted to measurements.")
     margin_fraction: float = Field(default=0.05, ge=0, lt=1, description="Safety margin as a fraction of VRAM.")
     margin_min_gib: float = Field(default=0.5, ge=0, description="Smallest safety margin in GiB.")
-    compute_efficiency: float = Field(
-        default=0.4, gt=0, le=1,
-        description="Fraction of peak bf16 TFLOPS a transformer forward reaches "
-                    "(est.; published H100/H200 runs: 0.3-0.57).",
-    )
-    four_bit_speedup: float = Field(
-        default=2.0, gt=0, description="nunchaku 4-bit vs bf16 compute speed (est.; 1 on A100).")
+    compute_efficiency: float | None = Field(
+        default=None, gt=0, le=2,
+        description="Fraction of the catalog's bf16 TFLOPS a transformer forward reaches; None: calibrated "
+                    "per architecture and precision.")
+    four_bit_speedup: float | None = Field(
+        default=None, gt=0, description="nunchaku 4-bit vs bf16 compute speed; None: calibrated per architecture.")
     host_to_device_gbps: float = Field(
         default=25.0, gt=0, description="PCIe weight streaming rate under offload (GB/s).")
-    text_and_vae_seconds_at_100_tflops: float = Field(
-        default=0.3, ge=0, description="Text encoding + VAE work per 1024^2 image at 100 TFLOPS (est.)."
-    )
     unknown_gpu_tflops: float = Field(default=50.0, gt=0, description="TFLOPS assumed for GPUs without a figure.")
 
     def margin_gib(self, vram_gib: float) -> float:
         return max(self.margin_min_gib, self.margin_fraction * vram_gib)
 
 
+class EstimatePart(BaseModel):
+    """One named part of an estimate and where its figure comes from."""
+
+    name: str
+    gib: float
+    source: Source
+    detail: str = ""
+
+
 class StageEstimate(BaseModel):
     weights_gib: float
     activations_gib: float
+    activations_source: Source = "traced"
 
 
 class VramEstimate(BaseModel):
@@ -76,8 +84,10 @@ class VramEstimate(BaseModel):
     weights_gib: float = Field(description="Weights resident during the peak stage.")
     activations_gib: float = Field(description="Activations of the peak stage.")
     cuda_context_gib: float
-    offload_buffer_gib: float
+    overhead_gib: float = Field(description="Allocator reserve and mode overhead (fitted).")
     stages: dict[str, StageEstimate]
+    parts: list[EstimatePart] = Field(description="What the peak is made of; they add up to it.")
+    source: Source = Field(description="'measured' when a GPU measured this very call, else the parts' sum.")
 
 
 class Plan(BaseModel):
@@ -95,6 +105,8 @@ class Plan(BaseModel):
     num_input_images: int
     estimates: dict[str, VramEstimate] = Field(default_factory=dict)
     mode_reasons: dict[str, str] = Field(default_factory=dict, description="Why each rejected mode was rejected.")
+    seconds_per_image: float | None = Field(
+        default=None, description="Expected seconds for one image in the chosen mode (estimate_seconds), or null.")
 
 
 def _sms_text(sms: list[int]) -> str:
@@ -122,27 +134,66 @@ def architecture_problem(variant: ModelVariant, gpu: GPUClass) -> str | None:
     return None
 
 
-def _stage_activations(variant: ModelVariant, width: int, height: int, images: int) -> dict[str, float]:
+def _catalog_activations(c: ComponentSpec, tokens: float, mpix: float, images: int) -> float:
+    """A component's activations from the catalog's own (est.) figures, for modules never traced."""
+    return (c.activation_gib_fixed + c.activation_gib_per_1k_tokens * tokens / 1000
+            + c.activation_gib_per_mpix * mpix + c.activation_gib_per_image * images)
+
+
+def stage_activations(variant: ModelVariant, width: int, height: int, images: int, batch: int,
+                      cfg_batch: bool, calibration: Calibration) -> dict[str, tuple[float, Source, str]]:
+    """Activation GiB per component role, with the source and what was looked up.
+
+    ``cfg_batch``: the pipeline stacks the unconditional pass into the batch (Z-Image with
+    ``guidance_scale > 0``), doubling the transformer's batch. Qwen-Image-Edit runs its CFG pass as a
+    second forward after the first, so its peak stays one forward's.
+    """
     comps = variant.components
-    out_tokens = (width * height) / PIXELS_PER_TOKEN
-    cond_tokens = images * (EDIT_VAE_IMAGE_AREA / PIXELS_PER_TOKEN)
-    text_tokens = TEXT_TOKENS + images * EDIT_CONDITION_TOKENS_PER_IMAGE
+    traced = calibration.traced
+    out: dict[str, tuple[float, Source, str]] = {}
 
-    def act(c: ComponentSpec, tokens: float = 0.0, mpix: float = 0.0) -> float:
-        return (
-            c.activation_gib_fixed
-            + c.activation_gib_per_1k_tokens * tokens / 1000
-            + c.activation_gib_per_mpix * mpix
-            + c.activation_gib_per_image * images
-        )
+    def look_up(role: str, stage, size: float, n: int, catalog_tokens=0.0, catalog_mpix=0.0):
+        c = comps[role]
+        gib = traced.activations(c.traced_module, stage, size, n)
+        if gib is not None:
+            unit = "px" if stage.startswith("vae") else "tokens"
+            return gib, "traced", f"{c.traced_module} {stage} at {size:,.0f} {unit}, batch {n}"
+        return (_catalog_activations(c, catalog_tokens, catalog_mpix, images) * n, "catalog",
+                "catalog estimate (no trace for this module)")
 
-    # The VAE encodes each input image (one at a time) and decodes the output: the larger wins.
-    vae_mpix = max(width * height / MPIX, EDIT_VAE_IMAGE_AREA / MPIX if images else 0.0)
-    return {
-        "text_encoder": act(comps["text_encoder"], tokens=text_tokens),
-        "transformer": act(comps["transformer"], tokens=out_tokens + cond_tokens + TEXT_TOKENS),
-        "vae": act(comps["vae"], mpix=vae_mpix),
-    }
+    text_tokens = text_encoder_tokens(variant.pipeline, images)
+    out["text_encoder"] = look_up("text_encoder", "text_encoder", text_tokens, 1, catalog_tokens=text_tokens)
+    tokens = transformer_tokens(width, height, images)
+    forward_batch = batch * (2 if cfg_batch else 1)
+    out["transformer"] = look_up("transformer", "transformer", tokens, forward_batch, catalog_tokens=tokens)
+    if (extra := nunchaku_buffers_gib(variant, tokens * forward_batch)) > 0:
+        gib, source, detail = out["transformer"]
+        out["transformer"] = (gib + extra, source, f"{detail} (bf16 module), + {extra:.2f} GiB of nunchaku's 4-bit "
+                                                   "activation and low-rank buffers (est.)")
+    decode = look_up("vae", "vae_decode", width * height, batch, catalog_mpix=width * height / MPIX)
+    if images:
+        area = EDIT_VAE_SIDE * EDIT_VAE_SIDE
+        encode = look_up("vae", "vae_encode", area, 1, catalog_mpix=area / MPIX)
+        decode = max(decode, encode, key=lambda item: item[0])
+    out["vae"] = decode
+    return out
+
+
+def nunchaku_buffers_gib(variant: ModelVariant, tokens: float) -> float:
+    """What a nunchaku 4-bit transformer allocates beyond the bf16 module's activations (est.): the widest
+    layer's input quantized to 4 bits with its scales (one fp16 per 64 int4 values, one fp8 per 16 fp4),
+    and the 16-bit low-rank branch's output (tokens x rank)."""
+    t = variant.transformer
+    if not t.quantized or not t.widest_linear_features:
+        return 0.0
+    scale_bytes = 2 / 64 if t.stored_dtype == "int4" else 1 / 16
+    rank = variant.svdq_rank or 0
+    return tokens * (t.widest_linear_features * (0.5 + scale_bytes) + rank * 2) / GIB
+
+
+def _cfg_batches(variant: ModelVariant, cfg: bool | None) -> bool:
+    runs_cfg = variant.runs_cfg() if cfg is None else cfg
+    return runs_cfg and variant.pipeline == "ZImagePipeline"
 
 
 def estimate_vram(
@@ -154,15 +205,22 @@ def estimate_vram(
     torch_dtype: str = "bfloat16",
     settings: PlannerSettings | None = None,
     batch_size: int = 1,
+    cfg: bool | None = None,
+    calibration: Calibration | None = None,
 ) -> VramEstimate:
-    """Peak VRAM in GiB for one pipeline call of this shape in this offload mode.
+    """Peak per-process VRAM in GiB (as NVML counts it) for one pipeline call of this shape in this mode.
 
-    ``batch_size`` images in one call (batched generation) multiply the activations, not the weights.
+    Args:
+        batch_size: images in one call (batched generation): it multiplies activations, not weights.
+        cfg: whether the request runs classifier-free guidance (None: the variant's defaults do or not).
+        calibration: traced and fitted terms (the built-in calibration when None).
     """
     settings = settings or PlannerSettings()
+    calibration = calibration or default_calibration()
+    fit = calibration.memory
     dtype = DTYPE_SHORT[torch_dtype]
-    activations = {role: gib * batch_size
-                   for role, gib in _stage_activations(variant, width, height, num_input_images).items()}
+    activations = stage_activations(variant, width, height, num_input_images, batch_size,
+                                    _cfg_batches(variant, cfg), calibration)
     all_weights = sum(c.weight_bytes(dtype) for c in variant.components.values()) / GIB
     stages: dict[str, StageEstimate] = {}
     for role, comp in variant.components.items():
@@ -172,24 +230,55 @@ def estimate_vram(
             resident = comp.weight_bytes(dtype) / GIB
         else:
             resident = comp.streamed_bytes(dtype) / GIB
-        stages[role] = StageEstimate(weights_gib=resident, activations_gib=activations[role])
+        gib, source, _ = activations[role]
+        stages[role] = StageEstimate(weights_gib=resident, activations_gib=gib, activations_source=source)
     peak_stage = max(stages, key=lambda r: stages[r].weights_gib + stages[r].activations_gib)
-    buffer = settings.sequential_buffer_gib if mode == "sequential" else 0.0
-    peak = stages[peak_stage].weights_gib + stages[peak_stage].activations_gib + settings.cuda_context_gib + buffer
+    stage = stages[peak_stage]
+    context = fit.cuda_context_gib.value if settings.cuda_context_gib is None else settings.cuda_context_gib
+    context_source: Source = "fitted" if settings.cuda_context_gib is None else "catalog"
+    reserve = fit.reserve_fraction.value * stage.activations_gib
+    mode_terms = {"none": fit.resident_overhead_gib, "model": fit.model_offload_overhead_gib}
+    mode_overhead = mode_terms[mode].value if mode in mode_terms else 0.0
+    weights_detail = {"none": "every component resident", "model": f"{peak_stage} alone (model offload)",
+                      "sequential": f"one block or module of the {peak_stage} (sequential offload)"}[mode]
+    parts = [
+        EstimatePart(name="weights", gib=stage.weights_gib, source="catalog", detail=weights_detail),
+        EstimatePart(name=f"{peak_stage} activations", gib=stage.activations_gib, source=stage.activations_source,
+                     detail=activations[peak_stage][2]),
+        EstimatePart(name="allocator reserve", gib=reserve, source="fitted",
+                     detail=f"{fit.reserve_fraction.value:.2f} x the peak stage's activations"),
+        EstimatePart(name="CUDA context", gib=context, source=context_source, detail=fit.cuda_context_gib.description),
+    ]
+    if mode_overhead:
+        parts.append(EstimatePart(name=f"{mode} mode overhead", gib=mode_overhead, source="fitted",
+                                  detail=mode_terms[mode].description))
+    peak = sum(part.gib for part in parts)
+    source: Source = "traced"
+    measured = (calibration.measured_peak(variant.id, mode, width, height, num_input_images, batch_size)
+                if cfg is None else None)
+    if measured is not None:
+        parts.append(EstimatePart(name="measured on a GPU", gib=measured.gib - peak, source="measured",
+                                  detail=f"{measured.id}: {measured.gib} GiB on {measured.gpu} ({measured.source}); "
+                                         "this line takes the sum to it"))
+        peak, source = measured.gib, "measured"
     return VramEstimate(
         mode=mode,
         peak_gib=round(peak, 2),
         peak_stage=peak_stage,
-        weights_gib=round(stages[peak_stage].weights_gib, 2),
-        activations_gib=round(stages[peak_stage].activations_gib, 2),
-        cuda_context_gib=settings.cuda_context_gib,
-        offload_buffer_gib=buffer,
+        weights_gib=round(stage.weights_gib, 2),
+        activations_gib=round(stage.activations_gib, 2),
+        cuda_context_gib=round(context, 2),
+        overhead_gib=round(reserve + mode_overhead, 2),
         stages=stages,
+        parts=[part.model_copy(update={"gib": round(part.gib, 3)}) for part in parts],
+        source=source,
     )
 
 
-def mode_problem(variant: ModelVariant, mode: OffloadMode) -> str | None:
-    """Why an offload mode cannot be used with this variant at all, or None."""
+def mode_problem(variant: ModelVariant, mode: OffloadMode, gpu: GPUClass | None = None) -> str | None:
+    """Why an offload mode cannot be used with this variant (on this GPU) at all, or None."""
+    if mode != "none" and gpu is not None and gpu.unified_memory:
+        return f"{gpu.name} shares one memory with the CPU: offloading to the host frees nothing"
     if mode == "sequential" and not variant.transformer.per_block_offload:
         return f"{variant.id}: the nunchaku {variant.base_model} transformer has no per-block offload"
     return None
@@ -205,6 +294,7 @@ def plan(
     torch_dtype: str = "bfloat16",
     settings: PlannerSettings | None = None,
     batch_size: int = 1,
+    calibration: Calibration | None = None,
 ) -> Plan:
     """Decide whether ``variant`` fits ``gpu`` for a request shape, and in which offload mode.
 
@@ -213,8 +303,10 @@ def plan(
         num_input_images: input images of an edit request (1 for edit variants when None).
         modes: offload modes allowed, tried fastest first; pass one mode to force it.
         batch_size: images per pipeline call (a generation deployment's ``max_batch_size``).
+        calibration: traced and fitted terms (the built-in calibration when None).
     """
     settings = settings or PlannerSettings()
+    calibration = calibration or default_calibration()
     width = width or variant.defaults.width
     height = height or variant.defaults.height
     if num_input_images is None:
@@ -234,15 +326,18 @@ def plan(
     estimates: dict[str, VramEstimate] = {}
     mode_reasons: dict[str, str] = {}
     for mode in modes:
-        if (why := mode_problem(variant, mode)) is not None:
+        if (why := mode_problem(variant, mode, gpu)) is not None:
             mode_reasons[mode] = why
             continue
-        est = estimate_vram(variant, mode, width, height, num_input_images, torch_dtype, settings, batch_size)
+        est = estimate_vram(variant, mode, width, height, num_input_images, torch_dtype, settings, batch_size,
+                            calibration=calibration)
         estimates[mode] = est
         if est.peak_gib <= usable:
+            seconds = estimate_seconds(variant, gpu, mode, width, height, num_input_images, settings=settings,
+                                       calibration=calibration).total_s
             return Plan(
                 fits=True, mode=mode, peak_vram_gib=est.peak_gib, reason=None,
-                estimates=estimates, mode_reasons=mode_reasons, **base,
+                estimates=estimates, mode_reasons=mode_reasons, seconds_per_image=seconds, **base,
             )
         mode_reasons[mode] = f"needs ~{est.peak_gib:.1f} GiB, {gpu.name} has {usable:.1f} GiB usable"
 
@@ -265,14 +360,20 @@ class SecondsEstimate(BaseModel):
 
     total_s: float
     denoise_s: float
-    other_s: float = Field(description="Text encoding and VAE.")
+    other_s: float = Field(description="Text encoding, VAE and the pipeline around them.")
     offload_s: float = Field(description="Moving weights host to device under offload.")
     forward_tflop: float
     forwards: int
+    efficiency: float = Field(description="Fraction of the catalog's bf16 TFLOPS a forward reaches.")
+    efficiency_source: str
+    four_bit_speedup: float = 1.0
 
 
-def transformer_tokens(width: int, height: int, num_input_images: int) -> float:
-    return width * height / PIXELS_PER_TOKEN + num_input_images * EDIT_VAE_IMAGE_AREA / PIXELS_PER_TOKEN + TEXT_TOKENS
+def four_bit_speedup(gpu: GPUClass, calibration: Calibration) -> tuple[float, str]:
+    """nunchaku 4-bit vs bf16 compute speed on ``gpu``: per sm (A100's sm_80 apart), else per architecture."""
+    terms = calibration.timing.four_bit_speedup
+    term = terms.get(f"sm_{gpu.sm}") or terms.get(gpu.architecture) or terms["default"]
+    return term.value, term.description
 
 
 def estimate_seconds(
@@ -284,12 +385,16 @@ def estimate_seconds(
     num_input_images: int | None = None,
     num_inference_steps: int | None = None,
     settings: PlannerSettings | None = None,
+    calibration: Calibration | None = None,
 ) -> SecondsEstimate:
-    """Expected seconds per image: transformer FLOPs at a fraction of peak, plus text/VAE, plus offload traffic.
+    """Expected seconds per image: transformer FLOPs at the calibrated fraction of peak for the GPU's
+    architecture and precision, plus the fitted time around the denoising, plus offload traffic.
 
     The router starts from this and then trusts measured latency per GPU pool.
     """
     settings = settings or PlannerSettings()
+    calibration = calibration or default_calibration()
+    timing = calibration.timing
     width = width or variant.defaults.width
     height = height or variant.defaults.height
     if num_input_images is None:
@@ -300,12 +405,16 @@ def estimate_seconds(
     forward_flop = t.flops_per_token * tokens + t.attention_flops_per_token_sq * tokens**2
     forwards = steps * (2 if variant.runs_cfg() else 1)
     tflops = gpu.bf16_tflops or settings.unknown_gpu_tflops
-    speed = tflops * 1e12 * settings.compute_efficiency
-    if t.quantized and gpu.sm != 80:  # nunchaku on A100: memory savings, no speed gain (nunchaku#701)
-        speed *= settings.four_bit_speedup
-    denoise = forwards * forward_flop / speed
+    efficiency, efficiency_source = timing.efficiency_for(gpu.architecture, "bf16")
+    if settings.compute_efficiency is not None:
+        efficiency, efficiency_source = settings.compute_efficiency, "planner settings"
+    speedup = 1.0
+    if t.quantized:
+        speedup = (four_bit_speedup(gpu, calibration)[0] if settings.four_bit_speedup is None
+                   else settings.four_bit_speedup)
+    denoise = forwards * forward_flop / (tflops * 1e12 * efficiency * speedup)
     mpix = width * height / MPIX + num_input_images
-    other = settings.text_and_vae_seconds_at_100_tflops * mpix * 100 / tflops
+    other = timing.other_seconds_per_mpix.value * mpix
     weights = {role: c.weight_bytes("bf16") for role, c in variant.components.items()}
     if mode == "model":
         offload = sum(weights.values()) / (settings.host_to_device_gbps * 1e9)
@@ -317,6 +426,7 @@ def estimate_seconds(
     return SecondsEstimate(
         total_s=round(denoise + other + offload, 3), denoise_s=round(denoise, 3), other_s=round(other, 3),
         offload_s=round(offload, 3), forward_tflop=round(forward_flop / 1e12, 1), forwards=forwards,
+        efficiency=efficiency, efficiency_source=efficiency_source, four_bit_speedup=speedup,
     )
 
 
@@ -328,8 +438,8 @@ def plan_table(
     num_input_images: int | None = None,
     modes: tuple[OffloadMode, ...] = OFFLOAD_MODES,
     settings: PlannerSettings | None = None,
+    calibration: Calibration | None = None,
 ) -> list[Plan]:
     """Every GPU x variant verdict, GPU-major, in catalog order."""
-    return [
-        plan(v, g, width, height, num_input_images, modes=modes, settings=settings) for g in gpus for v in variants
-    ]
+    return [plan(v, g, width, height, num_input_images, modes=modes, settings=settings, calibration=calibration)
+            for g in gpus for v in variants]

@@ -25,7 +25,7 @@ def test_one_replica_spec_per_variant_and_pool_with_its_route():
     assert spec.engine.source == "/models/2511" and spec.engine.offload_modes == ("none", "model")
     assert spec.node_requirements == {"resources": {"gpu_class:a100-80g": 0.01}}
     routes = {r.deployment: r for r in app.router.routes}
-    assert routes[spec.name].vram_gib == 80 and routes[spec.name].cost_s > 0
+    assert routes[spec.name].vram_gib == 79.6 and routes[spec.name].cost_s > 0
     assert app.unplaced == {}
     assert app.router.unavailable["z-image-turbo"].startswith("not configured")
 

@@ -1,0 +1,141 @@
+"""Fit what a trace cannot see to what GPUs were measured doing, and report the residuals.
+
+Memory: every measurement becomes one equation, ``measured - traced = terms``, where the terms are
+
+* ``cuda_context_gib`` (every per-process NVML figure carries it),
+* ``reserve_fraction`` x the peak stage's activations (the caching allocator's reserve over allocations),
+* ``resident_overhead_gib`` (everything resident: the stages' cached blocks do not all reuse each other),
+* ``model_offload_overhead_gib`` (model offload: modules swapping through the cache).
+
+They are solved by non-negative least squares on relative error, so a 2 GiB figure weighs as much as a
+25 GiB one. Time: each measured step gives an efficiency for its GPU's architecture and precision, and
+the time outside the denoising loop is fitted per megapixel.
+"""
+
+from __future__ import annotations
+
+from serve_app.domain.calibration import (
+    Calibration,
+    Efficiency,
+    FittedTerm,
+    Measurement,
+    Measurements,
+    MemoryFit,
+    Residual,
+    TimingFit,
+    TracedTable,
+    nonnegative_least_squares,
+)
+from serve_app.domain.catalog import GIB, Catalog, default_catalog
+from serve_app.domain.planner import estimate_seconds, estimate_vram
+from serve_app.domain.shapes import MPIX, transformer_tokens
+
+MEMORY_TERMS = {
+    "cuda_context_gib": "CUDA context, cuBLAS/cuDNN workspaces and kernels loaded, per process (fitted)",
+    "reserve_fraction": "caching allocator's reserve over allocated, per GiB of the peak stage's activations (fitted)",
+    "resident_overhead_gib": "held beyond the largest stage when every stage stays resident (fitted)",
+    "model_offload_overhead_gib": "held beyond the resident module under model offload (fitted)",
+}
+
+
+def _zero_memory_fit() -> MemoryFit:
+    return MemoryFit(**{name: FittedTerm(value=0.0, description=text) for name, text in MEMORY_TERMS.items()},
+                     residuals=[])
+
+
+def _zero_timing_fit() -> TimingFit:
+    return TimingFit(efficiency=[], default_efficiency=FittedTerm(value=1.0, description="unfitted"),
+                     four_bit_speedup={"default": FittedTerm(value=1.0, description="unfitted")},
+                     other_seconds_per_mpix=FittedTerm(value=0.0, description="unfitted"), residuals=[])
+
+
+def _assumed_speedups(measurements: Measurements) -> dict[str, FittedTerm]:
+    return {key: FittedTerm(value=item.value, description=item.source)
+            for key, item in measurements.assumed.get("four_bit_speedup", {}).items()}
+
+
+def _module_weights_gib(catalog: Catalog, module: str, torch_dtype: str) -> float:
+    dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(torch_dtype, "bf16")
+    for variant in catalog.variants.values():
+        for component in variant.components.values():
+            if component.traced_module == module and not component.quantized:
+                return component.weight_bytes(dtype) / GIB
+    raise KeyError(f"no catalog component is the traced module {module!r}")
+
+
+def memory_row(m: Measurement, traced: TracedTable, catalog: Catalog) -> tuple[float, list[float]]:
+    """(what the trace and the catalog account for, the coefficients of the fitted terms) for one figure."""
+    nvml = 1.0 if m.quantity == "nvml" else 0.0
+    reserve = 0.0 if m.quantity == "allocated" else 1.0
+    if m.scope == "stage":
+        size = m.width * m.height if m.stage in ("vae_decode", "vae_encode") else 0
+        acts = traced.activations(m.module, m.stage, size, m.batch_size)
+        if acts is None:
+            raise ValueError(f"{m.id}: {m.module} {m.stage} was never traced")
+        base = _module_weights_gib(catalog, m.module, m.torch_dtype) + acts
+        return base, [nvml, reserve * acts, 0.0, 0.0]
+    zero = Calibration(traced=traced, memory=_zero_memory_fit(), timing=_zero_timing_fit())
+    est = estimate_vram(catalog.variant(m.variant), m.mode, m.width, m.height, m.num_input_images, m.torch_dtype,
+                        batch_size=m.batch_size, calibration=zero)
+    return est.peak_gib, [nvml, reserve * est.activations_gib, nvml * (m.mode == "none"),
+                          nvml * (m.mode == "model")]
+
+
+def fit_memory(traced: TracedTable, measurements: Measurements, catalog: Catalog | None = None) -> MemoryFit:
+    catalog = catalog or default_catalog()
+    rows, targets, bases = [], [], []
+    for m in measurements.memory:
+        base, coefficients = memory_row(m, traced, catalog)
+        bases.append(base)
+        rows.append([c / m.gib for c in coefficients])
+        targets.append((m.gib - base) / m.gib)
+    solution = nonnegative_least_squares(rows, targets) if rows else [0.0] * len(MEMORY_TERMS)
+    residuals = []
+    for m, base, row in zip(measurements.memory, bases, rows, strict=True):
+        predicted = base + sum(c * m.gib * x for c, x in zip(row, solution, strict=True))
+        residuals.append(Residual(measurement=m.id, measured_gib=m.gib, predicted_gib=round(predicted, 3)))
+    terms = {name: FittedTerm(value=round(value, 4), description=text)
+             for (name, text), value in zip(MEMORY_TERMS.items(), solution, strict=True)}
+    return MemoryFit(**terms, residuals=residuals)
+
+
+def fit_timing(traced: TracedTable, measurements: Measurements, catalog: Catalog | None = None) -> TimingFit:
+    catalog = catalog or default_catalog()
+    by_class: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    others: list[tuple[float, float]] = []
+    for t in measurements.timing:
+        variant, gpu = catalog.variant(t.variant), catalog.gpu(t.gpu)
+        tokens = transformer_tokens(t.width, t.height)
+        spec = variant.transformer
+        flop = spec.flops_per_token * tokens + spec.attention_flops_per_token_sq * tokens**2
+        per_step = flop * (2 if variant.runs_cfg() else 1)
+        efficiency = per_step / (t.seconds_per_step * gpu.bf16_tflops * 1e12)
+        by_class.setdefault((gpu.architecture, variant.precision), []).append((efficiency, t.id))
+        others.append((t.total_s - t.num_inference_steps * t.seconds_per_step, t.width * t.height / MPIX))
+    efficiencies = [Efficiency(architecture=arch, precision=precision,
+                               value=round(sum(e for e, _ in items) / len(items), 3),
+                               source="fitted: " + ", ".join(name for _, name in items))
+                    for (arch, precision), items in sorted(by_class.items())]
+    lowest = min(efficiencies, key=lambda e: e.value, default=None)
+    default = (FittedTerm(value=lowest.value, description=f"no measurement for this architecture: assumed "
+                                                          f"{lowest.architecture}'s {lowest.value}, the lowest fitted")
+               if lowest else FittedTerm(value=0.4, description="no timing measurement at all (est.)"))
+    per_mpix = max(0.0, sum(o * x for o, x in others) / sum(x * x for _, x in others)) if others else 0.0
+    other = FittedTerm(value=round(per_mpix, 4),
+                       description="text encoder, VAE and pipeline time per output+input megapixel (fitted)")
+    fit = TimingFit(efficiency=efficiencies, default_efficiency=default,
+                    four_bit_speedup=_assumed_speedups(measurements),
+                    other_seconds_per_mpix=other, residuals=[])
+    calibration = Calibration(traced=traced, memory=_zero_memory_fit(), timing=fit)
+    residuals = []
+    for t in measurements.timing:
+        est = estimate_seconds(catalog.variant(t.variant), catalog.gpu(t.gpu), "none", t.width, t.height, 0,
+                               t.num_inference_steps, calibration=calibration)
+        residuals.append({"measurement": t.id, "measured_s": t.total_s, "predicted_s": est.total_s})
+    return fit.model_copy(update={"residuals": residuals})
+
+
+def fit_all(traced: TracedTable, measurements: Measurements) -> Calibration:
+    """A calibration from a traced table and the measurements: both fits, residuals included."""
+    return Calibration(traced=traced, memory=fit_memory(traced, measurements),
+                       timing=fit_timing(traced, measurements), measurements=measurements)
