@@ -34,6 +34,7 @@ def test_plan_json_has_the_documented_fields(capsys, catalog):
         assert isinstance(row["fits"], bool)
         assert row["mode"] in ("none", "model", "sequential", None)
         assert (row["reason"] is None) == row["fits"]
+        assert (row["seconds_per_image"] is not None) == row["fits"]
     a4500 = next(r for r in rows if r["gpu"] == "rtx-a4500"
                  and r["variant"] == "qwen-image-edit-2509-svdq-int4-r128-lightning-4step")
     assert (a4500["fits"], a4500["mode"]) == (True, "model")
@@ -109,3 +110,18 @@ def test_cluster_configs_from_anywhere_write_what_the_repository_holds(tmp_path,
                "cluster/deploy/kuberay-rayservice.yaml": tmp_path / "deploy" / "kuberay-rayservice.yaml"}
     for committed, path in written.items():
         assert yaml.safe_load(path.read_text()) == yaml.safe_load((ROOT / committed).read_text()), committed
+
+
+def test_plan_explain_names_where_every_part_comes_from(capsys):
+    assert main(["plan", "--gpu", "rtx-5090", "--variant", "z-image-turbo", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("z-image-turbo on RTX 5090 (31.84 GiB (nvidia-smi)")
+    for source in ("[catalog]", "[traced]", "[fitted]", "[measured]"):
+        assert source in out
+    assert "flux-vae-16ch vae_decode at 1,048,576 px" in out and "z-image-resident-rtx5090" in out
+
+
+def test_calibrate_reports_the_fit_and_its_residuals(capsys):
+    assert main(["calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "reserve_fraction" in out and "z-image-resident-rtx5090" in out and "efficiency Hopper/bf16" in out

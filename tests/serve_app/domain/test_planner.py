@@ -146,3 +146,81 @@ def test_cfg_follows_each_pipelines_own_rule(catalog):
     guided = z.model_copy(update={"defaults": z.defaults.model_copy(update={"guidance_scale": 0.5})})
     gpu = catalog.gpu("h100-sxm")
     assert estimate_seconds(guided, gpu).forwards == 2 * estimate_seconds(z, gpu).forwards
+
+
+# The cards docs/facts.md lists beyond the first catalog, each with sm, memory, TFLOPS and bandwidth.
+MORE_CARDS = ["rtx-5080", "rtx-5070-ti", "rtx-5060-ti-16g", "rtx-4060-ti-16g", "rtx-4070-ti-super", "rtx-a6000",
+              "rtx-6000-ada", "rtx-pro-6000", "a10", "a10g", "a40", "l40", "l20", "h100-pcie", "h20", "b200", "gb10",
+              "t4", "rtx-2080-ti"]
+
+
+@pytest.mark.parametrize("gpu", MORE_CARDS)
+def test_the_catalog_has_the_cards_people_run(catalog, gpu):
+    card = catalog.gpu(gpu)
+    assert card.sm and card.vram_gib and card.memory_bandwidth_gbps and card.nvidia_smi_names
+    assert card.bf16_tflops or gpu == "a10g"  # NVIDIA publishes no A10G figure (docs/facts.md)
+
+
+def test_published_nvidia_smi_memory_is_what_the_planner_uses(catalog):
+    # docs/facts.md: L4 23,034 MiB, L40S 46,068 MiB, RTX 5090 32,607 MiB, A10G ~23,028 MiB, PRO 6000 97,887 MiB.
+    for gpu, mib in {"l4": 23034, "l40s": 46068, "rtx-5090": 32607, "a10g": 23028, "rtx-pro-6000": 97887}.items():
+        card = catalog.gpu(gpu)
+        assert card.vram_reported_by == "nvidia-smi" and card.vram_gib == pytest.approx(mib / 1024, abs=0.01)
+
+
+def test_the_derivation_rule_reproduces_every_published_nvidia_smi_figure():
+    """catalog.yaml derives unpublished figures as nominal GiB less ECC's 1/16 (data-center GDDR) or ~0.5%."""
+    for nominal, ecc, mib in [(24, True, 23034), (48, True, 46068), (32, False, 32607), (96, False, 97887)]:
+        derived = nominal * (15 / 16 if ecc else 0.995)
+        assert derived == pytest.approx(mib / 1024, rel=0.002)
+
+
+@pytest.mark.parametrize("gpu", ["t4", "rtx-2080-ti"])
+def test_sm_75_cards_run_int4_only(catalog, gpu):
+    card = catalog.gpu(gpu)
+    assert "needs sm_80 or newer" in plan(catalog.variant("z-image-turbo"), card).reason
+    assert "needs sm_80 or newer" in plan(catalog.variant("qwen-image-edit-2509"), card).reason
+    assert plan(catalog.variant("z-image-turbo-svdq-int4-r128"), card).fits
+
+
+def test_unified_memory_is_planned_resident_only(catalog):
+    verdict = plan(catalog.variant("qwen-image-edit-2511"), catalog.gpu("gb10"))
+    assert verdict.fits and verdict.mode == "none"
+    forced = plan(catalog.variant("qwen-image-edit-2511"), catalog.gpu("gb10"), modes=("model",))
+    assert not forced.fits and "shares one memory with the CPU" in forced.reason
+
+
+def test_z_image_guidance_doubles_the_transformer_batch_and_qwen_guidance_does_not(catalog):
+    z = catalog.variant("z-image-turbo")
+    plain, guided = (estimate_vram(z, "model", 1024, 1024, cfg=cfg).stages["transformer"] for cfg in (False, True))
+    assert guided.activations_gib == pytest.approx(2 * plain.activations_gib, rel=0.01)
+    edit = catalog.variant("qwen-image-edit-2511")  # the second forward runs after the first
+    plain, guided = (estimate_vram(edit, "model", 1024, 1024, 1, cfg=cfg).stages["transformer"]
+                     for cfg in (False, True))
+    assert guided.activations_gib == plain.activations_gib
+
+
+def test_a_4bit_transformer_adds_its_own_buffers_to_the_bf16_modules_activations(catalog):
+    bf16 = estimate_vram(catalog.variant("qwen-image-edit-2509"), "model", 1024, 1024, 1).stages["transformer"]
+    int4 = estimate_vram(catalog.variant("qwen-image-edit-2509-svdq-int4-r128-lightning-4step"), "model", 1024, 1024,
+                         1).stages["transformer"]
+    assert 0 < int4.activations_gib - bf16.activations_gib < 0.2
+
+
+def test_the_fp4_lightning_edit_is_not_resident_on_an_rtx_5090(catalog):
+    # Qwen-Image's VAE decode measured 4.37 GiB allocated at 1024^2 (InvokeAI): resident, it does not fit.
+    verdict = plan(catalog.variant("qwen-image-edit-2509-svdq-fp4-r32-lightning-8step"), catalog.gpu("rtx-5090"))
+    assert verdict.mode == "model" and verdict.estimates["none"].peak_gib > catalog.gpu("rtx-5090").vram_gib
+
+
+def test_time_follows_the_calibrated_efficiency_of_each_architecture(catalog):
+    from serve_app.domain.planner import estimate_seconds
+
+    z = catalog.variant("z-image-turbo")
+    h100, rtx5090 = estimate_seconds(z, catalog.gpu("h100-sxm")), estimate_seconds(z, catalog.gpu("rtx-5090"))
+    assert "sglang-z-image-h100" in h100.efficiency_source and "sglang-z-image-rtx5090" in rtx5090.efficiency_source
+    # SGLang's baselines: ~84 ms per step on an H100, ~273 ms on an RTX 5090.
+    assert h100.denoise_s / h100.forwards == pytest.approx(0.084, rel=0.05)
+    assert rtx5090.denoise_s / rtx5090.forwards == pytest.approx(0.273, rel=0.05)
+    a100 = estimate_seconds(catalog.variant("z-image-turbo-svdq-int4-r128"), catalog.gpu("a100-80g"))
+    assert a100.four_bit_speedup == 1.0  # nunchaku#701: memory, not time, on an A100
