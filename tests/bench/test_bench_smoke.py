@@ -63,3 +63,23 @@ def test_autoscale_benchmark_sees_a_new_replica_answer():
     step = report["from_load_step"]
     assert 0 < step["second_replica_seen_s"] <= step["second_replica_running_s"] <= step["new_replica_answered_s"]
     assert report["from_load_end"]["back_to_one_replica_s"] > 0
+
+
+def test_a_gpu_run_records_measurements_the_planner_reads(tmp_path, catalog):
+    """``--record`` on a lent GPU; here with a report of the shape ``run`` builds (no GPU on this machine)."""
+    from argparse import Namespace
+
+    from bench.gpu_fullsize import record_measurements
+    from serve_app.domain.calibration import load_measurements
+
+    row = {"input_images": 0, "denoise_s": 0.68, "total_s": 0.95, "peak_process_gib": 23.4}
+    report = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "variants": {
+        "z-image-turbo/none": row, "z-image-turbo/model": {**row, "peak_process_gib": 13.1},
+        "qwen-image-edit-2509/none": {"error": "did not fit"}}}
+    path = record_measurements(report, Namespace(size=1024, steps=8), catalog.gpu("h100-sxm"), str(tmp_path))
+    assert path.read_text().startswith("# Written by `python -m bench.gpu_fullsize --record`")
+    recorded = load_measurements(recorded=tmp_path)
+    mine = [m for m in recorded.memory if m.source.startswith("bench/gpu_fullsize.py")]
+    assert [(m.mode, m.gib) for m in mine] == [("none", 23.4), ("model", 13.1)]
+    (timing,) = [t for t in recorded.timing if t.source.startswith("bench/gpu_fullsize.py")]
+    assert timing.seconds_per_step == 0.085 and timing.total_s == 0.95
