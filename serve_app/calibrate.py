@@ -98,13 +98,19 @@ def fit_report(calibration: Calibration) -> str:
         lines.append(f"  efficiency {e.architecture}/{e.precision:<6} {e.value:>6.3f}  {e.source}")
     lines.append(f"  efficiency (others)       {timing.default_efficiency.value:>6.3f}  "
                  f"{timing.default_efficiency.description}")
+    for module, term in timing.module_factor.items():
+        lines.append(f"  x {module:<23} {term.value:>6.3f}  {term.description}")
     lines.append(f"  other s per megapixel     {timing.other_seconds_per_mpix.value:>6.3f}  "
                  f"{timing.other_seconds_per_mpix.description}")
     for key, term in timing.four_bit_speedup.items():
         lines.append(f"  4-bit speedup {key:<11} {term.value:>6.2f}  {term.description}")
     lines.append("time residuals:")
     for r in timing.residuals:
-        error = 100 * (r["predicted_s"] - r["measured_s"]) / r["measured_s"]
-        lines.append(f"  {r['measurement']:<40} measured {r['measured_s']:>6.2f} s  predicted "
-                     f"{r['predicted_s']:>6.2f} s  {error:+6.1f}%")
+        step = 100 * (r["predicted_step_s"] - r["measured_step_s"]) / r["measured_step_s"]
+        line = (f"  {r['measurement']:<40} step measured {r['measured_step_s']:.3f} s  predicted "
+                f"{r['predicted_step_s']:.3f} s  {step:+6.1f}%")
+        if r["measured_s"] is not None:
+            total = 100 * (r["predicted_s"] - r["measured_s"]) / r["measured_s"]
+            line += f"; total {r['measured_s']:.2f} s, predicted {r['predicted_s']:.2f} s  {total:+6.1f}%"
+        lines.append(line)
     return "\n".join(lines)

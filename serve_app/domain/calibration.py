@@ -123,9 +123,11 @@ class TimingMeasurement(_Frozen):
     gpu: str
     width: int = 1024
     height: int = 1024
+    num_input_images: int = 0
     num_inference_steps: int
-    seconds_per_step: float = Field(description="Transformer time per denoising step.")
-    total_s: float = Field(description="End to end, text encoder and VAE included.")
+    seconds_per_step: float = Field(description="Transformer time per denoising step (both CFG forwards).")
+    total_s: float | None = Field(default=None, description="End to end, text encoder and VAE included.")
+    engine: str = Field(default="diffusers", description="What ran it: diffusers (as imageserve does), sglang, ...")
     source: str
 
 
@@ -175,19 +177,26 @@ class Efficiency(_Frozen):
 
 
 class TimingFit(_Frozen):
-    """The time model's terms: efficiency per architecture and precision, 4-bit speedup per architecture."""
+    """The time model's terms: efficiency per architecture and precision, times a factor per transformer
+    (how much of the reference transformer's efficiency it reaches), and 4-bit speedup per architecture."""
 
     efficiency: list[Efficiency]
     default_efficiency: FittedTerm
+    module_factor: dict[str, FittedTerm] = Field(default_factory=dict)
     four_bit_speedup: dict[str, FittedTerm]
     other_seconds_per_mpix: FittedTerm
-    residuals: list[dict[str, float | str]]
+    residuals: list[dict[str, float | str | None]]
 
-    def efficiency_for(self, architecture: str, precision: str) -> tuple[float, str]:
+    def efficiency_for(self, architecture: str, precision: str, module: str | None = None) -> tuple[float, str]:
+        """Fraction of the catalog's bf16 TFLOPS a forward of ``module`` reaches on ``architecture``."""
+        value, source = self.default_efficiency.value, self.default_efficiency.description
         for e in self.efficiency:
             if e.architecture == architecture and e.precision == precision:
-                return e.value, e.source
-        return self.default_efficiency.value, self.default_efficiency.description
+                value, source = e.value, e.source
+        if module in self.module_factor:
+            factor = self.module_factor[module]
+            value, source = value * factor.value, f"{source}; x {factor.value} for {module} ({factor.description})"
+        return value, source
 
 
 class Calibration(_Frozen):

@@ -8,11 +8,14 @@ Memory: every measurement becomes one equation, ``measured - traced = terms``, w
 * ``model_offload_overhead_gib`` (model offload: modules swapping through the cache).
 
 They are solved by non-negative least squares on relative error, so a 2 GiB figure weighs as much as a
-25 GiB one. Time: each measured step gives an efficiency for its GPU's architecture and precision, and
-the time outside the denoising loop is fitted per megapixel.
+25 GiB one. Time: each measured step gives an efficiency (FLOPs over time over the catalog's TFLOPS),
+modelled as a term for the GPU's architecture and precision times a term for the transformer, and the
+time outside the denoising loop is fitted per megapixel.
 """
 
 from __future__ import annotations
+
+import math
 
 from serve_app.domain.calibration import (
     Calibration,
@@ -24,6 +27,7 @@ from serve_app.domain.calibration import (
     Residual,
     TimingFit,
     TracedTable,
+    _solve_normal_equations,
     nonnegative_least_squares,
 )
 from serve_app.domain.catalog import GIB, Catalog, default_catalog
@@ -100,22 +104,37 @@ def fit_memory(traced: TracedTable, measurements: Measurements, catalog: Catalog
 
 
 def fit_timing(traced: TracedTable, measurements: Measurements, catalog: Catalog | None = None) -> TimingFit:
+    """Efficiency = architecture term x transformer term, fitted in log space by least squares; the first
+    transformer measured is the reference (factor 1). Time outside the denoising loop: per megapixel."""
     catalog = catalog or default_catalog()
-    by_class: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    observed = []  # (architecture, precision, module, efficiency, id)
     others: list[tuple[float, float]] = []
     for t in measurements.timing:
         variant, gpu = catalog.variant(t.variant), catalog.gpu(t.gpu)
-        tokens = transformer_tokens(t.width, t.height)
+        tokens = transformer_tokens(t.width, t.height, t.num_input_images)
         spec = variant.transformer
         flop = spec.flops_per_token * tokens + spec.attention_flops_per_token_sq * tokens**2
         per_step = flop * (2 if variant.runs_cfg() else 1)
         efficiency = per_step / (t.seconds_per_step * gpu.bf16_tflops * 1e12)
-        by_class.setdefault((gpu.architecture, variant.precision), []).append((efficiency, t.id))
-        others.append((t.total_s - t.num_inference_steps * t.seconds_per_step, t.width * t.height / MPIX))
-    efficiencies = [Efficiency(architecture=arch, precision=precision,
-                               value=round(sum(e for e, _ in items) / len(items), 3),
-                               source="fitted: " + ", ".join(name for _, name in items))
-                    for (arch, precision), items in sorted(by_class.items())]
+        observed.append((gpu.architecture, variant.precision, spec.traced_module, efficiency, t.id))
+        if t.total_s is not None:
+            others.append((t.total_s - t.num_inference_steps * t.seconds_per_step,
+                           t.width * t.height / MPIX + t.num_input_images))
+    classes = sorted({(arch, precision) for arch, precision, *_ in observed})
+    modules = list(dict.fromkeys(module for _, _, module, _, _ in observed))[1:]  # the first is the reference
+    rows = [[1.0 if (arch, precision) == c else 0.0 for c in classes] + [1.0 if module == m else 0.0 for m in modules]
+            for arch, precision, module, _, _ in observed]
+    solution = _solve_normal_equations(rows, [math.log(e) for *_, e, _ in observed]) if rows else []
+    solution = solution or [0.0] * (len(classes) + len(modules))
+    efficiencies = [Efficiency(architecture=arch, precision=precision, value=round(math.exp(value), 3),
+                               source="fitted: " + ", ".join(name for a, p, _, _, name in observed
+                                                              if (a, p) == (arch, precision)))
+                    for (arch, precision), value in zip(classes, solution, strict=False)]
+    def fitted_from(module: str) -> str:
+        return "fitted: " + ", ".join(name for *_, m, _, name in observed if m == module)
+
+    factors = {module: FittedTerm(value=round(math.exp(value), 3), description=fitted_from(module))
+               for module, value in zip(modules, solution[len(classes):], strict=True)}
     lowest = min(efficiencies, key=lambda e: e.value, default=None)
     default = (FittedTerm(value=lowest.value, description=f"no measurement for this architecture: assumed "
                                                           f"{lowest.architecture}'s {lowest.value}, the lowest fitted")
@@ -123,15 +142,16 @@ def fit_timing(traced: TracedTable, measurements: Measurements, catalog: Catalog
     per_mpix = max(0.0, sum(o * x for o, x in others) / sum(x * x for _, x in others)) if others else 0.0
     other = FittedTerm(value=round(per_mpix, 4),
                        description="text encoder, VAE and pipeline time per output+input megapixel (fitted)")
-    fit = TimingFit(efficiency=efficiencies, default_efficiency=default,
-                    four_bit_speedup=_assumed_speedups(measurements),
-                    other_seconds_per_mpix=other, residuals=[])
+    fit = TimingFit(efficiency=efficiencies, default_efficiency=default, module_factor=factors,
+                    four_bit_speedup=_assumed_speedups(measurements), other_seconds_per_mpix=other, residuals=[])
     calibration = Calibration(traced=traced, memory=_zero_memory_fit(), timing=fit)
     residuals = []
     for t in measurements.timing:
-        est = estimate_seconds(catalog.variant(t.variant), catalog.gpu(t.gpu), "none", t.width, t.height, 0,
-                               t.num_inference_steps, calibration=calibration)
-        residuals.append({"measurement": t.id, "measured_s": t.total_s, "predicted_s": est.total_s})
+        est = estimate_seconds(catalog.variant(t.variant), catalog.gpu(t.gpu), "none", t.width, t.height,
+                               t.num_input_images, t.num_inference_steps, calibration=calibration)
+        residuals.append({"measurement": t.id, "measured_step_s": t.seconds_per_step,
+                          "predicted_step_s": round(est.denoise_s / t.num_inference_steps, 4),
+                          "measured_s": t.total_s, "predicted_s": est.total_s if t.total_s is not None else None})
     return fit.model_copy(update={"residuals": residuals})
 
 

@@ -405,7 +405,7 @@ def estimate_seconds(
     forward_flop = t.flops_per_token * tokens + t.attention_flops_per_token_sq * tokens**2
     forwards = steps * (2 if variant.runs_cfg() else 1)
     tflops = gpu.bf16_tflops or settings.unknown_gpu_tflops
-    efficiency, efficiency_source = timing.efficiency_for(gpu.architecture, "bf16")
+    efficiency, efficiency_source = timing.efficiency_for(gpu.architecture, "bf16", t.traced_module)
     if settings.compute_efficiency is not None:
         efficiency, efficiency_source = settings.compute_efficiency, "planner settings"
     speedup = 1.0

@@ -71,9 +71,14 @@ def test_published_memory_figures_are_reproduced():
     assert -0.20 < residuals["qwen-vae-decode-rtx4090-allocated"].error_fraction < 0
 
 
-def test_published_step_times_are_reproduced_within_ten_percent():
-    for r in default_calibration().timing.residuals:
-        assert abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] <= 0.10, r
+def test_published_step_and_end_to_end_times_are_reproduced_within_ten_percent():
+    residuals = default_calibration().timing.residuals
+    assert {r["measurement"] for r in residuals} >= {"sglang-z-image-h100", "sglang-z-image-rtx5090",
+                                                     "diffusers-qwen-edit-2511-h100"}
+    for r in residuals:
+        assert abs(r["predicted_step_s"] - r["measured_step_s"]) / r["measured_step_s"] <= 0.10, r
+        if r["measured_s"] is not None:
+            assert abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] <= 0.10, r
 
 
 def test_every_fitted_term_says_what_it_is():

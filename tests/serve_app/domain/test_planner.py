@@ -222,5 +222,8 @@ def test_time_follows_the_calibrated_efficiency_of_each_architecture(catalog):
     # SGLang's baselines: ~84 ms per step on an H100, ~273 ms on an RTX 5090.
     assert h100.denoise_s / h100.forwards == pytest.approx(0.084, rel=0.05)
     assert rtx5090.denoise_s / rtx5090.forwards == pytest.approx(0.273, rel=0.05)
+    # diffusers ran Qwen-Image-Edit-2511's 50 guided steps in 46.8 s of transformer time on an H100 (LightX2V).
+    edit = estimate_seconds(catalog.variant("qwen-image-edit-2511"), catalog.gpu("h100-sxm"), num_inference_steps=50)
+    assert edit.forwards == 100 and edit.denoise_s == pytest.approx(46.8, rel=0.05)
     a100 = estimate_seconds(catalog.variant("z-image-turbo-svdq-int4-r128"), catalog.gpu("a100-80g"))
     assert a100.four_bit_speedup == 1.0  # nunchaku#701: memory, not time, on an A100
