@@ -2,15 +2,16 @@
 
 Every module is built on PyTorch's ``meta`` device (shapes and dtypes, no storage), and one stage runs
 under :class:`AllocationTracker`, which records every tensor storage the stage creates and frees. The
-peak it reports is the activation memory of that stage
-as eager PyTorch allocates it on a GPU: the same ops, the same shapes, the same frees.
+peak it reports is the activation memory of that stage as eager PyTorch allocates it on a GPU: the
+same ops, the same shapes, the same frees.
 
 Two things a meta-device run cannot see are handled here:
 
-* **Attention.** On meta, ``scaled_dot_product_attention`` falls back to the math kernel, which builds
-  the L x L score matrix. Every GPU the catalog plans for runs a fused kernel instead (flash on sm_80+,
-  memory-efficient on sm_75, both without that matrix), so the trace swaps SDPA for a stand-in that
-  allocates what those kernels allocate: the output and a float32 log-sum-exp per query row.
+* **Attention.** Every GPU the catalog plans for runs a fused SDPA kernel (flash on sm_80+,
+  memory-efficient on sm_75), neither of which builds the L x L score matrix. On meta, PyTorch picks
+  the path: with autograd on it decomposes into the math kernel and builds the matrix, under inference
+  mode torch 2.13 does not. The trace does not depend on that choice: it swaps SDPA for a stand-in that
+  allocates what the fused kernels allocate, the output and a float32 log-sum-exp per query row.
 * **What is outside the ops**: the CUDA context, cuBLAS workspaces, the caching allocator's reserve over
   what is allocated. Those are fitted to published GPU measurements in ``serve_app.domain.calibration``.
 
@@ -238,7 +239,7 @@ def trace_qwen_vl_text_encoder(text_encoder, num_input_images: int) -> StageTrac
 
     The vision tower is left out: its rotary tables and window index are computed from the image grid's
     values, which cannot mix with meta tensors, and over ~784 patches of a 384^2 image its activations
-    are tens of MiB beside the language model's hundreds. The model's own ``forward`` reads token ids
+    are a few MiB beside the language model's hundreds. The model's own ``forward`` reads token ids
     to place the vision tokens, which a meta tensor cannot give, so the language model runs directly."""
     tokens = text_encoder_tokens("QwenImageEditPlusPipeline", num_input_images)
     model = text_encoder.model
