@@ -330,6 +330,11 @@ class DiffusersEngine:
                 nunchaku_transformer: bool = False) -> DiffusersEngine:
         """Finish a built pipeline: scheduler overrides, offload mode, speed options; wrap it as an engine."""
         variant = spec.variant
+        if (largest := cls.largest_side(pipe)) is not None and largest < variant.max_side:
+            raise ModelLoadError(
+                f"{variant.id}: {source} takes images up to {largest} px a side (its transformer's position "
+                f"tables), but the catalog serves up to max_side {variant.max_side}: lower max_side or use a "
+                "checkpoint with longer tables")
         if variant.scheduler_overrides:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **variant.scheduler_overrides)
         apply_offload(pipe, target.offload_mode, target.device, nunchaku_transformer)
@@ -341,6 +346,11 @@ class DiffusersEngine:
         info = EngineInfo(device=target.device, torch_dtype=target.torch_dtype, offload_mode=target.offload_mode,
                           load_seconds=load_seconds, planned_peak_gib=target.planned_peak_gib, source=source)
         return cls(spec, pipe, info)
+
+    @classmethod
+    def largest_side(cls, pipe) -> int | None:
+        """The largest image side the loaded checkpoint can take, from its own config (None: no bound)."""
+        return None
 
     # ---- running --------------------------------------------------------------------------
 

@@ -34,6 +34,11 @@ TINY_CHECKPOINTS = {
 }
 
 
+# Bumped whenever the tiny checkpoints change, so a cached folder of an older build is rebuilt.
+# 2: Z-Image's rotary tables as long as the real model's (sizes above 1024 px failed with an IndexError).
+TINY_FORMAT = 2
+
+
 def tiny_checkpoint(root: str | os.PathLike, base_model: str) -> Path:
     """Where ``build_all(root)`` puts the tiny checkpoint of ``base_model``."""
     return Path(root) / TINY_CHECKPOINTS[base_model]
@@ -115,8 +120,10 @@ def _padded_vocab_size(tokenizer) -> int:
 # 64x64 call in well under a second on two CPU cores.
 Z_IMAGE_DIMS = {
     "tiny": {
+        # The real model's rotary table lengths: they bound the image side (512 patches of 16 px), and the
+        # tiny checkpoint must take every size production takes.
         "transformer": dict(dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
-                            cap_feat_dim=_TINY_TEXT_HIDDEN, axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64]),
+                            cap_feat_dim=_TINY_TEXT_HIDDEN, axes_dims=[8, 4, 4], axes_lens=[1536, 512, 512]),
         "text_encoder": dict(hidden_size=_TINY_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048),
         "vae": dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8, sample_size=64),
@@ -354,8 +361,9 @@ def build_all(root: str | os.PathLike, force: bool = False) -> dict[str, Path]:
     for base_model, builder in builders.items():
         target = tiny_checkpoint(root, base_model)
         marker = target / ".imageserve-tiny.json"
-        if force or not marker.exists():
+        current = json.loads(marker.read_text()).get("format") if marker.exists() else None
+        if force or current != TINY_FORMAT:
             builder(target)
-            marker.write_text(json.dumps({"kind": base_model, "random_weights": True}) + "\n")
+            marker.write_text(json.dumps({"kind": base_model, "random_weights": True, "format": TINY_FORMAT}) + "\n")
         built[base_model] = target
     return built

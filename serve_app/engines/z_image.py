@@ -23,6 +23,17 @@ class ZImageEngine(DiffusersEngine):
     # return_dict=)
     transformer_call_keywords = frozenset({"joint_attention_kwargs", "return_dict"})
 
+    @classmethod
+    def largest_side(cls, pipe) -> int | None:
+        """Rotary position tables of ``axes_lens`` patches per spatial axis bound the latent grid: a side of
+        ``axes_lens x patch x VAE factor`` pixels (the real checkpoint: 512 x 2 x 8 = 8192)."""
+        config = getattr(pipe.transformer, "config", None)
+        axes_lens = getattr(config, "axes_lens", None)
+        if not axes_lens or len(axes_lens) < 3:
+            return None
+        patch = (getattr(config, "all_patch_size", None) or (2,))[0]
+        return min(axes_lens[1:]) * patch * pipe.vae_scale_factor
+
     def warm_up(self) -> None:
         width, height = self.warm_up_size()
         self.generate("warm-up", width=width, height=height, num_inference_steps=self.variant.min_inference_steps,

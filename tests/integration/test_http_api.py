@@ -39,6 +39,22 @@ def test_generation_returns_pngs_of_the_asked_size_with_metadata(http):
     assert isinstance(body["created"], int)
 
 
+@pytest.mark.parametrize("size", ["2048x64", "64x2048", "1040x1024"])
+def test_generation_takes_every_side_the_catalog_serves(http, catalog, size):
+    """A valid request never gets a 5xx: past 1024 px the tiny checkpoint once raised an IndexError (503)."""
+    assert max(int(side) for side in size.split("x")) <= catalog.variant("z-image-turbo").max_side
+    response = generate(http, model="z-image-turbo", size=size, num_inference_steps=1)
+    assert response.status_code == 200, response.text
+    assert decode(response.json()["data"][0]).size == tuple(int(side) for side in size.split("x"))
+
+
+@pytest.mark.parametrize("size", ["2048x64", "64x2048"])
+def test_edit_takes_every_side_the_catalog_serves(http, size):
+    response = http.post("/v1/images/edits", files=[("image", ("in.png", png(), "image/png"))],
+                         data={"prompt": "make it blue", "size": size, "num_inference_steps": "2"})
+    assert response.status_code == 200, response.text
+
+
 def test_generation_seeds_are_reproducible(http):
     first = generate(http, size="64x64", seed=5, num_inference_steps=2).json()
     again = generate(http, size="64x64", seed=5, num_inference_steps=2).json()

@@ -138,3 +138,30 @@ def test_warm_up_runs_one_tiny_call_unless_the_transformer_is_compiled(generator
     monkeypatch.setattr(generator, "spec", compiled)
     generator.warm_up()
     assert (calls[-1]["width"], calls[-1]["height"], calls[-1]["num_inference_steps"]) == (96, 80, 1)
+
+
+@pytest.mark.parametrize(("width", "height"), [(2048, 64), (64, 2048), (1040, 1024)])
+def test_every_side_the_catalog_serves_runs(generator, width, height):
+    """The tiny checkpoint's rotary tables are the real model's: past 1024 px the old ones raised IndexError."""
+    assert generator.largest_side(generator.pipe) >= generator.variant.max_side
+    result = generator.generate("a wide view", width=width, height=height, num_inference_steps=1, seed=0)
+    assert result.images[0].size == (width, height)
+
+
+def test_a_checkpoint_whose_tables_are_too_short_for_the_catalog_is_refused_at_load(tiny_models, load_engine_for):
+    from serve_app.engines.protocol import ModelLoadError
+
+    config = parse_config({
+        "device": {"device": "cpu"},
+        "models": {"z-image-turbo": {"source": str(tiny_models["z-image-turbo"])}},
+        "catalog": {"variants": [{**_catalog_entry("z-image-turbo"), "max_side": 16384}]},
+    })
+    with pytest.raises(ModelLoadError, match="takes images up to 8192 px a side"):
+        load_engine_for(config, "z-image-turbo")
+
+
+def _catalog_entry(variant_id: str) -> dict:
+    from serve_app.domain.catalog import builtin_catalog_data
+
+    entry = next(v for v in builtin_catalog_data()["variants"] if v["id"] == variant_id)
+    return dict(entry)
