@@ -91,6 +91,7 @@ class Router:
             size = self.resolve_size(request, variants[0])
             self.check_input_images(request, variants[0])
             self.check_steps(request, variants)
+            self.check_cost(request, variants[0], size)
             return await self._dispatch(variants, request, size)
         except ImageServeError as err:
             self.metrics.error(task, variant_id, error_reason(err))
@@ -132,6 +133,18 @@ class Router:
             raise InvalidRequestError(
                 f"{strictest.id} needs at least {strictest.min_inference_steps} denoising steps "
                 f"(got {request.num_inference_steps})", param="num_inference_steps")
+
+    def check_cost(self, request: GenerateRequest | EditRequest, variant: ModelVariant,
+                   size: tuple[int, int]) -> None:
+        """No single request may ask for more than the configured megapixel-steps."""
+        bound = self.spec.max_request_cost
+        steps = request.num_inference_steps or variant.defaults.num_inference_steps
+        if bound is None or (cost := request.cost(*size, steps)) <= bound:
+            return
+        raise InvalidRequestError(
+            f"this request costs {cost:.0f} megapixel-steps ({size[0]}x{size[1]} x {steps} steps x n={request.n}"
+            f" x (1 + {request.num_input_images} input images)), over this service's limit of {bound:g}: "
+            "ask for fewer steps, a smaller size or fewer images", param="size")
 
     # ---- dispatch -------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ def embedded_config_data(tiny_dir: Path, **serving: Any) -> dict[str, Any]:
             "torch_threads": 1,
             "router_num_cpus": 0,  # I/O-bound; on 2 cores a reserved CPU would leave none for more apps
             "deployment": {"num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 32, "num_cpus": 0},
+            # Two CPU cores: one 2048x2048 edit step already takes tens of seconds of them.
+            "limits": {"max_request_cost": 32},
             **serving,
         },
     }

@@ -104,6 +104,10 @@ class LimitsConfig(_Section):
     max_body_mb: float = Field(
         default=50.0, gt=0, description="Largest request body (like OpenAI's edit API); 413 past it.")
     max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="Largest input image, in pixels.")
+    max_request_cost: float | None = Field(
+        default=1000.0, gt=0,
+        description="Largest request, in megapixel-steps: output megapixels x steps x n x (1 + input images); "
+                    "422 past it. 1024x1024 at 40 steps with one input image costs 80. null: no bound.")
 
 
 class ServingConfig(_Section):

@@ -66,6 +66,11 @@ class _Request(BaseModel):
             return None, None
         return parse_size(self.size)
 
+    def cost(self, width: int, height: int, steps: int) -> float:
+        """What the request asks of a GPU, in megapixel-steps: output megapixels x steps x n, times one plus
+        the input images (each is encoded and adds its latents to every step's sequence)."""
+        return width * height / 1e6 * steps * self.n * (1 + self.num_input_images)
+
     @property
     def input_images(self) -> list[bytes]:
         """Encoded images the request gives the model to work from (none for generation)."""

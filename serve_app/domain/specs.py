@@ -117,6 +117,7 @@ class RouterSpec(_Spec):
     default_width: int | None = None
     default_height: int | None = None
     max_input_pixels: int = 4096 * 4096
+    max_request_cost: float | None = Field(default=None, description="Megapixel-steps a request may cost.")
     routes: tuple[RouteSpec, ...]
     unavailable: dict[str, str] = Field(default_factory=dict, description="Variant id -> why it is not served.")
     http: HttpSpec = Field(default_factory=HttpSpec)
@@ -231,6 +232,7 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
         default_width=config.defaults.width,
         default_height=config.defaults.height,
         max_input_pixels=serving.limits.max_input_pixels,
+        max_request_cost=serving.limits.max_request_cost,
         routes=tuple(routes),
         unavailable=unavailable,
         http=HttpSpec(api_keys=tuple(serving.api_keys), max_body_bytes=int(serving.limits.max_body_mb * 1e6),

@@ -55,6 +55,14 @@ def test_edit_takes_every_side_the_catalog_serves(http, size):
     assert response.status_code == 200, response.text
 
 
+def test_a_request_over_the_cost_bound_is_422_naming_it(http):
+    # The embedded default bounds a request at 32 megapixel-steps: two CPU cores.
+    response = generate(http, size="1024x1024", num_inference_steps=40)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["param"] == "size" and "over this service's limit of 32" in error["message"]
+
+
 def test_generation_seeds_are_reproducible(http):
     first = generate(http, size="64x64", seed=5, num_inference_steps=2).json()
     again = generate(http, size="64x64", seed=5, num_inference_steps=2).json()
