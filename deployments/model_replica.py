@@ -34,10 +34,12 @@ from serve_app.domain.errors import (
     ReplicaOutOfMemoryError,
     RequestCancelledError,
 )
-from serve_app.domain.images import encode_png
+from serve_app.domain.images import encode_image
 from serve_app.domain.placement import GPU_CLASS_LABEL
 from serve_app.domain.planner import estimate_vram, plan
-from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
+from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, Usage
+from serve_app.domain.shapes import EDIT_VAE_SIDE, PIXELS_PER_TOKEN
+from serve_app.domain.shapes import image_tokens as image_tokens_of
 from serve_app.domain.specs import ReplicaSpec
 from serve_app.engines import EngineLoader, load_engine
 from serve_app.engines.protocol import EngineResult, GenerationCancelled, Job
@@ -140,6 +142,15 @@ class BatchQueue(Generic[Item]):
             for entry, outcome in zip(batch, outcomes, strict=True):
                 if not entry.future.done():
                     entry.future.set_result(outcome)
+
+
+@dataclass
+class _Made:
+    """A job's images as the pipeline made them (arrays), before encoding."""
+
+    job: Job
+    result: EngineResult
+    queue_s: float
 
 
 def _replica_id() -> str | None:
@@ -257,8 +268,10 @@ class ModelReplica:
             import torch
 
             torch.set_num_threads(spec.torch_threads)
-        # One worker: a pipeline runs one call at a time.
+        # One worker: a pipeline runs one call at a time. Encoding runs beside it, so the GPU's thread only
+        # drives the GPU (Pillow and zlib release the GIL while they encode).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.variant.id}")
+        self._encoders = ThreadPoolExecutor(max_workers=spec.encode_workers, thread_name_prefix="encode")
         self.engine = (loader or load_engine)(engine_spec)
         self.replica = _replica_id()
         device = self.engine.info.device
@@ -308,17 +321,27 @@ class ModelReplica:
         if self._unhealthy is not None:
             self.metrics.failed()
             raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
-        steps = request.num_inference_steps or self.variant.defaults.num_inference_steps
+        steps = self.variant.steps_for(request.num_inference_steps, request.quality)
         job = Job(request, width, height, steps)
         try:
-            return await self._batches.submit(self.engine.batch_key(job), job)
+            made: _Made = await self._batches.submit(self.engine.batch_key(job), job)
+            return await self._encoded(made)
         except asyncio.CancelledError:
             # A running batch stops between steps once every job in it is cancelled.
             job.cancelled.set()
             self.metrics.failed()
             raise
 
-    async def _run_batch(self, jobs: list[Job]) -> list[ImageResult | Exception]:
+    async def _encoded(self, made: _Made) -> ImageResult:
+        """The job's images encoded in the encoder pool, in parallel, after its batch left the GPU's thread."""
+        request = made.job.request
+        loop = asyncio.get_running_loop()
+        images = await asyncio.gather(*(
+            loop.run_in_executor(self._encoders, encode_image, image, request.output_format, request.output_compression)
+            for image in made.result.images))
+        return self._image_result(made.job, made.result, made.queue_s, list(images))
+
+    async def _run_batch(self, jobs: list[Job]) -> list[_Made | Exception]:
         """Run one batch in the worker thread; a failure becomes every job's classified error."""
         self._running = jobs
         try:
@@ -338,7 +361,7 @@ class ModelReplica:
                 self.metrics.failed()
         return [outcome] * len(jobs)
 
-    def _run_in_worker(self, jobs: list[Job]) -> list[ImageResult]:
+    def _run_in_worker(self, jobs: list[Job]) -> list[_Made]:
         """The engine call, and what it measured: stages, each job's queue wait, the memory peak."""
         import torch
 
@@ -360,13 +383,27 @@ class ModelReplica:
             queue_s = started - job.arrived
             self.metrics.observe(result.timings, queue_s, job.num_inference_steps, len(result.images),
                                  result.denoised_images)
-            answers.append(self._image_result(job, result, queue_s))
+            answers.append(_Made(job, result, queue_s))
         return answers
 
-    def _image_result(self, job: Job, result: EngineResult, queue_s: float) -> ImageResult:
+    def _usage(self, job: Job, result: EngineResult) -> Usage:
+        """Text tokens as the pipeline's tokenizer counts them; image tokens as latent patches (16x16 px)."""
+        area = self.spec.engine.edit_vae_image_area or EDIT_VAE_SIDE * EDIT_VAE_SIDE
+        image_tokens = job.request.num_input_images * (area // PIXELS_PER_TOKEN)
+        output_tokens = len(result.images) * image_tokens_of(job.width, job.height)
+        text = result.prompt_tokens
+        return Usage(input_tokens=text + image_tokens,
+                     input_tokens_details={"image_tokens": image_tokens, "text_tokens": text},
+                     output_tokens=output_tokens, total_tokens=text + image_tokens + output_tokens)
+
+    def _image_result(self, job: Job, result: EngineResult, queue_s: float, images: list[bytes]) -> ImageResult:
+        request = job.request
         return ImageResult(
             variant=self.variant.id,
-            images=[encode_png(image) for image in result.images],
+            images=images,
+            output_format=request.output_format,
+            quality=request.quality or "auto",
+            usage=self._usage(job, result),
             seeds=result.seeds,
             width=job.width,
             height=job.height,

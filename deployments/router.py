@@ -25,6 +25,7 @@ from serve_app.domain.errors import (
     InvalidRequestError,
     OverloadedError,
     ReplicaOutOfMemoryError,
+    UnsupportedValueError,
 )
 from serve_app.domain.images import open_image
 from serve_app.domain.planner import OFFLOAD_MODES, estimate_vram, plan
@@ -90,8 +91,10 @@ class Router:
             variant_id = variants[0].id
             size = self.resolve_size(request, variants[0])
             self.check_input_images(request, variants[0])
+            self.check_output(request)
             self.check_steps(request, variants)
             self.check_cost(request, variants[0], size)
+            self.check_batch_fits(request, variants, size)
             return await self._dispatch(variants, request, size)
         except ImageServeError as err:
             self.metrics.error(task, variant_id, error_reason(err))
@@ -134,11 +137,40 @@ class Router:
                 f"{strictest.id} needs at least {strictest.min_inference_steps} denoising steps "
                 f"(got {request.num_inference_steps})", param="num_inference_steps")
 
+    @staticmethod
+    def check_output(request: GenerateRequest | EditRequest) -> None:
+        if request.background == "transparent":
+            raise UnsupportedValueError(
+                "background 'transparent' is not available: these models make opaque RGB images with no alpha "
+                "channel; use 'opaque' or 'auto'", param="background")
+
+    def check_batch_fits(self, request: GenerateRequest | EditRequest, variants: list[ModelVariant],
+                         size: tuple[int, int]) -> None:
+        """``n`` generated images run as one pipeline call: some GPU serving the request must hold that batch.
+        (An edit makes its ``n`` images one call after another.)"""
+        if request.n == 1 or variants[0].task != "generate":
+            return
+        gpus = [(variant, self.catalog.gpus[route.gpu_class]) for variant in variants
+                for route in self.table.routes.get(variant.id, []) if route.gpu_class in self.catalog.gpus]
+        if not gpus:
+            return  # CPU replicas: no planner bound
+
+        def fits(n: int) -> bool:
+            return any(plan(variant, gpu, *size, request.num_input_images, batch_size=n).fits
+                       for variant, gpu in gpus)
+
+        if fits(request.n):
+            return
+        largest = next((n for n in range(request.n - 1, 0, -1) if fits(n)), 0)
+        raise InvalidRequestError(
+            f"n={request.n} images at {size[0]}x{size[1]} do not fit one pipeline call on any GPU serving "
+            f"{variants[0].id}; at most {largest} per request at this size", param="n")
+
     def check_cost(self, request: GenerateRequest | EditRequest, variant: ModelVariant,
                    size: tuple[int, int]) -> None:
         """No single request may ask for more than the configured megapixel-steps."""
         bound = self.spec.max_request_cost
-        steps = request.num_inference_steps or variant.defaults.num_inference_steps
+        steps = variant.steps_for(request.num_inference_steps, request.quality)
         if bound is None or (cost := request.cost(*size, steps)) <= bound:
             return
         raise InvalidRequestError(

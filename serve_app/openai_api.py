@@ -184,6 +184,10 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
         model: Annotated[str | None, Form()] = None,
         n: Annotated[int, Form()] = 1,
         size: Annotated[str | None, Form()] = None,
+        quality: Annotated[str | None, Form()] = None,
+        output_format: Annotated[str, Form()] = "png",
+        output_compression: Annotated[int | None, Form()] = None,
+        background: Annotated[str | None, Form()] = None,
         response_format: Annotated[str, Form()] = "b64_json",
         seed: Annotated[int | None, Form()] = None,
         num_inference_steps: Annotated[int | None, Form()] = None,
@@ -195,6 +199,8 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
         try:
             request = EditRequest(
                 images=[await f.read() for f in files], prompt=prompt, model=model, n=n, size=size,
+                quality=quality, output_format=output_format, output_compression=output_compression,
+                background=background,
                 response_format=response_format, seed=seed, num_inference_steps=num_inference_steps,
                 true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, user=user,
             )

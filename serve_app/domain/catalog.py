@@ -150,6 +150,9 @@ class InferenceDefaults(_Strict):
     negative_prompt: str | None = None
     width: int = Field(default=1024, ge=16)
     height: int = Field(default=1024, ge=16)
+    quality_steps: dict[Literal["low", "medium", "high"], int] = Field(
+        default_factory=dict,
+        description="Denoising steps per OpenAI quality (low, medium, high); a missing one: the default steps.")
 
 
 class ModelVariant(_Strict):
@@ -193,8 +196,10 @@ class ModelVariant(_Strict):
                 raise ValueError(f"{self.id}: Qwen-Image-Edit-2511 has no 4-bit (nunchaku) variant")
             if self.source.transformer_file is None:
                 raise ValueError(f"{self.id}: 4-bit variants need source.transformer_file")
-        if self.defaults.num_inference_steps < self.min_inference_steps:
-            raise ValueError(f"{self.id}: default steps below min_inference_steps {self.min_inference_steps}")
+        for steps in (self.defaults.num_inference_steps, *self.defaults.quality_steps.values()):
+            if steps < self.min_inference_steps:
+                raise ValueError(f"{self.id}: {steps} steps (a default or quality preset) is below "
+                                 f"min_inference_steps {self.min_inference_steps}")
         for cc in [self.min_compute_capability, *(self.compute_capabilities or [])]:
             if cc is not None:
                 parse_compute_capability(cc)
@@ -217,6 +222,12 @@ class ModelVariant(_Strict):
         scale = d.true_cfg_scale if true_cfg_scale is None else true_cfg_scale
         negative = d.negative_prompt if negative_prompt is None else negative_prompt
         return (scale or 0) > 1 and negative is not None
+
+    def steps_for(self, num_inference_steps: int | None = None, quality: str | None = None) -> int:
+        """Denoising steps of a request: its own, else its quality's preset, else the default."""
+        if num_inference_steps is not None:
+            return num_inference_steps
+        return self.defaults.quality_steps.get(quality or "auto", self.defaults.num_inference_steps)
 
     def total_params_b(self) -> float:
         return sum(c.params_b for c in self.components.values())

@@ -44,6 +44,13 @@ class InvalidRequestError(ImageServeError):
     code = "invalid_request"
 
 
+class UnsupportedValueError(ImageServeError):
+    """A well-formed value these models cannot honour (OpenAI answers those with 400)."""
+
+    status_code = 400
+    code = "unsupported_value"
+
+
 class BadImageError(ImageServeError):
     status_code = 400
     code = "invalid_image"

@@ -1,9 +1,12 @@
-"""Decoding untrusted input images: a format allow-list, and a pixel cap checked from the header."""
+"""Images in and out: decoding untrusted input (a format allow-list, a pixel cap checked from the header),
+and encoding output arrays in the format a request asks for."""
 
 from __future__ import annotations
 
 import io
+from typing import Literal
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from serve_app.domain.errors import BadImageError, UnsupportedImageTypeError
@@ -53,7 +56,45 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, name: 
     return image.convert("RGB")
 
 
-def encode_png(image: Image.Image) -> bytes:
+OutputFormat = Literal["png", "jpeg", "webp"]
+# zlib level 1: a 1024x1024 image in ~0.1 s instead of ~0.4 s at Pillow's default 6, for files ~10 % larger
+# (python -m bench.encoders, docs/benchmarks.md).
+PNG_COMPRESS_LEVEL = 1
+DEFAULT_OUTPUT_COMPRESSION = 100  # OpenAI's default: 0-100, as the JPEG/WEBP quality
+
+
+def to_uint8(image: np.ndarray | Image.Image) -> np.ndarray:
+    """An (H, W, 3) uint8 array from a pipeline's float array in [0, 1] (or a PIL image)."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if image.dtype == np.uint8:
+        return image
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_pil(image: np.ndarray | Image.Image) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(to_uint8(image))
+
+
+def image_size(image: np.ndarray | Image.Image) -> tuple[int, int]:
+    """(width, height) of an output image, array or PIL."""
+    if isinstance(image, Image.Image):
+        return image.size
+    return image.shape[1], image.shape[0]
+
+
+def encode_image(image: np.ndarray | Image.Image, output_format: OutputFormat = "png",
+                 output_compression: int | None = None, png_compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """Encode one output image. ``output_compression`` (0-100, OpenAI's name) is the JPEG/WEBP quality."""
+    pil = to_pil(image)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    if output_format == "png":
+        pil.save(buffer, format="PNG", compress_level=png_compress_level)
+    else:
+        quality = DEFAULT_OUTPUT_COMPRESSION if output_compression is None else output_compression
+        pil.save(buffer, format="JPEG" if output_format == "jpeg" else "WEBP", quality=quality)
     return buffer.getvalue()
+
+
+def encode_png(image: np.ndarray | Image.Image) -> bytes:
+    return encode_image(image, "png")

@@ -1,8 +1,8 @@
 """Typed requests and results, shared by the HTTP API and the Python handle API.
 
-Field names follow the OpenAI images API (``model``, ``prompt``, ``n``, ``size``,
-``response_format``) plus the diffusers names users know (``seed``, ``num_inference_steps``,
-``guidance_scale``, ``true_cfg_scale``, ``negative_prompt``).
+Field names follow the OpenAI images API (``model``, ``prompt``, ``n``, ``size``, ``quality``,
+``output_format``, ``output_compression``, ``background``, ``response_format``) plus the diffusers names
+users know (``seed``, ``num_inference_steps``, ``guidance_scale``, ``true_cfg_scale``, ``negative_prompt``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ import re
 from typing import Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.domain.images import OutputFormat
 
 SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 # The largest seed a request may give; engines draw random seeds below it and wrap seed + i past it.
 MAX_SEED = 2**31 - 1
+MAX_IMAGES = 10  # OpenAI's n; the router lowers it where the planner says a batch that large does not fit
+Quality = Literal["low", "medium", "high", "auto"]
+Background = Literal["transparent", "opaque", "auto"]
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -38,9 +43,18 @@ class _Request(BaseModel):
 
     model: str | None = Field(default=None, description="Variant id or alias; the task's default alias when null.")
     prompt: str = Field(min_length=1, max_length=4000, description="What to draw, or the edit instruction.")
-    n: int = Field(default=1, ge=1, le=4, description="Number of images.")
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES,
+                   description="Number of images, made in one pipeline call; at most what the planner says fits.")
     size: str | None = Field(
-        default=None, description="'WIDTHxHEIGHT', multiples of 16; the variant's default when null.")
+        default=None, description="'WIDTHxHEIGHT', multiples of 16, or 'auto': the variant's default when null.")
+    quality: Quality | None = Field(
+        default=None, description="Denoising steps from the variant's presets (catalog `quality_steps`); an "
+                                  "explicit num_inference_steps wins. auto or null: the variant's default steps.")
+    output_format: OutputFormat = Field(default="png", description="Encoding of the returned images.")
+    output_compression: int | None = Field(
+        default=None, ge=0, le=100, description="JPEG/WEBP quality, 0-100 (OpenAI's default 100); not for png.")
+    background: Background | None = Field(
+        default=None, description="opaque or auto; transparent is refused (400): these models make no alpha.")
     response_format: Literal["b64_json"] = Field(default="b64_json", description="Only b64_json: no image storage.")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Image i uses seed + i; random when null.")
     num_inference_steps: int | None = Field(default=None, ge=1, le=100, description="Denoising steps.")
@@ -60,6 +74,12 @@ class _Request(BaseModel):
         if value is not None and value != "auto":
             parse_size(value)
         return value
+
+    @model_validator(mode="after")
+    def _compression_needs_a_lossy_format(self):
+        if self.output_compression is not None and self.output_format == "png":
+            raise ValueError("output_compression applies to output_format jpeg or webp, not png")
+        return self
 
     def dimensions(self) -> tuple[int | None, int | None]:
         if self.size is None or self.size == "auto":
@@ -100,11 +120,24 @@ class EditRequest(_Request):
         return self.images
 
 
+class Usage(BaseModel):
+    """OpenAI's ``usage`` object, counted in what these models process (docs/api.md): text tokens by the
+    pipeline's own tokenizer, image tokens as the transformer's latent patches (16x16 pixels each)."""
+
+    input_tokens: int
+    input_tokens_details: dict[str, int] = Field(description="image_tokens and text_tokens.")
+    output_tokens: int = Field(description="Latent patches of the output images.")
+    total_tokens: int
+
+
 class ImageResult(BaseModel):
     """What a generate or edit call returns, through a handle or (as JSON) over HTTP."""
 
     variant: str = Field(description="The catalog variant that ran.")
-    images: list[bytes] = Field(description="PNG bytes, one per image.")
+    images: list[bytes] = Field(description="Encoded images (output_format), one per image.")
+    output_format: OutputFormat = "png"
+    quality: Quality = Field(default="auto", description="The quality preset asked for (auto: the default steps).")
+    usage: Usage | None = None
     seeds: list[int] = Field(description="Seed of each image.")
     width: int
     height: int
@@ -131,8 +164,11 @@ class ImageResult(BaseModel):
                 for png, seed in zip(self.images, self.seeds, strict=True)
             ],
             "model": self.variant,
-            "output_format": "png",
+            "background": "opaque",
+            "output_format": self.output_format,
+            "quality": self.quality,
             "size": f"{self.width}x{self.height}",
+            "usage": self.usage.model_dump() if self.usage else None,
             "seeds": self.seeds,
             "num_inference_steps": self.num_inference_steps,
             "timings": self.timings,

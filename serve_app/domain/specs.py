@@ -74,6 +74,7 @@ class ReplicaSpec(_Spec):
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     warmup: bool = True
     torch_threads: int | None = None
+    encode_workers: int = Field(default=2, ge=1, description="Threads that encode output images off the GPU's thread.")
     uses_gpu: bool = Field(description="Whether each replica takes a GPU (pools and CUDA do; CPU does not).")
     node_requirements: dict = Field(default_factory=dict, description="Actor options that pin it to its pool.")
     options: DeploymentOptions = Field(description="Serve options from serving, pool and model settings.")
@@ -182,6 +183,7 @@ def _replica_spec(config: AppConfig, catalog: Catalog, variant: ModelVariant, po
         batching=BatchingSpec(max_batch_size=model.max_batch_size, wait_s=model.batch_wait_timeout_s),
         warmup=config.serving.warmup,
         torch_threads=config.serving.torch_threads,
+        encode_workers=config.serving.encode_workers,
         uses_gpu=uses_gpu,
         node_requirements=pool_requirements(pool, gpu) if pool is not None else {},
         options=config.deployment_options(variant.id, pool),

@@ -364,6 +364,11 @@ class DiffusersEngine:
         side = max(self.variant.min_side, 64)
         return side, side
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """The prompt's length in the pipeline's own tokenizer (what ``usage.input_tokens`` reports)."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        return len(tokenizer(prompt)["input_ids"]) if tokenizer is not None else 0
+
     @staticmethod
     def seeds(seed: int | None, n: int) -> list[int]:
         """Seeds of ``n`` images: ``seed + i`` (random ``seed`` when None), wrapped past ``MAX_SEED``."""

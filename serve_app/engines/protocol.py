@@ -15,6 +15,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 from PIL import Image
 
 from serve_app.domain.catalog import ModelVariant
@@ -57,7 +58,9 @@ class EngineResult:
     """One job's outcome.
 
     Attributes:
-        images: the output images, ``n`` of them.
+        images: the output images, ``n`` of them, as the pipeline hands them back: (H, W, 3) float arrays
+            in [0, 1] (``serve_app.domain.images.to_uint8`` / ``to_pil`` convert them). Encoding is the
+            replica's business, off the thread that drives the GPU.
         seeds: the seed of each image.
         timings: seconds per stage (``text_encode_s``, ``vae_encode_s``, ``denoise_s``,
             ``vae_decode_s``, ``total_s``) of the pipeline call(s) that made the images.
@@ -66,12 +69,13 @@ class EngineResult:
         denoised_images: images whose denoising ``timings["denoise_s"]`` covers (for per-step time).
     """
 
-    images: list[Image.Image]
+    images: list[np.ndarray | Image.Image]
     seeds: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     batch_images: int = 1
     denoised_images: int = 1
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)

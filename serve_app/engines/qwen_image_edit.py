@@ -104,10 +104,12 @@ class QwenImageEditEngine(DiffusersEngine):
             # Decoded here, in the worker thread: full decoding is the expensive part of input checks.
             images = [decode_image(data, self.spec.max_input_pixels, name=f"image {i + 1}")
                       for i, data in enumerate(r.images)]
-            results.append(self.edit(
+            result = self.edit(
                 images, r.prompt, n=r.n, width=job.width, height=job.height,
                 num_inference_steps=job.num_inference_steps, true_cfg_scale=r.true_cfg_scale,
-                negative_prompt=r.negative_prompt, seed=r.seed, should_stop=should_stop))
+                negative_prompt=r.negative_prompt, seed=r.seed, should_stop=should_stop)
+            result.prompt_tokens = self.prompt_tokens(r.prompt)
+            results.append(result)
         return results
 
     def edit(
@@ -146,7 +148,7 @@ class QwenImageEditEngine(DiffusersEngine):
         seeds = self.seeds(seed, n)
         steps = num_inference_steps or defaults.num_inference_steps
         rgb = [image.convert("RGB") for image in images]
-        outputs: list[Image.Image] = []
+        outputs: list = []
         timings: dict[str, float] = {}
         done = 0
         for one_seed in seeds:
@@ -162,7 +164,7 @@ class QwenImageEditEngine(DiffusersEngine):
                     num_inference_steps=steps,
                     generator=torch.Generator("cpu").manual_seed(one_seed),
                     callback_on_step_end=call.on_step_end,
-                    output_type="pil",
+                    output_type="np",  # arrays: the replica converts and encodes them off this thread
                 )
             outputs.extend(out.images)
             done = call.steps_done

@@ -53,7 +53,8 @@ class ZImageEngine(DiffusersEngine):
             negative_prompt=first.request.negative_prompt, seed=[job.request.seed for job in jobs],
             should_stop=should_stop)
         return [EngineResult(batch.images[i * n:(i + 1) * n], batch.seeds[i * n:(i + 1) * n], dict(batch.timings),
-                             batch.steps, batch.batch_images, batch.denoised_images) for i in range(len(jobs))]
+                             batch.steps, batch.batch_images, batch.denoised_images,
+                             prompt_tokens=self.prompt_tokens(job.request.prompt)) for i, job in enumerate(jobs)]
 
     def generate(
         self,
@@ -105,7 +106,7 @@ class ZImageEngine(DiffusersEngine):
                 # CPU generators make a seed give the same image on any device.
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                 callback_on_step_end=call.on_step_end,
-                output_type="pil",
+                output_type="np",  # arrays: the replica converts and encodes them off this thread
             )
         images = list(out.images)
         return EngineResult(images, seeds, call.timings, call.steps_done, batch_images=len(images),

@@ -70,6 +70,10 @@ def test_python_handle_generate_and_edit(service):
                                             size="80x64", num_inference_steps=2)).result()
     assert edited.variant == "qwen-image-edit-2511" and edited.pil_images()[0].size == (80, 64)
 
+    webp = handle.generate.remote(GenerateRequest(prompt="a boat", size="64x64", num_inference_steps=1,
+                                                  output_format="webp", output_compression=60)).result()
+    assert webp.output_format == "webp" and webp.pil_images()[0].format == "WEBP" and webp.usage.output_tokens == 16
+
 
 def test_python_handle_raises_typed_errors(service):
     from ray import serve
@@ -79,3 +83,32 @@ def test_python_handle_raises_typed_errors(service):
     handle = serve.get_app_handle("imageserve")
     with pytest.raises(ModelNotFoundError):
         handle.generate.remote(GenerateRequest(prompt="x", model="sdxl")).result()
+
+
+def test_openai_client_output_options(openai_client):
+    """OpenAI's own option names, passed as the client passes them: no extra_body."""
+    result = openai_client.images.generate(
+        model="z-image-turbo", prompt="a red fox", size="64x64", output_format="jpeg", output_compression=80,
+        quality="low", background="opaque")
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.format == "JPEG" and image.size == (64, 64)
+    assert (result.output_format, result.quality, result.size, result.background) == ("jpeg", "low", "64x64",
+                                                                                       "opaque")
+    assert result.model_extra["num_inference_steps"] == 4  # z-image-turbo's "low" preset
+    usage = result.usage
+    assert usage.output_tokens == 16 and usage.input_tokens_details.text_tokens > 0
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+
+    edited = openai_client.images.edit(model="qwen-image-edit-2509", image=png_file((255, 0, 0)), prompt="blue",
+                                       size="64x64", output_format="webp", quality="low",
+                                       extra_body={"num_inference_steps": 2})
+    assert Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))).format == "WEBP"
+    assert edited.usage.input_tokens_details.image_tokens > 0 and edited.model_extra["num_inference_steps"] == 2
+
+
+def test_openai_client_transparent_background_is_a_400(openai_client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        openai_client.images.generate(model="z-image-turbo", prompt="x", size="64x64", background="transparent")
+    assert err.value.body["code"] == "unsupported_value" and err.value.body["param"] == "background"

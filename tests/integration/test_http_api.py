@@ -63,6 +63,71 @@ def test_a_request_over_the_cost_bound_is_422_naming_it(http):
     assert error["param"] == "size" and "over this service's limit of 32" in error["message"]
 
 
+@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_format_and_the_openai_response_fields(http, fmt, pil_format):
+    response = generate(http, size="64x64", num_inference_steps=1, output_format=fmt, n=2)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert {decode(item).format for item in body["data"]} == {pil_format}
+    assert (body["output_format"], body["quality"], body["size"], body["background"]) == (fmt, "auto", "64x64",
+                                                                                         "opaque")
+    usage = body["usage"]
+    assert usage["output_tokens"] == 2 * (64 // 16) ** 2 and usage["input_tokens_details"]["image_tokens"] == 0
+    assert usage["input_tokens"] == usage["input_tokens_details"]["text_tokens"] > 0
+
+
+def test_compression_sets_the_jpeg_quality(http):
+    small, large = (generate(http, size="128x128", seed=4, num_inference_steps=1, output_format="jpeg",
+                             output_compression=q).json() for q in (10, 95))
+    assert len(small["data"][0]["b64_json"]) < len(large["data"][0]["b64_json"])
+
+
+def test_quality_picks_the_variants_steps_and_explicit_steps_win(http):
+    low = generate(http, size="64x64", quality="low").json()
+    assert low["quality"] == "low" and low["num_inference_steps"] == 4
+    explicit = generate(http, size="64x64", quality="high", num_inference_steps=1).json()
+    assert explicit["quality"] == "high" and explicit["num_inference_steps"] == 1
+
+
+def test_size_auto_is_the_default_size(http):
+    body = generate(http, size="auto", num_inference_steps=1).json()
+    assert body["size"] == "256x256"
+
+
+def test_up_to_ten_images_per_request(http):
+    body = generate(http, size="64x64", num_inference_steps=1, n=10).json()
+    assert len(body["data"]) == 10 and body["seeds"] == list(range(body["seeds"][0], body["seeds"][0] + 10))
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"n": 11}, 422, "n"),
+    ({"output_format": "gif"}, 422, "output_format"),
+    ({"output_format": "png", "output_compression": 50}, 422, "output_compression"),
+    ({"output_format": "jpeg", "output_compression": 101}, 422, "output_compression"),
+    ({"quality": "ultra"}, 422, "quality"),
+    ({"background": "transparent"}, 400, "background"),
+    ({"background": "green"}, 422, "background"),
+])
+def test_bad_output_options_are_4xx_naming_the_field(http, body, status, param):
+    response = generate(http, size="64x64", num_inference_steps=1, **body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_edit_output_options_over_multipart(http):
+    response = http.post("/v1/images/edits", files=[("image", ("in.png", png(), "image/png"))],
+                         data={"prompt": "make it blue", "size": "64x64", "num_inference_steps": "2",
+                               "output_format": "jpeg", "output_compression": "70", "quality": "low",
+                               "background": "auto"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert decode(body["data"][0]).format == "JPEG" and body["quality"] == "low"
+    assert body["usage"]["input_tokens_details"]["image_tokens"] > 0
+    refused = http.post("/v1/images/edits", files=[("image", ("in.png", png(), "image/png"))],
+                        data={"prompt": "x", "background": "transparent"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "background"
+
+
 def test_generation_seeds_are_reproducible(http):
     first = generate(http, size="64x64", seed=5, num_inference_steps=2).json()
     again = generate(http, size="64x64", seed=5, num_inference_steps=2).json()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from serve_app.domain.config import parse_config
+from serve_app.domain.images import image_size
 from serve_app.domain.schemas import GenerateRequest
 from serve_app.domain.specs import engine_spec
 from serve_app.engines.gpu_doubles import (
@@ -35,7 +36,7 @@ def test_out_of_memory_double_fails_the_trigger_prompt_only(tiny_models, catalog
     with pytest.raises(torch.OutOfMemoryError, match="test double"):
         engine.run([job(OOM_TRIGGER)], should_stop=lambda: False)
     (result,) = engine.run([job("fine")], should_stop=lambda: False)
-    assert result.images[0].size == (64, 64)
+    assert image_size(result.images[0]) == (64, 64)
 
 
 def test_cuda_fault_double_fails_the_whole_batch_of_the_trigger_prompt(tiny_models, catalog):

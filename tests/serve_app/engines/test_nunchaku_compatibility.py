@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from serve_app.domain.config import parse_config
+from serve_app.domain.images import image_size
 from serve_app.domain.specs import engine_spec
 from serve_app.engines.base import LoadTarget
 from serve_app.engines.nunchaku_support import NunchakuIncompatibleError, fit_to_diffusers, nunchaku_status
@@ -61,7 +62,7 @@ def test_the_4bit_z_image_variant_generates_with_each_release(release, tiny_mode
     assert type(engine.pipe.transformer).__module__ == "nunchaku.models"
     result = engine.generate(["a boat", "a much longer prompt about a lighthouse"], width=64, height=64,
                              num_inference_steps=2, seed=[1, 2])  # batched prompts: the masked path
-    assert [image.size for image in result.images] == [(64, 64), (64, 64)]
+    assert [image_size(image) for image in result.images] == [(64, 64), (64, 64)]
     if release == "successor":
         hook = sys.modules["nunchaku.models"].NunchakuZImageRopeHook
         assert hook.calls > 0  # nunchaku's own rope hooks ran inside the adapted forward
@@ -75,7 +76,7 @@ def test_the_4bit_edit_variant_edits_with_each_release(release, tiny_models, cat
     assert type(transformer).__module__ == "nunchaku.models"
     result = engine.edit([Image.new("RGB", (64, 64), (200, 10, 10))], "make it blue", width=64, height=64,
                          num_inference_steps=2, true_cfg_scale=4.0, seed=3)  # CFG: two calls a step
-    assert result.images[0].size == (64, 64)
+    assert image_size(result.images[0]) == (64, 64)
     if release == "v1_1_0":
         # The adapted rope took the text length of the call it served, as the old txt_seq_lens did.
         assert transformer.pos_embed.text_length is not None and transformer.pos_embed.text_length > 0

@@ -8,6 +8,7 @@ from PIL import Image
 
 from serve_app.domain.config import parse_config
 from serve_app.domain.errors import BadImageError
+from serve_app.domain.images import image_size, to_uint8
 from serve_app.domain.schemas import EditRequest
 from serve_app.engines.base import set_channels_last
 from serve_app.engines.protocol import ImageEngine, Job
@@ -24,7 +25,7 @@ def editor(request, tiny_models, load_engine_for):
 
 
 def pixels(image):
-    return np.asarray(image)
+    return to_uint8(image)
 
 
 def png(color, size=(64, 64)) -> bytes:
@@ -44,7 +45,7 @@ def test_loads_the_real_pipeline_class_and_implements_the_protocol(editor):
 def test_edit_with_one_and_two_input_images(editor, count):
     inputs = [Image.new("RGB", (80, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (30, 30, 200))][:count]
     result = editor.edit(inputs, "swap the colours", width=64, height=80, num_inference_steps=2, seed=3)
-    assert [im.size for im in result.images] == [(64, 80)]
+    assert [image_size(im) for im in result.images] == [(64, 80)]
     assert result.timings["vae_encode_s"] > 0
     again = editor.edit(inputs, "swap the colours", width=64, height=80, num_inference_steps=2, seed=3)
     other = editor.edit(inputs, "swap the colours", width=64, height=80, num_inference_steps=2, seed=4)
@@ -68,7 +69,7 @@ def test_every_job_runs_alone_and_decodes_its_images(editor):
     second = Job(EditRequest(prompt="x", images=[png((9, 9, 9))], seed=1), 64, 64, 2)
     assert editor.batch_key(first) != editor.batch_key(second)
     (result,) = editor.run([first], should_stop=lambda: False)
-    assert result.seeds == [1] and result.images[0].size == (64, 64)
+    assert result.seeds == [1] and image_size(result.images[0]) == (64, 64)
     broken = Job(EditRequest(prompt="x", images=[png((9, 9, 9))[:60]], seed=1), 64, 64, 2)
     with pytest.raises(BadImageError, match="truncated or corrupt"):
         editor.run([broken], should_stop=lambda: False)
@@ -92,6 +93,6 @@ def test_channels_last_handles_the_video_vae_and_goes_back(editor):
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d if isinstance(m, torch.nn.Conv3d)
                                       else torch.channels_last) for m in convs)
     result = editor.edit([Image.new("RGB", (64, 64), (1, 2, 3))], "x", width=64, height=64, num_inference_steps=2)
-    assert result.images[0].size == (64, 64)
+    assert image_size(result.images[0]) == (64, 64)
     set_channels_last(editor.pipe.vae, enabled=False)
     assert all(m.weight.is_contiguous() for m in convs)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from serve_app.domain.config import parse_config
+from serve_app.domain.images import image_size, to_uint8
 from serve_app.domain.schemas import GenerateRequest
 from serve_app.engines.protocol import GenerationCancelled, ImageEngine, Job
 
@@ -16,7 +17,7 @@ def generator(tiny_models, load_engine_for):
 
 
 def pixels(image):
-    return np.asarray(image).astype(int)
+    return to_uint8(image).astype(int)
 
 
 def test_loads_the_real_pipeline_class_and_implements_the_protocol(generator):
@@ -28,7 +29,7 @@ def test_loads_the_real_pipeline_class_and_implements_the_protocol(generator):
 
 def test_generation_makes_images_of_the_asked_size(generator):
     result = generator.generate("a red fox", width=96, height=64, num_inference_steps=2, seed=1, n=2)
-    assert [im.size for im in result.images] == [(96, 64), (96, 64)]
+    assert [image_size(im) for im in result.images] == [(96, 64), (96, 64)]
     assert result.seeds == [1, 2]
     assert result.steps == 2
     assert (result.batch_images, result.denoised_images) == (2, 2)
@@ -145,7 +146,7 @@ def test_every_side_the_catalog_serves_runs(generator, width, height):
     """The tiny checkpoint's rotary tables are the real model's: past 1024 px the old ones raised IndexError."""
     assert generator.largest_side(generator.pipe) >= generator.variant.max_side
     result = generator.generate("a wide view", width=width, height=height, num_inference_steps=1, seed=0)
-    assert result.images[0].size == (width, height)
+    assert image_size(result.images[0]) == (width, height)
 
 
 def test_a_checkpoint_whose_tables_are_too_short_for_the_catalog_is_refused_at_load(tiny_models, load_engine_for):
