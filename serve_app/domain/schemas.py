@@ -13,7 +13,7 @@ import re
 from typing import Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from serve_app.domain.images import OutputFormat
 
@@ -75,11 +75,12 @@ class _Request(BaseModel):
             parse_size(value)
         return value
 
-    @model_validator(mode="after")
-    def _compression_needs_a_lossy_format(self):
-        if self.output_compression is not None and self.output_format == "png":
+    @field_validator("output_compression")
+    @classmethod
+    def _compression_needs_a_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("output_format", "png") == "png":
             raise ValueError("output_compression applies to output_format jpeg or webp, not png")
-        return self
+        return value
 
     def dimensions(self) -> tuple[int | None, int | None]:
         if self.size is None or self.size == "auto":
