@@ -151,6 +151,7 @@ class _Made:
     job: Job
     result: EngineResult
     queue_s: float
+    encoded: list[bytes] | None = None
 
 
 def _replica_id() -> str | None:
@@ -271,7 +272,8 @@ class ModelReplica:
         # One worker: a pipeline runs one call at a time. Encoding runs beside it, so the GPU's thread only
         # drives the GPU (Pillow and zlib release the GIL while they encode).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.variant.id}")
-        self._encoders = ThreadPoolExecutor(max_workers=spec.encode_workers, thread_name_prefix="encode")
+        self._encoders = (ThreadPoolExecutor(max_workers=spec.encode_workers, thread_name_prefix="encode")
+                          if spec.encode_workers else None)
         self.engine = (loader or load_engine)(engine_spec)
         self.replica = _replica_id()
         device = self.engine.info.device
@@ -334,6 +336,8 @@ class ModelReplica:
 
     async def _encoded(self, made: _Made) -> ImageResult:
         """The job's images encoded in the encoder pool, in parallel, after its batch left the GPU's thread."""
+        if made.encoded is not None:  # encode_workers 0: encoded on the GPU's thread already
+            return self._image_result(made.job, made.result, made.queue_s, made.encoded)
         request = made.job.request
         loop = asyncio.get_running_loop()
         images = await asyncio.gather(*(
@@ -383,7 +387,12 @@ class ModelReplica:
             queue_s = started - job.arrived
             self.metrics.observe(result.timings, queue_s, job.num_inference_steps, len(result.images),
                                  result.denoised_images)
-            answers.append(_Made(job, result, queue_s))
+            encoded = None
+            if self._encoders is None:
+                request = job.request
+                encoded = [encode_image(image, request.output_format, request.output_compression)
+                           for image in result.images]
+            answers.append(_Made(job, result, queue_s, encoded))
         return answers
 
     def _usage(self, job: Job, result: EngineResult) -> Usage:

@@ -118,9 +118,10 @@ class ServingConfig(_Section):
     warmup: bool = Field(default=True, description="Run one tiny request per replica before it takes traffic.")
     torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per replica.")
     encode_workers: int = Field(
-        default=2, ge=1,
-        description="Threads per replica that encode output images (PNG/JPEG/WEBP, base64) while the GPU's "
-                    "thread runs the next pipeline call; a batch's images are encoded in parallel.")
+        default=2, ge=0,
+        description="Threads per replica that encode output images (PNG/JPEG/WEBP) while the GPU's thread runs "
+                    "the next pipeline call; a batch's images are encoded in parallel. 0 encodes on the GPU's "
+                    "thread after each call, as imageserve did before (bench/hot_path.py compares the two).")
     request_timeout_s: float | None = Field(default=None, gt=0, description="HTTP 408 past this (imageserve run).")
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_replicas=1, max_ongoing_requests=4, max_queued_requests=32),

@@ -57,8 +57,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, name: 
 
 
 OutputFormat = Literal["png", "jpeg", "webp"]
-# zlib level 1: a 1024x1024 image in ~0.1 s instead of ~0.4 s at Pillow's default 6, for files ~10 % larger
-# (python -m bench.encoders, docs/benchmarks.md).
+# zlib level 1: a photo-like 1024x1024 image in ~0.2 s instead of ~0.4 s at Pillow's default 6, for a file
+# 13 % larger (python -m bench.encoders, docs/benchmarks.md).
 PNG_COMPRESS_LEVEL = 1
 DEFAULT_OUTPUT_COMPRESSION = 100  # OpenAI's default: 0-100, as the JPEG/WEBP quality
 

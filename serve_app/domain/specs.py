@@ -74,7 +74,8 @@ class ReplicaSpec(_Spec):
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     warmup: bool = True
     torch_threads: int | None = None
-    encode_workers: int = Field(default=2, ge=1, description="Threads that encode output images off the GPU's thread.")
+    encode_workers: int = Field(
+        default=2, ge=0, description="Threads that encode output images off the GPU's thread (0: on it).")
     uses_gpu: bool = Field(description="Whether each replica takes a GPU (pools and CUDA do; CPU does not).")
     node_requirements: dict = Field(default_factory=dict, description="Actor options that pin it to its pool.")
     options: DeploymentOptions = Field(description="Serve options from serving, pool and model settings.")

@@ -8,7 +8,9 @@ Each double wraps or loads a *real* engine and stands in for exactly one of thos
 * ``CudaFaultOnPrompt`` raises the ``RuntimeError("CUDA error: ...")`` of a broken CUDA context for
   a trigger prompt;
 * ``load_without_nunchaku`` loads a 4-bit variant with its base model's stored (bf16) transformer,
-  standing in for the nunchaku kernels that need CUDA.
+  standing in for the nunchaku kernels that need CUDA;
+* ``GpuTimingDouble`` stands in for a whole GPU pipeline call: it blocks as long as the GPU would,
+  without the GIL, and returns photo-like images (bench/hot_path.py measures the serving path with it).
 
 The loaders below are picklable, so ``build_app_from_config(loaders=...)`` can send them to replicas;
 the fault doubles load 4-bit variants through ``load_without_nunchaku`` too, as every engine here runs on CPU.
@@ -17,14 +19,16 @@ the fault doubles load 4-bit variants through ``load_without_nunchaku`` too, as 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Hashable, Sequence
 
+import numpy as np
 import torch
 
 from serve_app.domain.placement import VRAM_GIB_LABEL
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines import load_engine
-from serve_app.engines.protocol import EngineResult, ImageEngine, Job
+from serve_app.engines.protocol import EngineInfo, EngineResult, ImageEngine, Job
 
 OOM_TRIGGER = "test-double: out of memory"
 CUDA_FAULT_TRIGGER = "test-double: cuda fault"
@@ -110,3 +114,63 @@ def load_without_nunchaku(spec: EngineSpec) -> ImageEngine:
     stand_in = variant.model_copy(update={"precision": "bf16", "requires_nunchaku": False, "svdq_rank": None,
                                           "compute_capabilities": None})
     return load_engine(spec.model_copy(update={"variant": stand_in}))
+
+
+def photo_like_image(width: int = 1024, height: int = 1024, seed: int = 0) -> np.ndarray:
+    """A photo-like (H, W, 3) float array in [0, 1], as a pipeline hands it back, the same every run: smooth
+    shapes at three scales plus sensor-like noise, so encoders face what a diffusion model's output gives
+    them (a flat image would flatter them, random noise would punish them)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), dtype=np.float32)
+    for cells, weight in ((8, 0.6), (48, 0.3), (256, 0.1)):
+        layer = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
+        smooth = Image.fromarray(layer).resize((width, height), Image.BICUBIC)
+        image += weight * np.asarray(smooth, dtype=np.float32) / 255
+    image += rng.normal(0, 0.015, image.shape).astype(np.float32)
+    return np.clip(image, 0, 1)
+
+
+class GpuTimingDouble:
+    """TEST DOUBLE for a GPU's time: a pipeline call that blocks ``seconds_per_image`` per image in
+    ``time.sleep``, which releases the GIL as a thread waiting on CUDA kernels does, and returns
+    photo-like images of the asked size (the same every run). Nothing a pipeline does on the CPU is
+    simulated: it isolates what the serving path (queueing, encoding, HTTP) adds around a GPU."""
+
+    def __init__(self, spec: EngineSpec, seconds_per_image: float) -> None:
+        self.variant = spec.variant
+        self.seconds_per_image = seconds_per_image
+        self.info = EngineInfo(device="cpu", torch_dtype="bfloat16", offload_mode="none", load_seconds=0.0,
+                               source=f"<GPU timing double: {seconds_per_image} s per image>")
+        self._images: dict[tuple[int, int], np.ndarray] = {}
+
+    def warm_up(self) -> None:
+        return None
+
+    def batch_key(self, job: Job) -> Hashable:
+        return id(job)
+
+    def image(self, width: int, height: int) -> np.ndarray:
+        if (width, height) not in self._images:
+            self._images[(width, height)] = photo_like_image(width, height)
+        return self._images[(width, height)]
+
+    def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
+        images = sum(job.request.n for job in jobs)
+        started = time.perf_counter()
+        time.sleep(self.seconds_per_image * images)
+        seconds = time.perf_counter() - started
+        return [EngineResult([self.image(job.width, job.height)] * job.request.n, list(range(job.request.n)),
+                             {"denoise_s": seconds, "total_s": seconds}, job.num_inference_steps,
+                             batch_images=images, denoised_images=images, prompt_tokens=len(job.request.prompt.split()))
+                for job in jobs]
+
+
+def _load_timing_double(spec: EngineSpec, seconds_per_image: float) -> GpuTimingDouble:
+    return GpuTimingDouble(spec, seconds_per_image)
+
+
+def gpu_timing_loader(seconds_per_image: float) -> Callable[[EngineSpec], ImageEngine]:
+    """Loads ``GpuTimingDouble`` engines that take ``seconds_per_image`` of (simulated) GPU time per image."""
+    return functools.partial(_load_timing_double, seconds_per_image=seconds_per_image)

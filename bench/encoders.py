@@ -1,0 +1,108 @@
+"""Output image encoders, side by side on one photo-like 1024x1024 image: seconds per image and bytes.
+
+Compares what the replica can encode with: Pillow's PNG at zlib levels 6 (its default), 1 and 0,
+JPEG and WEBP at OpenAI's output_compression 100 and 90, and, where installed, OpenCV's PNG and JPEG
+and imagecodecs' PNG (zlib-ng). The replica's choice (serve_app.domain.images.PNG_COMPRESS_LEVEL)
+comes from this table (docs/benchmarks.md).
+
+    .venv/bin/python -m bench.encoders [--size 1024] [--repeats 5] [--json]
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import sys
+import time
+
+from bench.common import bench_parser, run_reporting
+
+
+def pillow(fmt: str, **options):
+    from PIL import Image
+
+    def encode(pixels) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=fmt, **options)
+        return buffer.getvalue()
+
+    return encode
+
+
+def optional_encoders() -> dict:
+    """Encoders from libraries imageserve does not depend on, if this machine has them."""
+    found = {}
+    try:
+        import cv2
+
+        def opencv(ext: str, params: list[int]):
+            def encode(pixels) -> bytes:
+                ok, data = cv2.imencode(ext, pixels[:, :, ::-1], params)
+                return data.tobytes()
+            return encode
+
+        found["opencv png level 1"] = opencv(".png", [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        found["opencv jpeg q90"] = opencv(".jpg", [cv2.IMWRITE_JPEG_QUALITY, 90])
+    except ImportError:
+        pass
+    try:
+        import imagecodecs
+
+        found["imagecodecs png level 1"] = lambda pixels: imagecodecs.png_encode(pixels, level=1)
+    except ImportError:
+        pass
+    return found
+
+
+def encoders() -> dict:
+    return {
+        "pillow png level 6 (Pillow's default)": pillow("PNG"),
+        "pillow png level 1 (imageserve)": pillow("PNG", compress_level=1),
+        "pillow png level 0": pillow("PNG", compress_level=0),
+        "pillow jpeg q100 (OpenAI's default)": pillow("JPEG", quality=100),
+        "pillow jpeg q90": pillow("JPEG", quality=90),
+        "pillow webp q100": pillow("WEBP", quality=100),
+        "pillow webp q90": pillow("WEBP", quality=90),
+        **optional_encoders(),
+    }
+
+
+def run(args, out) -> int:
+    from serve_app.domain.images import to_uint8
+    from serve_app.engines.gpu_doubles import photo_like_image
+
+    pixels = to_uint8(photo_like_image(args.size, args.size))
+    rows = {}
+    for name, encode in encoders().items():
+        encode(pixels)
+        seconds = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            data = encode(pixels)
+            seconds.append(time.perf_counter() - started)
+        rows[name] = {"ms": round(1000 * statistics.median(seconds), 1), "bytes": len(data)}
+    baseline = rows["pillow png level 6 (Pillow's default)"]["ms"]
+    for row in rows.values():
+        row["speedup_over_pillow_default"] = round(baseline / row["ms"], 1)
+    if args.json:
+        import json
+
+        print(json.dumps({"size": args.size, "encoders": rows}, indent=2), file=out)
+        return 0
+    print(f"{args.size}x{args.size} photo-like image, median of {args.repeats}", file=out)
+    print(f"{'encoder':<40} {'ms':>8} {'KB':>8} {'x faster than Pillow PNG':>26}", file=out)
+    for name, row in rows.items():
+        print(f"{name:<40} {row['ms']:>8.1f} {row['bytes'] / 1024:>8.0f} {row['speedup_over_pillow_default']:>26}",
+              file=out)
+    return 0
+
+
+def main() -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    return run_reporting(parser.parse_args(), run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
