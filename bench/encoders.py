@@ -1,9 +1,10 @@
 """Output image encoders, side by side on one photo-like 1024x1024 image: seconds per image and bytes.
 
 Compares what the replica can encode with: Pillow's PNG at zlib levels 6 (its default), 1 and 0,
-JPEG and WEBP at OpenAI's output_compression 100 and 90, and, where installed, OpenCV's PNG and JPEG
-and imagecodecs' PNG (zlib-ng). The replica's choice (serve_app.domain.images.PNG_COMPRESS_LEVEL)
-comes from this table (docs/benchmarks.md).
+imageserve's own PNG writer (``serve_app.domain.images.encode_png_rgb``: the Up filter vectorised,
+deflate over bands of rows in parallel), JPEG and WEBP at OpenAI's output_compression 100 and 90, and,
+where installed, OpenCV's PNG and JPEG and imagecodecs' PNG (zlib-ng). The replica's choices come from
+this table (docs/benchmarks.md).
 
     .venv/bin/python -m bench.encoders [--size 1024] [--repeats 5] [--json]
 """
@@ -55,10 +56,14 @@ def optional_encoders() -> dict:
 
 
 def encoders() -> dict:
+    from serve_app.domain.images import encode_png_rgb
+
     return {
         "pillow png level 6 (Pillow's default)": pillow("PNG"),
-        "pillow png level 1 (imageserve)": pillow("PNG", compress_level=1),
+        "pillow png level 1": pillow("PNG", compress_level=1),
         "pillow png level 0": pillow("PNG", compress_level=0),
+        "imageserve png level 1, 1 band": lambda pixels: encode_png_rgb(pixels, bands=1),
+        "imageserve png level 1 (all bands)": encode_png_rgb,
         "pillow jpeg q100 (OpenAI's default)": pillow("JPEG", quality=100),
         "pillow jpeg q90": pillow("JPEG", quality=90),
         "pillow webp q100": pillow("WEBP", quality=100),
