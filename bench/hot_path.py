@@ -7,8 +7,10 @@ images/s and everything else measured is the serving path: queueing, conversion,
 
 Two applications run side by side in one Ray, on the same double:
 
-* ``pool``: imageserve's path, encoding in the replica's encoder pool while the GPU's thread runs on;
-* ``inline``: the path before it, encoding on the GPU's thread after each call (``encode_workers: 0``).
+* ``pool``: imageserve's path: its own PNG writer, in the replica's encoder pool while the GPU's thread
+  runs on;
+* ``inline``: the path before it: Pillow's PNG with its defaults, on the GPU's thread after each call
+  (``encode_workers: 0``, ``png_writer: pillow``). JPEG goes through Pillow on both.
 
 Each is driven through HTTP and through a Python handle at 1, 4 and 16 clients, for PNG and JPEG, at
 ``T`` = 1.0 and 0.25 s. Printed per cell: images/s, its fraction of the limit, and the p50 and p95 latency
@@ -34,7 +36,8 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 from bench.common import bench_parser, percentile, run_reporting
 
-PATHS = {"pool": 2, "inline": 0}  # encode_workers
+# encode_workers and png_writer of each side: imageserve's path, and the path before it.
+PATHS = {"pool": (2, "imageserve"), "inline": (0, "pillow")}
 
 
 def floats(text: str) -> list[float]:
@@ -45,7 +48,7 @@ def ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
-def app_config(tiny_dir: Path, name: str, encode_workers: int, size: int):
+def app_config(tiny_dir: Path, name: str, size: int):
     from serve_app.domain.config import parse_config
     from serve_app.embedded import embedded_config_data
 
@@ -53,7 +56,7 @@ def app_config(tiny_dir: Path, name: str, encode_workers: int, size: int):
     data["models"] = {"z-image-turbo": {**data["models"]["z-image-turbo"], "max_batch_size": 1}}
     data["defaults"] = {"width": size, "height": size}
     data["serving"].update({
-        "app_name": name, "encode_workers": encode_workers, "warmup": False,
+        "app_name": name, "encode_workers": PATHS[name][0], "png_writer": PATHS[name][1], "warmup": False,
         "limits": {"max_request_cost": None},
         "deployment": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 512, "num_cpus": 0},
     })
@@ -75,7 +78,7 @@ def drive(call, requests: int, clients: int) -> tuple[float, list[float]]:
 
 def cell(call, seconds_per_image: float, clients: int, rounds: int) -> dict:
     call(-1)  # one request first: connections, the handle's first resolution
-    requests = max(4, rounds * clients)
+    requests = max(8, rounds * clients)
     wall, latencies = drive(call, requests, clients)
     images_per_s = requests / wall
     return {
@@ -98,11 +101,10 @@ def run_t(tiny_dir: Path, seconds_per_image: float, args: argparse.Namespace) ->
     loaders = {"z-image-turbo": gpu_timing_loader(seconds_per_image)}
     size = f"{args.size}x{args.size}"
     results: dict = {}
-    service = LocalService(app_config(tiny_dir, "pool", PATHS["pool"], args.size), port=free_port(),
-                           log_to_driver=False)
+    service = LocalService(app_config(tiny_dir, "pool", args.size), port=free_port(), log_to_driver=False)
     service.start(loaders=loaders)
     try:
-        service.add_application(app_config(tiny_dir, "inline", PATHS["inline"], args.size), "/inline", loaders)
+        service.add_application(app_config(tiny_dir, "inline", args.size), "/inline", loaders)
         with httpx.Client(base_url=service.url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
             for path in PATHS:
                 prefix = "" if path == "pool" else "/inline"

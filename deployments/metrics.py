@@ -65,13 +65,17 @@ class ReplicaMetrics:
         self.gpu_memory = Gauge("imageserve_gpu_memory_bytes", "GPU memory: allocated, reserved, free, total.",
                                 tag_keys=keys + ("kind",))
         self.device = device
+        self._info_tags: dict[str, str] | None = None
+        self._load_seconds: float | None = None
         self._stop = threading.Event()
         if sample_memory:
             threading.Thread(target=self._sample_memory, name="imageserve-memory", daemon=True).start()
 
     def model_loaded(self, seconds: float, offload_mode: str) -> None:
         self.load_seconds.set(seconds, tags=self.tags)
-        self.info.set(1, tags={**self.tags, "device": self.device, "offload_mode": offload_mode})
+        self._load_seconds = seconds
+        self._info_tags = {**self.tags, "device": self.device, "offload_mode": offload_mode}
+        self.info.set(1, tags=self._info_tags)
 
     def observe(self, timings: dict[str, float], queue_s: float, steps: int, images: int,
                 denoised_images: int) -> None:
@@ -103,6 +107,11 @@ class ReplicaMetrics:
         import torch
 
         self.rss.set(host_rss_bytes(), tags=self.tags)
+        if self._info_tags is not None:
+            # Set again with every sample: a gauge set once was seen missing from Ray's export later in a
+            # long test session, while the sampled ones stayed.
+            self.info.set(1, tags=self._info_tags)
+            self.load_seconds.set(self._load_seconds, tags=self.tags)
         if self.device == "cuda" and torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
             for kind, value in (("allocated", torch.cuda.memory_allocated()),

@@ -341,7 +341,8 @@ class ModelReplica:
         request = made.job.request
         loop = asyncio.get_running_loop()
         images = await asyncio.gather(*(
-            loop.run_in_executor(self._encoders, encode_image, image, request.output_format, request.output_compression)
+            loop.run_in_executor(self._encoders, encode_image, image, request.output_format,
+                                 request.output_compression, self.spec.png_writer)
             for image in made.result.images))
         return self._image_result(made.job, made.result, made.queue_s, list(images))
 
@@ -390,7 +391,7 @@ class ModelReplica:
             encoded = None
             if self._encoders is None:
                 request = job.request
-                encoded = [encode_image(image, request.output_format, request.output_compression)
+                encoded = [encode_image(image, request.output_format, request.output_compression, self.spec.png_writer)
                            for image in result.images]
             answers.append(_Made(job, result, queue_s, encoded))
         return answers

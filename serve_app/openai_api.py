@@ -171,12 +171,14 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
         wrapped = InternalError(f"internal error: {type(err).__name__}; retry shortly", retry_after_s=2)
         return JSONResponse(wrapped.body(), status_code=wrapped.status_code, headers=wrapped.headers())
 
-    @app.post("/v1/images/generations", summary="Create images from a prompt")
-    async def generations(body: GenerateRequest) -> dict[str, Any]:
+    # The answers carry megabytes of base64: returned as JSONResponse, they skip FastAPI's validation and
+    # re-encoding of the return value, which only copies those megabytes again.
+    @app.post("/v1/images/generations", summary="Create images from a prompt", response_class=JSONResponse)
+    async def generations(body: GenerateRequest) -> JSONResponse:
         result = await service.generate(body)
-        return result.to_openai()
+        return JSONResponse(result.to_openai())
 
-    @app.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction")
+    @app.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction", response_class=JSONResponse)
     async def edits(
         prompt: Annotated[str, Form(description="The edit instruction.")],
         image: Annotated[list[UploadFile] | None, File(description="Input image(s): PNG, JPEG or WEBP.")] = None,
@@ -194,7 +196,7 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
         true_cfg_scale: Annotated[float | None, Form()] = None,
         negative_prompt: Annotated[str | None, Form()] = None,
         user: Annotated[str | None, Form()] = None,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         files = [*(image or []), *(image_array or [])]
         try:
             request = EditRequest(
@@ -207,7 +209,7 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
         except ValidationError as err:
             raise RequestValidationError(err.errors()) from None
         result = await service.edit(request)
-        return result.to_openai()
+        return JSONResponse(result.to_openai())
 
     @app.get("/v1/models", summary="Model variants, their needs, and the replicas serving them")
     async def list_models() -> dict[str, Any]:

@@ -67,12 +67,16 @@ DEFAULT_OUTPUT_COMPRESSION = 100  # OpenAI's default: 0-100, as the JPEG/WEBP qu
 
 
 def to_uint8(image: np.ndarray | Image.Image) -> np.ndarray:
-    """An (H, W, 3) uint8 array from a pipeline's float array in [0, 1] (or a PIL image)."""
+    """An (H, W, 3) uint8 array from a pipeline's float array in [0, 1] (or a PIL image), rounded as
+    diffusers rounds (x 255, to nearest)."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     if image.dtype == np.uint8:
         return image
-    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    scaled = np.multiply(image, 255.0, dtype=np.float32)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def to_pil(image: np.ndarray | Image.Image) -> Image.Image:
@@ -126,11 +130,19 @@ def encode_png_rgb(pixels: np.ndarray, level: int = PNG_COMPRESS_LEVEL, bands: i
             + _png_chunk(b"IEND", b""))
 
 
+PngWriter = Literal["imageserve", "pillow"]
+
+
 def encode_image(image: np.ndarray | Image.Image, output_format: OutputFormat = "png",
-                 output_compression: int | None = None, png_compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
-    """Encode one output image. ``output_compression`` (0-100, OpenAI's name) is the JPEG/WEBP quality."""
+                 output_compression: int | None = None, png_writer: PngWriter = "imageserve") -> bytes:
+    """Encode one output image. ``output_compression`` (0-100, OpenAI's name) is the JPEG/WEBP quality.
+    ``png_writer``: imageserve's own (``encode_png_rgb``), or Pillow with its defaults (the fallback)."""
+    if output_format == "png" and png_writer == "imageserve":
+        return encode_png_rgb(to_uint8(image))
     if output_format == "png":
-        return encode_png_rgb(to_uint8(image), png_compress_level)
+        buffer = io.BytesIO()
+        to_pil(image).save(buffer, format="PNG")
+        return buffer.getvalue()
     buffer = io.BytesIO()
     quality = DEFAULT_OUTPUT_COMPRESSION if output_compression is None else output_compression
     to_pil(image).save(buffer, format="JPEG" if output_format == "jpeg" else "WEBP", quality=quality)

@@ -76,6 +76,7 @@ class ReplicaSpec(_Spec):
     torch_threads: int | None = None
     encode_workers: int = Field(
         default=2, ge=0, description="Threads that encode output images off the GPU's thread (0: on it).")
+    png_writer: Literal["imageserve", "pillow"] = "imageserve"
     uses_gpu: bool = Field(description="Whether each replica takes a GPU (pools and CUDA do; CPU does not).")
     node_requirements: dict = Field(default_factory=dict, description="Actor options that pin it to its pool.")
     options: DeploymentOptions = Field(description="Serve options from serving, pool and model settings.")
@@ -185,6 +186,7 @@ def _replica_spec(config: AppConfig, catalog: Catalog, variant: ModelVariant, po
         warmup=config.serving.warmup,
         torch_threads=config.serving.torch_threads,
         encode_workers=config.serving.encode_workers,
+        png_writer=config.serving.png_writer,
         uses_gpu=uses_gpu,
         node_requirements=pool_requirements(pool, gpu) if pool is not None else {},
         options=config.deployment_options(variant.id, pool),

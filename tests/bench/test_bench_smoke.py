@@ -83,3 +83,23 @@ def test_a_gpu_run_records_measurements_the_planner_reads(tmp_path, catalog):
     assert [(m.mode, m.gib) for m in mine] == [("none", 23.4), ("model", 13.1)]
     (timing,) = [t for t in recorded.timing if t.source.startswith("bench/gpu_fullsize.py")]
     assert timing.seconds_per_step == 0.085 and timing.total_s == 0.95
+
+
+def test_encoders_benchmark_reports_every_encoder():
+    out = subprocess.run([sys.executable, "-m", "bench.encoders", "--size", "128", "--repeats", "1", "--json"],
+                         capture_output=True, text=True, check=True, timeout=120, cwd=ROOT).stdout
+    rows = json.loads(out)["encoders"]
+    assert {"pillow png level 6 (Pillow's default)", "imageserve png level 1 (all bands)",
+            "pillow jpeg q100 (OpenAI's default)"} <= set(rows)
+    assert all(row["ms"] > 0 and row["bytes"] > 0 for row in rows.values())
+
+
+@pytest.mark.integration
+def test_hot_path_benchmark_compares_pool_and_inline_encoding():
+    out = subprocess.run([sys.executable, "-m", "bench.hot_path", "--seconds-per-image", "0.05", "--clients", "1,2",
+                          "--formats", "jpeg", "--size", "64", "--rounds", "1", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
+    run = json.loads(out)["runs"]["0.05"]
+    for key in ("pool/jpeg/http/2", "inline/jpeg/handle/1"):
+        assert run["results"][key]["images_per_s"] > 0
+    assert set(run["pool_vs_inline"]) == {"jpeg/http/1", "jpeg/http/2", "jpeg/handle/1", "jpeg/handle/2"}
