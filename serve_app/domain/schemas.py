@@ -39,7 +39,8 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON's false is no 0 and "4" is no 4 (multipart edits are typed by the endpoint first).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(default=None, description="Variant id or alias; the task's default alias when null.")
     prompt: str = Field(min_length=1, max_length=4000, description="What to draw, or the edit instruction.")

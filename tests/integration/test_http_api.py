@@ -212,6 +212,9 @@ def test_unknown_model_is_404_listing_the_known_ones(http):
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   "}, "prompt"),
     ({"quality": "hd"}, "quality"),
+    ({"guidance_scale": False}, "guidance_scale"),  # strict types: a JSON false is no 0
+    ({"n": "2"}, "n"),
+    ({"seed": 1.5}, "seed"),
 ])
 def test_invalid_fields_are_422_naming_the_field(http, body, param):
     error = error_of(generate(http, **body), 422)
