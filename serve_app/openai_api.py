@@ -16,7 +16,7 @@ from typing import Annotated, Any, Protocol
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,6 +39,48 @@ class ImageService(Protocol):
     async def health(self) -> dict[str, Any]: ...
     async def metrics_text(self) -> str: ...
     def record_error(self, task: str, reason: str) -> None: ...
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Machine-readable reason, e.g. invalid_request, overloaded, model_not_found.")
+    message: str = Field(description="What went wrong and what to do.")
+    param: str | None = Field(default=None, description="The request field at fault, when one is.")
+    type: str = Field(description="invalid_request_error below 500, server_error from 500.")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer, as OpenAI's API and client shape it."""
+
+    error: ErrorDetail
+
+
+def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {"model": ErrorBody, "description": description}
+    if retry_after:
+        response["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                               "schema": {"type": "integer"}}}
+    return response
+
+
+# What each image route can answer besides 200 (docs/reliability.md has the cases and their tests).
+IMAGE_ROUTE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("An undecodable image, a decompression bomb, or a value these models cannot honour "
+                "(background: transparent)."),
+    401: _error("An API key is configured and the request has no valid `Authorization: Bearer` key."),
+    404: _error("Unknown model: the message lists the known ones."),
+    408: _error("The request outlived `serving.request_timeout_s`; its denoising is stopped."),
+    413: _error("The body is over `serving.limits.max_body_mb`."),
+    415: _error("An input file is not a PNG, JPEG or WEBP image."),
+    422: _error("A field is invalid (`param` names it): type, range, size, steps, n, cost bound."),
+    429: _error("Every replica is busy and its queue is full.", retry_after=True),
+    503: _error("No replica can serve it now: not deployed here, out of GPU memory, or failing.",
+                retry_after=True),
+}
+
+
+def described(name: str) -> str:
+    """An edit form field's description: the request schema's own, so the two cannot drift apart."""
+    return EditRequest.model_fields[name].description or ""
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None,
@@ -173,29 +215,33 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
 
     # The answers carry megabytes of base64: returned as JSONResponse, they skip FastAPI's validation and
     # re-encoding of the return value, which only copies those megabytes again.
-    @app.post("/v1/images/generations", summary="Create images from a prompt", response_class=JSONResponse)
+    @app.post("/v1/images/generations", summary="Create images from a prompt", response_class=JSONResponse,
+              responses=IMAGE_ROUTE_ERRORS)
     async def generations(body: GenerateRequest) -> JSONResponse:
         result = await service.generate(body)
         return JSONResponse(result.to_openai())
 
-    @app.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction", response_class=JSONResponse)
+    @app.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction", response_class=JSONResponse,
+              responses=IMAGE_ROUTE_ERRORS)
     async def edits(
-        prompt: Annotated[str, Form(description="The edit instruction.")],
-        image: Annotated[list[UploadFile] | None, File(description="Input image(s): PNG, JPEG or WEBP.")] = None,
+        prompt: Annotated[str, Form(description="The edit instruction (1-4000 characters).")],
+        image: Annotated[list[UploadFile] | None, File(
+            description="Input image(s), 1 to 3 in all: PNG, JPEG or WEBP, each up to "
+                        "`serving.limits.max_input_pixels` pixels; the body up to `max_body_mb`.")] = None,
         image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="Same as image.")] = None,
-        model: Annotated[str | None, Form()] = None,
-        n: Annotated[int, Form()] = 1,
-        size: Annotated[str | None, Form()] = None,
-        quality: Annotated[str | None, Form()] = None,
-        output_format: Annotated[str, Form()] = "png",
-        output_compression: Annotated[int | None, Form()] = None,
-        background: Annotated[str | None, Form()] = None,
-        response_format: Annotated[str, Form()] = "b64_json",
-        seed: Annotated[int | None, Form()] = None,
-        num_inference_steps: Annotated[int | None, Form()] = None,
-        true_cfg_scale: Annotated[float | None, Form()] = None,
-        negative_prompt: Annotated[str | None, Form()] = None,
-        user: Annotated[str | None, Form()] = None,
+        model: Annotated[str | None, Form(description=described("model"))] = None,
+        n: Annotated[int, Form(description=described("n"), ge=1, le=10)] = 1,
+        size: Annotated[str | None, Form(description=described("size"))] = None,
+        quality: Annotated[str | None, Form(description=described("quality"))] = None,
+        output_format: Annotated[str, Form(description=described("output_format"))] = "png",
+        output_compression: Annotated[int | None, Form(description=described("output_compression"))] = None,
+        background: Annotated[str | None, Form(description=described("background"))] = None,
+        response_format: Annotated[str, Form(description=described("response_format"))] = "b64_json",
+        seed: Annotated[int | None, Form(description=described("seed"))] = None,
+        num_inference_steps: Annotated[int | None, Form(description=described("num_inference_steps"))] = None,
+        true_cfg_scale: Annotated[float | None, Form(description=described("true_cfg_scale"))] = None,
+        negative_prompt: Annotated[str | None, Form(description="What to steer away from (with CFG).")] = None,
+        user: Annotated[str | None, Form(description=described("user"))] = None,
     ) -> JSONResponse:
         files = [*(image or []), *(image_array or [])]
         try:

@@ -41,3 +41,40 @@ def test_body_limit_refuses_declared_and_streamed_bodies():
         streamed = client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
         assert streamed.status_code == 413
         assert client.post("/echo", json={"a": "small"}).status_code == 200
+
+
+def openapi_schema() -> dict:
+    from serve_app.openai_api import create_api
+
+    class NoService:
+        """The schema needs no service: nothing is called."""
+
+        def record_error(self, task: str, reason: str) -> None:
+            raise AssertionError("no request is made")
+
+    return create_api(NoService()).openapi()
+
+
+def test_the_schema_declares_every_error_status_with_the_error_body():
+    schema = openapi_schema()
+    error_body = schema["components"]["schemas"]["ErrorBody"]
+    assert set(error_body["properties"]) == {"error"}
+    assert set(schema["components"]["schemas"]["ErrorDetail"]["properties"]) == {"code", "message", "param", "type"}
+    for path in ("/v1/images/generations", "/v1/images/edits"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert {"200", "400", "401", "404", "408", "413", "415", "422", "429", "503"} <= set(responses)
+        for status in ("400", "422", "429", "503"):
+            assert responses[status]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/ErrorBody"}
+        assert "Retry-After" in responses["429"]["headers"] and "Retry-After" in responses["503"]["headers"]
+
+
+def test_the_edit_operation_describes_its_multipart_fields_and_limits():
+    schema = openapi_schema()
+    body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    fields = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]["properties"]
+    assert {"image", "image[]", "prompt", "n", "size", "quality", "output_format", "output_compression",
+            "background", "seed", "num_inference_steps", "true_cfg_scale"} <= set(fields)
+    assert all(field.get("description") for field in fields.values())
+    assert (fields["n"]["minimum"], fields["n"]["maximum"]) == (1, 10)
+    assert "1 to 3" in fields["image"]["description"]
