@@ -1,23 +1,40 @@
-"""Router policy vs round-robin over feasible pools, on the example fleet, side by side in one run.
+"""The router's policy against fair baselines, on the example fleet, side by side in one run.
 
-A discrete-event queueing simulation: the placement and routing code are imageserve's own
-(``serve_app.domain.placement.place`` and ``serve_app.domain.routing.RoutingTable``), service times are the
-planner's per-image estimates for each (variant, GPU class) with +-20% noise, arrivals are Poisson
-with a mixed workload. Tiny CPU models cannot show GPU speed differences, so this is how the policy's
-effect is measured here; a GPU fleet measures it for real. Prints mean and p95 completion time per
-policy and load, and their ratio.
+A discrete-event queueing simulation. Placement and the routing policy are imageserve's own
+(``serve_app.domain.placement.place`` and ``serve_app.domain.routing.RoutingTable``); service times
+are the planner's per-image estimates for each (variant, GPU class) with +-20% noise; arrivals are
+Poisson with a mixed workload. Tiny CPU models cannot show GPU speed differences, so this is how the
+policy's effect is measured here; a GPU fleet measures it for real.
 
-    .venv/bin/python -m bench.placement [--requests 4000] [--seed 0] [--json]
+Every replica is one GPU with its own FIFO queue, as a Serve replica is. Three policies choose a
+replica for each request, all over the same candidates (for each pool, the variant the requested
+name resolves to there):
+
+- ``router``: imageserve's policy picks a route (variant on a pool), then Serve's power of two
+  choices picks one of that route's replicas, as ``route.handle.run.remote`` does in production.
+- ``earliest``: the router before it priced the queue a request joins, for comparison: the same
+  routes, each request to the route where it would itself finish first.
+- ``p2c``: Ray Serve's default router over every replica of every candidate, across pools: two
+  replicas at random, the shorter queue wins. What a user gets from plain Serve with one deployment
+  per model spanning the fleet.
+- ``jsq``: join the shortest queue over every candidate replica (ties at random): cost-blind,
+  but with full knowledge of every queue, so stronger than p2c.
+
+Loads are fractions of the fleet's capacity for this workload: the highest arrival rate any split
+of the traffic over the candidates can sustain, the optimum of a small linear program. Prints
+mean and p95 completion time per policy and load, and the router's ratio to the better baseline.
+
+    .venv/bin/python -m bench.placement [--requests 6000] [--seed 0] [--loads 0.3,0.5,0.7,0.85,0.95] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
-import itertools
 import json
 import random
 import sys
+from dataclasses import dataclass
 
 from serve_app.domain.config import load_fleet, parse_config
 from serve_app.domain.placement import place
@@ -32,62 +49,133 @@ WORKLOAD = [
     ("edit", "qwen-image-edit-2509-svdq-int4-r128-lightning-4step", 0.10),
     ("generate", "z-image-turbo-svdq-int4-r128", 0.10),
 ]
+POLICIES = ("router", "earliest", "p2c", "jsq")
+BASELINES = ("p2c", "jsq")
+SERVICE_NOISE = 0.2
 
 
-def build_table(gpus_per_replica: int = 1):
+class EarliestCompletionTable(RoutingTable):
+    """The routing policy with its cost replaced by the request's own expected completion time."""
+
+    def routing_cost_s(self, route: Route, images: int = 1, calibration: float = 1.0) -> float:
+        return self.expected_completion_s(route, images, calibration)
+
+
+def build_table(table_class: type[RoutingTable] = RoutingTable) -> tuple[RoutingTable, dict[str, int]]:
+    """The example fleet's routing table and each route's replica count (GPUs of a pool shared out
+    among the variants placed on it, the remainder to the first ones)."""
     fleet = load_fleet(FLEET)
     models = {m for _, m, _ in WORKLOAD} | {
         "qwen-image-edit-2511", "qwen-image-edit-2509-svdq-fp4-r32-lightning-8step", "z-image-turbo-svdq-fp4-r32"}
-    config = fleet.serve_with(parse_config({"models": {m: {} for m in models if m not in ("qwen-image-edit",)}}))
+    # Sorted: the placement's order decides the replicas' order, and with it each seeded run.
+    served = sorted(m for m in models if m != "qwen-image-edit")
+    config = fleet.serve_with(parse_config({"models": {m: {} for m in served}}))
     placements, _ = place(config)
     routes: dict[str, list[Route]] = {}
-    replicas: dict[str, int] = {}
-    per_pool: dict[str, int] = {}
-    for p in placements:
-        per_pool[p.pool.name] = per_pool.get(p.pool.name, 0) + 1
+    on_pool: dict[str, list[str]] = {}
     for p in placements:
         name = f"{p.variant.id}@{p.pool.name}"
+        on_pool.setdefault(p.pool.name, []).append(name)
         routes.setdefault(p.variant.id, []).append(Route(
             pool=p.pool.name, gpu_class=p.gpu.id, deployment=name, vram_gib=p.gpu.vram_gib,
             cost_s=p.seconds_per_image))
-        # The pool's GPUs shared evenly among the variants placed on it.
-        pool = fleet.pool(p.pool.name)
-        gpus = pool.nodes * pool.gpus_per_node
-        replicas[name] = max(1, gpus // per_pool[p.pool.name] // gpus_per_replica)
-    return RoutingTable(config.build_catalog(), routes, {}), replicas
+    replicas: dict[str, int] = {}
+    for pool_name, names in on_pool.items():
+        pool = fleet.pool(pool_name)
+        share, extra = divmod(pool.nodes * pool.gpus_per_node, len(names))
+        for i, name in enumerate(names):
+            replicas[name] = max(1, share + (1 if i < extra else 0))
+    table = table_class(config.build_catalog(), routes, {})
+    table.replicas = dict(replicas)
+    return table, replicas
+
+
+def candidates(table: RoutingTable, workload=WORKLOAD) -> dict[str, list[Route]]:
+    """For each requested model of the workload, the routes a request for it may take."""
+    return {model: [route for _, route in table.options(table.resolve(model, task))] for task, model, _ in workload}
+
+
+def capacity(table: RoutingTable, replicas: dict[str, int], workload=WORKLOAD) -> float:
+    """Requests per second the fleet sustains for ``workload`` under the best static split.
+
+    Linear program: choose the fraction f[m, r] of model m's traffic sent to route r to minimise the
+    busiest route's utilisation u at one request per second; the capacity is then 1 / u.
+    """
+    from scipy.optimize import linprog
+
+    by_model = candidates(table, workload)
+    variables = [(model, route) for model, routes in by_model.items() for route in routes]
+    deployments = sorted(replicas)
+    n = len(variables)
+    objective = [0.0] * n + [1.0]
+    # Each route's work per second, over its replicas, is at most u.
+    upper = [[0.0] * (n + 1) for _ in deployments]
+    for i, (model, route) in enumerate(variables):
+        share = next(w for _, m, w in workload if m == model)
+        upper[deployments.index(route.deployment)][i] = share * route.cost_s / replicas[route.deployment]
+    for row in upper:
+        row[n] = -1.0
+    # Each model's fractions sum to one.
+    equal = [[1.0 if variables[i][0] == model else 0.0 for i in range(n)] + [0.0] for model in by_model]
+    solved = linprog(objective, A_ub=upper, b_ub=[0.0] * len(deployments), A_eq=equal, b_eq=[1.0] * len(equal),
+                     bounds=[(0, None)] * (n + 1), method="highs")
+    if not solved.success:
+        raise RuntimeError(f"capacity LP failed: {solved.message}")
+    return 1.0 / solved.x[n]
+
+
+@dataclass
+class Replica:
+    route: Route
+    free_at: float = 0.0
+    queued: int = 0          # requests on this replica, in service or waiting
 
 
 def simulate(policy: str, rate: float, requests: int, seed: int) -> list[float]:
-    table, replicas = build_table()
-    table.replicas = replicas
-    rng = random.Random(seed)
-    round_robin = {name: itertools.cycle(range(16)) for _, name, _ in WORKLOAD}
-    free_at: dict[str, list[float]] = {name: [0.0] * n for name, n in replicas.items()}
-    done_events: list[tuple[float, str]] = []
-    latencies = []
-    now = 0.0
-    names = [(t, m) for t, m, _ in WORKLOAD]
+    """Completion times (arrival to image) of ``requests`` Poisson arrivals at ``rate`` per second."""
+    table, replicas = build_table(EarliestCompletionTable if policy == "earliest" else RoutingTable)
+    by_model = candidates(table)
+    pool_of = {name: [Replica(route) for _ in range(replicas[route.deployment])]
+               for routes in table.routes.values() for route in routes for name in [route.deployment]}
+    arrival_rng, choice_rng, service_rng = (random.Random(f"{seed}-{part}") for part in ("arrive", "choose", "serve"))
+    finishing: list[tuple[float, int, Replica]] = []
+    latencies: list[float] = []
+    names = [m for _, m, _ in WORKLOAD]
     weights = [w for _, _, w in WORKLOAD]
-    for _ in range(requests):
-        now += rng.expovariate(rate)
-        while done_events and done_events[0][0] <= now:
-            _, finished = heapq.heappop(done_events)
-            table.outstanding[finished] -= 1
-        task, model = rng.choices(names, weights)[0]
-        options = table.options(table.resolve(model, task))
-        if policy == "router":
-            _, route = table.choose(options)
+    now = 0.0
+    for request in range(requests):
+        now += arrival_rng.expovariate(rate)
+        while finishing and finishing[0][0] <= now:
+            _, _, done = heapq.heappop(finishing)
+            done.queued -= 1
+            table.outstanding[done.route.deployment] -= 1
+        model = arrival_rng.choices(names, weights)[0]
+        if policy in ("router", "earliest"):
+            _, route = table.choose(table.options(table.resolve(model, next(t for t, m, _ in WORKLOAD if m == model))))
+            replica = power_of_two(pool_of[route.deployment], choice_rng)
         else:
-            _, route = options[next(round_robin[model]) % len(options)]
-        service = route.cost_s * rng.uniform(0.8, 1.2)
-        servers = free_at[route.deployment]
-        i = min(range(len(servers)), key=servers.__getitem__)
-        start = max(now, servers[i])
-        servers[i] = start + service
-        table.outstanding[route.deployment] += 1
-        heapq.heappush(done_events, (servers[i], route.deployment))
-        latencies.append(servers[i] - now)
+            everyone = [r for route in by_model[model] for r in pool_of[route.deployment]]
+            replica = power_of_two(everyone, choice_rng) if policy == "p2c" else shortest(everyone, choice_rng)
+        service = replica.route.cost_s * service_rng.uniform(1 - SERVICE_NOISE, 1 + SERVICE_NOISE)
+        replica.free_at = max(now, replica.free_at) + service
+        replica.queued += 1
+        table.outstanding[replica.route.deployment] += 1
+        heapq.heappush(finishing, (replica.free_at, request, replica))
+        latencies.append(replica.free_at - now)
     return latencies
+
+
+def power_of_two(replicas: list[Replica], rng: random.Random) -> Replica:
+    """Ray Serve's default replica choice: two at random, the one with fewer requests on it."""
+    if len(replicas) == 1:
+        return replicas[0]
+    a, b = rng.sample(replicas, 2)
+    return a if a.queued <= b.queued else b
+
+
+def shortest(replicas: list[Replica], rng: random.Random) -> Replica:
+    fewest = min(r.queued for r in replicas)
+    return rng.choice([r for r in replicas if r.queued == fewest])
 
 
 def summary(latencies: list[float]) -> dict[str, float]:
@@ -95,32 +183,41 @@ def summary(latencies: list[float]) -> dict[str, float]:
     return {"mean_s": round(sum(ordered) / len(ordered), 2), "p95_s": round(ordered[int(0.95 * (len(ordered) - 1))], 2)}
 
 
+def compare(loads: list[float], requests: int, seed: int) -> dict:
+    table, replicas = build_table()
+    fleet_capacity = capacity(table, replicas)
+    report = {"workload": {m: w for _, m, w in WORKLOAD}, "fleet": str(FLEET.name),
+              "replicas": replicas, "capacity_per_s": round(fleet_capacity, 4), "loads": {}}
+    for load in loads:
+        rate = load * fleet_capacity
+        row = {policy: summary(simulate(policy, rate, requests, seed)) for policy in POLICIES}
+        best = {key: min(row[b][key] for b in BASELINES) for key in ("mean_s", "p95_s")}
+        row["rate_per_s"] = round(rate, 4)
+        row["router_over_best_baseline"] = {"mean": round(row["router"]["mean_s"] / best["mean_s"], 2),
+                                            "p95": round(row["router"]["p95_s"] / best["p95_s"], 2)}
+        report["loads"][f"{load:.0%}"] = row
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--requests", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rates", default="0.5,1.0,1.5", help="arrivals per second to compare at")
+    parser.add_argument("--loads", default="0.3,0.5,0.7,0.85,0.95", help="fractions of the fleet's capacity")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    report = {"workload": {m: w for _, m, w in WORKLOAD}, "fleet": str(FLEET.name), "loads": {}}
-    for rate in (float(r) for r in args.rates.split(",")):
-        router = summary(simulate("router", rate, args.requests, args.seed))
-        rr = summary(simulate("round_robin", rate, args.requests, args.seed))
-        report["loads"][f"{rate:g}/s"] = {
-            "router": router, "round_robin": rr,
-            "ratio_round_robin_over_router": {"mean": round(rr["mean_s"] / router["mean_s"], 2),
-                                              "p95": round(rr["p95_s"] / router["p95_s"], 2)},
-        }
+    report = compare([float(x) for x in args.loads.split(",")], args.requests, args.seed)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"example fleet, {args.requests} requests per run, workload {report['workload']}")
-    print(f"{'load':>7}  {'policy':<12} {'mean s':>8} {'p95 s':>8}")
+    print(f"example fleet, capacity {report['capacity_per_s']:.3f} requests/s for workload {report['workload']}; "
+          f"{args.requests} requests per run, seed {args.seed}")
+    print(f"{'load':>5} {'req/s':>6}  " + "  ".join(f"{p + ' mean':>13} {p + ' p95':>12}" for p in POLICIES)
+          + "   router/best baseline: mean   p95")
     for load, row in report["loads"].items():
-        for policy in ("router", "round_robin"):
-            print(f"{load:>7}  {policy:<12} {row[policy]['mean_s']:>8.2f} {row[policy]['p95_s']:>8.2f}")
-        r = row["ratio_round_robin_over_router"]
-        print(f"{'':>7}  round-robin / router: mean x{r['mean']}, p95 x{r['p95']}")
+        cells = "  ".join(f"{row[p]['mean_s']:>13.2f} {row[p]['p95_s']:>12.2f}" for p in POLICIES)
+        ratio = row["router_over_best_baseline"]
+        print(f"{load:>5} {row['rate_per_s']:>6.3f}  {cells}   x{ratio['mean']:<22} x{ratio['p95']}")
     return 0
 
 

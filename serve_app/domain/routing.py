@@ -7,13 +7,22 @@ Choice (docs/fleet.md, "Routing policy"):
 1. Candidates: for a variant id, its routes; for an alias, on every pool the first of the alias's
    variants that the pool serves (so an alias means bf16 on 80 GB pools, int4 Lightning on 20-24 GB
    Ampere/Ada pools and fp4 on sm_120 pools).
-2. Expected completion time of a route: ``(outstanding / running replicas + 1) x seconds per image x n``.
-   Seconds per image start from the planner's estimate for that GPU class; once requests have run on
-   a route its measured latency (EWMA) takes over, and routes not yet measured get their estimate
-   scaled by how measured routes compare with their estimates. A route whose deployment has no
-   running replica (scaled to zero) pays a cold-start penalty.
-3. Every route within ``SLACK`` of the best completion time is good enough; among those the route on
-   the GPU with the least VRAM wins, so large GPUs stay free for what only they can hold.
+2. Expected completion time of a route: the time until one of its replicas is free, then the work.
+   With ``q`` requests outstanding on ``c`` running replicas, ``max(0, q - c + 1)`` of them must finish
+   first, at ``c`` per image time: ``(1 + max(0, q - c + 1) / c) x seconds per image x n``. Seconds per
+   image start from the planner's estimate for that GPU class; once requests have run on a route its
+   measured latency (EWMA) takes over, and routes not yet measured get their estimate scaled by how
+   measured routes compare with their estimates. A route whose deployment has no running replica
+   (scaled to zero) pays a cold-start penalty.
+3. Routing cost: what the request adds to everyone's waiting, not only its own completion. Joining a
+   queue also delays whoever comes after it; for a queue at utilisation rho the marginal delay is
+   ``work / (1 - rho)^2`` (the derivative of an M/M/1 queue's total delay), and ``completion / work``
+   estimates ``1 / (1 - rho)``, so the cost is ``completion^2 / work``. On an idle fleet that is the
+   plain work, so the fastest route wins; under load an idle slow route takes work well before the
+   fast routes' queues grow as long as its own service time, which is where a greedy
+   earliest-completion rule leaves everyone waiting (bench/placement.py measures both).
+   Every route within ``SLACK`` of the lowest cost is good enough; among those the route on the GPU
+   with the least VRAM wins, so large GPUs stay free for what only they can hold.
 4. Out of memory: the request is retried once, on the best route with more VRAM than the one that failed.
 """
 
@@ -28,7 +37,7 @@ from serve_app.domain.errors import InvalidRequestError, ModelNotFoundError, Mod
 
 DEFAULT_MODEL = {"generate": "z-image-turbo", "edit": "qwen-image-edit"}
 ENDPOINT = {"generate": "/v1/images/generations", "edit": "/v1/images/edits"}
-SLACK = 0.25              # routes within 25% of the best expected completion time count as equal
+SLACK = 0.25              # routes within 25% of the lowest routing cost count as equal
 COLD_START_S = 60.0       # penalty for a route with no running replica (load + warm-up, est.)
 MEASURED_WEIGHT = 0.3     # EWMA weight of each new latency measurement
 
@@ -109,15 +118,24 @@ class RoutingTable:
     def expected_completion_s(self, route: Route, images: int = 1, calibration: float = 1.0) -> float:
         running = self.replicas.get(route.deployment, route.min_replicas)
         work = self.seconds_per_image(route, calibration) * images
+        outstanding = self.outstanding[route.deployment]
         if running <= 0:
-            return COLD_START_S + (self.outstanding[route.deployment] + 1) * work
-        return (self.outstanding[route.deployment] / running + 1) * work
+            return COLD_START_S + (outstanding + 1) * work
+        ahead = max(0, outstanding - running + 1)
+        return (1 + ahead / running) * work
+
+    def routing_cost_s(self, route: Route, images: int = 1, calibration: float = 1.0) -> float:
+        """The marginal delay of sending this request to ``route`` (policy step 3)."""
+        completion = self.expected_completion_s(route, images, calibration)
+        if self.replicas.get(route.deployment, route.min_replicas) <= 0:
+            return completion
+        return completion * completion / (self.seconds_per_image(route, calibration) * images)
 
     def choose(self, options: list[Option], images: int = 1) -> Option | None:
         if not options:
             return None
         calibration = self.calibration()
-        scored = [(self.expected_completion_s(r, images, calibration), v, r) for v, r in options]
+        scored = [(self.routing_cost_s(r, images, calibration), v, r) for v, r in options]
         best = min(score for score, _, _ in scored)
         good = [item for item in scored if item[0] <= best * (1 + SLACK)]
         _, variant, route = min(good, key=lambda item: (item[2].vram_gib or 0.0, item[0]))

@@ -10,12 +10,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_placement_benchmark_runs_and_reports_both_policies():
-    out = subprocess.run([sys.executable, "-m", "bench.placement", "--requests", "300", "--rates", "0.5",
+def test_placement_benchmark_runs_and_reports_the_router_against_both_baselines():
+    out = subprocess.run([sys.executable, "-m", "bench.placement", "--requests", "300", "--loads", "0.5",
                           "--json"], capture_output=True, text=True, check=True, timeout=120, cwd=ROOT).stdout
-    load = json.loads(out)["loads"]["0.5/s"]
-    assert {"router", "round_robin", "ratio_round_robin_over_router"} <= set(load)
-    assert load["router"]["mean_s"] > 0 and load["round_robin"]["p95_s"] > 0
+    report = json.loads(out)
+    load = report["loads"]["50%"]
+    assert load["rate_per_s"] == pytest.approx(0.5 * report["capacity_per_s"], rel=1e-3)
+    for policy in ("router", "earliest", "p2c", "jsq"):
+        assert load[policy]["p95_s"] >= load[policy]["mean_s"] > 0
+    assert set(load["router_over_best_baseline"]) == {"mean", "p95"}
+
+
+def test_fleet_capacity_is_the_best_split_of_the_workload(catalog):
+    from bench.placement import capacity
+    from serve_app.domain.routing import Route, RoutingTable
+
+    fast = Route(pool="rtx4090", gpu_class="rtx-4090", deployment="fast", cost_s=10.0)
+    slow = Route(pool="a100", gpu_class="a100-80g", deployment="slow", cost_s=30.0)
+    table = RoutingTable(catalog, {"z-image-turbo": [fast, slow]}, {})
+    # Both GPUs busy all the time: 1/10 + 2/30 images per second (the slow route has two replicas).
+    assert capacity(table, {"fast": 1, "slow": 2}, [("generate", "z-image-turbo", 1.0)]) == pytest.approx(1 / 6)
 
 
 @pytest.mark.integration

@@ -46,9 +46,29 @@ def test_smallest_gpu_wins_among_near_equal_routes(table):
 
 def test_busy_large_gpu_sends_work_to_smaller_ones(table):
     table.replicas = {"gen-zit@a100": 1, "gen-zit@rtx4090": 1, "gen-zit@a4500": 1}
-    table.outstanding["gen-zit@a100"] = 3   # (3/1 + 1) x 3.8 = 15.2 s
+    table.outstanding["gen-zit@a100"] = 1   # completes in 2 x 3.8 = 7.6 s; costs everyone 7.6^2 / 3.8 = 15.2 s
     _, chosen = table.choose(table.options(table.resolve("z-image-turbo", "generate")))
     assert chosen.pool == "rtx4090"         # 7.3 s
+
+
+def test_a_replica_free_means_no_wait_however_many_replicas_are_busy(table):
+    a100 = table.routes["z-image-turbo"][1]
+    table.replicas = {"gen-zit@a100": 4}
+    table.outstanding["gen-zit@a100"] = 3
+    assert table.expected_completion_s(a100) == pytest.approx(3.8)
+    table.outstanding["gen-zit@a100"] = 6   # 3 must finish before one of the 4 replicas is free
+    assert table.expected_completion_s(a100) == pytest.approx(3.8 * (1 + 3 / 4))
+
+
+def test_under_load_an_idle_slow_route_takes_work_before_the_fast_queue_is_as_long(catalog):
+    fast, slow = route("rtx4090", 24, 10.0, "fast"), route("a100", 80, 30.0, "slow")
+    table = RoutingTable(catalog, {"z-image-turbo": [fast, slow]}, {})
+    table.outstanding["fast"] = 1
+    # The request itself would finish sooner on the fast route (20 s against 30 s), but it would hold
+    # up everything that queues behind it there: 20^2 / 10 = 40 s of delay against 30 s.
+    assert table.expected_completion_s(fast) < table.expected_completion_s(slow)
+    _, chosen = table.choose(table.options(table.resolve("z-image-turbo", "generate")))
+    assert chosen is slow
 
 
 def test_scaled_to_zero_route_pays_a_cold_start(table):
