@@ -68,8 +68,10 @@ class ReplicaMetrics:
         self._info_tags: dict[str, str] | None = None
         self._load_seconds: float | None = None
         self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
         if sample_memory:
-            threading.Thread(target=self._sample_memory, name="imageserve-memory", daemon=True).start()
+            self._sampler = threading.Thread(target=self._sample_memory, name="imageserve-memory", daemon=True)
+            self._sampler.start()
 
     def model_loaded(self, seconds: float, offload_mode: str) -> None:
         self.load_seconds.set(seconds, tags=self.tags)
@@ -132,7 +134,11 @@ class ReplicaMetrics:
                 return
 
     def close(self) -> None:
+        """Stop the memory sampler and wait for it: a sampler left running records into Ray's metrics
+        after Ray has shut down, which crashes the process (seen at the exit of a test run)."""
         self._stop.set()
+        if self._sampler is not None and self._sampler is not threading.current_thread():
+            self._sampler.join(timeout=MEMORY_PERIOD_S + 10)
 
 
 class RouterMetrics:

@@ -296,6 +296,19 @@ class ModelReplica:
         if self._unhealthy is not None:
             raise RuntimeError(self._unhealthy)
 
+    def shutdown(self) -> None:
+        """Stop this replica's threads: the memory sampler, the pipeline worker and the encoders."""
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
+        for pool in (getattr(self, "_executor", None), getattr(self, "_encoders", None)):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def __del__(self) -> None:
+        # Serve calls __del__ when it stops a replica; a constructor that raised leaves some attributes unset.
+        self.shutdown()
+
     async def info(self) -> dict[str, Any]:
         info = self.engine.info
         return {

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.router import Router
 from serve_app import __version__
 from serve_app.domain.errors import ImageServeError, InternalError, error_type
-from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
+from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, ImagesResponse
 from serve_app.domain.specs import HttpSpec, RouterSpec
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
     return response
 
 
-# What each image route can answer besides 200 (docs/reliability.md has the cases and their tests).
-IMAGE_ROUTE_ERRORS: dict[int | str, dict[str, Any]] = {
+# What each image route can answer (docs/reliability.md has the error cases and their tests).
+IMAGE_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": ImagesResponse, "description": "The images, base64-encoded, and how they were made."},
     400: _error("An undecodable image, a decompression bomb, or a value these models cannot honour "
                 "(background: transparent)."),
     401: _error("An API key is configured and the request has no valid `Authorization: Bearer` key."),
@@ -216,13 +217,13 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     # The answers carry megabytes of base64: returned as JSONResponse, they skip FastAPI's validation and
     # re-encoding of the return value, which only copies those megabytes again.
     @app.post("/v1/images/generations", summary="Create images from a prompt", response_class=JSONResponse,
-              responses=IMAGE_ROUTE_ERRORS)
+              responses=IMAGE_ROUTE_RESPONSES)
     async def generations(body: GenerateRequest) -> JSONResponse:
         result = await service.generate(body)
         return JSONResponse(result.to_openai())
 
     @app.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction", response_class=JSONResponse,
-              responses=IMAGE_ROUTE_ERRORS)
+              responses=IMAGE_ROUTE_RESPONSES)
     async def edits(
         prompt: Annotated[str, Form(description="The edit instruction (1-4000 characters).")],
         image: Annotated[list[UploadFile] | None, File(

@@ -132,6 +132,36 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ImageData(BaseModel):
+    """One image of an images response."""
+
+    b64_json: str = Field(description="The encoded image (output_format), base64.")
+    revised_prompt: str | None = Field(default=None, description="Always null: prompts are used as given.")
+    seed: int = Field(description="The seed this image was made with (imageserve).")
+
+
+class ImagesResponse(BaseModel):
+    """The answer of both image routes over HTTP: OpenAI's images response, with imageserve's metadata
+    next to it (what ``ImageResult.to_openai`` writes; declared for the OpenAPI schema)."""
+
+    created: int
+    data: list[ImageData]
+    model: str = Field(description="The catalog variant that ran.")
+    background: Literal["opaque"]
+    output_format: OutputFormat
+    quality: Quality
+    size: str = Field(description="'WIDTHxHEIGHT' of the images.")
+    usage: Usage | None
+    seeds: list[int]
+    num_inference_steps: int
+    timings: dict[str, float]
+    replica: str | None
+    gpu_class: str | None
+    pool: str | None
+    retried_from: str | None
+    batch_images: int
+
+
 class ImageResult(BaseModel):
     """What a generate or edit call returns, through a handle or (as JSON) over HTTP."""
 

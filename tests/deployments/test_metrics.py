@@ -56,3 +56,11 @@ def test_the_exposition_merges_processes_and_drops_rays_process_labels():
     out = imageserve_exposition(text)
     assert 'ray_imageserve_images_total{variant="v"} 2.0' in out and 'variant="w"' in out
     assert "WorkerId" not in out and "ray_serve_other" not in out and out.count("# TYPE") == 1
+
+
+def test_closing_stops_the_memory_sampler():
+    metrics = ReplicaMetrics("generate", "z-image-turbo", "cpu", None, "cpu")
+    assert metrics._sampler.is_alive()
+    metrics.close()
+    assert not metrics._sampler.is_alive()
+

@@ -175,6 +175,17 @@ def test_out_of_memory_worded_as_a_cuda_error_is_oom_and_memory_is_freed_after_t
     asyncio.run(srv.check_health())  # not mistaken for a broken CUDA context
 
 
+def test_a_replica_that_shuts_down_leaves_no_thread_running(tiny_models):
+    import threading
+
+    srv = replica(tiny_models)
+    asyncio.run(srv.run(request("start the pipeline and encoder threads", 1), 64, 64))
+    ours = [t for t in threading.enumerate() if t.name.startswith(("imageserve-memory", "pipeline-", "encode"))]
+    assert any(t.name == "imageserve-memory" for t in ours) and any(t.name.startswith("pipeline-") for t in ours)
+    srv.shutdown()
+    assert not any(t.is_alive() for t in ours)
+
+
 def test_a_replica_serves_only_its_task(tiny_models):
     with pytest.raises(ValueError, match="is a generate variant, not edit"):
         EditReplica(replica_spec(tiny_models))

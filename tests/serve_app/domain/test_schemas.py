@@ -1,0 +1,24 @@
+"""The request and response types, without Ray."""
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.domain.schemas import GenerateRequest, ImageResult, ImagesResponse, Usage
+
+
+def test_the_http_answer_is_what_the_schema_declares():
+    result = ImageResult(
+        variant="z-image-turbo", images=[b"\x89PNG one", b"\x89PNG two"], output_format="png", quality="low",
+        usage=Usage(input_tokens=12, input_tokens_details={"text_tokens": 12, "image_tokens": 0},
+                    output_tokens=512, total_tokens=524),
+        seeds=[7, 8], width=256, height=256, num_inference_steps=4, timings={"total_s": 0.5}, created=1)
+    answer = ImagesResponse.model_validate(result.to_openai())
+    assert [d.seed for d in answer.data] == [7, 8]
+    assert (answer.size, answer.output_format, answer.quality) == ("256x256", "png", "low")
+    assert answer.usage.total_tokens == 524
+
+
+@pytest.mark.parametrize("field, value", [("guidance_scale", False), ("n", "2"), ("n", True), ("seed", 1.5)])
+def test_requests_take_no_loosely_typed_values(field, value):
+    with pytest.raises(ValidationError):
+        GenerateRequest.model_validate({"prompt": "a cat", field: value})
