@@ -22,7 +22,7 @@ from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.errors import (
     ImageServeError,
     InternalError,
-    InvalidRequestError,
+    LimitExceededError,
     OverloadedError,
     ReplicaOutOfMemoryError,
     UnsupportedValueError,
@@ -111,7 +111,7 @@ class Router:
         height = height or self.spec.default_height or variant.defaults.height
         for side in (width, height):
             if not variant.min_side <= side <= variant.max_side:
-                raise InvalidRequestError(
+                raise LimitExceededError(
                     f"size {width}x{height} is outside {variant.id}'s range of "
                     f"{variant.min_side} to {variant.max_side} pixels per side", param="size",
                 )
@@ -120,7 +120,7 @@ class Router:
     def check_input_images(self, request: GenerateRequest | EditRequest, variant: ModelVariant) -> None:
         """Count and header checks of the input images (full decoding happens in the replica)."""
         if request.num_input_images > variant.max_input_images:
-            raise InvalidRequestError(
+            raise LimitExceededError(
                 f"{variant.id} takes at most {variant.max_input_images} input images, got {request.num_input_images}",
                 param="image",
             )
@@ -133,7 +133,7 @@ class Router:
             return
         strictest = max(variants, key=lambda v: v.min_inference_steps)
         if request.num_inference_steps < strictest.min_inference_steps:
-            raise InvalidRequestError(
+            raise LimitExceededError(
                 f"{strictest.id} needs at least {strictest.min_inference_steps} denoising steps "
                 f"(got {request.num_inference_steps})", param="num_inference_steps")
 
@@ -162,7 +162,7 @@ class Router:
         if fits(request.n):
             return
         largest = next((n for n in range(request.n - 1, 0, -1) if fits(n)), 0)
-        raise InvalidRequestError(
+        raise LimitExceededError(
             f"n={request.n} images at {size[0]}x{size[1]} do not fit one pipeline call on any GPU serving "
             f"{variants[0].id}; at most {largest} per request at this size", param="n")
 
@@ -173,7 +173,7 @@ class Router:
         steps = variant.steps_for(request.num_inference_steps, request.quality)
         if bound is None or (cost := request.cost(*size, steps)) <= bound:
             return
-        raise InvalidRequestError(
+        raise LimitExceededError(
             f"this request costs {cost:.0f} megapixel-steps ({size[0]}x{size[1]} x {steps} steps x n={request.n}"
             f" x (1 + {request.num_input_images} input images)), over this service's limit of {bound:g}: "
             "ask for fewer steps, a smaller size or fewer images", param="size")

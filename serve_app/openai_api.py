@@ -225,10 +225,11 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     @app.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction", response_class=JSONResponse,
               responses=IMAGE_ROUTE_RESPONSES)
     async def edits(
-        prompt: Annotated[str, Form(description="The edit instruction (1-4000 characters).")],
+        prompt: Annotated[str, Form(description="The edit instruction (1-4000 characters, not blank).")],
         image: Annotated[list[UploadFile] | None, File(
-            description="Input image(s), 1 to 3 in all: PNG, JPEG or WEBP, each up to "
-                        "`serving.limits.max_input_pixels` pixels; the body up to `max_body_mb`.")] = None,
+            description="Input image(s), 1 to 3: PNG, JPEG or WEBP, each up to `serving.limits.max_input_pixels` "
+                        "pixels; the body up to `max_body_mb`. Also taken as `image[]` (what openai-python sends "
+                        "for several images), 1 to 3 in all.")] = None,
         image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="Same as image.")] = None,
         model: Annotated[str | None, Form(description=described("model"))] = None,
         n: Annotated[int, Form(description=described("n"), ge=1, le=10)] = 1,
@@ -272,12 +273,42 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return await service.health()
 
+    app.openapi = lambda: _edit_form_as_the_request_states_it(FastAPI.openapi(app))
+
     # Outermost first: the key check runs before anything reads the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=http.max_body_bytes)
     keys = configured_api_keys(list(http.api_keys))
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
     return app
+
+
+def _edit_form_as_the_request_states_it(schema: dict[str, Any]) -> dict[str, Any]:
+    """The edit form's fields with the types and limits EditRequest gives them (FastAPI states only the
+    form's own annotations), and without null: a multipart form has none, an optional field is one the
+    client leaves out (FastAPI's ``anyOf: [type, null]`` asks clients to send the text "null")."""
+    body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    # Left out: a schema listing both image and image[] could not say that together they hold 1 to 3.
+    form["properties"].pop("image[]", None)
+    stated = EditRequest.model_json_schema()["properties"]
+    for name, field in form["properties"].items():
+        kept = {key: field[key] for key in ("title", "description", "default") if key in field}
+        typed = _not_null(stated.get(name, field))
+        field.clear()
+        field.update({**typed, **kept})
+    form["properties"]["image"].update(minItems=stated["images"]["minItems"], maxItems=stated["images"]["maxItems"])
+    form["required"] = sorted({*form.get("required", []), "image"})
+    return schema
+
+
+def _not_null(field: dict[str, Any]) -> dict[str, Any]:
+    field = {key: value for key, value in field.items() if key != "default" or value is not None}
+    kinds = field.pop("anyOf", None)
+    if kinds is None:
+        return field
+    (kind,) = [k for k in kinds if k != {"type": "null"}]
+    return {**field, **kind}
 
 
 @serve.ingress()

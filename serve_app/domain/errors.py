@@ -44,6 +44,14 @@ class InvalidRequestError(ImageServeError):
     code = "invalid_request"
 
 
+class LimitExceededError(InvalidRequestError):
+    """A well-typed request over a bound of the model or of this deployment: a variant's sizes, steps or
+    input images, what the planner says a batch fits, the configured cost bound. The message names the
+    bound; the OpenAPI schema cannot, since the bounds depend on the variant and the config."""
+
+    code = "limit_exceeded"
+
+
 class UnsupportedValueError(ImageServeError):
     """A well-formed value these models cannot honour (OpenAI answers those with 400)."""
 

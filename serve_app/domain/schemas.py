@@ -10,31 +10,40 @@ from __future__ import annotations
 import base64
 import io
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from serve_app.domain.images import OutputFormat
 
-SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+SIZE_PATTERN = re.compile(r"^([1-9]\d{0,3})x([1-9]\d{0,3})$")
+SIDE_MULTIPLE = 16  # VAE factor 8 x transformer patch 2, for every model served here
+MAX_SIDE = 4096     # no variant takes more; each variant's own, smaller bound is checked at the router
+_SIDES = "|".join(str(side) for side in range(SIDE_MULTIPLE, MAX_SIDE + 1, SIDE_MULTIPLE))
+# The same rule as parse_size, for the OpenAPI schema (clients and schemathesis generate from it).
+SIZE_SCHEMA_PATTERN = f"^(auto|({_SIDES})x({_SIDES}))$"
+NOT_BLANK_PATTERN = r"\S"
 # The largest seed a request may give; engines draw random seeds below it and wrap seed + i past it.
 MAX_SEED = 2**31 - 1
 MAX_IMAGES = 10  # OpenAI's n; the router lowers it where the planner says a batch that large does not fit
 Quality = Literal["low", "medium", "high", "auto"]
-Background = Literal["transparent", "opaque", "auto"]
+# transparent is parsed so that it gets its own 400 (OpenAI's clients send it); the schema lists what works.
+Background = Annotated[Literal["transparent", "opaque", "auto"],
+                       WithJsonSchema({"enum": ["opaque", "auto"], "type": "string"})]
+
 
 
 def parse_size(size: str) -> tuple[int, int]:
     """'1024x768' -> (1024, 768); raises ValueError naming the rule that failed."""
-    match = SIZE_PATTERN.match(size.strip())
+    match = SIZE_PATTERN.match(size)
     if not match:
         raise ValueError(f"size must be 'WIDTHxHEIGHT' in pixels, e.g. '1024x1024' (got {size!r})")
     width, height = int(match.group(1)), int(match.group(2))
-    if width % 16 or height % 16:
-        raise ValueError(f"width and height must be multiples of 16 (got {width}x{height})")
-    if width == 0 or height == 0:
-        raise ValueError("width and height must be positive")
+    if width % SIDE_MULTIPLE or height % SIDE_MULTIPLE:
+        raise ValueError(f"width and height must be multiples of {SIDE_MULTIPLE} (got {width}x{height})")
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise ValueError(f"width and height must be from {SIDE_MULTIPLE} to {MAX_SIDE} (got {width}x{height})")
     return width, height
 
 
@@ -43,17 +52,21 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(default=None, description="Variant id or alias; the task's default alias when null.")
-    prompt: str = Field(min_length=1, max_length=4000, description="What to draw, or the edit instruction.")
+    prompt: str = Field(min_length=1, max_length=4000, json_schema_extra={"pattern": NOT_BLANK_PATTERN},
+                        description="What to draw, or the edit instruction; not blank.")
     n: int = Field(default=1, ge=1, le=MAX_IMAGES,
                    description="Number of images, made in one pipeline call; at most what the planner says fits.")
     size: str | None = Field(
-        default=None, description="'WIDTHxHEIGHT', multiples of 16, or 'auto': the variant's default when null.")
+        default=None, json_schema_extra={"pattern": SIZE_SCHEMA_PATTERN},
+        description=f"'WIDTHxHEIGHT', multiples of {SIDE_MULTIPLE} up to {MAX_SIDE} (each variant's own range in "
+                    "/v1/models), or 'auto': the variant's default when null or auto.")
     quality: Quality | None = Field(
         default=None, description="Denoising steps from the variant's presets (catalog `quality_steps`); an "
                                   "explicit num_inference_steps wins. auto or null: the variant's default steps.")
     output_format: OutputFormat = Field(default="png", description="Encoding of the returned images.")
     output_compression: int | None = Field(
-        default=None, ge=0, le=100, description="JPEG/WEBP quality, 0-100 (OpenAI's default 100); not for png.")
+        default=None, ge=0, le=100,
+        description="JPEG/WEBP quality, 0-100 (OpenAI's default 100); png is lossless and ignores it.")
     background: Background | None = Field(
         default=None, description="opaque or auto; transparent is refused (400): these models make no alpha.")
     response_format: Literal["b64_json"] = Field(default="b64_json", description="Only b64_json: no image storage.")
@@ -61,6 +74,14 @@ class _Request(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1, le=100, description="Denoising steps.")
     negative_prompt: str | None = Field(default=None, max_length=4000)
     user: str | None = Field(default=None, max_length=256, description="Accepted for OpenAI compatibility; unused.")
+
+    @field_validator("n", "output_compression", "seed", "num_inference_steps", mode="before")
+    @classmethod
+    def _integral_number(cls, value: object) -> object:
+        """JSON Schema counts 8.0 as an integer, so the API takes it as 8; bools and strings stay refused."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -74,13 +95,6 @@ class _Request(BaseModel):
     def _size_shape(cls, value: str | None) -> str | None:
         if value is not None and value != "auto":
             parse_size(value)
-        return value
-
-    @field_validator("output_compression")
-    @classmethod
-    def _compression_needs_a_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("output_format", "png") == "png":
-            raise ValueError("output_compression applies to output_format jpeg or webp, not png")
         return value
 
     def dimensions(self) -> tuple[int | None, int | None]:

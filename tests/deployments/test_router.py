@@ -4,7 +4,7 @@ import pytest
 
 from deployments.router import Router
 from serve_app.domain.config import parse_config
-from serve_app.domain.errors import InvalidRequestError
+from serve_app.domain.errors import LimitExceededError
 from serve_app.domain.schemas import EditRequest, GenerateRequest
 from serve_app.domain.specs import resolve_application
 
@@ -21,7 +21,7 @@ def test_a_request_over_the_cost_bound_is_422_naming_the_bound():
     checks = router({"max_request_cost": 100})
     z = checks.catalog.variant("z-image-turbo")
     checks.check_cost(GenerateRequest(prompt="x", num_inference_steps=8), z, (1024, 1024))  # ~8.4
-    with pytest.raises(InvalidRequestError) as err:
+    with pytest.raises(LimitExceededError) as err:
         checks.check_cost(GenerateRequest(prompt="x", n=4, num_inference_steps=50), z, (2048, 2048))
     assert err.value.param == "size" and "over this service's limit of 100" in err.value.message
     assert "839 megapixel-steps" in err.value.message
@@ -34,7 +34,7 @@ def test_input_images_count_in_the_cost_and_the_variants_default_steps_stand_in(
     three = EditRequest(prompt="x", images=[b"a", b"b", b"c"])
     assert one.cost(1024, 1024, 40) == pytest.approx(1.048576 * 40 * 2)
     checks.check_cost(one, edit, (1024, 1024))
-    with pytest.raises(InvalidRequestError, match=r"x 40 steps x n=1 x \(1 \+ 3 input images\)"):
+    with pytest.raises(LimitExceededError, match=r"x 40 steps x n=1 x \(1 \+ 3 input images\)"):
         checks.check_cost(three, edit, (1024, 1024))
 
 

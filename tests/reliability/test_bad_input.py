@@ -78,13 +78,20 @@ def test_input_pixel_cap_is_configurable(http):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"size": "64x64x2"}, "size"), ({"size": "2064x2064"}, "size"),
+    ({"size": "64x64x2"}, "size"), ({"size": "4112x16"}, "size"),
     ({"num_inference_steps": 101}, "num_inference_steps"),
     ({"n": 0}, "n"), ({"guidance_scale": 21}, "guidance_scale"), ({"prompt": "x" * 4001}, "prompt"),
 ])
 def test_fields_out_of_range_are_422_naming_them(http, body, param):
     response = http.post("/v1/images/generations", json={"prompt": "a fox", **body})
     assert_error(response, 422, "invalid_request", param)
+
+
+def test_a_size_over_the_models_own_range_is_422_limit_exceeded(http):
+    """Well-formed (the schema's sizes go to 4096), but over what the variant takes: a limit, named."""
+    response = http.post("/v1/images/generations", json={"prompt": "a fox", "size": "2064x2064"})
+    assert_error(response, 422, "limit_exceeded", "size")
+    assert "2048" in response.json()["error"]["message"]
 
 
 def test_edit_image_count_is_checked(http):

@@ -1,5 +1,6 @@
-"""The ASGI middlewares alone (no Ray): key check and body limit."""
+"""The ASGI app without Ray: its middlewares (key check, body limit) and the OpenAPI schema it states."""
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -72,9 +73,39 @@ def test_the_schema_declares_every_error_status_with_the_error_body():
 def test_the_edit_operation_describes_its_multipart_fields_and_limits():
     schema = openapi_schema()
     body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    fields = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]["properties"]
-    assert {"image", "image[]", "prompt", "n", "size", "quality", "output_format", "output_compression",
+    form = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    fields = form["properties"]
+    assert {"image", "prompt", "n", "size", "quality", "output_format", "output_compression",
             "background", "seed", "num_inference_steps", "true_cfg_scale"} <= set(fields)
     assert all(field.get("description") for field in fields.values())
+    assert set(form["required"]) == {"image", "prompt"}
+    assert (fields["image"]["minItems"], fields["image"]["maxItems"]) == (1, 3)
+    assert "image[]" in fields["image"]["description"]  # accepted, described, not a second field
+
+
+def test_the_edit_forms_fields_carry_the_request_types_and_no_null():
+    schema = openapi_schema()
+    body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    fields = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]["properties"]
+    assert not any("anyOf" in field for field in fields.values())
+    assert fields["quality"]["enum"] == ["low", "medium", "high", "auto"]
     assert (fields["n"]["minimum"], fields["n"]["maximum"]) == (1, 10)
-    assert "1 to 3" in fields["image"]["description"]
+    assert (fields["output_compression"]["minimum"], fields["output_compression"]["maximum"]) == (0, 100)
+    assert fields["prompt"]["pattern"] == r"\S" and fields["prompt"]["maxLength"] == 4000
+    generate = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert fields["size"]["pattern"] == generate["size"]["pattern"]
+
+
+def test_the_size_pattern_is_the_size_rule():
+    import re
+
+    from serve_app.domain.schemas import SIZE_SCHEMA_PATTERN, parse_size
+
+    pattern = re.compile(SIZE_SCHEMA_PATTERN)
+    for size in ("16x16", "1024x768", "4096x4096", "auto"):
+        assert pattern.search(size)
+    assert parse_size("4096x16") == (4096, 16)
+    for size in ("0x16", "17x16", "4112x16", "16x16x16", "016x16", "1024X1024", " 16x16"):
+        assert not pattern.search(size)
+        with pytest.raises(ValueError):
+            parse_size(size)

@@ -22,3 +22,16 @@ def test_the_http_answer_is_what_the_schema_declares():
 def test_requests_take_no_loosely_typed_values(field, value):
     with pytest.raises(ValidationError):
         GenerateRequest.model_validate({"prompt": "a cat", field: value})
+
+
+def test_integral_numbers_count_as_integers_as_json_schema_says():
+    request = GenerateRequest.model_validate({"prompt": "a cat", "n": 2.0, "seed": 7.0})
+    assert (request.n, request.seed) == (2, 7) and isinstance(request.n, int)
+    with pytest.raises(ValidationError):
+        GenerateRequest.model_validate({"prompt": "a cat", "n": 2.5})
+
+
+def test_the_schema_lists_only_the_backgrounds_that_work_but_transparent_parses_for_its_own_400():
+    field = GenerateRequest.model_json_schema()["properties"]["background"]
+    assert field["anyOf"][0]["enum"] == ["opaque", "auto"]
+    assert GenerateRequest(prompt="a cat", background="transparent").background == "transparent"
