@@ -8,6 +8,7 @@ from serve_app.domain.config import AppConfig, ConfigError, load_config
 from serve_app.domain.errors import (
     ImageServeError,
     InvalidRequestError,
+    LimitExceededError,
     ModelNotFoundError,
     ModelUnavailableError,
     OverloadedError,
@@ -26,6 +27,7 @@ __all__ = [
     "ImageResult",
     "ImageServeError",
     "InvalidRequestError",
+    "LimitExceededError",
     "ModelNotFoundError",
     "ModelUnavailableError",
     "OverloadedError",
