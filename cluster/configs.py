@@ -117,8 +117,15 @@ def ray_cluster_config(fleet: FleetConfig, catalog: Catalog) -> dict[str, Any]:
     }
 
 
+# Every node runs a Serve proxy (proxy_location EveryNode): a pod takes traffic once imageserve answers
+# /readyz there, i.e. every served variant has a running replica, not merely once Ray is up.
+READINESS_PROBE = {"httpGet": {"path": "/readyz", "port": 8000}, "initialDelaySeconds": 10, "periodSeconds": 5,
+                   "timeoutSeconds": 3, "failureThreshold": 3}
+
+
 def _container(name: str, resources: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "image": IMAGE, "resources": {"limits": resources, "requests": resources}}
+    return {"name": name, "image": IMAGE, "resources": {"limits": resources, "requests": resources},
+            "readinessProbe": READINESS_PROBE}
 
 
 def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict[str, Any],
@@ -167,7 +174,11 @@ def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict
 
 
 class _BlockDumper(yaml.SafeDumper):
-    """Dumps multi-line strings (serveConfigV2) as readable ``|`` blocks."""
+    """Dumps multi-line strings (serveConfigV2) as readable ``|`` blocks, and a value used twice (limits
+    and requests, each container's probe) in full each time rather than as a YAML anchor and alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str_presenter(dumper: yaml.SafeDumper, value: str):

@@ -23,6 +23,7 @@ from serve_app.domain.errors import (
     ImageServeError,
     InternalError,
     LimitExceededError,
+    NotReadyError,
     OverloadedError,
     ReplicaOutOfMemoryError,
     UnsupportedValueError,
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 2
 REPLICA_COUNT_TTL_S = 2.0
+READY_RETRY_AFTER_S = 5  # a replica loads in seconds (tiny) to minutes (20B from disk): ask again soon
 # A replica that dies mid-request (killed, node lost) never answered: one retry is safe.
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
@@ -323,6 +325,17 @@ class Router:
             data.append({"id": alias, "object": "model", "owned_by": "imageserve", "task": task,
                          "alias_for": self.catalog.aliases[alias], "resolves_to": resolves_to})
         return {"object": "list", "data": data}
+
+    async def readiness(self) -> dict[str, Any]:
+        """Ready when every served variant can take a request now; NotReadyError (503) says which cannot."""
+        running = await asyncio.to_thread(self._read_replica_counts)
+        waiting = self.table.not_ready(running)
+        if waiting:
+            reasons = "; ".join(f"{variant}: {why}" for variant, why in waiting.items())
+            raise NotReadyError(f"not ready: {reasons}", retry_after_s=READY_RETRY_AFTER_S)
+        replicas = {variant: sum(running.get(r.deployment, 0) for r in routes)
+                    for variant, routes in sorted(self.table.routes.items())}
+        return {"status": "ready", "replicas": replicas}
 
     async def health(self) -> dict[str, Any]:
         """Liveness, the served variants, and the requests this router has at each deployment."""

@@ -1,9 +1,10 @@
 """The OpenAI images API over HTTP, and the ingress deployment that serves it in front of the router.
 
 Routes: ``POST /v1/images/generations`` (JSON), ``POST /v1/images/edits`` (multipart, ``image``
-or ``image[]``), ``GET /v1/models``, ``GET /healthz``, ``GET /metrics``; the OpenAPI schema is at
-``/openapi.json``. Every error is JSON: ``{"error": {"code", "message", "param", "type"}}``. This
-module parses and answers HTTP; ``deployments.router.Router`` does the work.
+or ``image[]``), ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`` (readiness),
+``GET /metrics``; the OpenAPI schema is at ``/openapi.json``. Every error is JSON:
+``{"error": {"code", "message", "param", "type"}}``. This module parses and answers HTTP;
+``deployments.router.Router`` does the work.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class ImageService(Protocol):
     async def edit(self, request: EditRequest) -> ImageResult: ...
     async def models(self) -> dict[str, Any]: ...
     async def health(self) -> dict[str, Any]: ...
+    async def readiness(self) -> dict[str, Any]: ...
     async def metrics_text(self) -> str: ...
     def record_error(self, task: str, reason: str) -> None: ...
 
@@ -104,7 +106,7 @@ def _validation_response(errors: list[dict]) -> JSONResponse:
 
 
 API_KEYS_ENV = "IMAGESERVE_API_KEYS"
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no key
 
 
 def configured_api_keys(keys: list[str]) -> list[bytes]:
@@ -114,7 +116,8 @@ def configured_api_keys(keys: list[str]) -> list[bytes]:
 
 
 class ApiKeyMiddleware:
-    """Bearer-key check on every route but /healthz. Keys are compared in constant time and never logged."""
+    """Bearer-key check on every route but the probes (/healthz, /readyz). Keys are compared in constant
+    time and never logged."""
 
     def __init__(self, app, keys: list[bytes]) -> None:
         self.app = app
@@ -272,6 +275,12 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     @app.get("/healthz", summary="Liveness of the HTTP router")
     async def healthz() -> dict[str, Any]:
         return await service.health()
+
+    @app.get("/readyz", summary="Readiness: every served variant can take a request now",
+             responses={503: _error("Some served variant has no running replica yet; the message says which.",
+                                    retry_after=True)})
+    async def readyz() -> dict[str, Any]:
+        return await service.readiness()
 
     app.openapi = lambda: _edit_form_as_the_request_states_it(FastAPI.openapi(app))
 

@@ -95,6 +95,26 @@ def deploy(config: AppConfig, loaders: dict[str, Any] | None = None, route_prefi
     raise TimeoutError(f"{name} was not RUNNING after {timeout_s}s")
 
 
+def wait_until_ready(readyz_url: str, timeout_s: float = 300) -> None:
+    """Wait until ``readyz_url`` answers 200: every served variant has a running replica."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(readyz_url, timeout=10) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as err:
+            last = f"{err.code}: {err.read().decode(errors='replace')[:500]}"
+        except OSError as err:  # not listening yet
+            last = str(err)
+        time.sleep(0.5)
+    raise TimeoutError(f"{readyz_url} was not ready after {timeout_s}s ({last})")
+
+
 class LocalService(PrivateRayCluster):
     """A local Ray cluster with imageserve deployed on it; use as a context manager."""
 
@@ -146,6 +166,7 @@ class LocalService(PrivateRayCluster):
             http_options["request_timeout_s"] = self.config.serving.request_timeout_s
         serve.start(http_options=http_options, proxy_location="HeadOnly")
         deploy(self.config, loaders, timeout_s=timeout_s)
+        wait_until_ready(f"{self.url}{self.config.serving.route_prefix.rstrip('/')}/readyz", timeout_s)
         return self
 
     def add_application(self, config: AppConfig, route_prefix: str, loaders: dict[str, Any] | None = None,

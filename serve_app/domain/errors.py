@@ -81,6 +81,13 @@ class ModelUnavailableError(ImageServeError):
     code = "model_unavailable"
 
 
+class NotReadyError(ImageServeError):
+    """The service is up but some served variant has no running replica yet (loading, or being replaced)."""
+
+    status_code = 503
+    code = "not_ready"
+
+
 class OverloadedError(ImageServeError):
     status_code = 429
     code = "overloaded"

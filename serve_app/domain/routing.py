@@ -141,6 +141,17 @@ class RoutingTable:
         _, variant, route = min(good, key=lambda item: (item[2].vram_gib or 0.0, item[0]))
         return variant, route
 
+    def not_ready(self, running: dict[str, int]) -> dict[str, str]:
+        """Served variants that cannot take a request now, with why, given running replicas per deployment.
+        A variant is ready when one of its routes has a running replica, or may scale from zero (its
+        deployment starts one on the first request)."""
+        waiting = {}
+        for variant_id, routes in sorted(self.routes.items()):
+            if not any(running.get(r.deployment, 0) > 0 or r.min_replicas == 0 for r in routes):
+                pools = ", ".join(r.pool for r in routes)
+                waiting[variant_id] = f"no running replica yet (pools: {pools}); it may still be loading"
+        return waiting
+
     def larger_than(self, options: list[Option], failed: Route) -> list[Option]:
         """Options on GPUs with more VRAM than the route that ran out of memory."""
         return [(v, r) for v, r in options

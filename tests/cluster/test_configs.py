@@ -68,3 +68,13 @@ def test_fault_tolerance_can_be_left_off(tmp_path):
                   redis_address=None)
     service = yaml.safe_load((tmp_path / "kuberay-rayservice.yaml").read_text())
     assert "gcsFaultToleranceOptions" not in service["spec"]["rayClusterConfig"]
+
+
+def test_every_pod_is_ready_only_when_imageserve_answers_readyz():
+    service = yaml.safe_load((DEPLOY / "kuberay-rayservice.yaml").read_text())
+    cluster = service["spec"]["rayClusterConfig"]
+    specs = [cluster["headGroupSpec"]["template"]["spec"]]
+    specs += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    for spec in specs:
+        (container,) = spec["containers"]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}

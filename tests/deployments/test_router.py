@@ -42,3 +42,21 @@ def test_no_bound_when_the_config_says_null():
     checks = router({"max_request_cost": None})
     checks.check_cost(GenerateRequest(prompt="x", n=4, num_inference_steps=100), checks.catalog.variant(
         "z-image-turbo"), (2048, 2048))
+
+
+def test_not_ready_is_a_503_naming_the_variants_without_a_running_replica(monkeypatch):
+    import asyncio
+
+    from serve_app.domain.errors import NotReadyError
+
+    checks = router({})
+    deployments = {route.variant: route.deployment for route in checks.spec.routes}
+    running = {deployments["z-image-turbo"]: 1}
+    monkeypatch.setattr(checks, "_read_replica_counts", lambda: running)  # serve.status() stands in here
+    with pytest.raises(NotReadyError) as err:
+        asyncio.run(checks.readiness())
+    assert err.value.status_code == 503 and err.value.retry_after_s
+    assert "qwen-image-edit-2511" in err.value.message and "z-image-turbo" not in err.value.message
+    running[deployments["qwen-image-edit-2511"]] = 1
+    assert asyncio.run(checks.readiness()) == {"status": "ready",
+                                               "replicas": {"qwen-image-edit-2511": 1, "z-image-turbo": 1}}

@@ -190,10 +190,15 @@ def test_models_lists_every_variant_with_needs_and_replicas(http, catalog):
     assert by_id["qwen-image-edit"]["resolves_to"] == {"default": "qwen-image-edit-2511"}
 
 
-def test_healthz_and_openapi(http):
+def test_healthz_readyz_and_openapi(http):
     assert http.get("/healthz").json()["status"] == "ok"
+    ready = http.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "ready"
+    assert set(ready.json()["replicas"]) == {"z-image-turbo", "qwen-image-edit-2509", "qwen-image-edit-2511"}
+    assert all(count >= 1 for count in ready.json()["replicas"].values())
     schema = http.get("/openapi.json").json()
-    assert {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/healthz"} <= set(schema["paths"])
+    assert {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/healthz", "/readyz"} <= set(schema["paths"])
 
 
 def error_of(response, status):

@@ -64,7 +64,7 @@ def real_png(size: int = 32) -> bytes:
 
 
 OPERATIONS = [("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"), ("GET", "/v1/models"),
-              ("GET", "/healthz"), ("GET", "/metrics")]
+              ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")]
 
 
 def test_the_operations_below_are_all_the_schema_has(conformance_schema):

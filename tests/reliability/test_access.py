@@ -13,7 +13,7 @@ BODY = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 1}
     {}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": "Bearer wrong-key"},
     {"Authorization": "Basic {key}"}, {"Authorization": "{key}"},
 ])
-def test_every_route_but_healthz_needs_a_valid_bearer_key(http, headers, api_key):
+def test_every_route_but_the_probes_needs_a_valid_bearer_key(http, headers, api_key):
     headers = {k: v.format(key=api_key) for k, v in headers.items()}
     for method, path in (("post", "/secure/v1/images/generations"), ("get", "/secure/v1/models"),
                          ("get", "/secure/metrics"), ("get", "/secure/openapi.json")):
@@ -23,10 +23,11 @@ def test_every_route_but_healthz_needs_a_valid_bearer_key(http, headers, api_key
         assert response.json()["error"]["code"] == "unauthorized"
 
 
-def test_a_valid_key_works_and_healthz_is_open(http, api_key):
+def test_a_valid_key_works_and_the_probes_are_open(http, api_key):
     ok = http.post("/secure/v1/images/generations", json=BODY, headers={"Authorization": f"Bearer {api_key}"})
     assert ok.status_code == 200
     assert http.get("/secure/healthz").status_code == 200
+    assert http.get("/secure/readyz").status_code == 200  # a load balancer's probe carries no key
 
 
 def test_keys_from_the_environment(monkeypatch):

@@ -106,3 +106,14 @@ def test_resolution_errors(table):
         table.resolve("qwen-image-edit-2511", "generate")
     with pytest.raises(ModelUnavailableError, match="fits no GPU pool"):
         table.resolve("z-image-turbo-svdq-fp4-r32", "generate")
+
+
+def test_ready_when_every_served_variant_has_a_running_replica_or_may_scale_from_zero(catalog):
+    scaled = route("rtx5090", 32, 8.3, "edit-fp4@rtx5090", min_replicas=0)
+    table = RoutingTable(catalog, {"z-image-turbo": [route("a4500", 20, 13.5, "gen@a4500"),
+                                                     route("a100", 80, 3.8, "gen@a100")],
+                                   "qwen-image-edit-2511": [route("a100", 80, 108, "edit@a100")],
+                                   "qwen-image-edit-2509-svdq-fp4-r32-lightning-8step": [scaled]}, {})
+    assert table.not_ready({"gen@a100": 1, "edit@a100": 1}) == {}
+    waiting = table.not_ready({"gen@a4500": 0, "gen@a100": 0, "edit@a100": 2})
+    assert list(waiting) == ["z-image-turbo"] and "a4500, a100" in waiting["z-image-turbo"]
