@@ -1,7 +1,7 @@
 # The two commands of README.md:
 #   make serve   install, build tiny checkpoints if missing, serve on http://127.0.0.1:8000 (CPU)
 #   make test    install, lint, run the whole test suite (what .ci/run calls)
-# Also: make lint, make unit (the tests that start no Ray cluster), make cluster-configs.
+# Also: make lint, make unit (the tests that start no Ray cluster), make cluster-configs, make image.
 # Everything a fresh machine needs is installed here, into .venv.
 
 PYTHON ?= python3
@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM = false
 PROMETHEUS := .tools/prometheus/usr/bin/prometheus
 export IMAGESERVE_PROMETHEUS := $(CURDIR)/$(PROMETHEUS)
 
-.PHONY: install serve test lint unit cluster-configs
+.PHONY: install serve test lint unit cluster-configs image
 
 install: $(VENV)/.installed
 
@@ -50,3 +50,10 @@ test: lint $(PROMETHEUS)
 # serve_config.yaml and cluster/deploy/*.yaml from the example fleet and production config.
 cluster-configs: install
 	$(VENV)/bin/imageserve cluster-configs --serve-config-out serve_config.yaml --manifests-out cluster/deploy
+
+# The node image (Dockerfile): Ray's CUDA image with imageserve. For 4-bit variants pass the real
+# nunchaku wheel: make image NUNCHAKU_WHEEL=https://github.com/nunchaku-tech/nunchaku/releases/...
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' serve_app/__init__.py)
+IMAGE ?= imageserve:$(VERSION)
+image:
+	docker build -t $(IMAGE) $(if $(NUNCHAKU_WHEEL),--build-arg NUNCHAKU_WHEEL=$(NUNCHAKU_WHEEL)) .

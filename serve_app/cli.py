@@ -194,10 +194,11 @@ def cmd_cluster_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_configs(args: argparse.Namespace) -> int:
-    from cluster.configs import write_configs
+    from cluster.configs import DEFAULT_IMAGE, write_configs
 
+    args.image = args.image or DEFAULT_IMAGE
     for path in write_configs(args.fleet, args.config, args.serve_config_out, args.manifests_out,
-                              args.redis or None):
+                              args.redis or None, args.image):
         print(f"wrote {path}")
     return 0
 
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-config-out", default="serve_config.yaml", help="where to write the Ray Serve config")
     p.add_argument("--manifests-out", default=".", help="folder for ray-cluster.yaml and kuberay-rayservice.yaml")
     p.add_argument("--redis", default="redis:6379", help="GCS fault-tolerance Redis address ('' to leave it off)")
+    p.add_argument("--image", default=None,
+                   help="container image of every node, built from the Dockerfile (default: imageserve:VERSION, "
+                        "what `make image` tags)")
     p.set_defaults(func=cmd_cluster_configs)
     return parser
 

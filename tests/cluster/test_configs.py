@@ -78,3 +78,17 @@ def test_every_pod_is_ready_only_when_imageserve_answers_readyz():
     for spec in specs:
         (container,) = spec["containers"]
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+
+
+def test_the_image_is_written_into_both_cluster_configs(tmp_path):
+    from serve_app.cli import main
+
+    image = "registry.example.com/team/imageserve:0.1.0-nunchaku"
+    assert main(["cluster-configs", "--serve-config-out", str(tmp_path / "serve_config.yaml"),
+                 "--manifests-out", str(tmp_path), "--image", image]) == 0
+    launcher = yaml.safe_load((tmp_path / "ray-cluster.yaml").read_text())
+    assert launcher["docker"]["image"] == image and "setup_commands" not in launcher
+    cluster = yaml.safe_load((tmp_path / "kuberay-rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    specs = [cluster["headGroupSpec"]["template"]["spec"]]
+    specs += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    assert {container["image"] for spec in specs for container in spec["containers"]} == {image}
