@@ -1,4 +1,4 @@
-"""The ``imageserve`` command: plan, calibrate, doctor, make-tiny-models, run."""
+"""The ``imageserve`` command: plan, calibrate, doctor, download, make-tiny-models, run."""
 
 from __future__ import annotations
 
@@ -163,6 +163,30 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    # The one command that goes online; huggingface_hub reads HF_HUB_OFFLINE once, when first imported.
+    os.environ["HF_HUB_OFFLINE"] = "0"
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        print("imageserve: huggingface_hub was imported in offline mode before the download", file=sys.stderr)
+        return 2
+    from serve_app.download import DownloadError, download
+
+    config = load_config(args.config)
+    try:
+        report = download(config, cache_dir=args.cache_dir, keep_free_gb=args.keep_free_gb, dry_run=args.dry_run,
+                          log=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+    except DownloadError as err:
+        print(f"imageserve download: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif not args.dry_run:
+        print(f"done: serve offline from this cache (hf.offline: true, hf.cache_dir: {report['cache_dir']})")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from serve_app.embedded import embedded_config
     from serve_app.runner import run_foreground
@@ -244,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where weights would be downloaded (default: the HF cache)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("download", help="fetch exactly the weight files a config's variants load, and verify them")
+    p.add_argument("--config", default=str(EXAMPLE_PRODUCTION_CONFIG),
+                   help="YAML config whose models to fetch (default: the example production config)")
+    p.add_argument("--cache-dir", help="Hugging Face cache to fill (default: the config's hf.cache_dir, else HF's)")
+    p.add_argument("--keep-free-gb", type=float, default=5.0, help="refuse unless this much disk stays free after")
+    p.add_argument("--dry-run", action="store_true", help="say what would be fetched and check the disk; fetch nothing")
+    p.add_argument("--json", action="store_true", help="the report as JSON on stdout (progress on stderr)")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("run", help="serve in the foreground on a private local Ray (embedded tiny default)")
     p.add_argument("--config", help="YAML config to serve (default: the embedded CPU default with tiny models)")

@@ -8,17 +8,10 @@ from typing import Any
 from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.config import AppConfig
 from serve_app.domain.planner import plan
+from serve_app.download import hub_cache_dir
 from serve_app.engines import nunchaku_families
 from serve_app.engines.hardware import detect_local_gpu, free_disk_gb, host_memory_gib
 from serve_app.engines.nunchaku_support import compatibility, nunchaku_status
-
-
-def _hf_cache_dir(config: AppConfig, override: str | None) -> str:
-    if override or config.hf.cache_dir:
-        return override or config.hf.cache_dir
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return HF_HUB_CACHE
 
 
 def download_need_gb(variants: list[ModelVariant]) -> float:
@@ -46,7 +39,7 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
     local = detect_local_gpu(catalog.gpus.values())
     nunchaku_ok, nunchaku_text = nunchaku_status()
     fit = compatibility(nunchaku_families())
-    cache = _hf_cache_dir(config, cache_dir)
+    cache = hub_cache_dir(config, cache_dir)
     free_gb = free_disk_gb(cache)
     local_only = [
         v.id for v in variants

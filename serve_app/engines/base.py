@@ -13,6 +13,7 @@ steps once the caller's ``should_stop`` says so.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -47,6 +48,14 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def pipeline_folders(model_index: dict[str, Any], with_transformer: bool = True) -> set[str]:
+    """The component folders a diffusers ``model_index.json`` lists (entries ``[library, class]``), without
+    ``transformer`` when a nunchaku 4-bit transformer replaces it."""
+    folders = {name for name, value in model_index.items()
+               if isinstance(value, list) and len(value) == 2 and value[0] is not None}
+    return folders if with_transformer else folders - {"transformer"}
+
+
 def resolve_source(source: str, hf: HFConfig, skip_transformer: bool = False) -> Path:
     """A local pipeline folder for ``source`` (a folder, or a hub repo id from the local cache).
 
@@ -60,12 +69,16 @@ def resolve_source(source: str, hf: HFConfig, skip_transformer: bool = False) ->
         return path
     if not HUB_REPO_ID.fullmatch(source):
         raise ModelLoadError(f"model folder {source} does not exist")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
+        # Only what the pipeline loads (what `imageserve download` fetches): huggingface_hub refuses an
+        # offline snapshot that lacks any file of the patterns asked for, READMEs and sample images included.
+        index = hf_hub_download(source, "model_index.json", cache_dir=hf.cache_dir, local_files_only=hf.offline)
+        folders = pipeline_folders(json.loads(Path(index).read_text()), with_transformer=not skip_transformer)
         return Path(snapshot_download(
             source, cache_dir=hf.cache_dir, local_files_only=hf.offline,
-            ignore_patterns=["transformer/*"] if skip_transformer else None,
+            allow_patterns=["model_index.json", *(f"{folder}/*" for folder in sorted(folders))],
         ))
     except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
         where = "in the local Hugging Face cache (offline mode)" if hf.offline else "on the Hub"

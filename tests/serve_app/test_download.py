@@ -1,0 +1,116 @@
+"""``imageserve download`` against a local server speaking the Hub's file API, then serving offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve_app.domain.config import parse_config
+from serve_app.download import DownloadError, check_free_space, needs
+from serve_app.engines.base import pipeline_folders
+from tests.serve_app.hub_server import FakeHub, Repo
+
+ROOT = Path(__file__).resolve().parents[2]
+Z_IMAGE = "Tongyi-MAI/Z-Image-Turbo"
+NUNCHAKU = "nunchaku-tech/nunchaku-z-image-turbo"
+INT4 = "svdq-int4_r128-z-image-turbo.safetensors"
+# Over huggingface_hub's 10 MiB download chunk, so a download cut halfway leaves bytes on disk to resume from.
+LARGE = "transformer/large_shard.bin"
+FP4 = "svdq-fp4_r32-z-image-turbo.safetensors"
+
+
+@pytest.fixture
+def hub(tiny_models):
+    """The tiny Z-Image checkpoint as Z-Image-Turbo's repository (plus files a pipeline does not load),
+    and a nunchaku repository holding two 4-bit transformer files."""
+    not_loaded = {"README.md": b"# Z-Image-Turbo\n", "assets/demo.png": b"\x89PNG" * 64}
+    fake = FakeHub({
+        Z_IMAGE: FakeHub.repo_from_folder(tiny_models["z-image-turbo"], "a" * 40,
+                                          extra={**not_loaded, LARGE: os.urandom(24 << 20)}),
+        NUNCHAKU: Repo({INT4: os.urandom(4096), FP4: os.urandom(4096), "README.md": b"# 4-bit\n"}, "b" * 40),
+    })
+    server, url = fake.serve()
+    fake.url = url
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
+def run_download(hub, tmp_path, models: dict, *extra: str) -> subprocess.CompletedProcess:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"models": models}))
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    return subprocess.run([sys.executable, "-m", "serve_app.cli", "download", "--config", str(config),
+                           "--cache-dir", str(tmp_path / "cache"), "--keep-free-gb", "0", *extra],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+def test_a_pipeline_is_fetched_resumed_verified_and_then_served_offline(hub, tmp_path, tiny_models,
+                                                                        load_engine_for):
+    hub.cut_once.add((Z_IMAGE, LARGE))  # the connection drops halfway through the largest file
+    done = run_download(hub, tmp_path, {"z-image-turbo": {}})
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "files verified" in done.stdout
+    # Exactly the pipeline: model_index.json and the folders it lists, not the README or the assets.
+    fetched = hub.fetched(Z_IMAGE)
+    index = json.loads(hub.repos[Z_IMAGE].files["model_index.json"])
+    folders = pipeline_folders(index, with_transformer=True)
+    expected = {"model_index.json"} | {p for p in hub.repos[Z_IMAGE].files if p.split("/")[0] in folders}
+    assert fetched == expected and "README.md" not in fetched and not hub.fetched(NUNCHAKU)
+    assert hub.ranges(Z_IMAGE, LARGE)  # resumed from where it broke, not started over
+
+    # Serving then runs offline from that cache (the tests run with HF_HUB_OFFLINE=1).
+    config = parse_config({"device": {"device": "cpu"}, "serving": {"warmup": False},
+                           "hf": {"offline": True, "cache_dir": str(tmp_path / "cache")},
+                           "models": {"z-image-turbo": {}}})
+    engine = load_engine_for(config, "z-image-turbo")
+    result = engine.generate("a lighthouse", width=64, height=64, num_inference_steps=1, seed=1)
+    assert len(result.images) == 1
+
+
+def test_a_nunchaku_variant_takes_its_one_file_and_no_bf16_transformer(hub, tmp_path):
+    done = run_download(hub, tmp_path, {"z-image-turbo-svdq-int4-r128": {}}, "--json")
+    assert done.returncode == 0, done.stderr
+    assert not any(p.startswith("transformer/") for p in hub.fetched(Z_IMAGE))
+    assert "text_encoder/config.json" in hub.fetched(Z_IMAGE)
+    assert hub.fetched(NUNCHAKU) == {INT4}
+    report = json.loads(done.stdout)
+    assert report["repos"][NUNCHAKU]["files"] == [INT4]
+
+
+def test_not_enough_disk_is_refused_before_anything_is_fetched(hub, tmp_path):
+    done = run_download(hub, tmp_path, {"z-image-turbo": {}}, "--keep-free-gb", "1000000")
+    assert done.returncode == 2
+    assert "not enough disk" in done.stderr and "GB missing" in done.stderr
+    assert hub.fetched(Z_IMAGE) <= {"model_index.json"}  # read to know the folders; nothing else
+
+
+def test_a_file_that_fails_its_hash_is_removed_and_reported(hub, tmp_path):
+    hub.wrong_hash.add((NUNCHAKU, INT4))
+    done = run_download(hub, tmp_path, {"z-image-turbo-svdq-int4-r128": {}})
+    assert done.returncode == 2
+    assert f"{NUNCHAKU}/{INT4} failed its check" in done.stderr
+    assert not list((tmp_path / "cache").rglob(INT4))
+
+
+def test_local_sources_need_nothing_and_4bit_repos_drop_the_transformer(tiny_models):
+    config = parse_config({"models": {"z-image-turbo": {"source": str(tiny_models["z-image-turbo"])},
+                                      "z-image-turbo-svdq-fp4-r32": {}}})
+    repos, local = needs(config)
+    assert list(local) == ["z-image-turbo"]
+    by_repo = {r.repo_id: r for r in repos}
+    assert by_repo[Z_IMAGE].pipeline and not by_repo[Z_IMAGE].with_transformer
+    assert by_repo[NUNCHAKU].files == {FP4}
+
+
+def test_the_disk_check_says_how_much_is_missing():
+    check_free_space(10e9, 20e9, "/data", keep_free_gb=5)
+    with pytest.raises(DownloadError, match=r"needs 30.00 GB .* 5 GB should stay free, .* 12.00 GB are free: "
+                                            r"23.00 GB missing"):
+        check_free_space(30e9, 12e9, "/data", keep_free_gb=5)
