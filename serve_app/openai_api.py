@@ -92,16 +92,23 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
                         status_code=status, headers=headers)
 
 
+# An answer names this many invalid fields at most, each cut to this length: a body of 400,000 unknown
+# keys (or one 5 MB key) must not come back as megabytes of error message (bench/amplification.py).
+MAX_REPORTED_ERRORS = 5
+MAX_REPORTED_NAME = 64
+
+
+def _field_name(error: dict) -> str:
+    name = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "form", "query")) or "body"
+    return name if len(name) <= MAX_REPORTED_NAME else name[:MAX_REPORTED_NAME] + "..."
+
+
 def _validation_response(errors: list[dict]) -> JSONResponse:
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "form", "query")]
-    param = ".".join(loc) or None
-    if param == "images":
-        param = "image"
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('body', 'form')) or 'body'}: {e['msg']}"
-        for e in errors
-    )
+    param = _field_name(errors[0])
+    param = {"body": None, "images": "image"}.get(param, param)
+    message = "; ".join(f"{_field_name(e)}: {e['msg']}" for e in errors[:MAX_REPORTED_ERRORS])
+    if len(errors) > MAX_REPORTED_ERRORS:
+        message += f"; and {len(errors) - MAX_REPORTED_ERRORS} more"
     return error_response(422, "invalid_request", message, param)
 
 
@@ -147,22 +154,28 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit: at once from Content-Length, or as soon as a streamed body passes it."""
+    """413 for bodies over the limit: at once from Content-Length, or as soon as a streamed body passes it.
+    ``route_limits`` sets a smaller limit per path (the JSON generation route takes kilobytes, not the
+    megabytes an edit's images need)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, route_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.route_limits = route_limits or {}
 
-    def _too_large(self) -> JSONResponse:
-        return error_response(413, "request_too_large",
-                              f"request body over the {self.max_bytes / 1e6:g} MB limit")
+    @staticmethod
+    def _too_large(limit: int) -> JSONResponse:
+        size = f"{limit / 1e6:g} MB" if limit >= 1e6 else f"{limit / 1e3:g} KB"
+        return error_response(413, "request_too_large", f"request body over the {size} limit of this route")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
+        limit = self.route_limits.get(path, self.max_bytes)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large()(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._too_large(limit)(scope, receive, send)
         seen = 0
         state = {"started": False, "refused": False}
 
@@ -171,10 +184,10 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request" and not state["refused"]:
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     state["refused"] = True
                     if not state["started"]:
-                        await self._too_large()(scope, receive, send)
+                        await self._too_large(limit)(scope, receive, send)
                     # The app sees the client leave and stops reading.
                     return {"type": "http.disconnect"}
             return message
@@ -285,7 +298,8 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     app.openapi = lambda: _edit_form_as_the_request_states_it(FastAPI.openapi(app))
 
     # Outermost first: the key check runs before anything reads the body.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=http.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=http.max_body_bytes,
+                       route_limits={"/v1/images/generations": http.max_json_bytes})
     keys = configured_api_keys(list(http.api_keys))
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys)

@@ -103,6 +103,10 @@ class DeploymentOptions(_Section):
 class LimitsConfig(_Section):
     max_body_mb: float = Field(
         default=50.0, gt=0, description="Largest request body (like OpenAI's edit API); 413 past it.")
+    max_json_kb: float = Field(
+        default=64.0, gt=0,
+        description="Largest JSON body (the generation route): its longest valid request, two 4000-character "
+                    "prompts, is under 20 KB. 413 past it, before anything is parsed.")
     max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="Largest input image, in pixels.")
     max_request_cost: float | None = Field(
         default=1000.0, gt=0,

@@ -109,6 +109,7 @@ class RouteSpec(_Spec):
 class HttpSpec(_Spec):
     api_keys: tuple[str, ...] = Field(default=(), repr=False, description="Bearer keys; none means open.")
     max_body_bytes: int = 50_000_000
+    max_json_bytes: int = 64_000
     metrics_route: bool = True
 
 
@@ -241,7 +242,7 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
         routes=tuple(routes),
         unavailable=unavailable,
         http=HttpSpec(api_keys=tuple(serving.api_keys), max_body_bytes=int(serving.limits.max_body_mb * 1e6),
-                      metrics_route=serving.metrics_route),
+                      max_json_bytes=int(serving.limits.max_json_kb * 1e3), metrics_route=serving.metrics_route),
         num_replicas=serving.router_replicas,
         num_cpus=serving.router_num_cpus,
         # A router waits on its replicas: stopping it must not cut requests they may still finish.

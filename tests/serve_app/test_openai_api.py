@@ -18,6 +18,10 @@ def app_with(middleware, **kwargs):
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.post("/echo-too")
+    async def echo_too(body: dict) -> dict:
+        return body
+
     app.add_middleware(middleware, **kwargs)
     return app
 
@@ -44,16 +48,19 @@ def test_body_limit_refuses_declared_and_streamed_bodies():
         assert client.post("/echo", json={"a": "small"}).status_code == 200
 
 
-def openapi_schema() -> dict:
+def create_api_without_service():
+    """The app with no service behind it, for what it answers on its own (schema, refusals)."""
     from serve_app.openai_api import create_api
 
     class NoService:
-        """The schema needs no service: nothing is called."""
-
         def record_error(self, task: str, reason: str) -> None:
-            raise AssertionError("no request is made")
+            pass
 
-    return create_api(NoService()).openapi()
+    return create_api(NoService())
+
+
+def openapi_schema() -> dict:
+    return create_api_without_service().openapi()
 
 
 def test_the_schema_declares_every_error_status_with_the_error_body():
@@ -109,3 +116,33 @@ def test_the_size_pattern_is_the_size_rule():
         assert not pattern.search(size)
         with pytest.raises(ValueError):
             parse_size(size)
+
+
+def test_the_json_route_takes_kilobytes_and_the_edit_route_megabytes():
+    with TestClient(app_with(BodyLimitMiddleware, max_bytes=10_000, route_limits={"/echo": 100})) as client:
+        refused = client.post("/echo", json={"a": "x" * 200})
+        assert refused.status_code == 413 and "over the 0.1 KB limit" in refused.json()["error"]["message"]
+        other = client.post("/echo-too", json={"a": "x" * 200})
+        assert other.status_code != 413  # other routes keep the general limit
+
+
+def test_a_junk_body_costs_kilobytes_of_answer_and_megabytes_of_memory_at_most():
+    """The amplification bench/amplification.py measures, held to bounds: 9 MB of unknown keys, one 5 MB
+    key, the same streamed without a length, and 60 KB of unknown keys (under the JSON limit, parsed)."""
+    from bench.amplification import CASES, measure
+
+    for case in CASES:
+        row = measure(case)
+        assert 400 <= row["status"] < 500, (case, row)
+        assert row["response_bytes"] < 1_000 if row["status"] == 413 else row["response_bytes"] < 2_000, (case, row)
+        assert row["peak_rss_growth_mb"] < 50, (case, row)
+
+
+def test_a_422_names_the_first_few_invalid_fields_and_counts_the_rest():
+    client = TestClient(create_api_without_service())
+    body = {"prompt": "a cat", "size": "big", **{f"unknown_{i}": i for i in range(100)}, "k" * 1000: 1}
+    response = client.post("/v1/images/generations", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["message"].endswith("and 97 more") and len(error["message"]) < 1_000
+    assert error["param"] == "size"
