@@ -121,8 +121,25 @@ def _container(name: str, resources: dict[str, Any], image: str) -> dict[str, An
             "readinessProbe": READINESS_PROBE}
 
 
+API_KEYS_SECRET = "imageserve-api-keys"
+
+
+def _with_keys_secret(pod_spec: dict[str, Any], keys_file: str | None) -> dict[str, Any]:
+    """Mount the API keys Secret where ``serving.api_keys_file`` points, in every container: the router may
+    run on any node, and kubelet updates a mounted Secret in place, so keys rotate without a redeploy."""
+    if not keys_file:
+        return pod_spec
+    folder, name = os.path.split(keys_file)
+    pod_spec["volumes"] = [{"name": "api-keys", "secret": {"secretName": API_KEYS_SECRET,
+                                                           "items": [{"key": "api-keys", "path": name}]}}]
+    for container in pod_spec["containers"]:
+        container["volumeMounts"] = [{"name": "api-keys", "mountPath": folder, "readOnly": True}]
+    return pod_spec
+
+
 def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict[str, Any],
-                        redis_address: str | None = "redis:6379", image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+                        redis_address: str | None = "redis:6379", image: str = DEFAULT_IMAGE,
+                        keys_file: str | None = None) -> dict[str, Any]:
     workers = []
     for pool in fleet.pools:
         gpu = catalog.gpu(pool.gpu_class)
@@ -137,11 +154,11 @@ def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict
                 "resources": json.dumps(node_resources(gpu, per_node), sort_keys=True),
                 "labels": ",".join(f"{k}={v}" for k, v in labels.items()),
             },
-            "template": {"spec": {
+            "template": {"spec": _with_keys_secret({
                 "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT.get(gpu.id, gpu.name)},
                 "containers": [_container("ray-worker", {"cpu": str(8 * per_node), "memory": f"{64 * per_node}Gi",
                                                          "nvidia.com/gpu": str(per_node)}, image)],
-            }},
+            }, keys_file)},
         })
     cluster: dict[str, Any] = {
         "rayVersion": "2.60.0",
@@ -149,7 +166,8 @@ def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict
         "autoscalerOptions": {"version": "v2", "idleTimeoutSeconds": 600},
         "headGroupSpec": {
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": {"spec": {"containers": [_container("ray-head", {"cpu": "8", "memory": "32Gi"}, image)]}},
+            "template": {"spec": _with_keys_secret(
+                {"containers": [_container("ray-head", {"cpu": "8", "memory": "32Gi"}, image)]}, keys_file)},
         },
         "workerGroupSpecs": workers,
     }
@@ -212,7 +230,9 @@ def write_configs(fleet_path: str | os.PathLike, config_path: str | os.PathLike,
     for path, data in (
         (Path(serve_config_out), serve),
         (out / "ray-cluster.yaml", ray_cluster_config(fleet, catalog, image)),
-        (out / "kuberay-rayservice.yaml", rayservice_manifest(fleet, catalog, serve, redis_address, image)),
+        (out / "kuberay-rayservice.yaml", rayservice_manifest(
+            fleet, catalog, serve, redis_address, image,
+            keys_file=(config_data.get("serving") or {}).get("api_keys_file"))),
     ):
         path.write_text(header + dump(data))
         written.append(path)

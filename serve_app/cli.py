@@ -188,6 +188,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from serve_app.api_keys import config_key_ring, refuse_open_non_loopback
     from serve_app.embedded import embedded_config
     from serve_app.runner import run_foreground
 
@@ -195,6 +196,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.host or args.port:
         serving = config.serving.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
         config = config.model_copy(update={"serving": serving})
+    try:  # before Ray starts: the router refuses the same at start-up, after a minute of loading
+        refuse_open_non_loopback(config_key_ring(config), config.serving.host, config.serving.public)
+    except PermissionError as err:
+        print(f"imageserve run: {err}", file=sys.stderr)
+        return 2
     return run_foreground(config)
 
 

@@ -9,9 +9,7 @@ or ``image[]``), ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`
 
 from __future__ import annotations
 
-import hmac
 import logging
-import os
 from typing import Annotated, Any, Protocol
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -24,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.router import Router
 from serve_app import __version__
+from serve_app.api_keys import KeyRing, refuse_open_non_loopback
 from serve_app.domain.errors import ImageServeError, InternalError, error_type
 from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, ImagesResponse
 from serve_app.domain.specs import HttpSpec, RouterSpec
@@ -112,41 +111,33 @@ def _validation_response(errors: list[dict]) -> JSONResponse:
     return error_response(422, "invalid_request", message, param)
 
 
-API_KEYS_ENV = "IMAGESERVE_API_KEYS"
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no key
 
 
-def configured_api_keys(keys: list[str]) -> list[bytes]:
-    """Keys from the config plus ``IMAGESERVE_API_KEYS`` (comma-separated); empty means no auth."""
-    from_env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    return [k.encode() for k in [*keys, *from_env] if k]
-
-
 class ApiKeyMiddleware:
-    """Bearer-key check on every route but the probes (/healthz, /readyz). Keys are compared in constant
-    time and never logged."""
+    """Bearer-key check on every route but the probes (/healthz, /readyz), against ``keys``'s digests
+    (serve_app/api_keys.py). The caller's key id goes into the ASGI scope as ``state["key_id"]``."""
 
-    def __init__(self, app, keys: list[bytes]) -> None:
+    def __init__(self, app, keys: KeyRing) -> None:
         self.app = app
         self.keys = keys
 
-    def _authorized(self, header: bytes | None) -> bool:
+    def _key_id(self, header: bytes | None) -> str | None:
         if not header:
-            return False
+            return None
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
-            return False
-        token = token.strip()
-        # Compare with every key (no early exit) so timing says nothing about which key nearly matched.
-        return sum(hmac.compare_digest(token, key) for key in self.keys) > 0
+            return None
+        return self.keys.check(token.strip())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.keys:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        header = dict(scope["headers"]).get(b"authorization")
-        if self._authorized(header):
+        key_id = self._key_id(dict(scope["headers"]).get(b"authorization"))
+        if key_id is not None:
+            scope.setdefault("state", {})["key_id"] = key_id
             return await self.app(scope, receive, send)
         response = error_response(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
                                   headers={"WWW-Authenticate": 'Bearer realm="imageserve"'})
@@ -300,8 +291,9 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     # Outermost first: the key check runs before anything reads the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=http.max_body_bytes,
                        route_limits={"/v1/images/generations": http.max_json_bytes})
-    keys = configured_api_keys(list(http.api_keys))
-    if keys:
+    keys = KeyRing(http.api_key_sha256, http.api_keys_file)
+    refuse_open_non_loopback(keys, http.host, http.public)
+    if keys.configured:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
     return app
 

@@ -8,6 +8,7 @@ keys that users of the original planning documents already write (``device.enabl
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -140,8 +141,25 @@ class ServingConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_keys: list[str] = Field(
         default_factory=list, repr=False,
-        description="Bearer keys accepted on every route but /healthz (plus IMAGESERVE_API_KEYS, comma-separated).",
+        description="Bearer keys, inline: for local runs. Hashed when the app is built, so only their sha256 "
+                    "reaches Ray. In production use IMAGESERVE_API_KEYS or api_keys_file (docs/security.md).",
     )
+    api_key_sha256: list[str] = Field(
+        default_factory=list, description="sha256 hex digests of accepted keys: safe to write in a config.")
+    public: bool = Field(
+        default=False, description="The endpoint is meant for anyone: serve on a non-loopback host with no API "
+                                   "keys. Without it, that combination refuses to start.")
+    api_keys_file: str | None = Field(
+        default=None, description="File of keys on the router's node, one per line, re-read when it changes "
+                                  "(rotation without a redeploy); a Kubernetes Secret mounted as a file.")
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _digests(cls, digests: list[str]) -> list[str]:
+        bad = [i for i, d in enumerate(digests) if not re.fullmatch(r"[0-9a-f]{64}", d)]
+        if bad:
+            raise ValueError(f"entries {bad} are not sha256 hex digests (64 lowercase hex digits)")
+        return digests
     metrics_route: bool = Field(
         default=True, description="Serve /metrics on the public port; false leaves only Ray's metrics export port.",
     )
@@ -364,7 +382,8 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
             lines.append(f"  {key}: unknown key{hint}")
         else:
             got = item.get("input")
-            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            secret = any(isinstance(part, str) and "api_key" in part for part in loc)  # never echo a key
+            shown = "" if secret or isinstance(got, (dict, list)) else f" (got {got!r})"
             lines.append(f"  {key}: {item['msg']}{shown}")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ boundary as they are.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -106,8 +107,18 @@ class RouteSpec(_Spec):
     min_replicas: int = 1
 
 
+def key_digest(key: str | bytes) -> str:
+    """sha256 hex of a key: what the router compares, and all of a key that leaves the config."""
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).hexdigest()
+
+
 class HttpSpec(_Spec):
-    api_keys: tuple[str, ...] = Field(default=(), repr=False, description="Bearer keys; none means open.")
+    api_key_sha256: tuple[str, ...] = Field(
+        default=(), description="Digests of the accepted keys (inline keys hashed); the router adds "
+                                "IMAGESERVE_API_KEYS and the key file. None of them: open.")
+    api_keys_file: str | None = Field(default=None, description="Key file, re-read when it changes.")
+    host: str = Field(default="127.0.0.1", description="The address the service is configured to bind.")
+    public: bool = Field(default=False, description="Open on a non-loopback host on purpose.")
     max_body_bytes: int = 50_000_000
     max_json_bytes: int = 64_000
     metrics_route: bool = True
@@ -241,7 +252,10 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
         max_request_cost=serving.limits.max_request_cost,
         routes=tuple(routes),
         unavailable=unavailable,
-        http=HttpSpec(api_keys=tuple(serving.api_keys), max_body_bytes=int(serving.limits.max_body_mb * 1e6),
+        http=HttpSpec(api_key_sha256=tuple(dict.fromkeys([*map(key_digest, serving.api_keys),
+                                                           *serving.api_key_sha256])),
+                      api_keys_file=serving.api_keys_file, host=serving.host, public=serving.public,
+                      max_body_bytes=int(serving.limits.max_body_mb * 1e6),
                       max_json_bytes=int(serving.limits.max_json_kb * 1e3), metrics_route=serving.metrics_route),
         num_replicas=serving.router_replicas,
         num_cpus=serving.router_num_cpus,

@@ -92,3 +92,18 @@ def test_the_image_is_written_into_both_cluster_configs(tmp_path):
     specs = [cluster["headGroupSpec"]["template"]["spec"]]
     specs += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
     assert {container["image"] for spec in specs for container in spec["containers"]} == {image}
+
+
+def test_every_pod_mounts_the_api_keys_secret_where_the_production_config_reads_it():
+    production = yaml.safe_load(EXAMPLE_PRODUCTION_CONFIG.read_text())
+    keys_file = Path(production["serving"]["api_keys_file"])
+    cluster = yaml.safe_load((DEPLOY / "kuberay-rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    specs = [cluster["headGroupSpec"]["template"]["spec"]]
+    specs += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    for spec in specs:
+        (volume,) = spec["volumes"]
+        assert volume["secret"] == {"secretName": "imageserve-api-keys",
+                                    "items": [{"key": "api-keys", "path": keys_file.name}]}
+        (container,) = spec["containers"]
+        assert container["volumeMounts"] == [{"name": "api-keys", "mountPath": str(keys_file.parent),
+                                              "readOnly": True}]

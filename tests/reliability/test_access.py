@@ -30,13 +30,6 @@ def test_a_valid_key_works_and_the_probes_are_open(http, api_key):
     assert http.get("/secure/readyz").status_code == 200  # a load balancer's probe carries no key
 
 
-def test_keys_from_the_environment(monkeypatch):
-    from serve_app.openai_api import configured_api_keys
-
-    monkeypatch.setenv("IMAGESERVE_API_KEYS", "a, b,,")
-    assert configured_api_keys(["c"]) == [b"c", b"a", b"b"]
-
-
 def test_requests_choose_only_catalog_variants(http):
     for model in ("../../etc/passwd", "/models/z-image", "Tongyi-MAI/Z-Image-Turbo", "hf-internal-testing/x"):
         response = http.post("/v1/images/generations", json={**BODY, "model": model})

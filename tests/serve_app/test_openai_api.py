@@ -4,6 +4,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from serve_app.api_keys import KeyRing
+from serve_app.domain.specs import key_digest
 from serve_app.openai_api import ApiKeyMiddleware, BodyLimitMiddleware
 
 
@@ -27,7 +29,8 @@ def app_with(middleware, **kwargs):
 
 
 def test_key_middleware_passes_lifespan_and_open_paths():
-    with TestClient(app_with(ApiKeyMiddleware, keys=[b"k1", b"k2"])) as client:  # runs lifespan startup
+    keys = KeyRing((key_digest("k1"), key_digest("k2")), environ={})
+    with TestClient(app_with(ApiKeyMiddleware, keys=keys)) as client:  # runs lifespan startup
         assert client.get("/healthz").status_code == 200
         assert client.post("/echo", json={}).status_code == 401
         assert client.post("/echo", json={}, headers={"Authorization": "Bearer k2"}).status_code == 200

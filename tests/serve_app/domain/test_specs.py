@@ -5,7 +5,7 @@ import pickle
 import pytest
 
 from serve_app.domain.config import ConfigError, parse_config
-from serve_app.domain.specs import deployment_name, resolve_application
+from serve_app.domain.specs import deployment_name, key_digest, resolve_application
 
 POOLS = [{"name": "a4500", "gpu_class": "rtx-a4500"}, {"name": "a100", "gpu_class": "a100-80g"}]
 
@@ -56,8 +56,20 @@ def test_specs_carry_batching_limits_and_http_settings():
     assert (spec.batching.max_batch_size, spec.batching.wait_s) == (4, 0.02)
     assert spec.engine.batch_size == 4 and spec.engine.torch_dtype == "float16"
     assert spec.engine.max_input_pixels == 4096 and app.router.max_input_pixels == 4096
-    assert app.router.http.api_keys == ("k",) and app.router.http.max_body_bytes == 2_000_000
-    assert "k" not in repr(app.router.http)
+    assert app.router.http.api_key_sha256 == (key_digest("k"),) and app.router.http.max_body_bytes == 2_000_000
+
+
+def test_inline_keys_reach_no_deployment_only_their_digests_reach_the_router():
+    secret = "sk-inline-8c2f0d1e"
+    config = parse_config({"models": {"z-image-turbo": {}, "qwen-image-edit-2511": {}},
+                           "serving": {"api_keys": [secret], "api_key_sha256": [key_digest("other")]}})
+    app = resolve_application(config)
+    # What Ray stores as init args: the router's spec and every replica's, serialized.
+    for spec in (app.router, *app.replicas):
+        assert secret not in spec.model_dump_json() and secret not in repr(spec)
+    assert set(app.router.http.api_key_sha256) == {key_digest(secret), key_digest("other")}
+    for spec in app.replicas:
+        assert "api_key" not in spec.model_dump_json()
 
 
 def test_specs_cross_process_boundaries_as_they_are():
