@@ -103,12 +103,28 @@ def ray_cluster_config(fleet: FleetConfig, catalog: Catalog, image: str = DEFAUL
         "docker": {"image": image, "container_name": "ray"},
         "available_node_types": node_types,
         "head_node_type": "head",
+        # Ray token auth on every node, the token copied from the operator's machine (docs/security.md);
+        # the dashboard (job submission, Serve deploys) on the head's loopback: reach it with `ray dashboard`.
+        "file_mounts": {RAY_TOKEN_PATH: "./secrets/ray-auth-token"},
         "head_start_ray_commands": [
             "ray stop",
-            "ray start --head --port=6379 --autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0",
+            f"{RAY_AUTH_ENV} ray start --head --port=6379 --autoscaling-config=~/ray_bootstrap_config.yaml "
+            "--dashboard-host=127.0.0.1",
+        ],
+        "worker_start_ray_commands": [
+            "ray stop",
+            f"{RAY_AUTH_ENV} ray start --address=$RAY_HEAD_IP:6379",
         ],
     }
 
+
+RAY_TOKEN_PATH = "~/.ray/auth_token"  # where Ray looks for its token by default
+RAY_AUTH_ENV = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={RAY_TOKEN_PATH}"
+# Pods run as Ray's user, with nothing they do not need (the head keeps its service-account token: the
+# in-tree autoscaler talks to the Kubernetes API with it).
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 # Every node runs a Serve proxy (proxy_location EveryNode): a pod takes traffic once imageserve answers
 # /readyz there, i.e. every served variant has a running replica, not merely once Ray is up.
@@ -118,10 +134,11 @@ READINESS_PROBE = {"httpGet": {"path": "/readyz", "port": 8000}, "initialDelaySe
 
 def _container(name: str, resources: dict[str, Any], image: str) -> dict[str, Any]:
     return {"name": name, "image": image, "resources": {"limits": resources, "requests": resources},
-            "readinessProbe": READINESS_PROBE}
+            "readinessProbe": READINESS_PROBE, "securityContext": CONTAINER_SECURITY}
 
 
 API_KEYS_SECRET = "imageserve-api-keys"
+REDIS_SECRET = "imageserve-redis"
 
 
 def _with_keys_secret(pod_spec: dict[str, Any], keys_file: str | None) -> dict[str, Any]:
@@ -155,6 +172,8 @@ def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict
                 "labels": ",".join(f"{k}={v}" for k, v in labels.items()),
             },
             "template": {"spec": _with_keys_secret({
+                "securityContext": POD_SECURITY,
+                "automountServiceAccountToken": False,
                 "nodeSelector": {"nvidia.com/gpu.product": GPU_PRODUCT.get(gpu.id, gpu.name)},
                 "containers": [_container("ray-worker", {"cpu": str(8 * per_node), "memory": f"{64 * per_node}Gi",
                                                          "nvidia.com/gpu": str(per_node)}, image)],
@@ -162,17 +181,23 @@ def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict
         })
     cluster: dict[str, Any] = {
         "rayVersion": "2.60.0",
+        # KubeRay >= 1.5.1 makes a token Secret and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in every Ray container.
+        "authOptions": {"mode": "token"},
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"version": "v2", "idleTimeoutSeconds": 600},
         "headGroupSpec": {
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
             "template": {"spec": _with_keys_secret(
-                {"containers": [_container("ray-head", {"cpu": "8", "memory": "32Gi"}, image)]}, keys_file)},
+                {"securityContext": POD_SECURITY,
+                 "containers": [_container("ray-head", {"cpu": "8", "memory": "32Gi"}, image)]}, keys_file)},
         },
         "workerGroupSpecs": workers,
     }
     if redis_address:
-        cluster["gcsFaultToleranceOptions"] = {"redisAddress": redis_address}
+        cluster["gcsFaultToleranceOptions"] = {
+            "redisAddress": redis_address,
+            "redisPassword": {"valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": "password"}}},
+        }
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -180,6 +205,39 @@ def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict
         "spec": {
             "serveConfigV2": yaml.safe_dump({"applications": serve_config["applications"]}, sort_keys=False),
             "rayClusterConfig": cluster,
+        },
+    }
+
+
+# Namespaces allowed in by the NetworkPolicy: where your ingress controller, KubeRay operator and
+# Prometheus run. Edit them to match your cluster.
+INGRESS_NAMESPACE = "ingress-nginx"
+OPERATOR_NAMESPACE = "kuberay-operator"
+MONITORING_NAMESPACE = "monitoring"
+
+
+def network_policy() -> dict[str, Any]:
+    """Only what must reach the Ray pods does: each other on every port, the ingress on the Serve port, the
+    KubeRay operator on the dashboard (it deploys the Serve config there) and Prometheus on Ray's metrics
+    port. The GCS (6379), the Ray client (10001) and the job API are closed to everything else."""
+    ray_pods = {"matchExpressions": [{"key": "ray.io/cluster", "operator": "Exists"}]}
+
+    def namespace(name: str) -> dict[str, Any]:
+        return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "imageserve-ray"},
+        "spec": {
+            "podSelector": ray_pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": ray_pods}]},
+                {"from": [namespace(INGRESS_NAMESPACE)], "ports": [{"protocol": "TCP", "port": 8000}]},
+                {"from": [namespace(OPERATOR_NAMESPACE)], "ports": [{"protocol": "TCP", "port": 8265}]},
+                {"from": [namespace(MONITORING_NAMESPACE)], "ports": [{"protocol": "TCP", "port": 8080}]},
+            ],
         },
     }
 
@@ -233,6 +291,7 @@ def write_configs(fleet_path: str | os.PathLike, config_path: str | os.PathLike,
         (out / "kuberay-rayservice.yaml", rayservice_manifest(
             fleet, catalog, serve, redis_address, image,
             keys_file=(config_data.get("serving") or {}).get("api_keys_file"))),
+        (out / "kuberay-networkpolicy.yaml", network_policy()),
     ):
         path.write_text(header + dump(data))
         written.append(path)

@@ -107,3 +107,31 @@ def test_every_pod_mounts_the_api_keys_secret_where_the_production_config_reads_
         (container,) = spec["containers"]
         assert container["volumeMounts"] == [{"name": "api-keys", "mountPath": str(keys_file.parent),
                                               "readOnly": True}]
+
+
+def test_the_generated_cluster_is_locked_by_default():
+    cluster = yaml.safe_load((DEPLOY / "kuberay-rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}  # Ray token auth: no anonymous job submission
+    password = cluster["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert password == {"name": "imageserve-redis", "key": "password"}
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    workers = [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    for spec in [head, *workers]:
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        (container,) = spec["containers"]
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert all(spec["automountServiceAccountToken"] is False for spec in workers)
+
+    policy = yaml.safe_load((DEPLOY / "kuberay-networkpolicy.yaml").read_text())
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    opened = {port["port"] for rule in policy["spec"]["ingress"] for port in rule.get("ports", [])}
+    assert opened == {8000, 8265, 8080}  # the GCS (6379) and the Ray client (10001) only among Ray pods
+    serve_rule = next(r for r in policy["spec"]["ingress"] if r.get("ports") == [{"protocol": "TCP", "port": 8000}])
+    assert serve_rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
+                                                                         "ingress-nginx"}}}]
+
+    launcher = yaml.safe_load((DEPLOY / "ray-cluster.yaml").read_text())
+    (start_head,) = [c for c in launcher["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in start_head and "RAY_AUTH_MODE=token" in start_head
+    assert all("RAY_AUTH_MODE=token" in c for c in launcher["worker_start_ray_commands"] if "ray start" in c)
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
