@@ -34,7 +34,7 @@ from serve_app.domain.errors import (
     ReplicaOutOfMemoryError,
     RequestCancelledError,
 )
-from serve_app.domain.images import encode_image
+from serve_app.domain.images import encode_image, limit_pillow
 from serve_app.domain.placement import GPU_CLASS_LABEL
 from serve_app.domain.planner import estimate_vram, plan
 from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, Usage
@@ -261,6 +261,7 @@ class ModelReplica:
         if spec.pool is not None:
             self._unhealthy = pool_mismatch(spec.pool.gpu, self.node_gpu)
         engine_spec = spec.engine
+        limit_pillow(engine_spec.max_input_pixels)
         # Whether the planner says this variant fits the GPU the replica really got.
         self.fits_node = None if self.node_gpu is None else plan(
             self.variant, self.node_gpu, engine_spec.plan_width, engine_spec.plan_height,

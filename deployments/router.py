@@ -28,7 +28,7 @@ from serve_app.domain.errors import (
     ReplicaOutOfMemoryError,
     UnsupportedValueError,
 )
-from serve_app.domain.images import open_image
+from serve_app.domain.images import limit_pillow, open_image
 from serve_app.domain.planner import OFFLOAD_MODES, estimate_vram, plan
 from serve_app.domain.routing import Route, RoutingTable
 from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
@@ -66,6 +66,7 @@ class Router:
     def __init__(self, spec: RouterSpec, handles: dict[str, Any]) -> None:
         self.spec = spec
         self.catalog = spec.catalog
+        limit_pillow(spec.max_input_pixels)
         routes: dict[str, list[Route]] = {}
         for r in spec.routes:
             routes.setdefault(r.variant, []).append(Route(

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from serve_app.domain.errors import BadImageError, UnsupportedImageTypeError
 
@@ -29,11 +30,10 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, name: st
         raise BadImageError(f"{name} is empty", param="image")
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError:
-        raise BadImageError(
-            f"{name} claims more pixels than can be decoded safely (over the {max_pixels / 1e6:.1f} MP limit)",
-            param="image",
-        ) from None
+    except Image.DecompressionBombError as err:
+        claimed = re.search(r"\((\d+) pixels\)", str(err))  # Pillow names the pixel count, not the size
+        what = f"claims {int(claimed.group(1)) / 1e6:.1f} MP" if claimed else "claims more pixels than can be decoded"
+        raise BadImageError(f"{name} {what}, over the {max_pixels / 1e6:.1f} MP limit", param="image") from None
     except UnidentifiedImageError:
         raise UnsupportedImageTypeError(
             f"{name} is not a PNG, JPEG or WEBP image (the file's bytes decide, not its name or content type)",
@@ -51,13 +51,39 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, name: st
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS, name: str = "image") -> Image.Image:
-    """Fully decode ``data`` to RGB after :func:`open_image`'s checks."""
+    """Fully decode ``data`` to sRGB RGB, upright, after :func:`open_image`'s checks.
+
+    A phone photo stores its pixels sideways with an EXIF orientation, and a wide-gamut one (Display P3,
+    Adobe RGB) its colours in its own ICC profile; the models were trained on upright sRGB.
+    """
     image = open_image(data, max_pixels, name)
     try:
         image.load()
+        image = ImageOps.exif_transpose(image)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadImageError(f"{name} is truncated or corrupt: {err}", param="image") from None
-    return image.convert("RGB")
+    return _to_srgb(image)
+
+
+def _to_srgb(image: Image.Image) -> Image.Image:
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image.convert("RGB")
+    source = image if image.mode in ("RGB", "CMYK", "L") else image.convert("RGB")
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(source, profile, _SRGB, outputMode="RGB")
+    except (OSError, ValueError, ImageCms.PyCMSError):
+        return image.convert("RGB")  # an unreadable profile: the pixels as they are, as browsers show them
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+def limit_pillow(max_pixels: int) -> None:
+    """Pillow's own decompression-bomb limit, for every image any library opens in this process (Pillow
+    refuses past twice it); ``open_image`` checks each request's images against ``max_pixels`` itself."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 OutputFormat = Literal["png", "jpeg", "webp"]

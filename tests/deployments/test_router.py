@@ -60,3 +60,11 @@ def test_not_ready_is_a_503_naming_the_variants_without_a_running_replica(monkey
     running[deployments["qwen-image-edit-2511"]] = 1
     assert asyncio.run(checks.readiness()) == {"status": "ready",
                                                "replicas": {"qwen-image-edit-2511": 1, "z-image-turbo": 1}}
+
+
+def test_pillows_own_bomb_limit_follows_the_configured_input_cap(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    router({"max_input_pixels": 1024 * 1024})
+    assert Image.MAX_IMAGE_PIXELS == 1024 * 1024

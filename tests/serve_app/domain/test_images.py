@@ -1,4 +1,5 @@
-"""Encoding output images: every format decodes to what was encoded (PNG exactly), whatever the shape."""
+"""Images in and out: input decoded upright and in sRGB; output in every format decodes to what was encoded
+(PNG exactly), whatever the shape."""
 
 import io
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.domain.images import encode_image, encode_png_rgb, image_size, to_pil, to_uint8
+from serve_app.domain.images import decode_image, encode_image, encode_png_rgb, image_size, to_pil, to_uint8
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -51,3 +52,31 @@ def test_float_arrays_round_to_bytes_and_every_format_decodes():
 def test_output_compression_is_the_jpeg_quality():
     pixels = np.random.default_rng(0).random((128, 128, 3)).astype(np.float32)
     assert len(encode_image(pixels, "jpeg", 10)) < len(encode_image(pixels, "jpeg", 95))
+
+
+def jpeg(image: Image.Image, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, **save)
+    return buffer.getvalue()
+
+
+def test_a_phone_photo_stored_sideways_is_decoded_upright():
+    landscape = Image.new("RGB", (40, 20), (200, 30, 30))
+    landscape.paste((30, 30, 200), (0, 0, 10, 20))  # a blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    upright = decode_image(jpeg(landscape, exif=exif.tobytes()))
+    assert upright.size == (20, 40)
+    assert np.asarray(upright)[2, 10, 2] > 150  # the blue band is now at the top
+
+
+def test_icc_profiles_are_converted_to_srgb_and_a_broken_one_is_ignored():
+    from PIL import ImageCms
+
+    image = Image.new("RGB", (16, 16), (120, 60, 200))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    tagged = np.asarray(decode_image(jpeg(image, icc_profile=srgb))).astype(int)
+    plain = np.asarray(decode_image(jpeg(image))).astype(int)
+    assert np.abs(tagged - plain).max() <= 2  # sRGB to sRGB changes nothing
+    broken = decode_image(jpeg(image, icc_profile=b"not an ICC profile"))
+    assert broken.mode == "RGB" and np.abs(np.asarray(broken).astype(int) - plain).max() <= 2
