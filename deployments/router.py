@@ -74,6 +74,7 @@ class Router:
                 vram_gib=r.vram_gib, cost_s=r.cost_s, min_replicas=r.min_replicas))
         self.table = RoutingTable(self.catalog, routes, dict(spec.unavailable))
         self._refresher: asyncio.Task | None = None
+        self._counts_read = False  # whether table.replicas holds a reading of Serve's status yet
         self.metrics = RouterMetrics()
         self._static_model_info = {v.id: self._describe(v) for v in self.catalog.variants.values()}
 
@@ -289,6 +290,7 @@ class Router:
         while True:
             try:
                 self.table.replicas = await asyncio.to_thread(self._read_replica_counts)
+                self._counts_read = True
                 for variant_id, routes in self.table.routes.items():
                     for route in routes:
                         self.metrics.replicas.set(self.table.replicas.get(route.deployment, 0), tags={
@@ -297,13 +299,22 @@ class Router:
                 logger.warning("could not read serve status", exc_info=True)
             await asyncio.sleep(REPLICA_COUNT_TTL_S)
 
+    async def _running_replicas(self) -> dict[str, int]:
+        """Running replicas per deployment, as the background refresh last read them: /v1/models and /readyz
+        must not ask the Serve controller on every request. The first call reads once, before any refresh."""
+        self._start_replica_count_refresh()
+        if not self._counts_read:
+            self.table.replicas = await asyncio.to_thread(self._read_replica_counts)
+            self._counts_read = True
+        return self.table.replicas
+
     def _start_replica_count_refresh(self) -> None:
         """Running replicas per deployment are refreshed in the background, never on a request's path."""
         if self._refresher is None:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_replica_counts())
 
     async def models(self) -> dict[str, Any]:
-        counts = await asyncio.to_thread(self._read_replica_counts)
+        counts = await self._running_replicas()
         data = []
         for vid, info in self._static_model_info.items():
             routes = self.table.routes.get(vid, [])
@@ -329,7 +340,7 @@ class Router:
 
     async def readiness(self) -> dict[str, Any]:
         """Ready when every served variant can take a request now; NotReadyError (503) says which cannot."""
-        running = await asyncio.to_thread(self._read_replica_counts)
+        running = await self._running_replicas()
         waiting = self.table.not_ready(running)
         if waiting:
             reasons = "; ".join(f"{variant}: {why}" for variant, why in waiting.items())

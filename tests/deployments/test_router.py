@@ -52,14 +52,39 @@ def test_not_ready_is_a_503_naming_the_variants_without_a_running_replica(monkey
     checks = router({})
     deployments = {route.variant: route.deployment for route in checks.spec.routes}
     running = {deployments["z-image-turbo"]: 1}
-    monkeypatch.setattr(checks, "_read_replica_counts", lambda: running)  # serve.status() stands in here
+    monkeypatch.setattr(checks, "_read_replica_counts", lambda: dict(running))  # serve.status() stands in here
     with pytest.raises(NotReadyError) as err:
         asyncio.run(checks.readiness())
     assert err.value.status_code == 503 and err.value.retry_after_s
     assert "qwen-image-edit-2511" in err.value.message and "z-image-turbo" not in err.value.message
     running[deployments["qwen-image-edit-2511"]] = 1
+    checks.table.replicas = dict(running)  # what the background refresh reads next
     assert asyncio.run(checks.readiness()) == {"status": "ready",
                                                "replicas": {"qwen-image-edit-2511": 1, "z-image-turbo": 1}}
+
+
+def test_models_and_readiness_do_not_ask_the_controller_on_every_request(monkeypatch):
+    import asyncio
+
+    import deployments.router as router_module
+    from serve_app.domain.errors import NotReadyError
+
+    monkeypatch.setattr(router_module, "REPLICA_COUNT_TTL_S", 3600)  # one background reading in this test
+    checks = router({})
+    reads = []
+    monkeypatch.setattr(checks, "_read_replica_counts", lambda: reads.append(1) or {})
+
+    async def many_probes():
+        for _ in range(20):
+            await checks.models()
+            try:
+                await checks.readiness()
+            except NotReadyError:  # no replica runs here
+                pass
+        checks._refresher.cancel()
+
+    asyncio.run(many_probes())
+    assert len(reads) <= 2  # the first call's reading and the background refresh's first: not 40
 
 
 def test_pillows_own_bomb_limit_follows_the_configured_input_cap(monkeypatch):
