@@ -2,7 +2,8 @@
 
 Ray prefixes every name with ``ray_`` and adds ``application``, ``deployment`` and ``replica`` tags;
 so ``imageserve_requests_total`` is scraped as ``ray_imageserve_requests_total``. Labels are task,
-variant, gpu_class, pool, stage, status and reason: never prompts, request ids or seeds.
+variant, gpu_class, pool, stage, status, reason and key_id: never prompts, request ids, seeds or keys.
+``key_id`` is 8 hex digits of a configured key's sha256, so it has at most one value per configured key.
 
 GPU memory series exist only where CUDA does; on a CPU replica they are absent, and
 ``imageserve_replica_info{device="cpu"}`` says why.
@@ -21,7 +22,9 @@ LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 1
 STEP_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 STAGES = ("queue", "text_encode", "vae_encode", "denoise", "vae_decode", "total")
-ERROR_REASONS = ("bad_input", "oom", "timeout", "cancelled", "backpressure", "unavailable", "internal")
+ERROR_REASONS = ("bad_input", "oom", "timeout", "cancelled", "backpressure", "rate_limited", "unavailable",
+                 "internal")
+NO_KEY = "none"  # the key_id label of requests without an API key (handle calls, an open endpoint)
 MEMORY_PERIOD_S = 5.0
 
 logger = logging.getLogger(__name__)
@@ -157,6 +160,17 @@ class RouterMetrics:
                            tag_keys=("variant", "pool"))
         self.replicas = Gauge("imageserve_pool_replicas", "Running replicas, by variant and pool.",
                               tag_keys=("variant", "pool", "gpu_class"))
+        self.key_requests = Counter("imageserve_key_requests_total", "Requests by API key id and outcome.",
+                                    tag_keys=("key_id", "task", "status"))
+        self.key_cost = Counter("imageserve_key_cost_total", "Megapixel-steps served, by API key id.",
+                                tag_keys=("key_id", "task"))
+
+    def keyed(self, key_id: str | None, task: str, status: str, cost: float = 0.0) -> None:
+        """One answered request of ``key_id``: ``status`` is ok or an error reason."""
+        key = key_id or NO_KEY
+        self.key_requests.inc(tags={"key_id": key, "task": task, "status": status})
+        if cost:
+            self.key_cost.inc(cost, tags={"key_id": key, "task": task})
 
     def error(self, task: str, variant: str | None, reason: str) -> None:
         self.errors.inc(tags={"task": task, "variant": variant or "unresolved", "reason": reason})
@@ -172,6 +186,8 @@ def error_reason(err: BaseException) -> str:
         return "cancelled"
     if isinstance(err, errors.OverloadedError):
         return "backpressure"
+    if isinstance(err, errors.RateLimitedError):
+        return "rate_limited"
     if isinstance(err, errors.ModelUnavailableError):
         return "unavailable"
     if isinstance(err, TimeoutError):

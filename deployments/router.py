@@ -25,16 +25,21 @@ from serve_app.domain.errors import (
     LimitExceededError,
     NotReadyError,
     OverloadedError,
+    RateLimitedError,
     ReplicaOutOfMemoryError,
     UnsupportedValueError,
 )
 from serve_app.domain.images import limit_pillow, open_image
 from serve_app.domain.planner import OFFLOAD_MODES, estimate_vram, plan
+from serve_app.domain.quotas import KeyQuotas
 from serve_app.domain.routing import Route, RoutingTable
 from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
 from serve_app.domain.specs import RouterSpec
 
 logger = logging.getLogger(__name__)
+# One line per answered request, naming the caller by key id: under "ray.serve", so that Serve writes it to
+# the replica's log file with the request id, next to its own access line.
+request_log = logging.getLogger("ray.serve.imageserve.requests")
 
 RETRY_AFTER_S = 2
 REPLICA_COUNT_TTL_S = 2.0
@@ -58,8 +63,11 @@ class Router:
 
     @classmethod
     def serve_options(cls, spec: RouterSpec) -> dict[str, Any]:
-        # The router awaits replicas and does little work itself: many requests share one replica.
-        return {"name": "router", "num_replicas": spec.num_replicas, "max_ongoing_requests": 1000,
+        # The router awaits replicas and does little work itself: many requests share one replica. Past its
+        # bound, Serve's proxy queues a few more and answers the rest 429 with Retry-After.
+        return {"name": "router", "num_replicas": spec.num_replicas,
+                "max_ongoing_requests": spec.max_ongoing_requests, "max_queued_requests": spec.max_queued_requests,
+                "backpressure_config": {"status_code": 429, "retry_after_s": RETRY_AFTER_S},
                 "graceful_shutdown_timeout_s": spec.graceful_shutdown_timeout_s,
                 "ray_actor_options": {"num_cpus": spec.num_cpus}}
 
@@ -76,20 +84,23 @@ class Router:
         self._refresher: asyncio.Task | None = None
         self._counts_read = False  # whether table.replicas holds a reading of Serve's status yet
         self.metrics = RouterMetrics()
+        self.quotas = KeyQuotas(spec.key_limits.share(spec.num_replicas))
         self._static_model_info = {v.id: self._describe(v) for v in self.catalog.variants.values()}
 
     # ---- the two tasks ----------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> ImageResult:
-        """Text to image. Same path for HTTP and for ``serve.get_app_handle(...).generate``."""
-        return await self._serve("generate", request)
+    async def generate(self, request: GenerateRequest, key_id: str | None = None) -> ImageResult:
+        """Text to image. Same path for HTTP and for ``serve.get_app_handle(...).generate``.
+        ``key_id``: the caller's API key id (the HTTP layer sets it), for per-key limits, metrics and logs."""
+        return await self._serve("generate", request, key_id)
 
-    async def edit(self, request: EditRequest) -> ImageResult:
+    async def edit(self, request: EditRequest, key_id: str | None = None) -> ImageResult:
         """Instruction editing of 1 to 3 images."""
-        return await self._serve("edit", request)
+        return await self._serve("edit", request, key_id)
 
-    async def _serve(self, task: str, request: GenerateRequest | EditRequest) -> ImageResult:
+    async def _serve(self, task: str, request: GenerateRequest | EditRequest, key_id: str | None) -> ImageResult:
         variant_id = None
+        cost = 0.0
         try:
             variants = self.table.resolve(request.model, task)
             variant_id = variants[0].id
@@ -97,14 +108,26 @@ class Router:
             self.check_input_images(request, variants[0])
             self.check_output(request)
             self.check_steps(request, variants)
-            self.check_cost(request, variants[0], size)
+            cost = self.check_cost(request, variants[0], size)
             self.check_batch_fits(request, variants, size)
-            return await self._dispatch(variants, request, size)
+            admission = self.quotas.admit(key_id, cost)
+            try:
+                result = await self._dispatch(variants, request, size)
+            finally:
+                admission.release()
+            self.metrics.keyed(key_id, task, "ok", cost)
+            request_log.info("key %s: %s %s, %.2f megapixel-steps, %.2f s", key_id or "-", task, result.variant, cost,
+                             result.timings.get("total_s", 0.0))
+            return result
         except ImageServeError as err:
             self.metrics.error(task, variant_id, error_reason(err))
+            self.metrics.keyed(key_id, task, error_reason(err))
+            if isinstance(err, RateLimitedError):
+                request_log.info("key %s: %s refused by its per-key limit (%s)", key_id, task, err.message)
             raise
         except asyncio.CancelledError:
             self.metrics.error(task, variant_id, "cancelled")
+            self.metrics.keyed(key_id, task, "cancelled")
             raise
 
     # ---- validation ---------------------------------------------------------------------------
@@ -171,12 +194,13 @@ class Router:
             f"{variants[0].id}; at most {largest} per request at this size", param="n")
 
     def check_cost(self, request: GenerateRequest | EditRequest, variant: ModelVariant,
-                   size: tuple[int, int]) -> None:
-        """No single request may ask for more than the configured megapixel-steps."""
+                   size: tuple[int, int]) -> float:
+        """The request's cost in megapixel-steps; no single request may ask for more than the configured bound."""
         bound = self.spec.max_request_cost
         steps = variant.steps_for(request.num_inference_steps, request.quality)
-        if bound is None or (cost := request.cost(*size, steps)) <= bound:
-            return
+        cost = request.cost(*size, steps)
+        if bound is None or cost <= bound:
+            return cost
         raise LimitExceededError(
             f"this request costs {cost:.0f} megapixel-steps ({size[0]}x{size[1]} x {steps} steps x n={request.n}"
             f" x (1 + {request.num_input_images} input images)), over this service's limit of {bound:g}: "

@@ -9,11 +9,13 @@ or ``image[]``), ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
@@ -24,7 +26,7 @@ from deployments.router import Router
 from serve_app import __version__
 from serve_app.api_keys import KeyRing, refuse_open_non_loopback
 from serve_app.domain.errors import ImageServeError, InternalError, error_type
-from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, ImagesResponse
+from serve_app.domain.schemas import MAX_EDIT_IMAGES, EditRequest, GenerateRequest, ImageResult, ImagesResponse
 from serve_app.domain.specs import HttpSpec, RouterSpec
 
 logger = logging.getLogger(__name__)
@@ -33,8 +35,8 @@ logger = logging.getLogger(__name__)
 class ImageService(Protocol):
     """What the HTTP layer needs from the router."""
 
-    async def generate(self, request: GenerateRequest) -> ImageResult: ...
-    async def edit(self, request: EditRequest) -> ImageResult: ...
+    async def generate(self, request: GenerateRequest, key_id: str | None = None) -> ImageResult: ...
+    async def edit(self, request: EditRequest, key_id: str | None = None) -> ImageResult: ...
     async def models(self) -> dict[str, Any]: ...
     async def health(self) -> dict[str, Any]: ...
     async def readiness(self) -> dict[str, Any]: ...
@@ -70,11 +72,14 @@ IMAGE_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
                 "(background: transparent)."),
     401: _error("An API key is configured and the request has no valid `Authorization: Bearer` key."),
     404: _error("Unknown model: the message lists the known ones."),
-    408: _error("The request outlived `serving.request_timeout_s`; its denoising is stopped."),
-    413: _error("The body is over `serving.limits.max_body_mb`."),
+    408: _error("The request outlived `serving.request_timeout_s` (its denoising is stopped), or its body took "
+                "longer than `serving.limits.body_read_timeout_s` to arrive."),
+    413: _error("The body is over `serving.limits.max_body_mb` (`max_json_kb` for JSON), or a form field over "
+                "`max_form_field_kb`."),
     415: _error("An input file is not a PNG, JPEG or WEBP image."),
-    422: _error("A field is invalid (`param` names it): type, range, size, steps, n, cost bound."),
-    429: _error("Every replica is busy and its queue is full.", retry_after=True),
+    422: _error("A field is invalid (`param` names it): type, range, size, steps, n, cost bound, form parts."),
+    429: _error("Every replica is busy and its queue is full (`overloaded`), or this key is over its own limits "
+                "(`rate_limit_exceeded`).", retry_after=True),
     503: _error("No replica can serve it now: not deployed here, out of GPU memory, or failing.",
                 retry_after=True),
 }
@@ -114,6 +119,11 @@ def _validation_response(errors: list[dict]) -> JSONResponse:
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no key
 
 
+def key_id_of(request: Request) -> str | None:
+    """The caller's key id, as ApiKeyMiddleware found it (None on an endpoint without keys)."""
+    return request.scope.get("state", {}).get("key_id")
+
+
 class ApiKeyMiddleware:
     """Bearer-key check on every route but the probes (/healthz, /readyz), against ``keys``'s digests
     (serve_app/api_keys.py). The caller's key id goes into the ASGI scope as ``state["key_id"]``."""
@@ -145,19 +155,30 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit: at once from Content-Length, or as soon as a streamed body passes it.
-    ``route_limits`` sets a smaller limit per path (the JSON generation route takes kilobytes, not the
-    megabytes an edit's images need)."""
+    """Bounds what a request body may cost before the app parses it.
 
-    def __init__(self, app, max_bytes: int, route_limits: dict[str, int] | None = None) -> None:
+    - Size: 413 at once from Content-Length, or as soon as a streamed body passes the limit.
+      ``route_limits`` sets a smaller limit per path (the JSON generation route takes kilobytes, not the
+      megabytes an edit's images need).
+    - Time: 408 when the body has not fully arrived ``read_timeout_s`` after the request began, so a
+      client that trickles a body (or stops sending one) does not hold a router slot.
+    In both cases the app then sees the client leave and stops reading.
+    """
+
+    def __init__(self, app, max_bytes: int, route_limits: dict[str, int] | None = None,
+                 read_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.route_limits = route_limits or {}
+        self.read_timeout_s = read_timeout_s
 
     @staticmethod
     def _too_large(limit: int) -> JSONResponse:
         size = f"{limit / 1e6:g} MB" if limit >= 1e6 else f"{limit / 1e3:g} KB"
         return error_response(413, "request_too_large", f"request body over the {size} limit of this route")
+
+    def _too_slow(self) -> JSONResponse:
+        return error_response(408, "body_timeout", f"the request body did not arrive within {self.read_timeout_s:g} s")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -167,20 +188,31 @@ class BodyLimitMiddleware:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await self._too_large(limit)(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = None if self.read_timeout_s is None else loop.time() + self.read_timeout_s
         seen = 0
-        state = {"started": False, "refused": False}
+        state = {"started": False, "refused": False, "body_done": False}
 
-        async def counting_receive():
+        async def refuse(response: JSONResponse) -> dict:
+            state["refused"] = True
+            if not state["started"]:
+                await response(scope, receive, send)
+            return {"type": "http.disconnect"}
+
+        async def guarded_receive():
             nonlocal seen
-            message = await receive()
+            if state["refused"] or state["body_done"] or deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                except TimeoutError:
+                    return await refuse(self._too_slow())
             if message["type"] == "http.request" and not state["refused"]:
                 seen += len(message.get("body", b""))
+                state["body_done"] = not message.get("more_body", False)
                 if seen > limit:
-                    state["refused"] = True
-                    if not state["started"]:
-                        await self._too_large(limit)(scope, receive, send)
-                    # The app sees the client leave and stops reading.
-                    return {"type": "http.disconnect"}
+                    return await refuse(self._too_large(limit))
             return message
 
         async def guarded_send(message):
@@ -189,7 +221,58 @@ class BodyLimitMiddleware:
             if not state["refused"]:
                 await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
+        await self.app(scope, guarded_receive, guarded_send)
+
+
+class FormLimitError(HTTPException):
+    """A multipart form over one of its limits, with the error code and param the answer carries (an
+    HTTPException, since FastAPI turns any other exception raised while it parses a form into a bare 400)."""
+
+    def __init__(self, status_code: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(status_code=status_code, detail=message)
+        self.code = code
+        self.param = param
+
+
+class BoundedFormRequest(Request):
+    """A request whose multipart form is parsed under ``limits`` (max_files, max_fields, max_part_size), the
+    lower of these and any FastAPI asks for, with Starlette's refusals turned into imageserve's errors."""
+
+    limits: dict[str, int] = {}
+
+    async def _get_form(self, **requested):
+        limits = {name: min(value, requested.get(name, value)) for name, value in self.limits.items()}
+        try:
+            return await super()._get_form(**limits)
+        except StarletteHTTPException as err:
+            raise self._refusal(str(err.detail), limits) from None
+
+    @staticmethod
+    def _refusal(detail: str, limits: dict[str, int]) -> HTTPException:
+        if detail.startswith("Too many files"):
+            return FormLimitError(422, "limit_exceeded", f"at most {limits['max_files']} images per edit", "image")
+        if detail.startswith("Too many fields"):
+            return FormLimitError(422, "limit_exceeded", f"more than {limits['max_fields']} form fields")
+        if detail.startswith("Part exceeded"):
+            return FormLimitError(413, "request_too_large",
+                                  f"a form field over the {limits['max_part_size'] / 1e3:g} KB limit")
+        return FormLimitError(400, "invalid_request", f"unreadable multipart body: {detail}")
+
+
+def bounded_form_route(limits: dict[str, int]) -> type[APIRoute]:
+    """An APIRoute class whose requests parse their forms under ``limits`` (FastAPI's custom route pattern)."""
+    request_class = type("LimitedFormRequest", (BoundedFormRequest,), {"limits": dict(limits)})
+
+    class BoundedFormRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def bounded(request: Request):
+                return await handler(request_class(request.scope, request.receive))
+
+            return bounded
+
+    return BoundedFormRoute
 
 
 def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
@@ -211,8 +294,11 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
         return _validation_response(list(err.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if isinstance(err, FormLimitError):
+            service.record_error("edit", "bad_input")
+            return error_response(err.status_code, err.code, str(err.detail), err.param)
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         return error_response(err.status_code, code, str(err.detail), headers=getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
@@ -225,13 +311,17 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     # re-encoding of the return value, which only copies those megabytes again.
     @app.post("/v1/images/generations", summary="Create images from a prompt", response_class=JSONResponse,
               responses=IMAGE_ROUTE_RESPONSES)
-    async def generations(body: GenerateRequest) -> JSONResponse:
-        result = await service.generate(body)
-        return JSONResponse(result.to_openai())
+    async def generations(body: GenerateRequest, http_request: Request) -> JSONResponse:
+        result = await service.generate(body, key_id_of(http_request))
+        return JSONResponse(result.to_openai(internals=http.show_internals))
 
-    @app.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction", response_class=JSONResponse,
-              responses=IMAGE_ROUTE_RESPONSES)
+    form_routes = APIRouter(route_class=bounded_form_route({
+        "max_files": MAX_EDIT_IMAGES, "max_fields": http.max_form_fields, "max_part_size": http.max_form_field_bytes}))
+
+    @form_routes.post("/v1/images/edits", summary="Edit 1 to 3 images by instruction", response_class=JSONResponse,
+                      responses=IMAGE_ROUTE_RESPONSES)
     async def edits(
+        http_request: Request,
         prompt: Annotated[str, Form(description="The edit instruction (1-4000 characters, not blank).")],
         image: Annotated[list[UploadFile] | None, File(
             description="Input image(s), 1 to 3: PNG, JPEG or WEBP, each up to `serving.limits.max_input_pixels` "
@@ -263,8 +353,10 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
             )
         except ValidationError as err:
             raise RequestValidationError(err.errors()) from None
-        result = await service.edit(request)
-        return JSONResponse(result.to_openai())
+        result = await service.edit(request, key_id_of(http_request))
+        return JSONResponse(result.to_openai(internals=http.show_internals))
+
+    app.include_router(form_routes)
 
     @app.get("/v1/models", summary="Model variants, their needs, and the replicas serving them")
     async def list_models() -> dict[str, Any]:
@@ -290,7 +382,8 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
 
     # Outermost first: the key check runs before anything reads the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=http.max_body_bytes,
-                       route_limits={"/v1/images/generations": http.max_json_bytes})
+                       route_limits={"/v1/images/generations": http.max_json_bytes},
+                       read_timeout_s=http.body_read_timeout_s)
     keys = KeyRing(http.api_key_sha256, http.api_keys_file)
     refuse_open_non_loopback(keys, http.host, http.public)
     if keys.configured:

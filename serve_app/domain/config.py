@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.domain.catalog import Catalog, build_catalog
 from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings
+from serve_app.domain.quotas import KeyLimits
 
 TorchDtype = Literal["bfloat16", "float16", "float32"]
 
@@ -113,6 +114,26 @@ class LimitsConfig(_Section):
         default=1000.0, gt=0,
         description="Largest request, in megapixel-steps: output megapixels x steps x n x (1 + input images); "
                     "422 past it. 1024x1024 at 40 steps with one input image costs 80. null: no bound.")
+    per_key: KeyLimits = Field(
+        default_factory=KeyLimits,
+        description="Limits per API key, weighted by each request's cost in megapixel-steps (429 and Retry-After "
+                    "past them): cost_per_minute and burst_cost (a token bucket), max_in_flight_cost and "
+                    "max_in_flight_requests. Requests without a key (handle calls) are not limited per key.")
+    max_form_fields: int = Field(
+        default=32, ge=16, description="Parts of an edit's multipart form, files included (the form has 16 fields).")
+    max_form_field_kb: float = Field(
+        default=64.0, gt=0, description="Largest non-file part of a multipart form (a prompt is at most 4000 "
+                                        "characters); files are bounded by max_body_mb.")
+    body_read_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="Seconds a request body may take to arrive; past it 408, and the connection's slot is freed.")
+    router_max_ongoing: int = Field(
+        default=256, ge=1,
+        description="Requests one router replica works on at once (checking them, waiting on model replicas).")
+    router_max_queued: int = Field(
+        default=64, ge=0,
+        description="Requests waiting for a router replica past router_max_ongoing; past it 429 with Retry-After. "
+                    "Worst-case request bodies held: (router_max_ongoing + router_max_queued) x max_body_mb.")
 
 
 class ServingConfig(_Section):
@@ -163,6 +184,13 @@ class ServingConfig(_Section):
     metrics_route: bool = Field(
         default=True, description="Serve /metrics on the public port; false leaves only Ray's metrics export port.",
     )
+    show_internals: bool | None = Field(
+        default=None,
+        description="Answers name the replica, pool, GPU class and stage timings (queue_s shows others' load). "
+                    "null: shown unless the endpoint is public. Set false for a multi-tenant endpoint.")
+
+    def internals_shown(self) -> bool:
+        return not self.public if self.show_internals is None else self.show_internals
 
 
 class PoolConfig(_Section):

@@ -94,6 +94,14 @@ class OverloadedError(ImageServeError):
     type = "server_error"  # a 4xx, but not the caller's doing
 
 
+class RateLimitedError(ImageServeError):
+    """The caller's key is over its own rate or in-flight limit (serving.limits.per_key); others are not."""
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+    type = "requests"  # what OpenAI's API calls a request-rate limit
+
+
 class RequestCancelledError(ImageServeError):
     status_code = 499
     code = "cancelled"

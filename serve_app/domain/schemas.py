@@ -124,10 +124,14 @@ class GenerateRequest(_Request):
                                          description="CFG scale; Z-Image-Turbo: 0, and CFG runs above 0.")
 
 
+MAX_EDIT_IMAGES = 3  # Qwen-Image-Edit-2509/2511 take one to three input images
+
+
 class EditRequest(_Request):
     """Instruction editing of 1 to 3 images (``POST /v1/images/edits``)."""
 
-    images: list[bytes] = Field(min_length=1, max_length=3, description="Encoded input images (PNG, JPEG, WEBP).")
+    images: list[bytes] = Field(min_length=1, max_length=MAX_EDIT_IMAGES,
+                                description="Encoded input images (PNG, JPEG, WEBP).")
     true_cfg_scale: float | None = Field(default=None, ge=0, le=20,
                                          description="CFG runs when > 1 (with a negative prompt).")
 
@@ -168,12 +172,13 @@ class ImagesResponse(BaseModel):
     usage: Usage | None
     seeds: list[int]
     num_inference_steps: int
-    timings: dict[str, float]
-    replica: str | None
-    gpu_class: str | None
-    pool: str | None
-    retried_from: str | None
-    batch_images: int
+    # Where and how it ran: absent when serving.show_internals is false (they show other callers' load).
+    timings: dict[str, float] | None = Field(default=None, description="Seconds per stage (queue_s, ...).")
+    replica: str | None = None
+    gpu_class: str | None = None
+    pool: str | None = None
+    retried_from: str | None = Field(default=None, description="The pool that ran out of memory first, if any.")
+    batch_images: int | None = Field(default=None, description="Images computed in the same pipeline call.")
 
 
 class ImageResult(BaseModel):
@@ -201,9 +206,11 @@ class ImageResult(BaseModel):
     def pil_images(self) -> list[Image.Image]:
         return [Image.open(io.BytesIO(data)) for data in self.images]
 
-    def to_openai(self) -> dict:
-        """The OpenAI images response, plus imageserve's metadata next to it."""
-        return {
+    def to_openai(self, internals: bool = True) -> dict:
+        """The OpenAI images response, plus imageserve's metadata next to it. ``internals``: also where it ran
+        and its stage timings (replica, pool, GPU class, queue time), which a multi-tenant endpoint hides:
+        they show other callers' load."""
+        answer = {
             "created": self.created,
             "data": [
                 {"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed, "revised_prompt": None}
@@ -217,10 +224,8 @@ class ImageResult(BaseModel):
             "usage": self.usage.model_dump() if self.usage else None,
             "seeds": self.seeds,
             "num_inference_steps": self.num_inference_steps,
-            "timings": self.timings,
-            "replica": self.replica,
-            "gpu_class": self.gpu_class,
-            "pool": self.pool,
-            "retried_from": self.retried_from,
-            "batch_images": self.batch_images,
         }
+        if internals:
+            answer.update({"timings": self.timings, "replica": self.replica, "gpu_class": self.gpu_class,
+                           "pool": self.pool, "retried_from": self.retried_from, "batch_images": self.batch_images})
+        return answer

@@ -25,6 +25,7 @@ from serve_app.domain.config import (
 )
 from serve_app.domain.placement import place, pool_requirements
 from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings
+from serve_app.domain.quotas import KeyLimits
 
 
 class _Spec(BaseModel):
@@ -121,7 +122,11 @@ class HttpSpec(_Spec):
     public: bool = Field(default=False, description="Open on a non-loopback host on purpose.")
     max_body_bytes: int = 50_000_000
     max_json_bytes: int = 64_000
+    max_form_fields: int = 32
+    max_form_field_bytes: int = 64_000
+    body_read_timeout_s: float = Field(default=30.0, description="Seconds a body may take to arrive (408 past it).")
     metrics_route: bool = True
+    show_internals: bool = Field(default=True, description="Answers name replica, pool, GPU class and timings.")
 
 
 class RouterSpec(_Spec):
@@ -136,6 +141,9 @@ class RouterSpec(_Spec):
     routes: tuple[RouteSpec, ...]
     unavailable: dict[str, str] = Field(default_factory=dict, description="Variant id -> why it is not served.")
     http: HttpSpec = Field(default_factory=HttpSpec)
+    key_limits: KeyLimits = Field(default_factory=KeyLimits, description="Per-key limits, for the whole service.")
+    max_ongoing_requests: int = 256
+    max_queued_requests: int = 64
     num_replicas: int = 1
     num_cpus: float = 1.0
     graceful_shutdown_timeout_s: float = Field(
@@ -256,7 +264,14 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
                                                            *serving.api_key_sha256])),
                       api_keys_file=serving.api_keys_file, host=serving.host, public=serving.public,
                       max_body_bytes=int(serving.limits.max_body_mb * 1e6),
-                      max_json_bytes=int(serving.limits.max_json_kb * 1e3), metrics_route=serving.metrics_route),
+                      max_json_bytes=int(serving.limits.max_json_kb * 1e3),
+                      max_form_fields=serving.limits.max_form_fields,
+                      max_form_field_bytes=int(serving.limits.max_form_field_kb * 1e3),
+                      body_read_timeout_s=serving.limits.body_read_timeout_s,
+                      metrics_route=serving.metrics_route, show_internals=serving.internals_shown()),
+        key_limits=serving.limits.per_key,
+        max_ongoing_requests=serving.limits.router_max_ongoing,
+        max_queued_requests=serving.limits.router_max_queued,
         num_replicas=serving.router_replicas,
         num_cpus=serving.router_num_cpus,
         # A router waits on its replicas: stopping it must not cut requests they may still finish.

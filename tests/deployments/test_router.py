@@ -93,3 +93,26 @@ def test_pillows_own_bomb_limit_follows_the_configured_input_cap(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     router({"max_input_pixels": 1024 * 1024})
     assert Image.MAX_IMAGE_PIXELS == 1024 * 1024
+
+
+def test_the_router_queue_is_bounded_and_past_it_callers_get_429_with_retry_after():
+    from ray import serve
+
+    from serve_app.openai_api import OpenAIIngress
+
+    checks = router({"router_max_ongoing": 8, "router_max_queued": 4})
+    options = Router.serve_options(checks.spec)
+    assert options["max_ongoing_requests"] == 8 and options["max_queued_requests"] == 4
+    assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 2}
+    deployment = serve.deployment(OpenAIIngress).options(**options)  # what Serve itself accepts
+    assert deployment.max_queued_requests == 4
+    assert deployment.backpressure_config.status_code == 429
+
+
+def test_each_router_replica_enforces_its_share_of_the_per_key_limits():
+    config = parse_config({"models": {"z-image-turbo": {}}, "serving": {
+        "router_replicas": 2, "limits": {"per_key": {"cost_per_minute": 100, "max_in_flight_requests": 4}}}})
+    spec = resolve_application(config).router
+    assert spec.key_limits.cost_per_minute == 100  # the spec holds the service's limits...
+    checks = Router(spec, {route.deployment: None for route in spec.routes})
+    assert checks.quotas.limits.cost_per_minute == 50 and checks.quotas.limits.max_in_flight_requests == 2

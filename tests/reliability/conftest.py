@@ -7,6 +7,11 @@ import pytest
 from serve_app.runner import free_port
 
 SECRET = "sk-test-7f3c1e0b9a"  # a test key: it must never appear in any log
+TENANT_KEYS = ("sk-tenant-a-41d2", "sk-tenant-b-93e7")  # two callers of /secure, for the per-key limits
+# Per key on /secure: a burst of 0.3 megapixel-steps, refilled at 0.01 per minute (30 minutes for the burst).
+# A 256x256 request at 4 steps costs 0.26, so a key gets one of those; the 64x64 one-step requests of the
+# access tests cost 0.004 each.
+PER_KEY_LIMITS = {"cost_per_minute": 0.01, "burst_cost": 0.3}
 
 
 @pytest.fixture(scope="package")
@@ -32,7 +37,8 @@ def reliable(tiny_root):
     service.start(loaders={"z-image-turbo": cuda_fault_loader(), "qwen-image-edit-2509": out_of_memory_loader(0)})
     try:
         secure = embedded_config_data(tiny_root)
-        secure["serving"].update({"app_name": "secure", "api_keys": [SECRET]})
+        secure["serving"].update({"app_name": "secure", "api_keys": [SECRET, *TENANT_KEYS], "show_internals": False})
+        secure["serving"]["limits"].update({"per_key": PER_KEY_LIMITS, "body_read_timeout_s": 1})
         secure["models"] = {"z-image-turbo": secure["models"]["z-image-turbo"]}
         service.add_application(parse_config(secure, "secure"), "/secure")
         yield service
@@ -43,6 +49,11 @@ def reliable(tiny_root):
 @pytest.fixture(scope="package")
 def api_key() -> str:
     return SECRET
+
+
+@pytest.fixture(scope="package")
+def tenant_keys() -> tuple[str, str]:
+    return TENANT_KEYS
 
 
 def encode_image(fmt: str = "PNG", size: tuple[int, int] = (32, 32)) -> bytes:

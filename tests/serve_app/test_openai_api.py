@@ -149,3 +149,90 @@ def test_a_422_names_the_first_few_invalid_fields_and_counts_the_rest():
     error = response.json()["error"]
     assert error["message"].endswith("and 97 more") and len(error["message"]) < 1_000
     assert error["param"] == "size"
+
+
+def run_asgi(app, scope_extra: dict, messages: list[dict]) -> list[dict]:
+    """Drive ``app`` as a server would: the body arrives as ``messages``, then nothing more ever comes (a
+    client that stopped sending). Returns what the app sent."""
+    import asyncio
+
+    async def drive():
+        sent = []
+        pending = list(messages)
+        never = asyncio.Event()
+
+        async def receive():
+            if pending:
+                return pending.pop(0)
+            await never.wait()
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/echo", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], **scope_extra}
+        await asyncio.wait_for(app(scope, receive, send), timeout=60)  # the bound under test is 0.2 s
+        return sent
+
+    return asyncio.run(drive())
+
+
+def test_a_body_that_stops_arriving_gets_408_at_the_read_deadline():
+    import json
+
+    app = app_with(BodyLimitMiddleware, max_bytes=10_000, read_timeout_s=0.2)
+    sent = run_asgi(app, {}, [{"type": "http.request", "body": b'{"a": "x', "more_body": True}])
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "body_timeout" and "0.2 s" in error["message"]
+    assert len([m for m in sent if m["type"] == "http.response.start"]) == 1  # the app's own answer is dropped
+
+
+def test_a_body_that_arrived_is_not_timed_afterwards():
+    import json
+
+    app = app_with(BodyLimitMiddleware, max_bytes=10_000, read_timeout_s=0.2)
+    sent = run_asgi(app, {}, [{"type": "http.request", "body": b'{"a": 1}', "more_body": False}])
+    assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"a": 1}
+
+
+def edit_form_client(**http) -> TestClient:
+    from serve_app.domain.specs import HttpSpec
+    from serve_app.openai_api import create_api
+
+    class EditsRefusedBeforeTheService:
+        def record_error(self, task: str, reason: str) -> None:
+            pass
+
+        async def edit(self, request, key_id=None):
+            raise AssertionError("a form over its limits must not reach the service")
+
+    return TestClient(create_api(EditsRefusedBeforeTheService(), HttpSpec(**http)))
+
+
+def test_edit_forms_are_parsed_under_file_field_and_part_limits():
+    client = edit_form_client(max_form_fields=20, max_form_field_bytes=5_000)
+    png = ("a.png", b"\x89PNG", "image/png")
+    too_many_files = client.post("/v1/images/edits", data={"prompt": "x"}, files=[("image", png)] * 4)
+    assert too_many_files.status_code == 422
+    assert too_many_files.json()["error"] == {"code": "limit_exceeded", "message": "at most 3 images per edit",
+                                              "param": "image", "type": "invalid_request_error"}
+    too_many_fields = client.post("/v1/images/edits", data={"prompt": "x", **{f"f{i}": "1" for i in range(30)}},
+                                  files=[("image", png)])
+    assert too_many_fields.status_code == 422 and "more than 20 form fields" in too_many_fields.text
+    too_long = client.post("/v1/images/edits", data={"prompt": "x" * 6_000}, files=[("image", png)])
+    assert too_long.status_code == 413
+    assert too_long.json()["error"]["message"] == "a form field over the 5 KB limit"
+
+
+def test_answers_hide_where_they_ran_when_internals_are_off():
+    from serve_app.domain.schemas import ImageResult
+
+    result = ImageResult(variant="z-image-turbo", images=[b"png"], seeds=[1], width=64, height=64,
+                         num_inference_steps=1, timings={"queue_s": 3.0, "total_s": 4.0}, replica="r1",
+                         gpu_class="h100", pool="big", created=0)
+    shown = result.to_openai()
+    assert shown["timings"]["queue_s"] == 3.0 and shown["replica"] == "r1" and shown["pool"] == "big"
+    hidden = result.to_openai(internals=False)
+    assert not {"timings", "replica", "pool", "gpu_class", "retried_from", "batch_images"} & set(hidden)
+    assert hidden["model"] == "z-image-turbo" and hidden["seeds"] == [1] and hidden["data"][0]["seed"] == 1
