@@ -15,8 +15,8 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve import Application
