@@ -19,6 +19,11 @@ export TOKENIZERS_PARALLELISM = false
 PROMETHEUS := .tools/prometheus/usr/bin/prometheus
 export IMAGESERVE_PROMETHEUS := $(CURDIR)/$(PROMETHEUS)
 
+# A real Redis for the GCS storage tests (TLS and a password, as cluster/deploy/redis.yaml runs it): Debian's
+# redis-server and the two libraries it needs beside libc and libssl, unpacked the same way.
+REDIS := .tools/redis/usr/bin/redis-server
+export IMAGESERVE_REDIS := $(CURDIR)/$(REDIS)
+
 .PHONY: install serve test lint unit cluster-configs image
 
 install: $(VENV)/.installed
@@ -28,6 +33,14 @@ $(PROMETHEUS):
 	cd .tools/deb && (apt-get download prometheus 2>/dev/null || (apt-get update -qq && apt-get download prometheus))
 	dpkg -x .tools/deb/prometheus_*.deb .tools/prometheus
 	test -x $@
+
+$(REDIS):
+	mkdir -p .tools/deb
+	cd .tools/deb && (apt-get download redis-server redis-tools liblzf1 libjemalloc2 2>/dev/null || \
+		(apt-get update -qq && apt-get download redis-server redis-tools liblzf1 libjemalloc2))
+	for deb in .tools/deb/redis-*.deb .tools/deb/liblzf1_*.deb .tools/deb/libjemalloc2_*.deb; do \
+		dpkg -x $$deb .tools/redis; done
+	LD_LIBRARY_PATH=.tools/redis/usr/lib/x86_64-linux-gnu $@ --version
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -44,7 +57,7 @@ lint: install
 unit: install
 	$(VENV)/bin/python -m pytest -m "not integration"
 
-test: lint $(PROMETHEUS)
+test: lint $(PROMETHEUS) $(REDIS)
 	$(VENV)/bin/python -m pytest
 
 # serve_config.yaml and cluster/deploy/*.yaml from the example fleet and production config.

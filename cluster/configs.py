@@ -6,7 +6,10 @@
   the fleet's pools;
 * ``ray-cluster.yaml``: a Ray cluster-launcher config with one node type per GPU pool;
 * ``kuberay-rayservice.yaml``: a KubeRay RayService with one worker group per GPU pool, the same
-  Serve config as its ``serveConfigV2``, and optional GCS fault tolerance (Redis).
+  Serve config as its ``serveConfigV2``, and optional GCS fault tolerance (Redis over TLS);
+* ``kuberay-networkpolicy.yaml``: who may reach the Ray pods;
+* ``redis.yaml``: the Redis that GCS fault tolerance writes to, on TLS only, with a password, reachable
+  from the Ray head alone.
 
 The cluster configs declare, per node, the resources and labels of ``serve_app.domain.placement``
 that the pools' replicas ask for.
@@ -138,7 +141,75 @@ def _container(name: str, resources: dict[str, Any], image: str) -> dict[str, An
 
 
 API_KEYS_SECRET = "imageserve-api-keys"
-REDIS_SECRET = "imageserve-redis"
+REDIS_SECRET = "imageserve-redis"  # key "password"
+# The Redis TLS Secret (a kubernetes.io/tls Secret plus ca.crt, as cert-manager writes one): Redis serves
+# tls.crt/tls.key; the Ray head checks it against ca.crt.
+REDIS_TLS_SECRET = "imageserve-redis-tls"
+REDIS_TLS_DIR = "/etc/imageserve/redis-tls"
+REDIS_SERVICE = "imageserve-redis"
+DEFAULT_REDIS_ADDRESS = f"rediss://{REDIS_SERVICE}:6379"  # rediss: Ray's GCS speaks TLS to it
+REDIS_IMAGE = "redis:7.2"
+
+
+def redis_server_args(tls_dir: str, port: int = 6379, data_dir: str = "/data") -> list[str]:
+    """redis-server's arguments: TLS only (the plain port closed), the password from $REDIS_PASSWORD, and an
+    append-only file so the GCS's tables survive a Redis restart. Run as is by tests/cluster/test_redis_tls.py."""
+    return ["--port", "0", "--tls-port", str(port),
+            "--tls-cert-file", f"{tls_dir}/tls.crt", "--tls-key-file", f"{tls_dir}/tls.key",
+            "--tls-ca-cert-file", f"{tls_dir}/ca.crt",
+            "--tls-auth-clients", "no",  # the password authenticates clients; TLS encrypts and proves the server
+            "--requirepass", "$(REDIS_PASSWORD)", "--appendonly", "yes", "--dir", data_dir]
+
+
+def redis_manifests() -> dict[str, Any]:
+    """The Redis of GCS fault tolerance: a Deployment with a volume for its append-only file, a Service, and a
+    NetworkPolicy that lets only Ray head pods (the GCS) reach it."""
+    labels = {"app.kubernetes.io/name": REDIS_SERVICE}
+    password_env = {"name": "REDIS_PASSWORD",
+                    "valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": "password"}}}
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": REDIS_SERVICE, "labels": labels},
+        "spec": {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {
+                     "automountServiceAccountToken": False,
+                     "securityContext": {**POD_SECURITY, "runAsUser": 999, "runAsGroup": 999, "fsGroup": 999},
+                     "containers": [{
+                         "name": "redis", "image": REDIS_IMAGE, "command": ["redis-server"],
+                         # Kubernetes expands $(REDIS_PASSWORD) from the env; the value never sits in the spec.
+                         "args": redis_server_args(REDIS_TLS_DIR), "env": [password_env],
+                         "ports": [{"containerPort": 6379, "name": "redis-tls"}],
+                         "securityContext": CONTAINER_SECURITY,
+                         "volumeMounts": [{"name": "tls", "mountPath": REDIS_TLS_DIR, "readOnly": True},
+                                          {"name": "data", "mountPath": "/data"}],
+                         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+                     }],
+                     "volumes": [{"name": "tls", "secret": {"secretName": REDIS_TLS_SECRET}},
+                                 {"name": "data", "persistentVolumeClaim": {"claimName": f"{REDIS_SERVICE}-data"}}],
+                 }}},
+    }
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": f"{REDIS_SERVICE}-data"},
+             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": REDIS_SERVICE},
+               "spec": {"selector": labels, "ports": [{"port": 6379, "targetPort": 6379, "name": "redis-tls"}]}}
+    policy = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": REDIS_SERVICE},
+        "spec": {"podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"ray.io/node-type": "head"}}}],
+                              "ports": [{"protocol": "TCP", "port": 6379}]}]},
+    }
+    return {"apiVersion": "v1", "kind": "List", "items": [deployment, claim, service, policy]}
+
+
+def _with_redis_tls(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """The head's GCS checks Redis's certificate against the CA (Ray's RAY_REDIS_CA_CERT)."""
+    pod_spec["volumes"] = [*pod_spec.get("volumes", []), {"name": "redis-tls", "secret": {
+        "secretName": REDIS_TLS_SECRET, "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]
+    for container in pod_spec["containers"]:
+        container["volumeMounts"] = [*container.get("volumeMounts", []),
+                                     {"name": "redis-tls", "mountPath": REDIS_TLS_DIR, "readOnly": True}]
+        container["env"] = [*container.get("env", []),
+                            {"name": "RAY_REDIS_CA_CERT", "value": f"{REDIS_TLS_DIR}/ca.crt"}]
+    return pod_spec
 
 
 def _with_keys_secret(pod_spec: dict[str, Any], keys_file: str | None) -> dict[str, Any]:
@@ -155,7 +226,7 @@ def _with_keys_secret(pod_spec: dict[str, Any], keys_file: str | None) -> dict[s
 
 
 def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict[str, Any],
-                        redis_address: str | None = "redis:6379", image: str = DEFAULT_IMAGE,
+                        redis_address: str | None = DEFAULT_REDIS_ADDRESS, image: str = DEFAULT_IMAGE,
                         keys_file: str | None = None) -> dict[str, Any]:
     workers = []
     for pool in fleet.pools:
@@ -194,6 +265,8 @@ def rayservice_manifest(fleet: FleetConfig, catalog: Catalog, serve_config: dict
         "workerGroupSpecs": workers,
     }
     if redis_address:
+        if redis_address.startswith("rediss://"):
+            _with_redis_tls(cluster["headGroupSpec"]["template"]["spec"])
         cluster["gcsFaultToleranceOptions"] = {
             "redisAddress": redis_address,
             "redisPassword": {"valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": "password"}}},
@@ -272,7 +345,7 @@ def _shown(path: Path) -> str:
 
 def write_configs(fleet_path: str | os.PathLike, config_path: str | os.PathLike,
                   serve_config_out: str | os.PathLike, manifests_out: str | os.PathLike,
-                  redis_address: str | None = "redis:6379", image: str = DEFAULT_IMAGE) -> list[Path]:
+                  redis_address: str | None = DEFAULT_REDIS_ADDRESS, image: str = DEFAULT_IMAGE) -> list[Path]:
     """Write serve_config.yaml to ``serve_config_out`` and the cluster configs into ``manifests_out``, both
     running ``image`` (one built from this repository's Dockerfile)."""
     fleet = load_fleet(fleet_path)
@@ -292,6 +365,7 @@ def write_configs(fleet_path: str | os.PathLike, config_path: str | os.PathLike,
             fleet, catalog, serve, redis_address, image,
             keys_file=(config_data.get("serving") or {}).get("api_keys_file"))),
         (out / "kuberay-networkpolicy.yaml", network_policy()),
+        *([(out / "redis.yaml", redis_manifests())] if redis_address == DEFAULT_REDIS_ADDRESS else []),
     ):
         path.write_text(header + dump(data))
         written.append(path)

@@ -224,11 +224,12 @@ def cmd_cluster_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_configs(args: argparse.Namespace) -> int:
-    from cluster.configs import DEFAULT_IMAGE, write_configs
+    from cluster.configs import DEFAULT_IMAGE, DEFAULT_REDIS_ADDRESS, write_configs
 
     args.image = args.image or DEFAULT_IMAGE
+    redis_address = DEFAULT_REDIS_ADDRESS if args.redis is None else (args.redis or None)
     for path in write_configs(args.fleet, args.config, args.serve_config_out, args.manifests_out,
-                              args.redis or None, args.image):
+                              redis_address, args.image):
         print(f"wrote {path}")
     return 0
 
@@ -306,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="imageserve config to serve on it (default: the example production config)")
     p.add_argument("--serve-config-out", default="serve_config.yaml", help="where to write the Ray Serve config")
     p.add_argument("--manifests-out", default=".", help="folder for ray-cluster.yaml and kuberay-rayservice.yaml")
-    p.add_argument("--redis", default="redis:6379", help="GCS fault-tolerance Redis address ('' to leave it off)")
+    p.add_argument("--redis", default=None,
+                   help="GCS fault-tolerance Redis address, rediss:// for TLS ('' to leave it off); the default is "
+                        "the Redis of cluster/deploy/redis.yaml")
     p.add_argument("--image", default=None,
                    help="container image of every node, built from the Dockerfile (default: imageserve:VERSION, "
                         "what `make image` tags)")

@@ -101,12 +101,11 @@ def test_every_pod_mounts_the_api_keys_secret_where_the_production_config_reads_
     specs = [cluster["headGroupSpec"]["template"]["spec"]]
     specs += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
     for spec in specs:
-        (volume,) = spec["volumes"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "api-keys"]
         assert volume["secret"] == {"secretName": "imageserve-api-keys",
                                     "items": [{"key": "api-keys", "path": keys_file.name}]}
         (container,) = spec["containers"]
-        assert container["volumeMounts"] == [{"name": "api-keys", "mountPath": str(keys_file.parent),
-                                              "readOnly": True}]
+        assert {"name": "api-keys", "mountPath": str(keys_file.parent), "readOnly": True} in container["volumeMounts"]
 
 
 def test_the_generated_cluster_is_locked_by_default():
@@ -135,3 +134,40 @@ def test_the_generated_cluster_is_locked_by_default():
     assert "--dashboard-host=127.0.0.1" in start_head and "RAY_AUTH_MODE=token" in start_head
     assert all("RAY_AUTH_MODE=token" in c for c in launcher["worker_start_ray_commands"] if "ray start" in c)
     assert "~/.ray/auth_token" in launcher["file_mounts"]
+
+
+def test_the_gcs_speaks_tls_to_a_redis_only_the_head_can_reach():
+    cluster = yaml.safe_load((DEPLOY / "kuberay-rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    assert cluster["gcsFaultToleranceOptions"]["redisAddress"] == "rediss://imageserve-redis:6379"
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (container,) = head["containers"]
+    ca_cert = next(e["value"] for e in container["env"] if e["name"] == "RAY_REDIS_CA_CERT")
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "redis-tls"]
+    assert ca_cert == f"{mount['mountPath']}/ca.crt"
+    (volume,) = [v for v in head["volumes"] if v["name"] == "redis-tls"]
+    assert volume["secret"]["secretName"] == "imageserve-redis-tls"
+    for group in cluster["workerGroupSpecs"]:  # workers never talk to Redis
+        assert all(v["name"] != "redis-tls" for v in group["template"]["spec"]["volumes"])
+
+    items = {item["kind"]: item for item in yaml.safe_load((DEPLOY / "redis.yaml").read_text())["items"]}
+    (redis,) = items["Deployment"]["spec"]["template"]["spec"]["containers"]
+    args = redis["args"]
+    assert args[args.index("--port") + 1] == "0"  # no plain-text port
+    assert args[args.index("--tls-port") + 1] == "6379"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"  # Kubernetes expands it from the Secret
+    (password,) = redis["env"]
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "imageserve-redis", "key": "password"}
+    assert args[args.index("--appendonly") + 1] == "yes"
+    (rule,) = items["NetworkPolicy"]["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/node-type": "head"}}}]
+    assert items["Service"]["metadata"]["name"] == "imageserve-redis"
+
+
+def test_a_plain_redis_address_gets_no_tls_and_no_generated_redis(tmp_path):
+    write_configs(EXAMPLE_FLEET, EXAMPLE_PRODUCTION_CONFIG, tmp_path / "serve_config.yaml", tmp_path,
+                  redis_address="redis.internal:6379")
+    cluster = yaml.safe_load((tmp_path / "kuberay-rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    assert cluster["gcsFaultToleranceOptions"]["redisAddress"] == "redis.internal:6379"
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert all(v["name"] != "redis-tls" for v in head["volumes"])
+    assert not (tmp_path / "redis.yaml").exists()
