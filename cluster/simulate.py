@@ -22,7 +22,7 @@ from serve_app.domain.placement import node_labels, node_resources
 from serve_app.embedded import embedded_config_data, tiny_model_config
 from serve_app.engines import EngineLoader
 from serve_app.engines.gpu_doubles import load_without_nunchaku
-from serve_app.runner import PrivateRayCluster, deploy, worker_env
+from serve_app.runner import PrivateRayCluster, deploy, lock_private_ray, worker_env
 
 
 def simulation_config(fleet: FleetConfig, tiny_dir: Path, models: list[str] | None = None,
@@ -80,7 +80,7 @@ class SimulatedFleet(PrivateRayCluster):
         # Ray puts its sessions and the cluster address file under $RAY_TMPDIR/ray.
         os.environ["RAY_TMPDIR"] = self.tmpdir
         os.makedirs(os.path.join(self.tmpdir, "ray"), exist_ok=True)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        lock_private_ray(self.tmpdir)
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": self.head_cpus, "num_gpus": 0, "include_dashboard": False,
         })

@@ -1,15 +1,19 @@
 """Run imageserve on a private local Ray: ``imageserve run`` and the integration tests use this.
 
 The Ray cluster is our own (a fresh ``RAY_TMPDIR``, ``address="local"``), so starting and
-stopping it never touches anybody else's Ray processes.
+stopping it never touches anybody else's Ray processes. It is locked with Ray token auth and a token
+only this user can read, because its GCS listens on the machine's address: without a token anyone who
+can reach that port could run code in it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,6 +22,43 @@ from typing import Any
 from serve_app.domain.config import AppConfig
 
 logger = logging.getLogger(__name__)
+
+
+# Set (to "1") when RAY_AUTH_MODE in this process's environment is ours, not the user's or a test's.
+_GENERATED_AUTH_MARKER = "IMAGESERVE_GENERATED_RAY_AUTH"
+
+
+def lock_private_ray(tmpdir: str) -> str | None:
+    """Turn on Ray token auth for the cluster this process is about to start, with a fresh token in
+    ``tmpdir/auth_token`` (mode 0600), and return that path.
+
+    Ray's processes inherit this process's environment, so the GCS, raylets and workers all require
+    the token. An explicit ``RAY_AUTH_MODE`` in the environment wins (the tests set ``disabled``; an
+    operator may point ``RAY_AUTH_TOKEN_PATH`` at a token of their own); then this returns None.
+    """
+    if os.environ.get("RAY_AUTH_MODE") and os.environ.get(_GENERATED_AUTH_MARKER) != "1":
+        return None
+    path = os.path.join(tmpdir, "auth_token")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as token_file:
+        token_file.write(secrets.token_hex(32))
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": path, _GENERATED_AUTH_MARKER: "1"})
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
+    refresh_ray_auth_config()
+    return path
+
+
+def refresh_ray_auth_config() -> None:
+    """Make this process's Ray see the RAY_AUTH_* environment as it is now.
+
+    Ray reads the auth mode into its config when it loads and caches the token; a process that imported
+    Ray before changing them would start a token-locked GCS it cannot talk to itself. Ray's own
+    ``enable_token_auth_by_default`` refreshes the same two caches.
+    """
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def worker_env(offline: bool = True) -> dict[str, str]:
@@ -129,6 +170,8 @@ class LocalService(PrivateRayCluster):
         self.log_to_driver = log_to_driver
         self.metrics_report_interval_ms = metrics_report_interval_ms
         self.tmpdir: str | None = None
+        self.auth_token_path: str | None = None
+        self.gcs_address: str | None = None
         self.started = False
 
     @property
@@ -137,15 +180,29 @@ class LocalService(PrivateRayCluster):
 
     def start(self, timeout_s: float = 300, after_ray_init: Callable[[], None] | None = None,
               loaders: dict[str, Any] | None = None) -> LocalService:
-        import ray
         from ray import serve
+
+        self.start_ray()
+        if after_ray_init is not None:
+            after_ray_init()
+        http_options = {"host": self.host, "port": self.port, **self.extra_http_options}
+        if self.config.serving.request_timeout_s:
+            http_options["request_timeout_s"] = self.config.serving.request_timeout_s
+        serve.start(http_options=http_options, proxy_location="HeadOnly")
+        deploy(self.config, loaders, timeout_s=timeout_s)
+        wait_until_ready(f"{self.url}{self.config.serving.route_prefix.rstrip('/')}/readyz", timeout_s)
+        return self
+
+    def start_ray(self) -> str:
+        """Start the private, token-locked Ray cluster (no Serve yet); returns its GCS address."""
+        import ray
 
         # Short path: Ray's unix sockets live under it and must stay under ~100 characters.
         self.tmpdir = tempfile.mkdtemp(prefix="isv-ray-", dir="/tmp")
         os.environ["RAY_TMPDIR"] = self.tmpdir
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        self.auth_token_path = lock_private_ray(self.tmpdir)
         os.environ.setdefault("HF_HUB_OFFLINE", "1" if self.config.hf.offline else "0")
-        ray.init(
+        context = ray.init(
             address="local",
             _temp_dir=self.tmpdir,
             num_cpus=self.num_cpus,
@@ -159,15 +216,8 @@ class LocalService(PrivateRayCluster):
             runtime_env={"env_vars": worker_env(os.environ["HF_HUB_OFFLINE"] == "1")},
         )
         self.started = True
-        if after_ray_init is not None:
-            after_ray_init()
-        http_options = {"host": self.host, "port": self.port, **self.extra_http_options}
-        if self.config.serving.request_timeout_s:
-            http_options["request_timeout_s"] = self.config.serving.request_timeout_s
-        serve.start(http_options=http_options, proxy_location="HeadOnly")
-        deploy(self.config, loaders, timeout_s=timeout_s)
-        wait_until_ready(f"{self.url}{self.config.serving.route_prefix.rstrip('/')}/readyz", timeout_s)
-        return self
+        self.gcs_address = context.address_info["gcs_address"]
+        return self.gcs_address
 
     def add_application(self, config: AppConfig, route_prefix: str, loaders: dict[str, Any] | None = None,
                         timeout_s: float = 300) -> None:
@@ -220,6 +270,9 @@ def run_foreground(config: AppConfig) -> int:
 
     try:
         service.start(after_ray_init=take_signals)
+        if service.auth_token_path:
+            print(f"Ray at {service.gcs_address} requires its token (RAY_AUTH_MODE=token "
+                  f"RAY_AUTH_TOKEN_PATH={service.auth_token_path})", flush=True)
         print(example_requests(service.url), flush=True)
         while True:
             time.sleep(3600)

@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Our clusters are started explicitly; Serve's handle threads must not silently reconnect after shutdown.
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+# The shared test clusters run without Ray token auth (the `serve` CLI and subprocess drivers attach to
+# them); tests/serve_app/test_runner.py checks the token lock `imageserve run` puts on its cluster.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pathlib import Path
 
