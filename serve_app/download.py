@@ -9,6 +9,10 @@ Before fetching anything the sizes are read from the Hub and compared with the f
 resume where an interrupted one stopped (huggingface_hub's ``.incomplete`` files and HTTP ranges);
 every file is then checked against the Hub's hashes (sha256 for LFS files, the git blob id for the
 rest). Serving afterwards runs offline (``hf.offline``, ``HF_HUB_OFFLINE=1``) from the same cache.
+
+A repository pinned to a commit (``models.<id>.revision`` or the catalog's) is fetched at that commit and
+loaded at it, whatever its main branch says by then; an unpinned one is fetched at main's current
+commit, which the output names so it can be pinned.
 ``HF_ENDPOINT`` selects another Hub (a mirror, or the tests' local server).
 """
 
@@ -38,6 +42,7 @@ class RepoNeed:
     """What one repository must provide: a whole pipeline (with or without its transformer) and/or files."""
 
     repo_id: str
+    revision: str | None = None      # the pinned commit; None follows main
     variants: list[str] = field(default_factory=list)
     pipeline: bool = False           # model_index.json and its components' folders
     with_transformer: bool = False   # ... including transformer/ (some variant runs the bf16 one)
@@ -56,7 +61,7 @@ class RemoteFile:
 def needs(config: AppConfig) -> tuple[list[RepoNeed], dict[str, str]]:
     """The repositories the configured variants load from, and the variants that load from local paths."""
     catalog = config.build_catalog()
-    repos: dict[str, RepoNeed] = {}
+    repos: dict[tuple[str, str | None], RepoNeed] = {}
     local: dict[str, str] = {}
     for variant_id in config.models_to_load():
         variant = catalog.variant(variant_id)
@@ -64,29 +69,33 @@ def needs(config: AppConfig) -> tuple[list[RepoNeed], dict[str, str]]:
         source = settings.source or variant.source.local_path or variant.source.hub_repo
         if source is None:
             raise DownloadError(f"{variant_id} names no source (config `source` or catalog `hub_repo`)")
-        if Path(source).expanduser().is_dir():
+        pipeline_pin, transformer_pin = config.weights(variant_id)
+        if pipeline_pin.repo is None:
             local[variant_id] = source
         else:
-            need = repos.setdefault(source, RepoNeed(source))
+            need = repos.setdefault((source, pipeline_pin.revision), RepoNeed(source, pipeline_pin.revision))
             need.variants.append(variant_id)
             need.pipeline = True
             need.with_transformer |= not variant.requires_nunchaku
         if variant.requires_nunchaku:
-            if settings.transformer_source and Path(settings.transformer_source).expanduser().exists():
+            if settings.transformer_source:
                 local[f"{variant_id} (4-bit transformer)"] = settings.transformer_source
             else:
                 repo = variant.source.transformer_repo
-                need = repos.setdefault(repo, RepoNeed(repo))
+                need = repos.setdefault((repo, transformer_pin.revision), RepoNeed(repo, transformer_pin.revision))
                 need.variants.append(variant_id)
                 need.files.add(variant.source.transformer_file)
     return list(repos.values()), local
 
 
 def remote_files(need: RepoNeed, endpoint: str | None, cache_dir: str | None) -> tuple[str, list[RemoteFile]]:
-    """The repository's current commit and the files ``need`` takes from it, with sizes and hashes."""
+    """The commit ``need`` is fetched at (its pin, or main's current one) and the files it takes from it,
+    with sizes and hashes."""
     from huggingface_hub import HfApi, hf_hub_download
 
-    info = HfApi(endpoint=endpoint).model_info(need.repo_id, files_metadata=True)
+    info = HfApi(endpoint=endpoint).model_info(need.repo_id, revision=need.revision, files_metadata=True)
+    if need.revision is not None and info.sha != need.revision:
+        raise DownloadError(f"{need.repo_id}: the Hub answered commit {info.sha} for the pinned {need.revision}")
     wanted = set(need.files)
     if need.pipeline:
         index = hf_hub_download(need.repo_id, "model_index.json", revision=info.sha, cache_dir=cache_dir,
@@ -175,17 +184,23 @@ def download(config: AppConfig, cache_dir: str | None = None, keep_free_gb: floa
         what = "pipeline" + ("" if need.with_transformer else " without transformer/") if need.pipeline else "file"
         log(f"{need.repo_id}@{commit[:12]}: {len(files)} files, {sum(f.size for f in files) / GB:.2f} GB "
             f"({what}; for {', '.join(sorted(set(need.variants)))})")
+        if need.revision is None:
+            key = "revision" if need.pipeline else "transformer_revision"
+            log(f"  not pinned: main may move; to keep every node on this commit set "
+                f"{', '.join(f'models.{v}.{key}' for v in sorted(set(need.variants)))}: {commit}")
     log(f"{total / GB:.2f} GB in all, {to_fetch / GB:.2f} GB not in {cache} yet")
     check_free_space(to_fetch, free_disk_gb(cache) * GB, cache, keep_free_gb)
     report = {"cache_dir": cache, "total_bytes": total, "fetched_bytes": to_fetch, "local": local,
-              "repos": {need.repo_id: {"commit": commit, "files": [f.path for f in files]}
+              "repos": {need.repo_id: {"commit": commit, "pinned": need.revision is not None,
+                                       "files": [f.path for f in files]}
                         for need, commit, files in planned}}
     if dry_run:
         return report
     for need, commit, files in planned:
-        # revision "main" (not the commit) so that the cache's refs/main points at it for offline loading.
-        snapshot = Path(snapshot_download(need.repo_id, allow_patterns=[f.path for f in files], cache_dir=cache,
-                                          endpoint=endpoint))
+        # Unpinned: revision "main" (not the commit), so that the cache's refs/main points at it for offline
+        # loading without a revision. Pinned: the commit, which loading asks for too.
+        snapshot = Path(snapshot_download(need.repo_id, revision=need.revision, allow_patterns=[f.path for f in files],
+                                          cache_dir=cache, endpoint=endpoint))
         if snapshot.name != commit:
             raise DownloadError(f"{need.repo_id} moved from {commit} to {snapshot.name} while downloading: run again")
         for file in files:

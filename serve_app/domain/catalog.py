@@ -140,6 +140,11 @@ class WeightsSource(_Strict):
     local_path: str | None = Field(default=None, description="Local folder in the diffusers layout.")
     transformer_repo: str | None = Field(default=None, description="Repo of the nunchaku 4-bit transformer.")
     transformer_file: str | None = Field(default=None, description="File of the 4-bit transformer in that repo.")
+    revision: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{40}$",
+        description="Commit of hub_repo that is downloaded and loaded; null follows the repo's main branch.")
+    transformer_revision: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{40}$", description="Commit of transformer_repo, likewise.")
     download_gb: float | None = Field(default=None, gt=0, description="What a first download fetches, in GB.")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -50,10 +51,28 @@ class DeviceConfig(_Section):
         return "model" if self.enable_cpu_offload else None
 
 
+def is_local_path(source: str) -> bool:
+    """A pipeline ``source`` that is a folder on this machine rather than a hub repo id."""
+    return source.startswith(("/", ".", "~")) or Path(source).expanduser().is_dir()
+
+
+@dataclass(frozen=True)
+class HubPin:
+    """A hub repository and the commit it is pinned to (None: its main branch)."""
+
+    repo: str | None
+    revision: str | None
+
+
 class HFConfig(_Section):
     cache_dir: str | None = Field(default=None, description="Hugging Face cache folder (HF_HOME's hub by default).")
     offline: bool = Field(
         default=True, description="Never reach the Hub at load time; weights must be local or cached.")
+    require_pinned_revisions: bool = Field(
+        default=False,
+        description="Refuse a config that loads any hub repo at no pinned commit (models.<id>.revision or the "
+                    "catalog's): an unpinned repo follows main, so an upstream push changes the served model at "
+                    "the next download.")
 
 
 class ResolutionConfig(_Section):
@@ -253,6 +272,15 @@ class ModelConfig(_Section):
     transformer_source: str | None = Field(
         default=None, description="4-bit variants: local .safetensors file or folder of the nunchaku transformer."
     )
+    revision: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{40}$",
+        description="Commit of the pipeline's hub repo to download and load (`imageserve download` prints the one "
+                    "it fetched); the catalog's pin when null and `source` is the catalog's repo.",
+    )
+    transformer_revision: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{40}$",
+        description="4-bit variants: commit of the nunchaku transformer's hub repo (the catalog's when null).",
+    )
     torch_dtype: TorchDtype | None = Field(
         default=None, description="Compute dtype; bfloat16 on CUDA and float32 on CPU when null."
     )
@@ -347,7 +375,33 @@ class AppConfig(_Section):
             not_listed = [m for m in self.load if m not in self.models]
             if not_listed:
                 raise ValueError(f"load: {not_listed} are not configured under models")
+        if self.hf.require_pinned_revisions:
+            unpinned = [f"models.{model_id}.{key}" for model_id in self.models_to_load()
+                        for key, pin in zip(("revision", "transformer_revision"), self._weights(catalog, model_id),
+                                            strict=True)
+                        if pin.repo is not None and pin.revision is None]
+            if unpinned:
+                raise ValueError(f"hf.require_pinned_revisions: {', '.join(unpinned)} must name a commit "
+                                 "(`imageserve download` prints the commits it fetched)")
         return self
+
+    def weights(self, model_id: str) -> tuple[HubPin, HubPin]:
+        """Where ``model_id``'s pipeline and (4-bit variants) transformer come from on the Hub, and at which
+        commit; ``repo`` is None for what loads from a local path (or, for the transformer, is not needed)."""
+        return self._weights(self.build_catalog(), model_id)
+
+    def _weights(self, catalog: Catalog, model_id: str) -> tuple[HubPin, HubPin]:
+        variant, model = catalog.variant(model_id), self.models[model_id]
+        source = model.source or variant.source.local_path or variant.source.hub_repo
+        pipeline = HubPin(None, None)
+        if source is not None and not is_local_path(source):
+            catalog_pin = variant.source.revision if source == variant.source.hub_repo else None
+            pipeline = HubPin(source, model.revision or catalog_pin)
+        transformer = HubPin(None, None)
+        if variant.requires_nunchaku and not model.transformer_source:
+            transformer = HubPin(variant.source.transformer_repo,
+                                 model.transformer_revision or variant.source.transformer_revision)
+        return pipeline, transformer
 
     def build_catalog(self) -> Catalog:
         return build_catalog(self.catalog)

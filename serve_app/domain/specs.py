@@ -38,6 +38,9 @@ class EngineSpec(_Spec):
     variant: ModelVariant
     source: str | None = Field(description="Local folder or hub repo id of the diffusers pipeline.")
     transformer_source: str | None = Field(default=None, description="4-bit: the nunchaku transformer file or folder.")
+    revision: str | None = Field(default=None, description="Commit of the hub repo in `source` (None: main).")
+    transformer_revision: str | None = Field(
+        default=None, description="4-bit: commit of the catalog's nunchaku transformer repo (None: main).")
     hf: HFConfig = Field(default_factory=HFConfig)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     torch_dtype: TorchDtype | None = Field(default=None, description="bfloat16 on CUDA, float32 on CPU when null.")
@@ -168,10 +171,13 @@ def engine_spec(config: AppConfig, variant: ModelVariant, catalog: Catalog,
     forced = config.offload_mode_for(variant.id)
     if offload_modes is None:
         offload_modes = (forced,) if forced else OFFLOAD_MODES
+    pipeline, transformer = config.weights(variant.id)
     return EngineSpec(
         variant=variant,
         source=model.source or variant.source.local_path or variant.source.hub_repo,
         transformer_source=model.transformer_source,
+        revision=pipeline.revision,
+        transformer_revision=transformer.revision,
         hf=config.hf,
         device=config.device.device,
         torch_dtype=model.torch_dtype,

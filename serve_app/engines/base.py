@@ -56,8 +56,9 @@ def pipeline_folders(model_index: dict[str, Any], with_transformer: bool = True)
     return folders if with_transformer else folders - {"transformer"}
 
 
-def resolve_source(source: str, hf: HFConfig, skip_transformer: bool = False) -> Path:
-    """A local pipeline folder for ``source`` (a folder, or a hub repo id from the local cache).
+def resolve_source(source: str, hf: HFConfig, skip_transformer: bool = False, revision: str | None = None) -> Path:
+    """A local pipeline folder for ``source`` (a folder, or a hub repo id from the local cache, at the commit
+    ``revision`` when pinned).
 
     ``skip_transformer`` leaves out the bf16 transformer (41 GB for Qwen-Image-Edit) when a
     nunchaku 4-bit transformer replaces it.
@@ -74,15 +75,17 @@ def resolve_source(source: str, hf: HFConfig, skip_transformer: bool = False) ->
     try:
         # Only what the pipeline loads (what `imageserve download` fetches): huggingface_hub refuses an
         # offline snapshot that lacks any file of the patterns asked for, READMEs and sample images included.
-        index = hf_hub_download(source, "model_index.json", cache_dir=hf.cache_dir, local_files_only=hf.offline)
+        index = hf_hub_download(source, "model_index.json", revision=revision, cache_dir=hf.cache_dir,
+                                local_files_only=hf.offline)
         folders = pipeline_folders(json.loads(Path(index).read_text()), with_transformer=not skip_transformer)
         return Path(snapshot_download(
-            source, cache_dir=hf.cache_dir, local_files_only=hf.offline,
+            source, revision=revision, cache_dir=hf.cache_dir, local_files_only=hf.offline,
             allow_patterns=["model_index.json", *(f"{folder}/*" for folder in sorted(folders))],
         ))
     except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
         where = "in the local Hugging Face cache (offline mode)" if hf.offline else "on the Hub"
-        raise ModelLoadError(f"{source} is not available {where}: {type(err).__name__}: {err}") from None
+        at = f"@{revision}" if revision else ""
+        raise ModelLoadError(f"{source}{at} is not available {where}: {type(err).__name__}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -287,7 +290,7 @@ class DiffusersEngine:
         if spec.source is None:
             raise ModelLoadError(f"{spec.variant.id}: no weights source configured")
         four_bit = spec.variant.requires_nunchaku
-        folder = resolve_source(spec.source, spec.hf, skip_transformer=four_bit)
+        folder = resolve_source(spec.source, spec.hf, skip_transformer=four_bit, revision=spec.revision)
         import diffusers
         import transformers
 
@@ -321,7 +324,8 @@ class DiffusersEngine:
 
             try:
                 source = hf_hub_download(weights.transformer_repo, weights.transformer_file,
-                                         cache_dir=spec.hf.cache_dir, local_files_only=spec.hf.offline)
+                                         revision=spec.transformer_revision, cache_dir=spec.hf.cache_dir,
+                                         local_files_only=spec.hf.offline)
             except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
                 raise ModelLoadError(f"{weights.transformer_repo}/{weights.transformer_file} is not available: "
                                      f"{err}") from None

@@ -4,8 +4,10 @@ It answers what huggingface_hub asks (``HF_ENDPOINT`` points it here): ``GET /ap
 (with ``/revision/{rev}``; sizes, git blob ids and LFS sha256 of every file), the recursive file tree
 ``GET /api/models/{repo}/tree/{rev}``, and ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with the
 Hub's ``X-Repo-Commit`` and ``ETag`` headers and byte ranges. Repositories are sets of files;
-``*.safetensors`` are served as LFS files, as on the Hub. It can cut a file's first download halfway
-(to test resuming) and list a wrong hash for a file (to test verification). Every request is recorded.
+``*.safetensors`` are served as LFS files, as on the Hub. A repository may keep older commits, which
+answer when asked for by their hash (as pinned revisions are); any other revision is main. It can cut
+a file's first download halfway (to test resuming) and list a wrong hash for a file (to test
+verification). Every request is recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from urllib.parse import unquote, urlparse
 class Repo:
     files: dict[str, bytes]
     commit: str
+    older: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit -> files then
+
+    def at(self, revision: str | None) -> tuple[dict[str, bytes], str]:
+        """The files and commit ``revision`` names: an older commit by its hash, else main."""
+        if revision in self.older:
+            return self.older[revision], revision
+        return self.files, self.commit
 
 
 @dataclass
@@ -90,14 +99,16 @@ class FakeHub:
                 if url.startswith("/api/models/"):
                     rest = url[len("/api/models/"):]
                     if "/tree/" in rest:
-                        return "tree", rest.split("/tree/")[0], None
-                    return "api", rest.split("/revision/")[0], None
+                        repo_id, _, revision = rest.partition("/tree/")
+                        return "tree", repo_id, None, revision.split("/")[0]
+                    repo_id, _, revision = rest.partition("/revision/")
+                    return "api", repo_id, None, revision or None
                 for repo_id in hub.repos:
                     prefix = f"/{repo_id}/resolve/"
                     if url.startswith(prefix):
                         revision, _, path = url[len(prefix):].partition("/")
-                        return "file", repo_id, path
-                return None, None, None
+                        return "file", repo_id, path, revision
+                return None, None, None, None
 
             def _not_found(self):
                 self.send_response(404)
@@ -112,14 +123,15 @@ class FakeHub:
                 self._answer(with_body=False)
 
             def _answer(self, with_body: bool):
-                kind, repo_id, path = self._find()
+                kind, repo_id, path, revision = self._find()
                 repo = hub.repos.get(repo_id) if repo_id else None
                 if repo is None:
                     return self._not_found()
+                files, commit = repo.at(revision)
                 if kind in ("api", "tree"):
-                    siblings = [hub.sibling(repo_id, p, d) for p, d in sorted(repo.files.items())]
+                    siblings = [hub.sibling(repo_id, p, d) for p, d in sorted(files.items())]
                     if kind == "api":
-                        body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
+                        body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
                                            "siblings": siblings}).encode()
                     else:
                         body = json.dumps([hub.tree_entry(s) for s in siblings]).encode()
@@ -130,7 +142,7 @@ class FakeHub:
                     if with_body:
                         self.wfile.write(body)
                     return None
-                data = repo.files.get(path)
+                data = files.get(path)
                 if data is None:
                     return self._not_found()
                 start = 0
@@ -138,7 +150,7 @@ class FakeHub:
                 if ranged and ranged.startswith("bytes="):
                     start = int(ranged[len("bytes="):].split("-")[0] or 0)
                 self.send_response(206 if start else 200)
-                self.send_header("X-Repo-Commit", repo.commit)
+                self.send_header("X-Repo-Commit", commit)
                 self.send_header("ETag", f'"{hub.etag(path, data)}"')
                 if hub.lfs(path):
                     self.send_header("X-Linked-Etag", f'"{hub.etag(path, data)}"')

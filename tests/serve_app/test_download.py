@@ -114,3 +114,31 @@ def test_the_disk_check_says_how_much_is_missing():
     with pytest.raises(DownloadError, match=r"needs 30.00 GB .* 5 GB should stay free, .* 12.00 GB are free: "
                                             r"23.00 GB missing"):
         check_free_space(30e9, 12e9, "/data", keep_free_gb=5)
+
+
+def test_a_pinned_commit_is_fetched_and_loaded_though_main_moved_on(hub, tmp_path, load_engine_for):
+    pinned = hub.repos[Z_IMAGE]
+    moved = dict(pinned.files, **{"model_index.json": b'{"_class_name": "NotAPipeline"}'})
+    hub.repos[Z_IMAGE] = Repo(moved, "c" * 40, older={pinned.commit: pinned.files})
+
+    done = run_download(hub, tmp_path, {"z-image-turbo": {"revision": pinned.commit}}, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["repos"][Z_IMAGE]["commit"] == pinned.commit and report["repos"][Z_IMAGE]["pinned"]
+    assert all(f"/resolve/{pinned.commit}/" in url for method, url, _ in hub.requests
+               if method == "GET" and url.startswith(f"/{Z_IMAGE}/resolve/"))
+
+    # Loading asks for the same commit, offline: main's broken model_index.json is never read.
+    config = parse_config({"device": {"device": "cpu"}, "serving": {"warmup": False},
+                           "hf": {"offline": True, "cache_dir": str(tmp_path / "cache"),
+                                  "require_pinned_revisions": True},
+                           "models": {"z-image-turbo": {"revision": pinned.commit}}})
+    engine = load_engine_for(config, "z-image-turbo")
+    assert len(engine.generate("a lighthouse", width=64, height=64, num_inference_steps=1, seed=1).images) == 1
+
+
+def test_an_unpinned_download_names_the_commit_to_pin(hub, tmp_path):
+    done = run_download(hub, tmp_path, {"z-image-turbo-svdq-int4-r128": {}})
+    assert done.returncode == 0, done.stderr
+    assert f"models.z-image-turbo-svdq-int4-r128.revision: {'a' * 40}" in done.stdout
+    assert f"models.z-image-turbo-svdq-int4-r128.transformer_revision: {'b' * 40}" in done.stdout

@@ -117,3 +117,21 @@ def test_compiling_a_nunchaku_transformer_is_refused():
         parse_config({"models": {"qwen-image-edit-2509-svdq-int4-r128-lightning-4step": {
             "optimizations": {"compile_transformer": True}}}})
     parse_config({"models": {"z-image-turbo": {"optimizations": {"compile_transformer": True}}}})
+
+
+def test_pins_apply_to_the_catalogs_repo_and_can_be_required(tiny_models):
+    commit, other = "1" * 40, "2" * 40
+    config = parse_config({"models": {
+        "z-image-turbo-svdq-int4-r128": {"revision": commit, "transformer_revision": other},
+        "qwen-image-edit-2511": {"source": str(tiny_models["qwen-image-edit-2511"])},  # local: nothing to pin
+    }})
+    pipeline, transformer = config.weights("z-image-turbo-svdq-int4-r128")
+    assert (pipeline.repo, pipeline.revision) == ("Tongyi-MAI/Z-Image-Turbo", commit)
+    assert (transformer.repo, transformer.revision) == ("nunchaku-tech/nunchaku-z-image-turbo", other)
+    assert config.weights("qwen-image-edit-2511")[0].repo is None
+
+    with pytest.raises(ConfigError, match=r"models.z-image-turbo-svdq-int4-r128.transformer_revision must name"):
+        parse_config({"hf": {"require_pinned_revisions": True},
+                      "models": {"z-image-turbo-svdq-int4-r128": {"revision": commit}}})
+    with pytest.raises(ConfigError, match="revision"):
+        parse_config({"models": {"z-image-turbo": {"revision": "main"}}})  # a branch moves; only commits pin
