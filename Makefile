@@ -1,13 +1,14 @@
 # The two commands of README.md:
 #   make serve   install, build tiny checkpoints if missing, serve on http://127.0.0.1:8000 (CPU)
 #   make test    install, lint, run the whole test suite (what .ci/run calls)
-# Also: make lint, make unit (the tests that start no Ray cluster), make cluster-configs, make image.
+# Also: make lint, make unit (the tests that start no Ray cluster), make cluster-configs, make lock,
+# make image.
 # Everything a fresh machine needs is installed here, into .venv.
 
 PYTHON ?= python3
 VENV   ?= .venv
 # An unpinned torch pulls several GB of CUDA wheels; this pin takes the CPU build on CPU machines.
-# GPU nodes: make TORCH_SPEC="torch==2.9.* --index-url https://download.pytorch.org/whl/cu128" install
+# GPU nodes: make TORCH_SPEC="torch==2.9.*" install (PyPI's Linux x86_64 wheels are the CUDA 12.8 build)
 TORCH_SPEC ?= torch==2.13.0
 PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 
@@ -24,7 +25,7 @@ export IMAGESERVE_PROMETHEUS := $(CURDIR)/$(PROMETHEUS)
 REDIS := .tools/redis/usr/bin/redis-server
 export IMAGESERVE_REDIS := $(CURDIR)/$(REDIS)
 
-.PHONY: install serve test lint unit cluster-configs image
+.PHONY: install serve test lint unit cluster-configs lock image
 
 install: $(VENV)/.installed
 
@@ -64,9 +65,18 @@ test: lint $(PROMETHEUS) $(REDIS)
 cluster-configs: install
 	$(VENV)/bin/imageserve cluster-configs --serve-config-out serve_config.yaml --manifests-out cluster/deploy
 
+# lock/image.txt: every package the node image installs, pinned with sha256 hashes, resolved for the
+# image's Python and platform from pyproject.toml and lock/image.in (uv, from PyPI, into .venv).
+lock: install
+	test -x $(VENV)/bin/uv || $(PIP) install uv
+	$(VENV)/bin/uv pip compile pyproject.toml lock/image.in --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -o lock/image.txt
+
 # The node image (Dockerfile): Ray's CUDA image with imageserve. For 4-bit variants pass the real
-# nunchaku wheel: make image NUNCHAKU_WHEEL=https://github.com/nunchaku-tech/nunchaku/releases/...
+# nunchaku wheel and its sha256: make image NUNCHAKU_WHEEL=https://github.com/nunchaku-tech/nunchaku/releases/...
+# NUNCHAKU_WHEEL_SHA256=...
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' serve_app/__init__.py)
 IMAGE ?= imageserve:$(VERSION)
 image:
-	docker build -t $(IMAGE) $(if $(NUNCHAKU_WHEEL),--build-arg NUNCHAKU_WHEEL=$(NUNCHAKU_WHEEL)) .
+	docker build -t $(IMAGE) $(if $(NUNCHAKU_WHEEL),--build-arg NUNCHAKU_WHEEL=$(NUNCHAKU_WHEEL) \
+		--build-arg NUNCHAKU_WHEEL_SHA256=$(NUNCHAKU_WHEEL_SHA256)) .

@@ -69,21 +69,83 @@ def test_the_image_builds_on_rays_cuda_image_for_this_ray_and_python():
     assert Version(python) in SpecifierSet(PYPROJECT["project"]["requires-python"])
 
 
-def test_it_installs_the_project_and_a_cuda_torch_and_nothing_else():
+def lock_pins() -> dict[str, tuple[str, list[str]]]:
+    """lock/image.txt as {name: (version, sha256 hashes)}."""
+    pins = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", (ROOT / "lock" / "image.txt").read_text()):
+        match = re.match(r"([A-Za-z0-9_.\-\[\]]+)==(\S+)", block)
+        if match:
+            name = re.sub(r"\[.*\]", "", match.group(1)).lower().replace("_", "-")
+            pins[name] = (match.group(2), re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return pins
+
+
+def test_it_installs_the_hashed_lock_then_the_project_and_nothing_else():
     installs = pip_installs()
-    torch_spec = build_args()["TORCH_SPEC"]
-    assert installs == [[torch_spec], ["."], [""]], installs  # "": the nunchaku wheel, empty by default
-    torch_bound = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch"))
-    wanted = Version(torch_spec.split("==")[1].replace("*", "0"))
-    assert wanted in SpecifierSet(torch_bound.removeprefix("torch"))
-    assert build_args()["TORCH_INDEX"].endswith("/cu128")  # the base image's CUDA 12.8
-    assert RAY_BASE_IMAGE.endswith("-cu128")
+    assert installs == [["-r", "lock/image.txt"], ["."], ["-r", "/tmp/nunchaku.txt"]], installs
+    runs = [rest for kind, rest in instructions() if kind == "RUN" and "pip install" in rest]
+    assert "--require-hashes -r lock/image.txt" in runs[0]
+    assert "pip install --no-cache-dir --no-deps ." in runs[1]  # its dependencies are all in the lock
 
 
-def test_nunchaku_comes_only_from_the_wheel_argument_never_from_pypi():
+def test_the_lock_pins_every_dependency_with_hashes_within_pyprojects_bounds():
+    from packaging.requirements import Requirement
+
+    pins = lock_pins()
+    assert all(hashes for _, hashes in pins.values()), [n for n, (_, h) in pins.items() if not h]
+    for dependency in PYPROJECT["project"]["dependencies"]:
+        requirement = Requirement(dependency)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not in lock/image.txt: run `make lock`"
+        assert Version(pins[name][0]) in requirement.specifier, f"{name} {pins[name][0]} not {requirement.specifier}"
+    # The CUDA 12.8 torch of PyPI, for the base image's CUDA, and its CUDA libraries with it.
+    assert pins["torch"][0].startswith("2.9.") and RAY_BASE_IMAGE.endswith("-cu128")
+    assert pins["nvidia-cuda-runtime-cu12"][0].startswith("12.8.")
+    # Everything the nunchaku wheel imports, since it is installed with --no-deps.
+    for name in ("accelerate", "diffusers", "einops", "huggingface-hub", "peft", "protobuf", "sentencepiece",
+                 "torchvision", "transformers"):
+        assert name in pins, name
+    assert "nunchaku" not in pins  # the PyPI package of that name is an unrelated library
+
+
+def test_the_lock_is_what_make_lock_resolves_from_its_inputs():
+    text = (ROOT / "lock" / "image.txt").read_text()
+    assert "#    make lock" in text.splitlines()[1]
+    inputs = (ROOT / "lock" / "image.in").read_text()
+    for line in inputs.splitlines():
+        if line and not line.startswith("#"):
+            name = re.split(r"[=<>!~]", line)[0].strip().lower()
+            assert name in lock_pins(), f"{name} of lock/image.in is not locked: run `make lock`"
+
+
+def test_nunchaku_comes_only_from_the_wheel_argument_with_its_hash_never_from_pypi():
     for targets in pip_installs():
         assert not any(t.split("==")[0].split("[")[0].lower() == "nunchaku" for t in targets)
-    assert 'pip install --no-cache-dir "${NUNCHAKU_WHEEL}"' in DOCKERFILE
+    assert 'echo "${NUNCHAKU_WHEEL} --hash=sha256:${NUNCHAKU_WHEEL_SHA256}" > /tmp/nunchaku.txt' in DOCKERFILE
+    assert "pip install --no-cache-dir --no-deps --require-hashes -r /tmp/nunchaku.txt" in DOCKERFILE
+    assert 'if [ -z "${NUNCHAKU_WHEEL_SHA256}" ]; then echo' in DOCKERFILE and "exit 1" in DOCKERFILE
+
+
+def test_the_nunchaku_step_refuses_a_wheel_without_its_hash_and_installs_by_hash(tmp_path):
+    """The Dockerfile's nunchaku step run by sh, with pip replaced by a recorder (no image can be built here)."""
+    import subprocess
+
+    run = next(rest for kind, rest in instructions() if kind == "RUN" and "NUNCHAKU_WHEEL" in rest)
+    step = run[run.index("if [ -n"):run.index("fi", run.index("pip install --no-cache-dir --no-deps --require"))]
+    step = step.replace("/tmp/nunchaku.txt", str(tmp_path / "nunchaku.txt")) + "fi"
+    recorder = tmp_path / "bin" / "pip"
+    recorder.parent.mkdir()
+    recorder.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/pip-args\n')
+    recorder.chmod(0o755)
+    env = {"PATH": f"{recorder.parent}:/usr/bin:/bin", "NUNCHAKU_WHEEL": "https://example.invalid/n.whl"}
+    refused = subprocess.run(["sh", "-c", step], env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "needs NUNCHAKU_WHEEL_SHA256" in refused.stderr
+    assert not (tmp_path / "pip-args").exists()
+    installed = subprocess.run(["sh", "-c", step], env={**env, "NUNCHAKU_WHEEL_SHA256": "ab" * 32},
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    assert (tmp_path / "nunchaku.txt").read_text() == f"https://example.invalid/n.whl --hash=sha256:{'ab' * 32}\n"
+    assert "--require-hashes" in (tmp_path / "pip-args").read_text()
 
 
 def test_it_copies_every_package_the_project_ships_and_dockerignore_lets_them_through():
