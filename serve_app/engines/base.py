@@ -32,7 +32,8 @@ from serve_app.domain.config import HFConfig, OptimizationConfig
 from serve_app.domain.planner import OffloadMode, architecture_problem, plan
 from serve_app.domain.schemas import MAX_SEED
 from serve_app.domain.specs import EngineSpec
-from serve_app.engines.protocol import EngineInfo, GenerationCancelled, IncompatibleHardwareError, ModelLoadError
+from serve_app.engines.previews import LatentPreviewer, fit_latent_rgb
+from serve_app.engines.protocol import EngineInfo, GenerationCancelled, IncompatibleHardwareError, Job, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -228,12 +229,15 @@ class PipelineCall:
 
     num_inference_steps: int
     should_stop: Callable[[], bool] | None
+    on_step: Callable[[int, Any], None] | None = None  # (step, latents after it), e.g. ``LatentPreviewer``
     steps_done: int = 0
     stopped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
     def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         self.steps_done = step + 1
+        if self.on_step is not None:
+            self.on_step(step, callback_kwargs["latents"])
         if self.should_stop is not None and self.should_stop():
             self.stopped = True
             pipe._interrupt = True  # diffusers checks it before the next step
@@ -392,15 +396,39 @@ class DiffusersEngine:
         base = secrets.randbelow(MAX_SEED - n) if seed is None else seed
         return [(base + i) % (MAX_SEED + 1) for i in range(n)]
 
+    # ---- previews while streaming ------------------------------------------------------------
+
+    def step_hook(self, job: Job | None, width: int, height: int) -> Callable[[int, Any], None] | None:
+        """What the pipeline call runs after each step for ``job``'s previews (None when it streams none)."""
+        if job is None or job.on_preview is None or not job.preview_steps:
+            return None
+        return LatentPreviewer(self, job.preview_steps, job.on_preview, width, height)
+
+    def latent_grid(self, latents, width: int, height: int):
+        """The pipeline's latents as a (batch, channels, height/8, width/8) grid (families that pack override)."""
+        return latents
+
+    def encode_for_preview(self, pixels):
+        """(B, 3, H, W) pixels in [-1, 1] -> latents normalized as the denoising loop holds them, on a grid."""
+        raise NotImplementedError
+
+    def latent_rgb(self):
+        """The least-squares linear map from a latent vector (plus 1) to the mean RGB of its 8x8 pixels,
+        fitted once on this pipeline's own VAE from smooth synthetic images (no per-preview VAE decode)."""
+        if getattr(self, "_latent_rgb", None) is None:
+            self._latent_rgb = fit_latent_rgb(self)
+        return self._latent_rgb
+
     @contextmanager
     def pipeline_call(self, num_inference_steps: int,
-                      should_stop: Callable[[], bool] | None) -> Iterator[PipelineCall]:
+                      should_stop: Callable[[], bool] | None,
+                      on_step: Callable[[int, Any], None] | None = None) -> Iterator[PipelineCall]:
         """Serialize, time and make cancellable the ``self.pipe(...)`` call made inside this block.
 
         On leaving it, ``call.timings`` holds the stage seconds plus ``denoise_s`` (the rest) and
         ``total_s``; if ``should_stop`` stopped the denoising, ``GenerationCancelled`` is raised.
         """
-        call = PipelineCall(num_inference_steps, should_stop)
+        call = PipelineCall(num_inference_steps, should_stop, on_step)
         with self._lock:
             self._timer.seconds = {}
             self._call = call

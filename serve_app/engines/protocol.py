@@ -46,6 +46,11 @@ class Job:
     num_inference_steps: int
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Streams: after each of these 0-based denoising steps, ``on_preview(step, first_image, previews)`` gets
+    # (h, w, 3) float previews in [0, 1] at latent resolution of images first_image, first_image + 1, ...
+    # (called on the pipeline's thread).
+    preview_steps: Sequence[int] = ()
+    on_preview: Callable[[int, int, list[np.ndarray]], None] | None = None
 
     @property
     def images(self) -> int:

@@ -93,6 +93,24 @@ class QwenImageEditEngine(DiffusersEngine):
         gray = Image.new("RGB", (width, height), (127, 127, 127))
         self.edit([gray], "warm-up", width=width, height=height, num_inference_steps=self.variant.min_inference_steps,
                   seed=0)
+        self.latent_rgb()  # fitted now, so that the first stream's previews cost what the others' do
+
+    def _latent_statistics(self, like):
+        config = self.pipe.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    def encode_for_preview(self, pixels):
+        latents = self.pipe.vae.encode(pixels.unsqueeze(2)).latent_dist.mode()  # a one-frame video
+        mean, std = self._latent_statistics(latents)
+        return ((latents - mean) / std).squeeze(2)  # normalized as the pipeline normalizes image latents
+
+    def latent_grid(self, latents, width: int, height: int):
+        """The packed (batch, patches, channels x 4) latents of the loop as (batch, channels, h, w)."""
+        unpacked = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+        return unpacked.squeeze(2)
 
     def batch_key(self, job: Job) -> Hashable:
         return id(job)  # one image set per pipeline call: every job runs alone
@@ -107,7 +125,8 @@ class QwenImageEditEngine(DiffusersEngine):
             result = self.edit(
                 images, r.prompt, n=r.n, width=job.width, height=job.height,
                 num_inference_steps=job.num_inference_steps, true_cfg_scale=r.true_cfg_scale,
-                negative_prompt=r.negative_prompt, seed=r.seed, should_stop=should_stop)
+                negative_prompt=r.negative_prompt, seed=r.seed, should_stop=should_stop,
+                on_step=self.step_hook(job, job.width, job.height))
             result.prompt_tokens = self.prompt_tokens(r.prompt)
             results.append(result)
         return results
@@ -125,6 +144,7 @@ class QwenImageEditEngine(DiffusersEngine):
         negative_prompt: str | None = None,
         seed: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, Any], None] | None = None,
     ) -> EngineResult:
         """Instruction editing of 1 to ``max_input_images`` images.
 
@@ -138,6 +158,8 @@ class QwenImageEditEngine(DiffusersEngine):
             negative_prompt (`str`, *optional*): the variant's default (" ") when None.
             seed (`int`, *optional*): image ``i`` uses ``seed + i``; random when None.
             should_stop (`Callable[[], bool]`, *optional*): polled after every step; True cancels.
+            on_step (`Callable[[int, torch.Tensor], None]`, *optional*): called after every step of every
+                output's call with its index and the latents (``step_hook`` makes a stream's previews).
 
         Returns:
             `EngineResult` with ``n`` images; its timings add up the ``n`` calls.
@@ -152,7 +174,7 @@ class QwenImageEditEngine(DiffusersEngine):
         timings: dict[str, float] = {}
         done = 0
         for one_seed in seeds:
-            with self.pipeline_call(steps, should_stop) as call, \
+            with self.pipeline_call(steps, should_stop, on_step) as call, \
                     input_image_areas(self.spec.edit_vae_image_area, self.spec.edit_condition_image_area):
                 out = self.pipe(
                     image=rgb,

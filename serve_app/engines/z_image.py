@@ -7,6 +7,7 @@ with a list of prompts; each keeps its own seeds, so batched images match unbatc
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 
@@ -38,9 +39,17 @@ class ZImageEngine(DiffusersEngine):
         width, height = self.warm_up_size()
         self.generate("warm-up", width=width, height=height, num_inference_steps=self.variant.min_inference_steps,
                       seed=0)
+        self.latent_rgb()  # fitted now, so that the first stream's previews cost what the others' do
+
+    def encode_for_preview(self, pixels):
+        vae = self.pipe.vae
+        latents = vae.encode(pixels).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor  # as the denoising loop holds them
 
     def batch_key(self, job: Job) -> Hashable:
-        """Everything but the prompt and the seed must agree for one pipeline call."""
+        """Everything but the prompt and the seed must agree for one pipeline call; a stream runs alone."""
+        if job.on_preview is not None:
+            return id(job)
         r = job.request
         return job.width, job.height, job.num_inference_steps, r.n, r.guidance_scale, r.negative_prompt
 
@@ -51,7 +60,8 @@ class ZImageEngine(DiffusersEngine):
             [job.request.prompt for job in jobs], n=n, width=first.width, height=first.height,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.request.guidance_scale,
             negative_prompt=first.request.negative_prompt, seed=[job.request.seed for job in jobs],
-            should_stop=should_stop)
+            should_stop=should_stop, on_step=self.step_hook(first if len(jobs) == 1 else None, first.width,
+                                                            first.height))
         return [EngineResult(batch.images[i * n:(i + 1) * n], batch.seeds[i * n:(i + 1) * n], dict(batch.timings),
                              batch.steps, batch.batch_images, batch.denoised_images,
                              prompt_tokens=self.prompt_tokens(job.request.prompt)) for i, job in enumerate(jobs)]
@@ -68,6 +78,7 @@ class ZImageEngine(DiffusersEngine):
         negative_prompt: str | None = None,
         seed: int | list[int | None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, Any], None] | None = None,
     ) -> EngineResult:
         """Text to image; a list of prompts runs as one batched pipeline call.
 
@@ -82,6 +93,8 @@ class ZImageEngine(DiffusersEngine):
             negative_prompt (`str`, *optional*): used only when ``guidance_scale > 0``.
             seed (`int` or `list`, *optional*): random when None; one per prompt for a list.
             should_stop (`Callable[[], bool]`, *optional*): polled after every step; True cancels.
+            on_step (`Callable[[int, torch.Tensor], None]`, *optional*): called after every step with its
+                index and the latents (``step_hook`` makes the previews of a stream).
 
         Returns:
             `EngineResult` with images and seeds in prompt order, ``n`` per prompt.
@@ -94,7 +107,7 @@ class ZImageEngine(DiffusersEngine):
         seeds = [s for one in per_prompt for s in self.seeds(one, n)]
         steps = num_inference_steps or defaults.num_inference_steps
         negative = negative_prompt if negative_prompt is not None else defaults.negative_prompt
-        with self.pipeline_call(steps, should_stop) as call:
+        with self.pipeline_call(steps, should_stop, on_step) as call:
             out = self.pipe(
                 prompt=prompts if len(prompts) > 1 else prompts[0],
                 negative_prompt=[negative] * len(prompts) if negative is not None and len(prompts) > 1 else negative,

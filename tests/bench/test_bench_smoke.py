@@ -117,3 +117,12 @@ def test_hot_path_benchmark_compares_pool_and_inline_encoding():
     for key in ("pool/jpeg/http/2", "inline/jpeg/handle/1"):
         assert run["results"][key]["images_per_s"] > 0
     assert set(run["pool_vs_inline"]) == {"jpeg/http/1", "jpeg/http/2", "jpeg/handle/1", "jpeg/handle/2"}
+
+
+def test_preview_benchmark_reports_the_cost_of_previews_against_a_step():
+    out = subprocess.run([sys.executable, "-m", "bench.previews", "--repeats", "1", "--json"],
+                         capture_output=True, text=True, check=True, timeout=300, cwd=ROOT).stdout
+    report = json.loads(out)
+    denoising = report["denoising"]
+    assert denoising["previews"] == 3 and denoising["plain_s_per_step"] > 0 and denoising["slowdown"] > 0
+    assert report["hook_1024"]["decode_over_hook"] > 0 and report["encode_1024"]["png_s"] > 0
