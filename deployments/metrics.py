@@ -67,6 +67,8 @@ class ReplicaMetrics:
                                    tag_keys=keys + ("shape",))
         self.gpu_memory = Gauge("imageserve_gpu_memory_bytes", "GPU memory: allocated, reserved, free, total.",
                                 tag_keys=keys + ("kind",))
+        self.partial_images = Counter("imageserve_partial_images_total", "Previews sent to streaming callers.",
+                                      tag_keys=keys)
         self.device = device
         self._info_tags: dict[str, str] | None = None
         self._load_seconds: float | None = None
@@ -100,6 +102,9 @@ class ReplicaMetrics:
 
     def failed(self) -> None:
         self.requests.inc(tags={**self.tags, "status": "error"})
+
+    def partial_image(self) -> None:
+        self.partial_images.inc(tags=self.tags)
 
     def vram_peak(self, shape: str, planned_gib: float | None, measured_bytes: int | None) -> None:
         if planned_gib is not None:
@@ -164,6 +169,8 @@ class RouterMetrics:
                                     tag_keys=("key_id", "task", "status"))
         self.key_cost = Counter("imageserve_key_cost_total", "Megapixel-steps served, by API key id.",
                                 tag_keys=("key_id", "task"))
+        self.streams = Counter("imageserve_streams_total", "Streamed requests by outcome (ok or an error reason).",
+                               tag_keys=("task", "status"))
 
     def keyed(self, key_id: str | None, task: str, status: str, cost: float = 0.0) -> None:
         """One answered request of ``key_id``: ``status`` is ok or an error reason."""

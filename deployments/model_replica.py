@@ -17,7 +17,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -34,10 +34,18 @@ from serve_app.domain.errors import (
     ReplicaOutOfMemoryError,
     RequestCancelledError,
 )
-from serve_app.domain.images import encode_image, limit_pillow
+from serve_app.domain.images import encode_image, limit_pillow, to_pil
 from serve_app.domain.placement import GPU_CLASS_LABEL
 from serve_app.domain.planner import estimate_vram, plan
-from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, Usage
+from serve_app.domain.schemas import (
+    EditRequest,
+    GenerateRequest,
+    ImageResult,
+    PartialImage,
+    StreamAccepted,
+    Usage,
+    preview_steps,
+)
 from serve_app.domain.shapes import EDIT_VAE_SIDE, PIXELS_PER_TOKEN
 from serve_app.domain.shapes import image_tokens as image_tokens_of
 from serve_app.domain.specs import ReplicaSpec
@@ -338,7 +346,55 @@ class ModelReplica:
             self.metrics.failed()
             raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
         steps = self.variant.steps_for(request.num_inference_steps, request.quality)
-        job = Job(request, width, height, steps)
+        return await self._run_job(Job(request, width, height, steps))
+
+    async def stream(self, request: GenerateRequest | EditRequest, width: int,
+                     height: int) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+        """Run one request as ``run`` does, streamed (call through ``handle.options(stream=True)``): a
+        ``StreamAccepted`` at once, ``request.partial_images`` previews per image while it denoises, then its
+        ``ImageResult``. A caller that stops listening stops the denoising at the next step."""
+        if self._unhealthy is not None:
+            self.metrics.failed()
+            raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
+        loop = asyncio.get_running_loop()
+        previews: asyncio.Queue = asyncio.Queue()
+
+        def on_preview(step: int, first_image: int, images: list) -> None:  # on the pipeline's thread
+            loop.call_soon_threadsafe(previews.put_nowait, (step, first_image, images))
+
+        steps = self.variant.steps_for(request.num_inference_steps, request.quality)
+        wanted = preview_steps(steps, request.partial_images)
+        job = Job(request, width, height, steps, preview_steps=wanted, on_preview=on_preview)
+        result = asyncio.ensure_future(self._run_job(job))
+        result.add_done_callback(lambda _: previews.put_nowait(None))
+        sent: dict[int, int] = {}
+        try:
+            yield StreamAccepted(variant=self.variant.id, num_inference_steps=steps,
+                                 preview_steps=[step + 1 for step in wanted])
+            while (taken := await previews.get()) is not None:
+                step, first_image, images = taken
+                for offset, image in enumerate(images):
+                    data = await loop.run_in_executor(self._encoders, self._encode_preview, image, request, width,
+                                                      height)
+                    index = first_image + offset
+                    yield PartialImage(image_index=index, partial_image_index=sent.get(index, 0), step=step + 1,
+                                       image=data, output_format=request.output_format, width=width, height=height)
+                    sent[index] = sent.get(index, 0) + 1
+                    self.metrics.partial_image()
+            yield await result
+        finally:
+            if not result.done():  # the caller left: stop the denoising it no longer watches
+                job.cancelled.set()
+                result.cancel()
+
+    def _encode_preview(self, image, request: GenerateRequest | EditRequest, width: int, height: int) -> bytes:
+        """A latent-resolution preview scaled to the requested size, in the requested format."""
+        from PIL import Image
+
+        scaled = to_pil(image).resize((width, height), Image.Resampling.BILINEAR)
+        return encode_image(scaled, request.output_format, request.output_compression, self.spec.png_writer)
+
+    async def _run_job(self, job: Job) -> ImageResult:
         try:
             made: _Made = await self._batches.submit(self.engine.batch_key(job), job)
             return await self._encoded(made)

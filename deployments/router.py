@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -33,7 +34,7 @@ from serve_app.domain.images import limit_pillow, open_image
 from serve_app.domain.planner import OFFLOAD_MODES, estimate_vram, plan
 from serve_app.domain.quotas import KeyQuotas
 from serve_app.domain.routing import Route, RoutingTable
-from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
+from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, PartialImage, StreamAccepted
 from serve_app.domain.specs import RouterSpec
 
 logger = logging.getLogger(__name__)
@@ -98,37 +99,90 @@ class Router:
         """Instruction editing of 1 to 3 images."""
         return await self._serve("edit", request, key_id)
 
+    async def generate_stream(self, request: GenerateRequest,
+                              key_id: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+        """Text to image, streamed: ``StreamAccepted`` once a replica has taken the request, the previews
+        ``request.partial_images`` asks for per image (``PartialImage``), then the ``ImageResult``. Through a
+        handle: ``handle.options(stream=True).generate_stream.remote(request)``. Refusals raise before the
+        first event; a failure later raises where the stream stands."""
+        async for event in self._stream("generate", request, key_id):
+            yield event
+
+    async def edit_stream(self, request: EditRequest,
+                          key_id: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+        """Instruction editing, streamed as ``generate_stream`` streams."""
+        async for event in self._stream("edit", request, key_id):
+            yield event
+
+    def _checked(self, task: str, request: GenerateRequest | EditRequest) -> tuple[list[ModelVariant],
+                                                                                 tuple[int, int], float]:
+        """The variants that may serve ``request``, its size and its cost, or the error refusing it."""
+        variants = self.table.resolve(request.model, task)
+        size = self.resolve_size(request, variants[0])
+        self.check_input_images(request, variants[0])
+        self.check_output(request)
+        self.check_steps(request, variants)
+        cost = self.check_cost(request, variants[0], size)
+        self.check_batch_fits(request, variants, size)
+        return variants, size, cost
+
     async def _serve(self, task: str, request: GenerateRequest | EditRequest, key_id: str | None) -> ImageResult:
         variant_id = None
         cost = 0.0
         try:
-            variants = self.table.resolve(request.model, task)
+            variants, size, cost = self._checked(task, request)
             variant_id = variants[0].id
-            size = self.resolve_size(request, variants[0])
-            self.check_input_images(request, variants[0])
-            self.check_output(request)
-            self.check_steps(request, variants)
-            cost = self.check_cost(request, variants[0], size)
-            self.check_batch_fits(request, variants, size)
             admission = self.quotas.admit(key_id, cost)
             try:
                 result = await self._dispatch(variants, request, size)
             finally:
                 admission.release()
-            self.metrics.keyed(key_id, task, "ok", cost)
-            request_log.info("key %s: %s %s, %.2f megapixel-steps, %.2f s", key_id or "-", task, result.variant, cost,
-                             result.timings.get("total_s", 0.0))
+            self._answered(key_id, task, result, cost)
             return result
         except ImageServeError as err:
-            self.metrics.error(task, variant_id, error_reason(err))
-            self.metrics.keyed(key_id, task, error_reason(err))
-            if isinstance(err, RateLimitedError):
-                request_log.info("key %s: %s refused by its per-key limit (%s)", key_id, task, err.message)
+            self._refused(key_id, task, variant_id, err)
             raise
         except asyncio.CancelledError:
             self.metrics.error(task, variant_id, "cancelled")
             self.metrics.keyed(key_id, task, "cancelled")
             raise
+
+    async def _stream(self, task: str, request: GenerateRequest | EditRequest,
+                      key_id: str | None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+        variant_id = None
+        status = "cancelled"  # unless it ends otherwise: a caller that stops listening closes the generator
+        try:
+            variants, size, cost = self._checked(task, request)
+            variant_id = variants[0].id
+            admission = self.quotas.admit(key_id, cost)
+            try:
+                async for event in self._dispatch_stream(variants, request, size):
+                    if isinstance(event, ImageResult):
+                        self._answered(key_id, task, event, cost)
+                        status = "ok"
+                    yield event
+            finally:
+                admission.release()
+        except ImageServeError as err:
+            status = error_reason(err)
+            self._refused(key_id, task, variant_id, err)
+            raise
+        finally:
+            if status == "cancelled":
+                self.metrics.error(task, variant_id, "cancelled")
+                self.metrics.keyed(key_id, task, "cancelled")
+            self.metrics.streams.inc(tags={"task": task, "status": status})
+
+    def _answered(self, key_id: str | None, task: str, result: ImageResult, cost: float) -> None:
+        self.metrics.keyed(key_id, task, "ok", cost)
+        request_log.info("key %s: %s %s, %.2f megapixel-steps, %.2f s", key_id or "-", task, result.variant, cost,
+                         result.timings.get("total_s", 0.0))
+
+    def _refused(self, key_id: str | None, task: str, variant_id: str | None, err: ImageServeError) -> None:
+        self.metrics.error(task, variant_id, error_reason(err))
+        self.metrics.keyed(key_id, task, error_reason(err))
+        if isinstance(err, RateLimitedError):
+            request_log.info("key %s: %s refused by its per-key limit (%s)", key_id, task, err.message)
 
     # ---- validation ---------------------------------------------------------------------------
 
@@ -262,6 +316,68 @@ class Router:
                 retry_after_s=RETRY_AFTER_S,
             ) from None
         finally:
+            self.table.outstanding[route.deployment] -= 1
+            self._queue_gauge(variant, route)
+
+    async def _dispatch_stream(self, variants: list[ModelVariant], request: GenerateRequest | EditRequest,
+                               size: tuple[int, int]) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+        """``_dispatch`` for a stream: out of memory is retried on a larger GPU only while no preview has been
+        sent (the caller already holds the first ``StreamAccepted``; a retry's own is not repeated)."""
+        self._start_replica_count_refresh()
+        options = self.table.options(variants)
+        variant, route = self.table.choose(options, images=request.n)
+        self.metrics.decisions.inc(tags={"task": variant.task, "variant": variant.id, "pool": route.pool,
+                                         "gpu_class": route.gpu_class or "unknown"})
+        previewed = False
+        try:
+            async for event in self._call_stream(variant, route, request, size):
+                previewed |= isinstance(event, PartialImage)
+                yield event
+        except ReplicaOutOfMemoryError as oom:
+            retry = None if previewed else self.table.choose(self.table.larger_than(options, route), images=request.n)
+            if retry is None:
+                why = "its previews were already sent" if previewed else f"no pool with more memory serves {variant.id}"
+                raise ReplicaOutOfMemoryError(f"{oom.message}; {why}", retry_after_s=oom.retry_after_s) from None
+            logger.warning("%s ran out of memory on %s; retrying on %s", variant.id, route.pool, retry[1].pool)
+            self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool, "to_pool": retry[1].pool,
+                                           "reason": "oom"})
+            async for event in self._call_stream(*retry, request, size):
+                if isinstance(event, StreamAccepted):
+                    continue
+                if isinstance(event, ImageResult):
+                    event.retried_from = route.pool
+                yield event
+
+    async def _call_stream(self, variant: ModelVariant, route: Route, request: GenerateRequest | EditRequest,
+                           size: tuple[int, int]) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+        """One replica's stream, its failures mapped as ``_call`` maps them."""
+        self.table.outstanding[route.deployment] += 1
+        self._queue_gauge(variant, route)
+        events = route.handle.options(stream=True).stream.remote(request, *size)
+        finished = False
+        try:
+            async for event in events:
+                if isinstance(event, ImageResult):
+                    route.observe(event.timings.get("total_s", 0.0) / max(len(event.images), 1))
+                yield event
+            finished = True
+        except BackPressureError:
+            raise OverloadedError(
+                f"{variant.id} is at capacity (every replica busy and its queue full); retry shortly",
+                retry_after_s=RETRY_AFTER_S,
+            ) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as err:
+            cause = _unwrap(err)
+            if isinstance(cause, ImageServeError):
+                raise cause from None
+            logger.exception("%s failed on %s", variant.id, route.deployment)
+            raise InternalError(f"{variant.id} failed on {route.pool}: {type(cause).__name__}; retry shortly",
+                                retry_after_s=RETRY_AFTER_S) from None
+        finally:
+            if not finished:
+                events.cancel()  # the replica stops denoising for a caller that left
             self.table.outstanding[route.deployment] -= 1
             self._queue_gauge(variant, route)
 

@@ -15,7 +15,7 @@ from serve_app.domain.errors import (
     ReplicaOutOfMemoryError,
     RequestCancelledError,
 )
-from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult
+from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, PartialImage, StreamAccepted
 
 __version__ = "0.1.0"
 
@@ -31,8 +31,10 @@ __all__ = [
     "ModelNotFoundError",
     "ModelUnavailableError",
     "OverloadedError",
+    "PartialImage",
     "ReplicaOutOfMemoryError",
     "RequestCancelledError",
+    "StreamAccepted",
     "__version__",
     "load_config",
 ]

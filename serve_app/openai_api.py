@@ -1,7 +1,8 @@
 """The OpenAI images API over HTTP, and the ingress deployment that serves it in front of the router.
 
 Routes: ``POST /v1/images/generations`` (JSON), ``POST /v1/images/edits`` (multipart, ``image``
-or ``image[]``), ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`` (readiness),
+or ``image[]``), both answering Server-Sent Events with ``stream: true``, ``GET /v1/models``,
+``GET /healthz`` (liveness), ``GET /readyz`` (readiness),
 ``GET /metrics``; the OpenAPI schema is at ``/openapi.json``. Every error is JSON:
 ``{"error": {"code", "message", "param", "type"}}``. This module parses and answers HTTP;
 ``deployments.router.Router`` does the work.
@@ -10,12 +11,16 @@ or ``image[]``), ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
@@ -26,7 +31,16 @@ from deployments.router import Router
 from serve_app import __version__
 from serve_app.api_keys import KeyRing, refuse_open_non_loopback
 from serve_app.domain.errors import ImageServeError, InternalError, error_type
-from serve_app.domain.schemas import MAX_EDIT_IMAGES, EditRequest, GenerateRequest, ImageResult, ImagesResponse
+from serve_app.domain.schemas import (
+    MAX_EDIT_IMAGES,
+    MAX_PARTIAL_IMAGES,
+    EditRequest,
+    GenerateRequest,
+    ImageResult,
+    ImagesResponse,
+    PartialImage,
+    StreamAccepted,
+)
 from serve_app.domain.specs import HttpSpec, RouterSpec
 
 logger = logging.getLogger(__name__)
@@ -37,6 +51,10 @@ class ImageService(Protocol):
 
     async def generate(self, request: GenerateRequest, key_id: str | None = None) -> ImageResult: ...
     async def edit(self, request: EditRequest, key_id: str | None = None) -> ImageResult: ...
+    def generate_stream(self, request: GenerateRequest,
+                        key_id: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]: ...
+    def edit_stream(self, request: EditRequest,
+                    key_id: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]: ...
     async def models(self) -> dict[str, Any]: ...
     async def health(self) -> dict[str, Any]: ...
     async def readiness(self) -> dict[str, Any]: ...
@@ -67,7 +85,16 @@ def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
 
 # What each image route can answer (docs/reliability.md has the error cases and their tests).
 IMAGE_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"model": ImagesResponse, "description": "The images, base64-encoded, and how they were made."},
+    200: {"model": ImagesResponse, "description": "The images, base64-encoded, and how they were made; with "
+                                                  "`stream: true`, Server-Sent Events (docs/streaming.md).",
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["event", "data"],
+              "description": "One Server-Sent Event; `data` is its JSON (docs/streaming.md).",
+              "properties": {
+                  "event": {"type": "string", "enum": [
+                      "image_generation.partial_image", "image_generation.completed",
+                      "image_edit.partial_image", "image_edit.completed", "error"]},
+                  "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
     400: _error("An undecodable image, a decompression bomb, or a value these models cannot honour "
                 "(background: transparent)."),
     401: _error("An API key is configured and the request has no valid `Authorization: Bearer` key."),
@@ -275,6 +302,66 @@ def bounded_form_route(limits: dict[str, int]) -> type[APIRoute]:
     return BoundedFormRoute
 
 
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def stream_events(event: PartialImage | ImageResult, prefix: str, request: GenerateRequest | EditRequest,
+                  internals: bool) -> list[bytes]:
+    """The SSE events of one stream item, as openai-python's ImageGenStreamEvent / ImageEditStreamEvent parse
+    them: a partial image, or one completed event per image (each carrying the request's usage). imageserve
+    adds ``image_index`` (which of the n images) and, on completed events, ``seed``."""
+    common = {"background": "opaque", "created_at": int(time.time()), "quality": request.quality or "auto",
+              "size": f"{event.width}x{event.height}", "output_format": event.output_format}
+    if isinstance(event, PartialImage):
+        return [_sse(f"{prefix}.partial_image", {
+            "type": f"{prefix}.partial_image", "b64_json": base64.b64encode(event.image).decode("ascii"),
+            "partial_image_index": event.partial_image_index, "image_index": event.image_index, **common})]
+    answer = event.to_openai(internals=internals)
+    return [_sse(f"{prefix}.completed", {
+        "type": f"{prefix}.completed", "b64_json": image["b64_json"], "usage": answer["usage"],
+        "image_index": index, "seed": image["seed"], **common}) for index, image in enumerate(answer["data"])]
+
+
+async def event_stream(events: AsyncIterator[StreamAccepted | PartialImage | ImageResult], prefix: str,
+                       request: GenerateRequest | EditRequest, http: HttpSpec) -> StreamingResponse:
+    """Server-Sent Events of ``events``, started once the first one (``StreamAccepted``) says a replica took the
+    request: a refusal before that (bad input, a per-key limit, a full queue) raises, and is answered as JSON
+    with its status. Later errors arrive as an ``error`` event with the same body; a silent stretch (queued,
+    or slow steps) gets an SSE comment every ``http.stream_keepalive_s`` so proxies keep the connection."""
+    iterator = aiter(events)
+    await anext(iterator)
+
+    async def body() -> AsyncIterator[bytes]:
+        pending = asyncio.ensure_future(anext(iterator))
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=http.stream_keepalive_s)
+                if not done:
+                    yield b": keep-alive\n\n"
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    return
+                except ImageServeError as err:
+                    yield _sse("error", err.body())
+                    return
+                except Exception as err:
+                    logger.exception("a stream failed")
+                    yield _sse("error", InternalError(f"the stream failed: {type(err).__name__}").body())
+                    return
+                for chunk in stream_events(event, prefix, request, http.show_internals):
+                    yield chunk
+                pending = asyncio.ensure_future(anext(iterator))
+        finally:
+            pending.cancel()
+            await iterator.aclose()  # a caller that left stops the denoising
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     """The FastAPI app over ``service`` (the router replica)."""
     http = http or HttpSpec()
@@ -312,6 +399,9 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     @app.post("/v1/images/generations", summary="Create images from a prompt", response_class=JSONResponse,
               responses=IMAGE_ROUTE_RESPONSES)
     async def generations(body: GenerateRequest, http_request: Request) -> JSONResponse:
+        if body.stream:
+            return await event_stream(service.generate_stream(body, key_id_of(http_request)), "image_generation",
+                                      body, http)
         result = await service.generate(body, key_id_of(http_request))
         return JSONResponse(result.to_openai(internals=http.show_internals))
 
@@ -341,6 +431,9 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
         true_cfg_scale: Annotated[float | None, Form(description=described("true_cfg_scale"))] = None,
         negative_prompt: Annotated[str | None, Form(description="What to steer away from (with CFG).")] = None,
         user: Annotated[str | None, Form(description=described("user"))] = None,
+        stream: Annotated[bool, Form(description=described("stream"))] = False,
+        partial_images: Annotated[int, Form(description=described("partial_images"), ge=0,
+                                            le=MAX_PARTIAL_IMAGES)] = 0,
     ) -> JSONResponse:
         files = [*(image or []), *(image_array or [])]
         try:
@@ -349,10 +442,14 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
                 quality=quality, output_format=output_format, output_compression=output_compression,
                 background=background,
                 response_format=response_format, seed=seed, num_inference_steps=num_inference_steps,
-                true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, user=user,
+                true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, user=user, stream=stream,
+                partial_images=partial_images,
             )
         except ValidationError as err:
             raise RequestValidationError(err.errors()) from None
+        if request.stream:
+            return await event_stream(service.edit_stream(request, key_id_of(http_request)), "image_edit", request,
+                                      http)
         result = await service.edit(request, key_id_of(http_request))
         return JSONResponse(result.to_openai(internals=http.show_internals))
 

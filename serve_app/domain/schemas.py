@@ -26,6 +26,7 @@ SIZE_SCHEMA_PATTERN = f"^(auto|({_SIDES})x({_SIDES}))$"
 NOT_BLANK_PATTERN = r"\S"
 # The largest seed a request may give; engines draw random seeds below it and wrap seed + i past it.
 MAX_SEED = 2**31 - 1
+MAX_PARTIAL_IMAGES = 3  # OpenAI's partial_images
 MAX_IMAGES = 10  # OpenAI's n; the router lowers it where the planner says a batch that large does not fit
 Quality = Literal["low", "medium", "high", "auto"]
 # transparent is parsed so that it gets its own 400 (OpenAI's clients send it); the schema lists what works.
@@ -74,8 +75,12 @@ class _Request(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1, le=100, description="Denoising steps.")
     negative_prompt: str | None = Field(default=None, max_length=4000)
     user: str | None = Field(default=None, max_length=256, description="Accepted for OpenAI compatibility; unused.")
+    stream: bool = Field(default=False, description="Answer as Server-Sent Events: partial images while the image "
+                                                    "forms, then the completed image (docs/streaming.md).")
+    partial_images: int = Field(default=0, ge=0, le=MAX_PARTIAL_IMAGES,
+                                description="With stream: previews per image, at evenly spaced denoising steps.")
 
-    @field_validator("n", "output_compression", "seed", "num_inference_steps", mode="before")
+    @field_validator("n", "output_compression", "seed", "num_inference_steps", "partial_images", mode="before")
     @classmethod
     def _integral_number(cls, value: object) -> object:
         """JSON Schema counts 8.0 as an integer, so the API takes it as 8; bools and strings stay refused."""
@@ -179,6 +184,35 @@ class ImagesResponse(BaseModel):
     pool: str | None = None
     retried_from: str | None = Field(default=None, description="The pool that ran out of memory first, if any.")
     batch_images: int | None = Field(default=None, description="Images computed in the same pipeline call.")
+
+
+def preview_steps(num_inference_steps: int, partial_images: int) -> list[int]:
+    """The 0-based denoising steps after which the ``partial_images`` previews are taken: evenly spaced, the
+    last well before the end (the completed image follows it), at most one per step."""
+    if partial_images <= 0 or num_inference_steps < 2:
+        return []
+    count = min(partial_images, num_inference_steps - 1)
+    return sorted({max(0, round((i + 1) * num_inference_steps / (count + 1)) - 1) for i in range(count)})
+
+
+class StreamAccepted(BaseModel):
+    """The first event of a stream: a replica took the request (so nothing refuses it for capacity any more)."""
+
+    variant: str = Field(description="The catalog variant that runs it.")
+    num_inference_steps: int
+    preview_steps: list[int] = Field(description="Steps done when each image's previews will be taken.")
+
+
+class PartialImage(BaseModel):
+    """A preview of one image while it forms: what a stream yields before the ``ImageResult``."""
+
+    image_index: int = Field(description="Which of the request's n images it shows.")
+    partial_image_index: int = Field(description="0-based, per image, in the order they are taken.")
+    step: int = Field(description="Denoising steps done when it was taken.")
+    image: bytes = Field(description="The preview, encoded in the request's output_format at the request's size.")
+    output_format: OutputFormat = "png"
+    width: int
+    height: int
 
 
 class ImageResult(BaseModel):

@@ -130,6 +130,8 @@ class HttpSpec(_Spec):
     body_read_timeout_s: float = Field(default=30.0, description="Seconds a body may take to arrive (408 past it).")
     metrics_route: bool = True
     show_internals: bool = Field(default=True, description="Answers name replica, pool, GPU class and timings.")
+    stream_keepalive_s: float = Field(default=15.0, gt=0,
+                                      description="A silent stream gets an SSE comment this often (idle proxies).")
 
 
 class RouterSpec(_Spec):

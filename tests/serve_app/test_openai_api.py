@@ -1,11 +1,13 @@
 """The ASGI app without Ray: its middlewares (key check, body limit) and the OpenAPI schema it states."""
 
+import json
+
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from serve_app.api_keys import KeyRing
-from serve_app.domain.specs import key_digest
+from serve_app.domain.specs import HttpSpec, key_digest
 from serve_app.openai_api import ApiKeyMiddleware, BodyLimitMiddleware
 
 
@@ -236,3 +238,56 @@ def test_answers_hide_where_they_ran_when_internals_are_off():
     hidden = result.to_openai(internals=False)
     assert not {"timings", "replica", "pool", "gpu_class", "retried_from", "batch_images"} & set(hidden)
     assert hidden["model"] == "z-image-turbo" and hidden["seeds"] == [1] and hidden["data"][0]["seed"] == 1
+
+
+def test_a_silent_stream_gets_keep_alive_comments_and_a_late_error_becomes_an_error_event():
+    """``event_stream`` driven by hand: the events wait until the test has read a keep-alive comment, so no
+    sleep decides the outcome (the keep-alive interval is 10 ms)."""
+    import asyncio
+
+    from serve_app.domain.errors import ReplicaOutOfMemoryError
+    from serve_app.domain.schemas import GenerateRequest, PartialImage, StreamAccepted
+    from serve_app.openai_api import event_stream
+
+    request = GenerateRequest(prompt="x", size="64x64", stream=True, partial_images=1)
+    error = ReplicaOutOfMemoryError("ran out of memory", retry_after_s=2)
+
+    async def run() -> list[bytes]:
+        kept_alive = asyncio.Event()
+
+        async def events():
+            yield StreamAccepted(variant="z-image-turbo", num_inference_steps=4, preview_steps=[2])
+            await kept_alive.wait()
+            yield PartialImage(image_index=0, partial_image_index=0, step=2, image=b"\x89PNG", width=64, height=64)
+            raise error
+
+        response = await event_stream(events(), "image_generation", request, HttpSpec(stream_keepalive_s=0.01))
+        chunks = []
+        async for chunk in response.body_iterator:
+            chunks.append(chunk)
+            if chunk.startswith(b":"):
+                kept_alive.set()
+        return chunks
+
+    chunks = asyncio.run(run())
+    assert chunks[0] == b": keep-alive\n\n"
+    events = [c for c in chunks if not c.startswith(b":")]
+    assert events[0].startswith(b"event: image_generation.partial_image\n")
+    assert b'"partial_image_index":0' in events[0] and b'"size":"64x64"' in events[0]
+    assert events[1] == b"event: error\ndata: " + json.dumps(error.body(), separators=(",", ":")).encode() + b"\n\n"
+
+
+def test_a_refusal_before_the_first_event_raises_so_it_is_answered_as_json():
+    import asyncio
+
+    from serve_app.domain.errors import RateLimitedError
+    from serve_app.domain.schemas import GenerateRequest
+    from serve_app.openai_api import event_stream
+
+    async def refused():
+        raise RateLimitedError("over this key's limit", retry_after_s=3)
+        yield  # an async generator
+
+    with pytest.raises(RateLimitedError):
+        asyncio.run(event_stream(refused(), "image_generation", GenerateRequest(prompt="x", stream=True),
+                                 HttpSpec()))

@@ -35,3 +35,13 @@ def test_the_schema_lists_only_the_backgrounds_that_work_but_transparent_parses_
     field = GenerateRequest.model_json_schema()["properties"]["background"]
     assert field["anyOf"][0]["enum"] == ["opaque", "auto"]
     assert GenerateRequest(prompt="a cat", background="transparent").background == "transparent"
+
+
+def test_previews_are_taken_at_evenly_spaced_steps_before_the_last():
+    from serve_app.domain.schemas import preview_steps
+
+    assert preview_steps(8, 2) == [2, 4] and preview_steps(8, 3) == [1, 3, 5] and preview_steps(40, 1) == [19]
+    assert preview_steps(4, 3) == [0, 1, 2]  # at most one per step, none after the last
+    assert preview_steps(2, 3) == [0] and preview_steps(1, 2) == [] and preview_steps(8, 0) == []
+    with pytest.raises(ValidationError):
+        GenerateRequest(prompt="x", partial_images=4)
