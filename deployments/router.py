@@ -299,22 +299,8 @@ class Router:
                 result = await route.handle.run.remote(request, *size)
             route.observe(result.timings.get("total_s", 0.0) / max(len(result.images), 1))
             return result
-        except BackPressureError:
-            raise OverloadedError(
-                f"{variant.id} is at capacity (every replica busy and its queue full); retry shortly",
-                retry_after_s=RETRY_AFTER_S,
-            ) from None
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            cause = _unwrap(err)
-            if isinstance(cause, ImageServeError):
-                raise cause from None
-            logger.exception("%s failed on %s", variant.id, route.deployment)
-            raise InternalError(
-                f"{variant.id} failed on {route.pool}: {type(cause).__name__}; retry shortly",
-                retry_after_s=RETRY_AFTER_S,
-            ) from None
+        except Exception as err:  # noqa: BLE001 - every failure is mapped to the caller's answer, and logged
+            raise self._replica_failure(err, variant, route) from None
         finally:
             self.table.outstanding[route.deployment] -= 1
             self._queue_gauge(variant, route)
@@ -361,25 +347,26 @@ class Router:
                     route.observe(event.timings.get("total_s", 0.0) / max(len(event.images), 1))
                 yield event
             finished = True
-        except BackPressureError:
-            raise OverloadedError(
-                f"{variant.id} is at capacity (every replica busy and its queue full); retry shortly",
-                retry_after_s=RETRY_AFTER_S,
-            ) from None
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as err:
-            cause = _unwrap(err)
-            if isinstance(cause, ImageServeError):
-                raise cause from None
-            logger.exception("%s failed on %s", variant.id, route.deployment)
-            raise InternalError(f"{variant.id} failed on {route.pool}: {type(cause).__name__}; retry shortly",
-                                retry_after_s=RETRY_AFTER_S) from None
+        except Exception as err:  # noqa: BLE001 - as in _call; cancellation and a closed generator pass
+            raise self._replica_failure(err, variant, route) from None
         finally:
             if not finished:
                 events.cancel()  # the replica stops denoising for a caller that left
             self.table.outstanding[route.deployment] -= 1
             self._queue_gauge(variant, route)
+
+    def _replica_failure(self, err: Exception, variant: ModelVariant, route: Route) -> ImageServeError:
+        """The error a caller sees for a replica call that failed: capacity, the replica's own answer, or
+        (anything else) an internal error, logged here with its traceback."""
+        if isinstance(err, BackPressureError):
+            return OverloadedError(f"{variant.id} is at capacity (every replica busy and its queue full); "
+                                   "retry shortly", retry_after_s=RETRY_AFTER_S)
+        cause = _unwrap(err)
+        if isinstance(cause, ImageServeError):
+            return cause
+        logger.error("%s failed on %s", variant.id, route.deployment, exc_info=cause)
+        return InternalError(f"{variant.id} failed on {route.pool}: {type(cause).__name__}; retry shortly",
+                             retry_after_s=RETRY_AFTER_S)
 
     def _queue_gauge(self, variant: ModelVariant, route: Route) -> None:
         self.metrics.queue.set(self.table.outstanding[route.deployment],

@@ -24,3 +24,28 @@ def http(service):
 
     with httpx.Client(base_url=service.url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="package")
+def openai_client(service):
+    """The official openai client against the service (no retries: every answer is the first one)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="package")
+def png_file():
+    """``png_file(color)``: a 64x64 PNG as the file object openai-python uploads."""
+    import io
+
+    from PIL import Image
+
+    def make(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
+        buffer.seek(0)
+        buffer.name = "input.png"
+        return buffer
+
+    return make

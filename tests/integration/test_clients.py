@@ -10,21 +10,6 @@ from PIL import Image
 pytestmark = pytest.mark.integration
 
 
-def png_file(color):
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
-    buffer.seek(0)
-    buffer.name = "input.png"
-    return buffer
-
-
-@pytest.fixture(scope="module")
-def openai_client(service):
-    from openai import OpenAI
-
-    return OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def test_openai_client_generates(openai_client):
     result = openai_client.images.generate(
         model="z-image-turbo", prompt="a red fox", n=2, size="64x64", response_format="b64_json",
@@ -36,7 +21,7 @@ def test_openai_client_generates(openai_client):
     assert result.model_extra["model"] == "z-image-turbo" and result.model_extra["seeds"] == [42, 43]
 
 
-def test_openai_client_edits_one_and_two_images(openai_client):
+def test_openai_client_edits_one_and_two_images(openai_client, png_file):
     one = openai_client.images.edit(model="qwen-image-edit", image=png_file((255, 0, 0)), prompt="make it blue",
                                     size="64x64", extra_body={"seed": 1, "num_inference_steps": 2})
     assert Image.open(io.BytesIO(base64.b64decode(one.data[0].b64_json))).size == (64, 64)
@@ -85,7 +70,7 @@ def test_python_handle_raises_typed_errors(service):
         handle.generate.remote(GenerateRequest(prompt="x", model="sdxl")).result()
 
 
-def test_openai_client_output_options(openai_client):
+def test_openai_client_output_options(openai_client, png_file):
     """OpenAI's own option names, passed as the client passes them: no extra_body."""
     result = openai_client.images.generate(
         model="z-image-turbo", prompt="a red fox", size="64x64", output_format="jpeg", output_compression=80,

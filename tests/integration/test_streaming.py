@@ -1,5 +1,5 @@
-"""Streamed answers (``stream: true``, ``partial_images``): the official openai client over HTTP and Ray Serve
-handles. Errors after the start and callers who leave: tests/reliability/test_streaming_faults.py."""
+"""Streamed answers (``stream: true``, ``partial_images``): the official openai client over HTTP, Ray Serve
+handles, and a caller who leaves. Errors after the start: tests/reliability/test_streaming_faults.py."""
 
 from __future__ import annotations
 
@@ -10,21 +10,6 @@ import pytest
 from PIL import Image
 
 pytestmark = pytest.mark.integration
-
-
-def png_file(color):
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
-    buffer.seek(0)
-    buffer.name = "input.png"
-    return buffer
-
-
-@pytest.fixture(scope="module")
-def openai_client(service):
-    from openai import OpenAI
-
-    return OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def size_of(b64: str) -> tuple[int, int]:
@@ -45,7 +30,7 @@ def test_the_openai_client_streams_a_generation_with_partial_images(openai_clien
     assert completed.model_extra["seed"] == 3
 
 
-def test_the_openai_client_streams_an_edit_and_n_images_each_get_their_events(openai_client):
+def test_the_openai_client_streams_an_edit_and_n_images_each_get_their_events(openai_client, png_file):
     events = list(openai_client.images.edit(
         model="qwen-image-edit", image=png_file((255, 0, 0)), prompt="make it blue", size="64x64", n=2,
         stream=True, partial_images=1, extra_body={"num_inference_steps": 4, "output_format": "jpeg"}))
