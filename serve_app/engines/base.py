@@ -34,6 +34,7 @@ from serve_app.domain.schemas import MAX_SEED
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines.previews import LatentPreviewer, fit_latent_rgb
 from serve_app.engines.protocol import EngineInfo, GenerationCancelled, IncompatibleHardwareError, Job, ModelLoadError
+from serve_app.engines.weights_io import prefetch, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -306,11 +307,15 @@ class DiffusersEngine:
                                   **cls.extra_components(spec, folder)}
         if four_bit:
             kwargs["transformer"] = cls._nunchaku_transformer(spec, target)
-        try:
-            pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(folder, **kwargs)
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise ModelLoadError(f"{spec.variant.id}: loading {folder} failed: {type(err).__name__}: {err}") from err
-        return cls.prepare(pipe, spec, target, started, str(folder), nunchaku_transformer=four_bit)
+        # The files read front to back while from_pretrained maps them and prepare() moves them to the device:
+        # bench/load.py measured this the fastest way off the disk (docs/benchmarks.md, "Cold start").
+        with prefetch(weight_files(folder, skip=("transformer",) if four_bit else ())):
+            try:
+                pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(folder, **kwargs)
+            except (OSError, ValueError, RuntimeError, KeyError) as err:
+                raise ModelLoadError(f"{spec.variant.id}: loading {folder} failed: {type(err).__name__}: "
+                                     f"{err}") from err
+            return cls.prepare(pipe, spec, target, started, str(folder), nunchaku_transformer=four_bit)
 
     @classmethod
     def extra_components(cls, spec: EngineSpec, folder: Path) -> dict[str, Any]:
