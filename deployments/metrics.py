@@ -149,6 +149,41 @@ class ReplicaMetrics:
             self._sampler.join(timeout=MEMORY_PERIOD_S + 10)
 
 
+SWAP_BUCKETS = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
+
+
+class SwapMetrics:
+    """Metrics of a swap replica: swaps between the variants sharing its GPU, their seconds and bytes, and
+    which variant is on the GPU."""
+
+    def __init__(self, group: str, gpu_class: str | None, pool: str | None) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"group": group, "gpu_class": gpu_class or "unknown", "pool": pool or "default"}
+        keys = tuple(self.tags)
+        self.swaps = Counter("imageserve_swaps_total", "Swaps between the variants sharing a GPU.",
+                             tag_keys=keys + ("from_variant", "to_variant"))
+        self.seconds = Histogram("imageserve_swap_seconds", "Seconds per swap (parking the leaving variants and "
+                                 "copying the incoming one's weights to the GPU).", boundaries=SWAP_BUCKETS,
+                                 tag_keys=keys + ("to_variant",))
+        self.bytes = Counter("imageserve_swap_bytes_total", "Weight bytes copied from host RAM to the GPU by swaps.",
+                             tag_keys=keys + ("to_variant",))
+        self.resident = Gauge("imageserve_resident_variant", "1 for the variant whose weights are on the GPU, 0 for "
+                              "the parked ones.", tag_keys=keys + ("variant",))
+
+    def swapped(self, from_variant: str | None, to_variant: str, seconds: float, moved_bytes: int,
+                variants: tuple[str, ...]) -> None:
+        self.swaps.inc(tags={**self.tags, "from_variant": from_variant or "none", "to_variant": to_variant})
+        self.seconds.observe(seconds, tags={**self.tags, "to_variant": to_variant})
+        if moved_bytes:
+            self.bytes.inc(moved_bytes, tags={**self.tags, "to_variant": to_variant})
+        self.on_gpu({to_variant}, variants)
+
+    def on_gpu(self, resident: set[str] | frozenset[str], variants: tuple[str, ...]) -> None:
+        for variant in variants:
+            self.resident.set(1 if variant in resident else 0, tags={**self.tags, "variant": variant})
+
+
 class RouterMetrics:
     """Metrics of the router: decisions by pool, retries, errors by reason, queue depth, replicas."""
 

@@ -14,13 +14,14 @@ runs one batch at a time (the replica has one pipeline), and while a batch runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from ray import serve
 from ray.serve import Application
@@ -110,6 +111,12 @@ class BatchQueue(Generic[Item]):
         """Items waiting for a batch (not those running)."""
         return sum(1 for line in self._lines.values() for e in line if not e.future.done())
 
+    def oldest_age(self) -> float | None:
+        """Seconds the longest-waiting item (not running) has waited, or None when none waits."""
+        now = time.monotonic()
+        return max((now - e.arrived for line in self._lines.values() for e in line if not e.future.done()),
+                   default=None)
+
     def _next_batch(self, now: float) -> tuple[list[_Entry[Item]] | None, float | None]:
         """The batch to run now, or None and how long until the oldest line is due."""
         for key in list(self._lines):
@@ -150,6 +157,13 @@ class BatchQueue(Generic[Item]):
             for entry, outcome in zip(batch, outcomes, strict=True):
                 if not entry.future.done():
                     entry.future.set_result(outcome)
+
+
+class GpuGate(Protocol):
+    """What a replica's batches pass through when its GPU is shared (``deployments.swap_replica``)."""
+
+    def turn(self, member: ModelReplica, jobs: Sequence[Job]) -> contextlib.AbstractAsyncContextManager:
+        """Wait until ``member`` may use the GPU, with its weights there; hold it until the block ends."""
 
 
 @dataclass
@@ -224,6 +238,7 @@ class ModelReplica:
     Args:
         spec: the replica's spec (variant, pool, engine settings, batching, Serve options).
         loader: builds the engine; ``load_engine`` unless a test or benchmark gives another.
+        gate: when the GPU is shared with other variants (a swap group), what each batch must pass to get it.
     """
 
     task: ClassVar[Task]
@@ -257,11 +272,12 @@ class ModelReplica:
             result["num_replicas"] = options.num_replicas or 1
         return result
 
-    def __init__(self, spec: ReplicaSpec, loader: EngineLoader | None = None) -> None:
+    def __init__(self, spec: ReplicaSpec, loader: EngineLoader | None = None, gate: GpuGate | None = None) -> None:
         if spec.task != self.task:
             raise ValueError(f"{spec.variant.id} is a {spec.task} variant, not {self.task}")
         self.spec = spec
         self.variant = spec.variant
+        self._gate = gate
         self._unhealthy: str | None = None
         self.last_cancelled: str | None = None
         self.warmup_seconds: float | None = None
@@ -420,7 +436,8 @@ class ModelReplica:
         """Run one batch in the worker thread; a failure becomes every job's classified error."""
         self._running = jobs
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_in_worker, jobs)
+            async with self._gate.turn(self, jobs) if self._gate is not None else contextlib.nullcontext():
+                return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_in_worker, jobs)
         except Exception as err:  # noqa: BLE001 - classified for the callers, never surfaced raw
             outcome = self._classify(err)
         finally:

@@ -78,8 +78,11 @@ class Router:
         limit_pillow(spec.max_input_pixels)
         routes: dict[str, list[Route]] = {}
         for r in spec.routes:
+            handle = handles[r.deployment]
+            if r.shared:  # a swap group: the variant travels as the multiplexed model id, for affinity
+                handle = handle.options(multiplexed_model_id=r.variant)
             routes.setdefault(r.variant, []).append(Route(
-                pool=r.pool, gpu_class=r.gpu_class, deployment=r.deployment, handle=handles[r.deployment],
+                pool=r.pool, gpu_class=r.gpu_class, deployment=r.deployment, handle=handle,
                 vram_gib=r.vram_gib, cost_s=r.cost_s, min_replicas=r.min_replicas))
         self.table = RoutingTable(self.catalog, routes, dict(spec.unavailable))
         self._refresher: asyncio.Task | None = None

@@ -2,7 +2,8 @@
 
 ``build_app(args)`` validates its ``args`` (an inline config or a config file), resolves the config
 once into typed specs (``serve_app.domain.specs``), binds one model deployment per (variant, GPU
-pool) to its ``ReplicaSpec``, and binds the ingress over them to the ``RouterSpec``.
+pool) to its ``ReplicaSpec`` and one per (swap group, GPU pool) to its ``SwapGroupSpec``, and binds the
+ingress over them to the ``RouterSpec``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray.serve import Application
 
 from deployments.model_replica import build_replica
+from deployments.swap_replica import build_swap_replica
 from serve_app.domain.config import AppConfig, ConfigError, format_validation_error, load_config, parse_config
 from serve_app.domain.specs import resolve_application
 from serve_app.engines import EngineLoader
@@ -59,6 +61,9 @@ def build_app_from_config(config: AppConfig, loaders: dict[str, EngineLoader] | 
     for variant_id, reason in spec.unplaced.items():
         logger.warning("%s is not served: %s", variant_id, reason)
     replicas = {r.name: build_replica(r, loaders.get(r.variant.id)) for r in spec.replicas}
+    for group in spec.swap_groups:
+        replicas[group.name] = build_swap_replica(
+            group, {v: loaders[v] for v in group.variant_ids if v in loaders} or None)
     return build_ingress(spec.router, replicas)
 
 

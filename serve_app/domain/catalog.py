@@ -43,6 +43,11 @@ def parse_compute_capability(value: str) -> int:
     return int(major) * 10 + int(minor)
 
 
+# PCI Express x16 per direction: 16 GT/s (4.0) and 32 GT/s (5.0) per lane, 128b/130b encoding.
+PCIE4_X16_GBPS = 31.5
+PCIE5_X16_GBPS = 63.0
+
+
 class GPUClass(_Strict):
     """One kind of NVIDIA GPU, as the planner and the router see it."""
 
@@ -61,6 +66,10 @@ class GPUClass(_Strict):
                     "the rule those figures follow (catalog.yaml, docs/facts.md).")
     unified_memory: bool = Field(
         default=False, description="CPU and GPU share one memory (GB10): offloading to the host frees nothing.")
+    host_link_gbps: float | None = Field(
+        default=None, gt=0,
+        description="Host-to-GPU link rate per direction in GB/s (PCIe 4.0 x16: 31.5; 5.0 x16: 63); null: the "
+                    "architecture's usual slot (Ampere and Ada 4.0 x16, Hopper and Blackwell 5.0 x16).")
 
     @field_validator("compute_capability")
     @classmethod
@@ -71,6 +80,13 @@ class GPUClass(_Strict):
     @property
     def sm(self) -> int:
         return parse_compute_capability(self.compute_capability)
+
+    @property
+    def link_gbps(self) -> float:
+        """The host-to-GPU link's nominal rate per direction (GB/s)."""
+        if self.host_link_gbps is not None:
+            return self.host_link_gbps
+        return PCIE5_X16_GBPS if self.architecture in ("Hopper", "Blackwell") else PCIE4_X16_GBPS
 
     @property
     def four_bit(self) -> Literal["int4", "fp4"] | None:

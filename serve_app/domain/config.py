@@ -236,6 +236,25 @@ class PoolConfig(_Section):
         return tuple(m for m in modes if forced is None or m == forced)
 
 
+class SwapGroupConfig(_Section):
+    """Variants that share every GPU of one deployment, taking turns on it (docs/single-gpu.md)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Group name; its deployment is `swap-<name>`.")
+    variants: list[str] = Field(min_length=2, description="Variant ids (configured under `models:`) in the group.")
+    host_ram_gib: float | None = Field(
+        default=None, gt=0,
+        description="RAM of each node the group runs on: every member's weights stay in host RAM, so the planner "
+                    "refuses a group whose weights do not fit. null: the replica checks the RAM it finds.")
+    max_wait_s: float = Field(
+        default=4.0, ge=0,
+        description="Turn length: a request of a variant that is not on the GPU waits about this long at most "
+                    "while another has work, and a variant swapped in keeps the GPU at least this long while it "
+                    "has work. Longer turns swap less; 0 swaps whenever another variant waits.")
+    pin_host_memory: bool = Field(
+        default=True, description="Keep the host copies in page-locked memory (faster copies to the GPU).")
+    deployment: DeploymentOptions | None = Field(default=None, description="Ray Serve options for the group.")
+
+
 AttentionBackend = Literal["native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn",
                            "flash", "sage", "xformers"]
 # Backends whose kernels take no attention mask (diffusers 0.42 raises ValueError when given one).
@@ -320,6 +339,10 @@ class AppConfig(_Section):
     pools: list[PoolConfig] = Field(
         default_factory=list, description="GPU pools of the fleet; empty means one pool of whatever the replica gets.",
     )
+    swap_groups: list[SwapGroupConfig] = Field(
+        default_factory=list,
+        description="Variants served together by one deployment per GPU, swapping through host RAM; a variant in "
+                    "a group gets no deployment of its own.")
     load: list[str] | None = Field(
         default=None,
         description="Which of `models` to load (all enabled ones when null); on small GPUs list one at a time.",
@@ -375,6 +398,20 @@ class AppConfig(_Section):
             not_listed = [m for m in self.load if m not in self.models]
             if not_listed:
                 raise ValueError(f"load: {not_listed} are not configured under models")
+        grouped: dict[str, str] = {}
+        loaded = self.models_to_load()
+        for group in self.swap_groups:
+            missing = [v for v in group.variants if v not in loaded]
+            if missing:
+                raise ValueError(f"swap_groups.{group.name}.variants: {missing} are not configured and enabled "
+                                 "under models (and load, when given)")
+            for variant_id in group.variants:
+                if variant_id in grouped:
+                    raise ValueError(f"swap_groups: {variant_id} is in both {grouped[variant_id]} and {group.name}")
+                grouped[variant_id] = group.name
+        group_names = [g.name for g in self.swap_groups]
+        if len(group_names) != len(set(group_names)):
+            raise ValueError(f"swap_groups: names must be unique, got {group_names}")
         if self.hf.require_pinned_revisions:
             unpinned = [f"models.{model_id}.{key}" for model_id in self.models_to_load()
                         for key, pin in zip(("revision", "transformer_revision"), self._weights(catalog, model_id),
@@ -410,10 +447,21 @@ class AppConfig(_Section):
         names = self.load if self.load is not None else list(self.models)
         return [m for m in names if self.models[m].enabled]
 
+    def swap_group_of(self, model_id: str) -> SwapGroupConfig | None:
+        return next((g for g in self.swap_groups if model_id in g.variants), None)
+
     def deployment_options(self, model_id: str, pool: PoolConfig | None = None) -> DeploymentOptions:
         """serving.deployment, then the pool's options, then the model's: later wins."""
         options = self.serving.deployment
         for layer in (pool.deployment if pool else None, self.models[model_id].deployment):
+            if layer is not None:
+                options = layer.merged_over(options)
+        return options
+
+    def group_deployment_options(self, group: SwapGroupConfig, pool: PoolConfig | None = None) -> DeploymentOptions:
+        """serving.deployment, then the pool's options, then the group's: later wins."""
+        options = self.serving.deployment
+        for layer in (pool.deployment if pool else None, group.deployment):
             if layer is not None:
                 options = layer.merged_over(options)
         return options

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serve_app.domain.catalog import Catalog, GPUClass, ModelVariant
-from serve_app.domain.config import AppConfig, FleetConfig, PoolConfig
-from serve_app.domain.planner import Plan, estimate_seconds, plan
+from serve_app.domain.config import AppConfig, FleetConfig, PoolConfig, SwapGroupConfig
+from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, Plan, estimate_seconds, plan
+from serve_app.domain.swapping import SwapPlan, plan_swap_group
 
 VRAM_TIERS = (8, 12, 16, 20, 24, 32, 40, 48, 80, 141)
 # Tiers are nominal card sizes; vram_gib is what nvidia-smi reports, which is lower: the driver's reserve
@@ -66,11 +67,14 @@ class Placement:
 
 
 def place(config: AppConfig, catalog: Catalog | None = None) -> tuple[list[Placement], dict[str, str]]:
-    """Every (variant, pool) the planner says works, and why each unplaced variant fits nowhere."""
+    """Every (variant, pool) the planner says works, and why each unplaced variant fits nowhere. Variants of
+    a swap group are placed with their group (``place_swap_groups``)."""
     catalog = catalog or config.build_catalog()
     placements: list[Placement] = []
     unplaced: dict[str, str] = {}
     for model_id in config.models_to_load():
+        if config.swap_group_of(model_id) is not None:
+            continue
         variant = catalog.variant(model_id)
         reasons = []
         for pool in config.pools:
@@ -89,6 +93,53 @@ def place(config: AppConfig, catalog: Catalog | None = None) -> tuple[list[Place
                 reasons.append(f"{pool.name} ({gpu.name}): {verdict.reason}")
         if not any(p.variant.id == model_id for p in placements):
             unplaced[model_id] = "fits no GPU pool: " + "; ".join(reasons)
+    return placements, unplaced
+
+
+@dataclass(frozen=True)
+class GroupPlacement:
+    group: SwapGroupConfig
+    pool: PoolConfig
+    gpu: GPUClass
+    plan: SwapPlan
+
+
+def plan_group_on(config: AppConfig, catalog: Catalog, group: SwapGroupConfig, gpu: GPUClass,
+                  pool: PoolConfig | None = None) -> SwapPlan:
+    """``plan_swap_group`` for ``group`` on ``gpu`` with the config's shape, modes and batch sizes."""
+    def modes(variant_id: str) -> tuple[OffloadMode, ...]:
+        forced = config.offload_mode_for(variant_id)
+        if pool is not None:
+            return pool.allowed_modes(forced)
+        return (forced,) if forced else OFFLOAD_MODES
+
+    return plan_swap_group(
+        [catalog.variant(v) for v in group.variants], gpu, group.host_ram_gib, config.defaults.width,
+        config.defaults.height, modes={v: modes(v) for v in group.variants}, settings=config.device.planner,
+        batch_sizes={v: config.batch_size(v) for v in group.variants})
+
+
+def place_swap_groups(config: AppConfig,
+                      catalog: Catalog | None = None) -> tuple[list[GroupPlacement], dict[str, str]]:
+    """Every (swap group, pool) the planner says works, and why each unplaced group fits no pool."""
+    catalog = catalog or config.build_catalog()
+    placements: list[GroupPlacement] = []
+    unplaced: dict[str, str] = {}
+    for group in config.swap_groups:
+        reasons = []
+        for pool in config.pools:
+            gpu = catalog.gpu(pool.gpu_class)
+            outside = [v for v in group.variants if pool.variants is not None and v not in pool.variants]
+            if outside:
+                reasons.append(f"{pool.name}: {outside} not in the pool's variant list")
+                continue
+            verdict = plan_group_on(config, catalog, group, gpu, pool)
+            if verdict.fits:
+                placements.append(GroupPlacement(group, pool, gpu, verdict))
+            else:
+                reasons.append(f"{pool.name} ({gpu.name}): {verdict.reason}")
+        if not any(p.group.name == group.name for p in placements):
+            unplaced[group.name] = "fits no GPU pool: " + "; ".join(reasons)
     return placements, unplaced
 
 

@@ -55,6 +55,15 @@ class PlannerSettings(BaseModel):
     host_to_device_gbps: float = Field(
         default=25.0, gt=0, description="PCIe weight streaming rate under offload (GB/s).")
     unknown_gpu_tflops: float = Field(default=50.0, gt=0, description="TFLOPS assumed for GPUs without a figure.")
+    host_link_efficiency: float = Field(
+        default=0.8, gt=0, le=1,
+        description="Share of the host link's nominal rate a pinned host-to-GPU copy reaches (about 25 of 31.5 "
+                    "GB/s on PCIe 4.0 x16); prices a swap.")
+    disk_read_gbps: float = Field(
+        default=3.0, gt=0,
+        description="Rate a cold start reads weights from disk (GB/s); `python -m bench.load` measures a node's.")
+    host_reserve_gib: float = Field(
+        default=8.0, ge=0, description="Host RAM a swap group leaves to the OS, Python, Ray and CUDA's host side.")
 
     def margin_gib(self, vram_gib: float) -> float:
         return max(self.margin_min_gib, self.margin_fraction * vram_gib)

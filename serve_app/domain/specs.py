@@ -21,10 +21,11 @@ from serve_app.domain.config import (
     HFConfig,
     OptimizationConfig,
     PoolConfig,
+    SwapGroupConfig,
     TorchDtype,
 )
-from serve_app.domain.placement import place, pool_requirements
-from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings
+from serve_app.domain.placement import place, place_swap_groups, pool_requirements
+from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings, plan
 from serve_app.domain.quotas import KeyLimits
 
 
@@ -55,6 +56,7 @@ class EngineSpec(_Spec):
     edit_condition_image_area: int | None = Field(default=None, description="Edit: input area for the vision encoder.")
     max_input_pixels: int = Field(default=4096 * 4096, description="Largest input image the engine decodes.")
     gpus: tuple[GPUClass, ...] = Field(default=(), description="Known GPU classes, to name the local CUDA device.")
+    pin_host_memory: bool = Field(default=True, description="Page-locked host copies when the engine is parked.")
 
 
 class PoolSpec(_Spec):
@@ -99,11 +101,40 @@ class ReplicaSpec(_Spec):
         return self.options.autoscaling.min_replicas if self.options.autoscaling else (self.options.num_replicas or 1)
 
 
+class SwapGroupSpec(_Spec):
+    """One deployment whose replicas each host several variants on one GPU, swapping through host RAM."""
+
+    name: str = Field(description="Deployment name, e.g. 'swap-single-gpu' or 'swap-mixed@rtx4090'.")
+    group: str
+    members: tuple[ReplicaSpec, ...] = Field(description="One spec per variant; the first starts on the GPU.")
+    pool: PoolSpec | None = None
+    max_wait_s: float
+    pin_host_memory: bool = True
+    host_ram_gib: float | None = None
+    co_resident: bool | None = Field(
+        description="The planner's verdict for the pool's GPU (null without pools: decided for the GPU found).")
+    uses_gpu: bool
+    node_requirements: dict = Field(default_factory=dict)
+    options: DeploymentOptions
+
+    @property
+    def variant_ids(self) -> tuple[str, ...]:
+        return tuple(m.variant.id for m in self.members)
+
+    @property
+    def min_replicas(self) -> int:
+        return self.options.autoscaling.min_replicas if self.options.autoscaling else (self.options.num_replicas or 1)
+
+
 class RouteSpec(_Spec):
     """One way the router can serve a variant: a replica deployment on one pool."""
 
     variant: str
     deployment: str
+    shared: bool = Field(
+        default=False, description="The deployment hosts several variants (a swap group): calls name the variant as "
+                                   "Serve's multiplexed model id, and Serve prefers replicas that report it on "
+                                   "their GPU.")
     pool: str = "default"
     gpu_class: str | None = None
     vram_gib: float | None = None
@@ -157,8 +188,13 @@ class RouterSpec(_Spec):
 
 class ApplicationSpec(_Spec):
     replicas: tuple[ReplicaSpec, ...]
+    swap_groups: tuple[SwapGroupSpec, ...] = ()
     router: RouterSpec
     unplaced: dict[str, str] = Field(default_factory=dict, description="Configured variants that fit no pool, and why.")
+
+
+def swap_deployment_name(group: str, pool: str | None = None) -> str:
+    return f"swap-{group}@{pool}" if pool else f"swap-{group}"
 
 
 def deployment_name(task: str, variant_id: str, pool: str | None = None) -> str:
@@ -221,6 +257,20 @@ def _replica_spec(config: AppConfig, catalog: Catalog, variant: ModelVariant, po
     )
 
 
+def _swap_group_spec(config: AppConfig, catalog: Catalog, group: SwapGroupConfig, pool: PoolConfig | None,
+                     gpu: GPUClass | None, modes: dict[str, OffloadMode] | None, co_resident: bool | None,
+                     cluster_has_gpus: bool) -> SwapGroupSpec:
+    members = tuple(
+        spec.model_copy(update={"engine": spec.engine.model_copy(update={"pin_host_memory": group.pin_host_memory})})
+        for spec in (_replica_spec(config, catalog, catalog.variant(v), pool, gpu, (modes or {}).get(v),
+                                   cluster_has_gpus) for v in group.variants))
+    return SwapGroupSpec(
+        name=swap_deployment_name(group.name, pool.name if pool else None), group=group.name, members=members,
+        pool=members[0].pool, max_wait_s=group.max_wait_s, pin_host_memory=group.pin_host_memory,
+        host_ram_gib=group.host_ram_gib, co_resident=co_resident, uses_gpu=members[0].uses_gpu,
+        node_requirements=members[0].node_requirements, options=config.group_deployment_options(group, pool))
+
+
 def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> ApplicationSpec:
     """Every deployment of ``config``'s application, with its spec.
 
@@ -232,22 +282,48 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
     routes: list[RouteSpec] = []
     unplaced: dict[str, str] = {}
 
-    def add(spec: ReplicaSpec, cost_s: float | None) -> None:
-        replicas.append(spec)
+    groups: list[SwapGroupSpec] = []
+
+    def route(spec: ReplicaSpec, deployment: str, cost_s: float | None, min_replicas: int, shared: bool) -> None:
         gpu = spec.pool.gpu if spec.pool else None
         routes.append(RouteSpec(
-            variant=spec.variant.id, deployment=spec.name, pool=spec.pool.name if spec.pool else "default",
-            gpu_class=gpu.id if gpu else None, vram_gib=gpu.vram_gib if gpu else None, cost_s=cost_s,
-            min_replicas=spec.min_replicas))
+            variant=spec.variant.id, deployment=deployment, shared=shared,
+            pool=spec.pool.name if spec.pool else "default", gpu_class=gpu.id if gpu else None,
+            vram_gib=gpu.vram_gib if gpu else None, cost_s=cost_s, min_replicas=min_replicas))
+
+    def add(spec: ReplicaSpec, cost_s: float | None) -> None:
+        replicas.append(spec)
+        route(spec, spec.name, cost_s, spec.min_replicas, shared=False)
+
+    def add_group(group: SwapGroupSpec, costs: dict[str, float | None]) -> None:
+        groups.append(group)
+        for member in group.members:
+            route(member, group.name, costs.get(member.variant.id), group.min_replicas, shared=True)
 
     if config.pools:
         placements, unplaced = place(config, catalog)
         for p in placements:
             add(_replica_spec(config, catalog, p.variant, p.pool, p.gpu, p.plan.mode, cluster_has_gpus),
                 p.seconds_per_image)
+        group_placements, unplaced_groups = place_swap_groups(config, catalog)
+        for g in group_placements:
+            modes = {m.variant: m.mode for m in g.plan.members}
+            costs = {v: plan(catalog.variant(v), g.gpu, config.defaults.width, config.defaults.height,
+                             modes=(modes[v],), settings=config.device.planner).seconds_per_image
+                     for v in g.group.variants}
+            add_group(_swap_group_spec(config, catalog, g.group, g.pool, g.gpu, modes, g.plan.co_resident,
+                                       cluster_has_gpus), costs)
+        for name, reason in unplaced_groups.items():
+            group = next(g for g in config.swap_groups if g.name == name)
+            for variant_id in group.variants:
+                unplaced[variant_id] = f"its swap group {name} {reason}"
     else:
         for model_id in config.models_to_load():
-            add(_replica_spec(config, catalog, catalog.variant(model_id), None, None, None, cluster_has_gpus), None)
+            if config.swap_group_of(model_id) is None:
+                add(_replica_spec(config, catalog, catalog.variant(model_id), None, None, None, cluster_has_gpus),
+                    None)
+        for group in config.swap_groups:
+            add_group(_swap_group_spec(config, catalog, group, None, None, None, None, cluster_has_gpus), {})
     served = {r.variant for r in routes}
     unavailable = dict(unplaced)
     for variant_id in catalog.variants:
@@ -284,6 +360,7 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
         num_cpus=serving.router_num_cpus,
         # A router waits on its replicas: stopping it must not cut requests they may still finish.
         graceful_shutdown_timeout_s=max([20.0, serving.request_timeout_s or 0.0,
-                                         *(r.options.graceful_shutdown_timeout_s or 0.0 for r in replicas)]),
+                                         *(r.options.graceful_shutdown_timeout_s or 0.0
+                                           for r in [*replicas, *groups])]),
     )
-    return ApplicationSpec(replicas=tuple(replicas), router=router, unplaced=unplaced)
+    return ApplicationSpec(replicas=tuple(replicas), swap_groups=tuple(groups), router=router, unplaced=unplaced)

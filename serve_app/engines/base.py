@@ -248,6 +248,68 @@ class PipelineCall:
         return GenerationCancelled(f"stopped after {self.steps_done} of {self.num_inference_steps} steps")
 
 
+class HostCopies:
+    """Every weight of some modules, kept in host RAM, so their GPU copy can be dropped (``park``) and put back
+    (``restore``) without reading the disk: what a GPU shared by several variants swaps.
+
+    Parameters keep their identity (their ``.data`` changes), so anything holding them (hooks, a compiled
+    graph's guards, an optimizer) still finds them. Tied weights are moved once. Pinned host copies let the
+    copy back run at the link's full rate.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], pin: bool) -> None:
+        self._slots: list[tuple[torch.nn.Module, str, bool]] = []  # (owner, name, is_parameter)
+        seen: set[int] = set()
+        for module in modules:
+            for owner in module.modules():
+                for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
+                    for name, tensor in table.items():
+                        if tensor is not None and id(tensor) not in seen:
+                            seen.add(id(tensor))
+                            self._slots.append((owner, name, is_parameter))
+        self._host: list[torch.Tensor] | None = None
+        self._pin = pin and torch.cuda.is_available()
+
+    def _tensor(self, owner: torch.nn.Module, name: str, is_parameter: bool) -> torch.Tensor:
+        return (owner._parameters if is_parameter else owner._buffers)[name]
+
+    def _set(self, owner: torch.nn.Module, name: str, is_parameter: bool, value: torch.Tensor) -> None:
+        if is_parameter:
+            owner._parameters[name].data = value
+        else:
+            owner._buffers[name] = value
+
+    def park(self) -> int:
+        """Point every weight at its host copy (made on the first park) and free the device memory."""
+        moved = 0
+        if self._host is None:
+            self._host = []
+            for slot in self._slots:
+                tensor = self._tensor(*slot).detach()
+                host = tensor.to("cpu", copy=True)
+                self._host.append(host.pin_memory() if self._pin else host)
+        for slot, host in zip(self._slots, self._host, strict=True):
+            if self._tensor(*slot).device.type != "cpu":
+                moved += host.numel() * host.element_size()
+            self._set(*slot, host)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return moved
+
+    def restore(self, device: str) -> int:
+        """Copy every weight back to ``device`` from its host copy; returns the bytes copied."""
+        if self._host is None:
+            return 0
+        moved = 0
+        for slot, host in zip(self._slots, self._host, strict=True):
+            self._set(*slot, host.to(device, non_blocking=self._pin))
+            if device != "cpu":
+                moved += host.numel() * host.element_size()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return moved
+
+
 class DiffusersEngine:
     """One loaded variant on a diffusers pipeline. Calls are serialized: pipelines are not thread-safe.
 
@@ -269,7 +331,27 @@ class DiffusersEngine:
         self._lock = threading.Lock()
         self._timer = _StageTimer(pipe, torch.cuda.synchronize if info.device == "cuda" else None)
         self._call: PipelineCall | None = None
+        self._host_copies: HostCopies | None = None
         self._skip_decode_once_stopped()
+
+    def _swapped_modules(self) -> list[torch.nn.Module]:
+        return [c for c in self.pipe.components.values() if isinstance(c, torch.nn.Module)]
+
+    def park(self) -> int:
+        """``ImageEngine.park``. Only a pipeline whose weights stay on the GPU (offload mode none) has anything
+        to move: model and sequential offload keep them in host RAM between calls already, and on CPU the
+        host copy is the only copy."""
+        if self.info.device == "cpu" or self.info.offload_mode != "none":
+            return 0
+        if self._host_copies is None:
+            self._host_copies = HostCopies(self._swapped_modules(), pin=self.spec.pin_host_memory)
+        return self._host_copies.park()
+
+    def unpark(self) -> int:
+        """``ImageEngine.unpark``: back onto the GPU from the host copies ``park`` kept."""
+        if self._host_copies is None:
+            return 0
+        return self._host_copies.restore(self.info.device)
 
     def _skip_decode_once_stopped(self) -> None:
         """A stopped call ends before the VAE decode: diffusers decodes the latents even after an

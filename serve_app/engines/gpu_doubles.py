@@ -55,6 +55,12 @@ class _Wrapper:
     def batch_key(self, job: Job) -> Hashable:
         return self.engine.batch_key(job)
 
+    def park(self) -> int:
+        return self.engine.park()
+
+    def unpark(self) -> int:
+        return self.engine.unpark()
+
     def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
         return self.engine.run(jobs, should_stop)
 
@@ -136,11 +142,13 @@ class GpuTimingDouble:
     """TEST DOUBLE for a GPU's time: a pipeline call that blocks ``seconds_per_image`` per image in
     ``time.sleep``, which releases the GIL as a thread waiting on CUDA kernels does, and returns
     photo-like images of the asked size (the same every run). Nothing a pipeline does on the CPU is
-    simulated: it isolates what the serving path (queueing, encoding, HTTP) adds around a GPU."""
+    simulated: it isolates what the serving path (queueing, encoding, HTTP) adds around a GPU.
+    ``unpark`` blocks ``unpark_seconds``, standing in for copying the weights back to a GPU."""
 
-    def __init__(self, spec: EngineSpec, seconds_per_image: float) -> None:
+    def __init__(self, spec: EngineSpec, seconds_per_image: float, unpark_seconds: float = 0.0) -> None:
         self.variant = spec.variant
         self.seconds_per_image = seconds_per_image
+        self.unpark_seconds = unpark_seconds
         self.info = EngineInfo(device="cpu", torch_dtype="bfloat16", offload_mode="none", load_seconds=0.0,
                                source=f"<GPU timing double: {seconds_per_image} s per image>")
         self._images: dict[tuple[int, int], np.ndarray] = {}
@@ -150,6 +158,13 @@ class GpuTimingDouble:
 
     def batch_key(self, job: Job) -> Hashable:
         return id(job)
+
+    def park(self) -> int:
+        return 0
+
+    def unpark(self) -> int:
+        time.sleep(self.unpark_seconds)
+        return 0
 
     def image(self, width: int, height: int) -> np.ndarray:
         if (width, height) not in self._images:
@@ -167,10 +182,11 @@ class GpuTimingDouble:
                 for job in jobs]
 
 
-def _load_timing_double(spec: EngineSpec, seconds_per_image: float) -> GpuTimingDouble:
-    return GpuTimingDouble(spec, seconds_per_image)
+def _load_timing_double(spec: EngineSpec, seconds_per_image: float, unpark_seconds: float) -> GpuTimingDouble:
+    return GpuTimingDouble(spec, seconds_per_image, unpark_seconds)
 
 
-def gpu_timing_loader(seconds_per_image: float) -> Callable[[EngineSpec], ImageEngine]:
-    """Loads ``GpuTimingDouble`` engines that take ``seconds_per_image`` of (simulated) GPU time per image."""
-    return functools.partial(_load_timing_double, seconds_per_image=seconds_per_image)
+def gpu_timing_loader(seconds_per_image: float, unpark_seconds: float = 0.0) -> Callable[[EngineSpec], ImageEngine]:
+    """Loads ``GpuTimingDouble`` engines that take ``seconds_per_image`` of (simulated) GPU time per image
+    and ``unpark_seconds`` to come back onto the (simulated) GPU."""
+    return functools.partial(_load_timing_double, seconds_per_image=seconds_per_image, unpark_seconds=unpark_seconds)

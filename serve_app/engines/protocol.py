@@ -108,6 +108,13 @@ class ImageEngine(Protocol):
     def batch_key(self, job: Job) -> Hashable:
         """Jobs with equal keys may run as one pipeline call."""
 
+    def park(self) -> int:
+        """Drop the weights' GPU copy, keeping them in host RAM; returns the bytes the GPU freed (0 when
+        nothing was on it: CPU, or an offload mode that keeps weights on the host between calls)."""
+
+    def unpark(self) -> int:
+        """Put parked weights back on the GPU from host RAM (never the disk); returns the bytes copied."""
+
     def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
         """Run ``jobs`` (equal batch keys) and return one result per job, in order.
 

@@ -17,6 +17,8 @@ EXPORTED = {
     "ray_imageserve_errors_total", "ray_imageserve_router_queue_depth", "ray_imageserve_pool_replicas",
     "ray_imageserve_key_requests_total", "ray_imageserve_key_cost_total",
     "ray_imageserve_partial_images_total", "ray_imageserve_streams_total",
+    "ray_imageserve_swaps_total", "ray_imageserve_swap_seconds", "ray_imageserve_swap_bytes_total",
+    "ray_imageserve_resident_variant",
 }
 
 

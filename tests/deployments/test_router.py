@@ -116,3 +116,28 @@ def test_each_router_replica_enforces_its_share_of_the_per_key_limits():
     assert spec.key_limits.cost_per_minute == 100  # the spec holds the service's limits...
     checks = Router(spec, {route.deployment: None for route in spec.routes})
     assert checks.quotas.limits.cost_per_minute == 50 and checks.quotas.limits.max_in_flight_requests == 2
+
+
+class RecordingHandle:
+    """A deployment handle reduced to ``options``: records the options each route's handle was made with."""
+
+    def __init__(self, **options) -> None:
+        self.options_given = options
+
+    def options(self, **options) -> "RecordingHandle":
+        return RecordingHandle(**{**self.options_given, **options})
+
+
+def test_routes_to_a_swap_group_name_their_variant_as_the_multiplexed_model_id():
+    """Affinity: every call to a swap group carries its variant, so Serve prefers a replica that reported
+    that variant on its GPU; a deployment of one variant gets plain calls."""
+    config = parse_config({"models": {"z-image-turbo": {}, "qwen-image-edit-2509": {}, "qwen-image-edit-2511": {}},
+                           "swap_groups": [{"name": "pair", "variants": ["z-image-turbo", "qwen-image-edit-2509"]}]})
+    spec = resolve_application(config).router
+    checks = Router(spec, {route.deployment: RecordingHandle() for route in spec.routes})
+    given = {variant: [route.handle.options_given for route in routes]
+             for variant, routes in checks.table.routes.items()}
+    assert given == {"z-image-turbo": [{"multiplexed_model_id": "z-image-turbo"}],
+                     "qwen-image-edit-2509": [{"multiplexed_model_id": "qwen-image-edit-2509"}],
+                     "qwen-image-edit-2511": [{}]}
+    assert {r.deployment for r in checks.table.routes["z-image-turbo"]} == {"swap-pair"}
