@@ -19,9 +19,8 @@ from typing import Any
 
 from serve_app.domain.config import AppConfig, FleetConfig, load_fleet, parse_config
 from serve_app.domain.placement import node_labels, node_resources
-from serve_app.embedded import embedded_config_data, tiny_model_config
+from serve_app.embedded import embedded_config_data, tiny_loaders, tiny_model_config
 from serve_app.engines import EngineLoader
-from serve_app.engines.gpu_doubles import load_without_nunchaku
 from serve_app.runner import PrivateRayCluster, deploy, lock_private_ray, worker_env
 
 
@@ -48,9 +47,7 @@ def simulation_config(fleet: FleetConfig, tiny_dir: Path, models: list[str] | No
 
 def simulation_loaders(config: AppConfig, loaders: dict[str, EngineLoader] | None = None) -> dict[str, EngineLoader]:
     """Engine loaders of a simulated fleet: 4-bit variants without nunchaku, then ``loaders`` over them."""
-    catalog = config.build_catalog()
-    four_bit = {m: load_without_nunchaku for m in config.models if catalog.variant(m).requires_nunchaku}
-    return {**four_bit, **(loaders or {})}
+    return {**tiny_loaders(config), **(loaders or {})}
 
 
 class SimulatedFleet(PrivateRayCluster):

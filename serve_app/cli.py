@@ -8,8 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from serve_app.domain.catalog import GPUClass
 from serve_app.domain.config import AppConfig, ConfigError, load_config, load_fleet, parse_config
+from serve_app.domain.placement import plan_group_on
 from serve_app.domain.planner import OFFLOAD_MODES, Plan, plan_table
+from serve_app.domain.swapping import SwapPlan
 from serve_app.examples import EXAMPLE_FLEET, EXAMPLE_PRODUCTION_CONFIG
 
 DEFAULT_TINY_DIR = Path(os.environ.get("IMAGESERVE_HOME", Path.home() / ".cache" / "imageserve")) / "tiny-models"
@@ -124,7 +127,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if gpus and gpus[0].id.startswith("local-"):
             catalog = catalog.model_copy(update={"gpus": {**catalog.gpus, gpus[0].id: gpus[0]}})
         print(_format_plans(plans, catalog))
+        for group in config.swap_groups:
+            for gpu in gpus:
+                print()
+                print(format_swap_plan(group.name, plan_group_on(config, catalog, group, gpu), gpu))
     return 0
+
+
+def format_swap_plan(name: str, verdict: SwapPlan, gpu: GPUClass) -> str:
+    """A swap group's plan on one GPU as a small table (docs/single-gpu.md shows these)."""
+    if not verdict.fits:
+        how = f"refused: {verdict.reason}"
+    else:
+        how = "all stay on the GPU, no swaps" if verdict.co_resident else "one at a time on the GPU, swapping"
+    lines = [f"swap group {name} on {gpu.name} ({verdict.usable_vram_gib:g} GiB usable, host link "
+             f"{verdict.link_gbps:g} GB/s): {how}"]
+    rows = [("variant", "mode", "peak GiB", "on GPU GiB", "host GiB", "swap in s", "cold start s")]
+    rows += [(m.variant, m.mode, f"{m.peak_vram_gib:g}", f"{m.gpu_resident_gib:g}", f"{m.host_gib:g}",
+              f"{m.swap_in_s:g}", f"{m.cold_start_s:g}") for m in verdict.members]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    ram = f" of {verdict.host_ram_gib:g}" if verdict.host_ram_gib is not None else " (host_ram_gib not set: unchecked)"
+    lines.append(f"  host RAM: {verdict.host_needed_gib:g} GiB needed{ram}")
+    return "\n".join(lines)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -193,6 +218,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from serve_app.runner import run_foreground
 
     config = load_config(args.config) if args.config else embedded_config(Path(args.tiny_dir))
+    loaders = None
+    if args.config and _serve_tiny(args.tiny):
+        from serve_app.embedded import on_tiny_checkpoints
+
+        config, loaders = on_tiny_checkpoints(config, Path(args.tiny_dir))
+        print(f"imageserve run: serving {args.config}'s variants from tiny random-weight checkpoints on CPU "
+              f"(--tiny {args.tiny}); their images are noise. On a GPU node, or with --tiny never, the "
+              "configured weights load.", flush=True)
     if args.host or args.port:
         serving = config.serving.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
         config = config.model_copy(update={"serving": serving})
@@ -201,7 +234,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PermissionError as err:
         print(f"imageserve run: {err}", file=sys.stderr)
         return 2
-    return run_foreground(config)
+    return run_foreground(config, loaders)
+
+
+def _serve_tiny(choice: str) -> bool:
+    if choice != "auto":
+        return choice == "always"
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def cmd_cluster_sim(args: argparse.Namespace) -> int:
@@ -288,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="serve in the foreground on a private local Ray (embedded tiny default)")
     p.add_argument("--config", help="YAML config to serve (default: the embedded CPU default with tiny models)")
     p.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR), help="where the embedded default keeps tiny models")
+    p.add_argument("--tiny", choices=("auto", "always", "never"), default="auto",
+                   help="with --config: serve its variants from tiny random-weight checkpoints on CPU (4-bit ones "
+                        "without nunchaku): 'auto' does when torch sees no CUDA GPU (default auto)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.set_defaults(func=cmd_run)

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.domain.config import AppConfig, parse_config
+from serve_app.engines import EngineLoader
+from serve_app.engines.gpu_doubles import load_without_nunchaku
 from serve_app.engines.random_weights import build_all, tiny_checkpoint
 
 # Small VAE/vision areas keep an edit on two CPU cores well under a second (the real pipeline
@@ -51,3 +53,36 @@ def embedded_config(tiny_dir: Path, **serving: Any) -> AppConfig:
     """Build the tiny checkpoints under ``tiny_dir`` if missing and return the embedded config."""
     build_all(tiny_dir)
     return parse_config(embedded_config_data(tiny_dir, **serving), "embedded default")
+
+
+def tiny_loaders(config: AppConfig) -> dict[str, EngineLoader]:
+    """Engine loaders for running ``config``'s variants on CPU: 4-bit variants through the
+    ``load_without_nunchaku`` test double (nunchaku's kernels need CUDA); the rest load as they are."""
+    catalog = config.build_catalog()
+    return {m: load_without_nunchaku for m in config.models if catalog.variant(m).requires_nunchaku}
+
+
+def on_tiny_checkpoints(config: AppConfig, tiny_dir: Path) -> tuple[AppConfig, dict[str, EngineLoader]]:
+    """``config`` as this machine can run it without a GPU: every variant from its base model's tiny checkpoint
+    on CPU, offline, with the embedded default's CPU settings; GPU pools dropped (their nodes are not here),
+    and swap groups kept, so they take turns as they would on a GPU. Returns the config and its loaders."""
+    build_all(tiny_dir)
+    catalog = config.build_catalog()
+    data = config.model_dump(mode="json", exclude_unset=True)
+    embedded = embedded_config_data(tiny_dir)
+    data["device"] = embedded["device"]
+    data["hf"] = embedded["hf"]
+    data["defaults"] = embedded["defaults"]
+    data.pop("pools", None)
+    data["models"] = {m: {**{k: v for k, v in entry.items() if k not in ("source", "transformer_source", "revision",
+                                                                          "transformer_revision", "offload_mode",
+                                                                          "torch_dtype", "optimizations")},
+                          **tiny_model_config(tiny_dir, catalog.variant(m))}
+                      for m, entry in data.get("models", {}).items()}
+    serving = {**embedded["serving"], **{k: v for k, v in data.get("serving", {}).items()
+                                         if k not in ("deployment", "torch_threads", "router_num_cpus")}}
+    data["serving"] = serving
+    for group in data.get("swap_groups", []):
+        group.pop("deployment", None)
+    tiny = parse_config(data, "config on tiny checkpoints")
+    return tiny, tiny_loaders(tiny)

@@ -260,8 +260,9 @@ def interrupt_on_signals() -> dict[int, Any]:
     return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def run_foreground(config: AppConfig) -> int:
-    """Serve until SIGINT or SIGTERM (also during start-up), then shut Serve and Ray down cleanly."""
+def run_foreground(config: AppConfig, loaders: dict[str, Any] | None = None) -> int:
+    """Serve until SIGINT or SIGTERM (also during start-up), then shut Serve and Ray down cleanly.
+    ``loaders``: variant id -> engine loader (``imageserve run --tiny``'s test doubles)."""
     service = LocalService(config)
     previous: dict[int, Any] = {}
 
@@ -269,7 +270,7 @@ def run_foreground(config: AppConfig) -> int:
         previous.update(interrupt_on_signals())
 
     try:
-        service.start(after_ray_init=take_signals)
+        service.start(after_ray_init=take_signals, loaders=loaders)
         if service.auth_token_path:
             print(f"Ray at {service.gcs_address} requires its token (RAY_AUTH_MODE=token "
                   f"RAY_AUTH_TOKEN_PATH={service.auth_token_path})", flush=True)

@@ -246,7 +246,7 @@ class SwapGroupConfig(_Section):
         description="RAM of each node the group runs on: every member's weights stay in host RAM, so the planner "
                     "refuses a group whose weights do not fit. null: the replica checks the RAM it finds.")
     max_wait_s: float = Field(
-        default=4.0, ge=0,
+        default=10.0, ge=0,
         description="Turn length: a request of a variant that is not on the GPU waits about this long at most "
                     "while another has work, and a variant swapped in keeps the GPU at least this long while it "
                     "has work. Longer turns swap less; 0 swaps whenever another variant waits.")

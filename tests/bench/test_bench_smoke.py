@@ -126,3 +126,28 @@ def test_preview_benchmark_reports_the_cost_of_previews_against_a_step():
     denoising = report["denoising"]
     assert denoising["previews"] == 3 and denoising["plain_s_per_step"] > 0 and denoising["slowdown"] > 0
     assert report["hook_1024"]["decode_over_hook"] > 0 and report["encode_1024"]["png_s"] > 0
+
+
+def test_load_benchmark_times_every_loader_against_the_disk(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "bench.load", "--smoke", "--dir", str(tmp_path), "--json"],
+                         capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
+    report = json.loads(out)
+    assert report["size"] == "tiny" and report["bytes"] > 0
+    from bench.load import METHODS
+
+    assert set(report["methods"]) == set(METHODS)
+    plain = [m for m in METHODS if m.startswith(("disk", "dd"))]
+    assert max(report["methods"][m]["of_disk"] for m in plain) == pytest.approx(1.0)
+    assert all(row["gb_per_s"] > 0 for row in report["methods"].values())
+
+
+def test_swap_benchmark_serves_the_same_traffic_three_ways():
+    out = subprocess.run([sys.executable, "-m", "bench.swap", "--requests", "12", "--scale", "0.005", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
+    report = json.loads(out)
+    assert [part["part"] for part in report["parts"]] == ["tiny", "rtx4090"]
+    for part in report["parts"]:
+        arms = part["arms"]
+        assert set(arms) == {"turns", "fifo", "dedicated"}
+        assert arms["dedicated"]["swaps_per_100"] == 0 and arms["dedicated"]["gpus"] == 2
+        assert all(row["p95_s"] >= row["p50_s"] > 0 for row in arms.values())

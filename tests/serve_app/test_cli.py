@@ -125,3 +125,33 @@ def test_calibrate_reports_the_fit_and_its_residuals(capsys):
     assert main(["calibrate"]) == 0
     out = capsys.readouterr().out
     assert "reserve_fraction" in out and "z-image-resident-rtx5090" in out and "efficiency Hopper/bf16" in out
+
+
+def test_plan_shows_how_a_swap_group_shares_each_gpu(capsys):
+    assert main(["plan", "--config", str(ROOT / "examples" / "single-gpu.yaml"), "--gpu", "rtx-4090,a100-80g",
+                 "--variant", "z-image-turbo-svdq-int4-r128"]) == 0
+    out = capsys.readouterr().out
+    assert "swap group single-gpu on RTX 4090 (22.69 GiB usable, host link 25.2 GB/s): one at a time" in out
+    assert "swap group single-gpu on A100 80GB" in out and "all stay on the GPU, no swaps" in out
+    assert "host RAM: 47 GiB needed of 64" in out
+
+
+def test_run_serves_a_config_on_tiny_checkpoints_where_there_is_no_gpu(monkeypatch, tmp_path, capsys, tiny_root):
+    """`imageserve run --config examples/single-gpu.yaml` on this CPU machine: the config as it would run, on
+    the tiny checkpoints, 4-bit variants through the nunchaku test double (what reaches run_foreground)."""
+    import serve_app.runner
+
+    served = {}
+    monkeypatch.setattr(serve_app.runner, "run_foreground",
+                        lambda config, loaders=None: served.update(config=config, loaders=loaders) or 0)
+    assert main(["run", "--config", str(ROOT / "examples" / "single-gpu.yaml"), "--tiny-dir", str(tiny_root)]) == 0
+    assert "from tiny random-weight checkpoints on CPU" in capsys.readouterr().out
+    config = served["config"]
+    assert config.device.device == "cpu" and config.pools == []
+    assert [g.variants for g in config.swap_groups] == [["z-image-turbo-svdq-int4-r128",
+                                                         "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"]]
+    assert all(str(tiny_root) in m.source for m in config.models.values())
+    assert set(served["loaders"]) == set(config.models)  # both are 4-bit: both load without nunchaku
+
+    assert main(["run", "--config", str(ROOT / "examples" / "single-gpu.yaml"), "--tiny", "never"]) == 0
+    assert served["loaders"] is None and served["config"].swap_groups[0].host_ram_gib == 64

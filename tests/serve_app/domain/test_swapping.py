@@ -15,31 +15,20 @@ EDIT_INT4 = "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"
 
 # ---- the policy ------------------------------------------------------------------------------
 
-def test_the_resident_variant_keeps_the_gpu_while_it_has_work():
-    waiting = [Waiting("a", oldest_arrival=9.0), Waiting("b", oldest_arrival=1.0)]
-    # b waited 9 s, but the turn is 10 s: a, resident, goes on.
-    assert next_variant(waiting, {"a"}, resident_since=0.0, now=10.0 - 0.001, max_wait_s=10.0) == "a"
-
-
-def test_a_variant_that_waited_a_turn_takes_the_gpu_from_a_resident_that_held_it_a_turn():
-    waiting = [Waiting("a", oldest_arrival=9.5), Waiting("b", oldest_arrival=0.0)]
-    assert next_variant(waiting, {"a"}, resident_since=0.0, now=10.0, max_wait_s=10.0) == "b"
-
-
-def test_a_fresh_resident_keeps_its_turn_even_against_a_starved_variant():
-    """The variant swapped in a moment ago runs its work before the one it displaced swaps back: no ping-pong."""
-    waiting = [Waiting("a", oldest_arrival=0.0), Waiting("b", oldest_arrival=19.0)]
-    assert next_variant(waiting, {"b"}, resident_since=19.5, now=20.0, max_wait_s=10.0) == "b"
-
-
-def test_an_idle_resident_gives_the_gpu_to_the_oldest_waiting_variant():
-    waiting = [Waiting("b", oldest_arrival=5.0), Waiting("c", oldest_arrival=3.0)]
-    assert next_variant(waiting, {"a"}, resident_since=4.9, now=5.0, max_wait_s=10.0) == "c"
-
-
-def test_a_zero_turn_is_first_come_first_served():
-    waiting = [Waiting("a", oldest_arrival=2.0), Waiting("b", oldest_arrival=1.0)]
-    assert next_variant(waiting, {"a"}, resident_since=2.0, now=2.0, max_wait_s=0.0) == "b"
+@pytest.mark.parametrize(("waiting", "resident", "resident_since", "now", "max_wait_s", "expected"), [
+    pytest.param({"a": 9.0, "b": 1.0}, "a", 0.0, 9.999, 10.0, "a",
+                 id="the resident keeps the GPU while it has work and no other waited a turn"),
+    pytest.param({"a": 9.5, "b": 0.0}, "a", 0.0, 10.0, 10.0, "b",
+                 id="one that waited a turn takes it from a resident that held it a turn"),
+    pytest.param({"a": 0.0, "b": 19.0}, "b", 19.5, 20.0, 10.0, "b",
+                 id="a fresh resident keeps its turn against the starved one it displaced: no ping-pong"),
+    pytest.param({"b": 5.0, "c": 3.0}, "a", 4.9, 5.0, 10.0, "c",
+                 id="an idle resident gives the GPU to the oldest waiting variant"),
+    pytest.param({"a": 2.0, "b": 1.0}, "a", 2.0, 2.0, 0.0, "b", id="a zero turn is first come first served"),
+])
+def test_which_variant_runs_next(waiting, resident, resident_since, now, max_wait_s, expected):
+    queued = [Waiting(variant, oldest_arrival=arrival) for variant, arrival in waiting.items()]
+    assert next_variant(queued, {resident}, resident_since, now, max_wait_s) == expected
 
 
 def test_under_steady_alternating_load_swaps_are_bounded_by_the_turn():
