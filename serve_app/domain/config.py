@@ -266,6 +266,30 @@ MASKLESS_ATTENTION_BACKENDS = ("flash", "sage", "_native_flash")
 PIPELINES_WITH_ATTENTION_MASKS = frozenset({"ZImagePipeline"})
 
 
+class StepCacheConfig(_Section):
+    """Step caching from diffusers' own hooks: a denoising step reuses the previous step's transformer output
+    where it changes little. A quality trade-off: docs/benchmarks.md ("Step caching") measures the forwards
+    saved and the pixel difference on the tiny models."""
+
+    kind: Literal["first_block", "taylorseer"] = Field(
+        description="first_block: run the first block, and skip the rest when its output moved less than "
+                    "`threshold` since the last full step (diffusers' FirstBlockCacheConfig). taylorseer: a full "
+                    "forward every `cache_interval` steps, the steps between predicted from a first-order "
+                    "Taylor expansion (TaylorSeerCacheConfig).")
+    threshold: float = Field(default=0.05, gt=0, description="first_block: relative change below which the rest "
+                                                              "of the transformer is skipped; higher skips more.")
+    cache_interval: int = Field(default=5, ge=2, description="taylorseer: steps between full forwards.")
+    disable_cache_before_step: int = Field(
+        default=3, ge=1, description="taylorseer: steps computed in full first, to fit the expansion.")
+
+
+# Pipelines whose transformer takes diffusers' cache hooks and whose pipeline resets their state per call
+# (CacheMixin.enable_cache, and cache_context around the transformer calls): diffusers 0.42.1's
+# QwenImageEditPlusPipeline does; ZImageTransformer2DModel has no CacheMixin and ZImagePipeline no
+# cache context, so cached state would leak from one request into the next.
+PIPELINES_WITH_STEP_CACHE = frozenset({"QwenImageEditPlusPipeline"})
+
+
 class OptimizationConfig(_Section):
     """Speed options for one model; bench/gpu_fullsize.py measures each against the default."""
 
@@ -281,6 +305,8 @@ class OptimizationConfig(_Section):
         default="default", description="torch.compile mode when compile_transformer is true.",
     )
     vae_channels_last: bool = Field(default=False, description="Run the VAE in channels-last memory format.")
+    step_cache: StepCacheConfig | None = Field(
+        default=None, description="Step caching (off when null); trades quality for transformer forwards.")
 
 
 class ModelConfig(_Section):
@@ -390,6 +416,13 @@ class AppConfig(_Section):
                     f"models.{model_id}.optimizations.attention_backend: {backend!r} takes no attention mask, and "
                     f"{variant.pipeline} masks the padding of batched prompts and of every CFG call; use "
                     "'_native_cudnn' or '_native_efficient' (masked fused kernels) or leave it unset")
+            if model.optimizations.step_cache is not None and (
+                    variant.pipeline not in PIPELINES_WITH_STEP_CACHE or variant.requires_nunchaku):
+                why = ("nunchaku's 4-bit transformer does not take diffusers' cache hooks" if variant.requires_nunchaku
+                       else f"diffusers 0.42's {variant.pipeline} has no step-cache support (its transformer has no "
+                            "enable_cache and the pipeline resets no cache state between calls)")
+                raise ValueError(f"models.{model_id}.optimizations.step_cache: {why}; step caching is for the "
+                                 "bf16 Qwen-Image-Edit variants")
             if model.optimizations.compile_transformer and variant.requires_nunchaku:
                 raise ValueError(
                     f"models.{model_id}.optimizations.compile_transformer: {model_id} runs nunchaku's 4-bit "

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from serve_app.domain.catalog import GPUClass, ModelVariant
-from serve_app.domain.config import HFConfig, OptimizationConfig
+from serve_app.domain.config import HFConfig, OptimizationConfig, StepCacheConfig
 from serve_app.domain.planner import OffloadMode, architecture_problem, plan
 from serve_app.domain.schemas import MAX_SEED
 from serve_app.domain.specs import EngineSpec
@@ -185,10 +185,23 @@ def apply_optimizations(pipe, options: OptimizationConfig) -> list[str]:
     if options.vae_channels_last:
         set_channels_last(pipe.vae)
         applied.append("vae_channels_last")
+    if options.step_cache is not None:
+        pipe.transformer.enable_cache(step_cache_config(options.step_cache))
+        applied.append(f"step_cache={options.step_cache.kind}")
     if options.compile_transformer:
         pipe.transformer.compile(mode=options.compile_mode)
         applied.append(f"compile_transformer={options.compile_mode}")
     return applied
+
+
+def step_cache_config(cache: StepCacheConfig):
+    """diffusers' cache config for ``cache``."""
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    if cache.kind == "first_block":
+        return FirstBlockCacheConfig(threshold=cache.threshold)
+    return TaylorSeerCacheConfig(cache_interval=cache.cache_interval,
+                                 disable_cache_before_step=cache.disable_cache_before_step)
 
 
 class _StageTimer:

@@ -151,3 +151,12 @@ def test_swap_benchmark_serves_the_same_traffic_three_ways():
         assert set(arms) == {"turns", "fifo", "dedicated"}
         assert arms["dedicated"]["swaps_per_100"] == 0 and arms["dedicated"]["gpus"] == 2
         assert all(row["p95_s"] >= row["p50_s"] > 0 for row in arms.values())
+
+
+def test_step_cache_benchmark_reports_forwards_saved_and_the_pixel_difference():
+    out = subprocess.run([sys.executable, "-m", "bench.step_cache", "--steps", "6", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
+    rows = {row["setting"]: row for row in json.loads(out)["rows"]}
+    assert rows["none"]["full_forwards"] == rows["none"]["plain_forwards"] == 12
+    assert rows["none"]["mean_abs_diff"] == 0
+    assert all(0 <= row["saved_share"] < 1 and row["mean_abs_diff"] >= 0 for row in rows.values())
