@@ -2,8 +2,9 @@
 
 For each diffusers repository: ``model_index.json`` and the folders of the components it lists, without
 ``transformer/`` when every variant using the repository replaces it with a nunchaku 4-bit
-transformer; for each such variant, its one nunchaku file. Variants whose config ``source`` (or
-``transformer_source``) is a local folder or file need nothing.
+transformer; for each such variant, its one nunchaku file; for each Lightning variant, its LoRA file.
+Variants whose config ``source`` (or ``transformer_source``, ``lora_source``) is a local folder or file
+need nothing.
 
 Before fetching anything the sizes are read from the Hub and compared with the free disk; downloads
 resume where an interrupted one stopped (huggingface_hub's ``.incomplete`` files and HTTP ranges);
@@ -77,14 +78,20 @@ def needs(config: AppConfig) -> tuple[list[RepoNeed], dict[str, str]]:
             need.variants.append(variant_id)
             need.pipeline = True
             need.with_transformer |= not variant.requires_nunchaku
+        single_files = []
         if variant.requires_nunchaku:
-            if settings.transformer_source:
-                local[f"{variant_id} (4-bit transformer)"] = settings.transformer_source
+            single_files.append(("4-bit transformer", settings.transformer_source, transformer_pin,
+                                 variant.source.transformer_file))
+        if variant.source.lora_file is not None:
+            single_files.append(("LoRA", settings.lora_source, config.lora_weights(variant_id),
+                                 variant.source.lora_file))
+        for what, local_source, pin, file in single_files:
+            if local_source:
+                local[f"{variant_id} ({what})"] = local_source
             else:
-                repo = variant.source.transformer_repo
-                need = repos.setdefault((repo, transformer_pin.revision), RepoNeed(repo, transformer_pin.revision))
+                need = repos.setdefault((pin.repo, pin.revision), RepoNeed(pin.repo, pin.revision))
                 need.variants.append(variant_id)
-                need.files.add(variant.source.transformer_file)
+                need.files.add(file)
     return list(repos.values()), local
 
 

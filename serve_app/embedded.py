@@ -8,7 +8,7 @@ from typing import Any
 from serve_app.domain.config import AppConfig, parse_config
 from serve_app.engines import EngineLoader
 from serve_app.engines.gpu_doubles import load_without_nunchaku
-from serve_app.engines.random_weights import build_all, tiny_checkpoint
+from serve_app.engines.random_weights import build_all, tiny_checkpoint, tiny_lora
 
 # Small VAE/vision areas keep an edit on two CPU cores well under a second (the real pipeline
 # resizes every input image to 1024^2 for the VAE, which costs seconds even with tiny weights).
@@ -22,6 +22,8 @@ EMBEDDED_VARIANTS = ("z-image-turbo", "qwen-image-edit-2509", "qwen-image-edit-2
 def tiny_model_config(tiny_dir: Path, variant) -> dict[str, Any]:
     """``models.<id>`` settings that run ``variant`` on its base model's tiny checkpoint."""
     entry: dict[str, Any] = {"source": str(tiny_checkpoint(tiny_dir, variant.base_model))}
+    if variant.source.lora_file is not None:
+        entry["lora_source"] = str(tiny_lora(tiny_dir, variant.base_model))
     if variant.task == "edit":
         entry.update(TINY_EDIT_AREAS)
     return entry
@@ -75,7 +77,8 @@ def on_tiny_checkpoints(config: AppConfig, tiny_dir: Path) -> tuple[AppConfig, d
     data["defaults"] = embedded["defaults"]
     data.pop("pools", None)
     data["models"] = {m: {**{k: v for k, v in entry.items() if k not in ("source", "transformer_source", "revision",
-                                                                          "transformer_revision", "offload_mode",
+                                                                          "transformer_revision", "lora_source",
+                                                                          "lora_revision", "offload_mode",
                                                                           "torch_dtype", "optimizations")},
                           **tiny_model_config(tiny_dir, catalog.variant(m))}
                       for m, entry in data.get("models", {}).items()}

@@ -70,3 +70,15 @@ def prometheus_tool():
         return found
 
     return find
+
+
+@pytest.fixture(scope="session")
+def png_bytes() -> bytes:
+    """A 64x64 PNG, as an upload's bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -161,6 +161,12 @@ class WeightsSource(_Strict):
         description="Commit of hub_repo that is downloaded and loaded; null follows the repo's main branch.")
     transformer_revision: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{40}$", description="Commit of transformer_repo, likewise.")
+    lora_repo: str | None = Field(
+        default=None, description="Repo of a LoRA fused into the transformer at load (a Lightning distillation).")
+    lora_file: str | None = Field(default=None, description="File of that LoRA in its repo (a path in the repo).")
+    lora_revision: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{40}$", description="Commit of lora_repo, likewise.")
+    lora_scale: float = Field(default=1.0, gt=0, description="Scale the LoRA is fused with.")
     download_gb: float | None = Field(default=None, gt=0, description="What a first download fetches, in GB.")
 
 
@@ -217,6 +223,11 @@ class ModelVariant(_Strict):
                 raise ValueError(f"{self.id}: Qwen-Image-Edit-2511 has no 4-bit (nunchaku) variant")
             if self.source.transformer_file is None:
                 raise ValueError(f"{self.id}: 4-bit variants need source.transformer_file")
+        if (self.source.lora_repo is None) != (self.source.lora_file is None):
+            raise ValueError(f"{self.id}: a fused LoRA needs both source.lora_repo and source.lora_file")
+        if self.source.lora_file is not None and self.requires_nunchaku:
+            raise ValueError(f"{self.id}: a LoRA is fused into a bf16 transformer; nunchaku ships its Lightning "
+                             "builds fused already")
         for steps in (self.defaults.num_inference_steps, *self.defaults.quality_steps.values()):
             if steps < self.min_inference_steps:
                 raise ValueError(f"{self.id}: {steps} steps (a default or quality preset) is below "

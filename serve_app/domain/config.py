@@ -326,6 +326,12 @@ class ModelConfig(_Section):
         default=None, pattern=r"^[0-9a-f]{40}$",
         description="4-bit variants: commit of the nunchaku transformer's hub repo (the catalog's when null).",
     )
+    lora_source: str | None = Field(
+        default=None, description="Lightning variants: local .safetensors file (or folder holding the catalog's "
+                                  "file name) of the LoRA fused at load; the catalog's hub repo when null.")
+    lora_revision: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{40}$",
+        description="Lightning variants: commit of the LoRA's hub repo (the catalog's when null).")
     torch_dtype: TorchDtype | None = Field(
         default=None, description="Compute dtype; bfloat16 on CUDA and float32 on CPU when null."
     )
@@ -447,7 +453,8 @@ class AppConfig(_Section):
             raise ValueError(f"swap_groups: names must be unique, got {group_names}")
         if self.hf.require_pinned_revisions:
             unpinned = [f"models.{model_id}.{key}" for model_id in self.models_to_load()
-                        for key, pin in zip(("revision", "transformer_revision"), self._weights(catalog, model_id),
+                        for key, pin in zip(("revision", "transformer_revision", "lora_revision"),
+                                            (*self._weights(catalog, model_id), self._lora(catalog, model_id)),
                                             strict=True)
                         if pin.repo is not None and pin.revision is None]
             if unpinned:
@@ -472,6 +479,17 @@ class AppConfig(_Section):
             transformer = HubPin(variant.source.transformer_repo,
                                  model.transformer_revision or variant.source.transformer_revision)
         return pipeline, transformer
+
+    def lora_weights(self, model_id: str) -> HubPin:
+        """Where a Lightning variant's LoRA comes from on the Hub and at which commit (``repo`` None: from a local
+        file, or no LoRA)."""
+        return self._lora(self.build_catalog(), model_id)
+
+    def _lora(self, catalog: Catalog, model_id: str) -> HubPin:
+        source, model = catalog.variant(model_id).source, self.models[model_id]
+        if source.lora_repo is None or model.lora_source:
+            return HubPin(None, None)
+        return HubPin(source.lora_repo, model.lora_revision or source.lora_revision)
 
     def build_catalog(self) -> Catalog:
         return build_catalog(self.catalog)
@@ -590,7 +608,7 @@ def load_config(path: str | os.PathLike) -> AppConfig:
         data = imageserve_args(data, str(path))
     config = parse_config(data, str(path))
     for model in config.models.values():
-        for attr in ("source", "transformer_source"):
+        for attr in ("source", "transformer_source", "lora_source"):
             value = getattr(model, attr)
             if value and value.startswith((".", "~")):
                 setattr(model, attr, str((path.parent / Path(value).expanduser()).resolve()))

@@ -42,6 +42,8 @@ class EngineSpec(_Spec):
     revision: str | None = Field(default=None, description="Commit of the hub repo in `source` (None: main).")
     transformer_revision: str | None = Field(
         default=None, description="4-bit: commit of the catalog's nunchaku transformer repo (None: main).")
+    lora_source: str | None = Field(default=None, description="Lightning: the LoRA file or folder (config's).")
+    lora_revision: str | None = Field(default=None, description="Lightning: commit of the catalog's LoRA repo.")
     hf: HFConfig = Field(default_factory=HFConfig)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     torch_dtype: TorchDtype | None = Field(default=None, description="bfloat16 on CUDA, float32 on CPU when null.")
@@ -216,6 +218,8 @@ def engine_spec(config: AppConfig, variant: ModelVariant, catalog: Catalog,
         transformer_source=model.transformer_source,
         revision=pipeline.revision,
         transformer_revision=transformer.revision,
+        lora_source=model.lora_source,
+        lora_revision=config.lora_weights(variant.id).revision,
         hf=config.hf,
         device=config.device.device,
         torch_dtype=model.torch_dtype,

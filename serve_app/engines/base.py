@@ -261,6 +261,37 @@ class PipelineCall:
         return GenerationCancelled(f"stopped after {self.steps_done} of {self.num_inference_steps} steps")
 
 
+def weight_file(local: str | None, repo: str | None, file: str | None, revision: str | None, hf: HFConfig,
+                what: str) -> Path:
+    """One weight file: ``local`` (a file, or a folder holding ``file``), else ``file`` of the hub ``repo`` at
+    ``revision`` from the Hugging Face cache (or the Hub when not offline)."""
+    if local is None:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(repo, file, revision=revision, cache_dir=hf.cache_dir,
+                                        local_files_only=hf.offline))
+        except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
+            raise ModelLoadError(f"{what} {repo}/{file} is not available: {err}") from None
+    path = Path(local).expanduser()
+    if path.is_dir():
+        path = path / Path(file).name
+    if not path.exists():
+        raise ModelLoadError(f"{what} file {path} does not exist")
+    return path
+
+
+def fuse_lora(pipe, path: Path, scale: float) -> None:
+    """Fuse the LoRA file ``path`` into the pipeline's transformer and drop the LoRA layers: the transformer is
+    then a plain one with merged weights, as fast as the base model (diffusers' PEFT integration)."""
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="fused")
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["fused"])
+        pipe.unload_lora_weights()
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise ModelLoadError(f"fusing the LoRA {path} failed: {type(err).__name__}: {err}") from err
+
+
 class HostCopies:
     """Every weight of some modules, kept in host RAM, so their GPU copy can be dropped (``park``) and put back
     (``restore``) without reading the disk: what a GPU shared by several variants swaps.
@@ -422,22 +453,10 @@ class DiffusersEngine:
         from serve_app.engines.nunchaku_support import fit_to_diffusers, transformer_class
 
         transformer = transformer_class(cls.nunchaku_transformer_class)
-        source, weights = spec.transformer_source, spec.variant.source
-        if source is None:
-            from huggingface_hub import hf_hub_download
-
-            try:
-                source = hf_hub_download(weights.transformer_repo, weights.transformer_file,
-                                         revision=spec.transformer_revision, cache_dir=spec.hf.cache_dir,
-                                         local_files_only=spec.hf.offline)
-            except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
-                raise ModelLoadError(f"{weights.transformer_repo}/{weights.transformer_file} is not available: "
-                                     f"{err}") from None
-        elif Path(source).is_dir():
-            source = str(Path(source) / weights.transformer_file)
-        if not Path(source).exists():
-            raise ModelLoadError(f"nunchaku transformer file {source} does not exist")
-        loaded = transformer.from_pretrained(source, torch_dtype=DTYPES[target.torch_dtype])
+        weights = spec.variant.source
+        source = weight_file(spec.transformer_source, weights.transformer_repo, weights.transformer_file,
+                             spec.transformer_revision, spec.hf, "nunchaku transformer")
+        loaded = transformer.from_pretrained(str(source), torch_dtype=DTYPES[target.torch_dtype])
         if target.torch_dtype == "float16" and hasattr(loaded, "set_attention_impl"):
             # nunchaku's own fp16 attention, which Turing needs (its flash-attention path is Ampere+).
             loaded.set_attention_impl("nunchaku-fp16")
@@ -458,7 +477,18 @@ class DiffusersEngine:
                 "checkpoint with longer tables")
         if variant.scheduler_overrides:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **variant.scheduler_overrides)
+        lora = None
+        if variant.source.lora_file is not None:
+            lora = weight_file(spec.lora_source, variant.source.lora_repo, variant.source.lora_file,
+                               spec.lora_revision, spec.hf, "LoRA")
+        # A resident pipeline fuses on its device (a GPU merges 20B weights in seconds); an offloaded one fuses
+        # on the host, before the offload hooks own the weights.
+        fuse_on_device = target.offload_mode == "none"
+        if lora is not None and not fuse_on_device:
+            fuse_lora(pipe, lora, variant.source.lora_scale)
         apply_offload(pipe, target.offload_mode, target.device, nunchaku_transformer)
+        if lora is not None and fuse_on_device:
+            fuse_lora(pipe, lora, variant.source.lora_scale)
         applied = apply_optimizations(pipe, spec.optimizations)
         pipe.set_progress_bar_config(disable=True)
         load_seconds = time.perf_counter() - started

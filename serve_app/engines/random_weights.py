@@ -347,6 +347,29 @@ class RandomWeightLoader:
                                                            source=f"<random {self.size} weights>")
 
 
+def tiny_lora(root: str | os.PathLike, base_model: str) -> Path:
+    """Where ``build_all(root)`` puts a tiny LoRA for ``base_model``'s transformer (Qwen-Image-Edit only): what the
+    Lightning variants fuse at load, in diffusers' LoRA format."""
+    return Path(root) / f"{TINY_CHECKPOINTS[base_model]}-lora.safetensors"
+
+
+def build_tiny_lora(checkpoint: Path, out_file: Path, seed: int = 0) -> Path:
+    """A rank-4 LoRA on every attention projection of the checkpoint's transformer, built with peft, with random
+    (non-zero) up and down matrices so that fusing it changes the output."""
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(checkpoint / "transformer")
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(
+        r=4, lora_alpha=4, init_lora_weights=False,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]))
+    QwenImageEditPlusPipeline.save_lora_weights(out_file.parent, transformer_lora_layers=get_peft_model_state_dict(
+        transformer), weight_name=out_file.name)
+    return out_file
+
+
 def build_all(root: str | os.PathLike, force: bool = False) -> dict[str, Path]:
     """Build every tiny checkpoint under ``root`` (skipping complete ones unless ``force``).
 
@@ -365,5 +388,8 @@ def build_all(root: str | os.PathLike, force: bool = False) -> dict[str, Path]:
         if force or current != TINY_FORMAT:
             builder(target)
             marker.write_text(json.dumps({"kind": base_model, "random_weights": True, "format": TINY_FORMAT}) + "\n")
+        lora = tiny_lora(root, base_model)
+        if base_model.startswith("qwen-image-edit") and (force or not lora.exists()):
+            build_tiny_lora(target, lora)
         built[base_model] = target
     return built

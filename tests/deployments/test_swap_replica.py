@@ -74,17 +74,6 @@ def edit(png_bytes):
     return EditRequest(prompt="make it blue", images=[png_bytes], seed=1, num_inference_steps=2)
 
 
-@pytest.fixture(scope="module")
-def png_bytes():
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_the_application_spec_puts_grouped_variants_in_one_deployment_with_shared_routes(tiny_root, catalog):
     spec = resolve_application(group_config(tiny_root, catalog))
     assert spec.replicas == ()

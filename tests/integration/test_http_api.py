@@ -188,6 +188,10 @@ def test_models_lists_every_variant_with_needs_and_replicas(http, catalog):
         gpu.id for gpu in catalog.gpus.values() if gpu.sm in (120, 121)} >= {"rtx-5090", "gb10"}
     assert fp4["served"] is False and fp4["replicas"] == 0 and "not configured" in fp4["unavailable_reason"]
     assert by_id["qwen-image-edit"]["resolves_to"] == {"default": "qwen-image-edit-2511"}
+    # Lightning in bf16: 4 steps, and it runs where nunchaku does not (Hopper) as well as on 80 GB Ampere.
+    lightning = by_id["qwen-image-edit-2511-lightning-4step"]
+    assert lightning["default_steps"] == 4 and lightning["precision"] == "bf16"
+    assert {"h100-sxm", "a100-80g"} <= {g["gpu_class"] for g in lightning["gpu_classes"]}
 
 
 def test_healthz_readyz_and_openapi(http):

@@ -142,3 +142,16 @@ def test_an_unpinned_download_names_the_commit_to_pin(hub, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"models.z-image-turbo-svdq-int4-r128.revision: {'a' * 40}" in done.stdout
     assert f"models.z-image-turbo-svdq-int4-r128.transformer_revision: {'b' * 40}" in done.stdout
+
+
+def test_a_lightning_variant_takes_its_pipeline_and_its_lora_file(tmp_path):
+    lora = tmp_path / "mine.safetensors"
+    config = parse_config({"models": {"qwen-image-edit-2511-lightning-4step": {},
+                                      "qwen-image-edit-2509-lightning-4step": {"lora_source": str(lora)}}})
+    repos, local = needs(config)
+    by_repo = {r.repo_id: r for r in repos}
+    assert by_repo["Qwen/Qwen-Image-Edit-2511"].pipeline and by_repo["Qwen/Qwen-Image-Edit-2511"].with_transformer
+    assert by_repo["lightx2v/Qwen-Image-Edit-2511-Lightning"].files == {
+        "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"}
+    assert "lightx2v/Qwen-Image-Lightning" not in by_repo  # 2509's LoRA is a local file here
+    assert local == {"qwen-image-edit-2509-lightning-4step (LoRA)": str(lora)}
