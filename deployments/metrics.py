@@ -21,7 +21,7 @@ from serve_app.domain.catalog import GIB
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600]
 STEP_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
-STAGES = ("queue", "text_encode", "vae_encode", "denoise", "vae_decode", "total")
+STAGES = ("queue", "lora_load", "text_encode", "vae_encode", "denoise", "vae_decode", "total")
 ERROR_REASONS = ("bad_input", "oom", "timeout", "cancelled", "backpressure", "rate_limited", "unavailable",
                  "internal")
 NO_KEY = "none"  # the key_id label of requests without an API key (handle calls, an open endpoint)
@@ -69,6 +69,9 @@ class ReplicaMetrics:
                                 tag_keys=keys + ("kind",))
         self.partial_images = Counter("imageserve_partial_images_total", "Previews sent to streaming callers.",
                                       tag_keys=keys)
+        self.lora_uses = Counter("imageserve_lora_uses_total", "Per-request LoRA activations: hit (loaded already), "
+                                 "load (into a free slot) or hotswap (replacing the least recently used).",
+                                 tag_keys=keys + ("outcome",))
         self.device = device
         self._info_tags: dict[str, str] | None = None
         self._load_seconds: float | None = None
@@ -102,6 +105,9 @@ class ReplicaMetrics:
 
     def failed(self) -> None:
         self.requests.inc(tags={**self.tags, "status": "error"})
+
+    def lora_used(self, outcome: str, count: int) -> None:
+        self.lora_uses.inc(count, tags={**self.tags, "outcome": outcome})
 
     def partial_image(self) -> None:
         self.partial_images.inc(tags=self.tags)

@@ -309,6 +309,7 @@ class ModelReplica:
         self._batches: BatchQueue[Job] = BatchQueue(self._run_batch, spec.batching.max_batch_size,
                                                     spec.batching.wait_s, size_of=lambda job: job.images)
         self._running: Sequence[Job] = ()
+        self._report_lora = self._lora_reporter(spec.engine.max_loaded_loras) if spec.engine.loras else None
         if self._unhealthy is not None:
             logger.error("%s refuses to serve: %s", self.variant.id, self._unhealthy)
         elif spec.warmup:
@@ -316,6 +317,25 @@ class ModelReplica:
             self.engine.warm_up()
             self.warmup_seconds = time.perf_counter() - started
             logger.info("%s warmed up in %.2fs", self.variant.id, self.warmup_seconds)
+
+    @staticmethod
+    def _lora_reporter(capacity: int) -> Callable[[str], Awaitable[str]] | None:
+        """What tells Serve's routers which per-request LoRAs this replica holds: the router calls with the
+        LoRA's name as the multiplexed model id, so Serve prefers replicas that report it. The engine's own LRU
+        loads the weights; Serve's LRU of the same size only mirrors it. None outside a Serve replica."""
+        try:
+            serve.get_replica_context()
+        except Exception:  # noqa: BLE001 - outside Serve (unit tests, benchmarks) there is no router to tell
+            return None
+
+        async def loaded(lora_name: str) -> str:
+            return lora_name
+
+        return serve.multiplexed(max_num_models_per_replica=capacity)(loaded)
+
+    async def _note_lora(self, request: GenerateRequest | EditRequest) -> None:
+        if request.lora is not None and self._report_lora is not None:
+            await self._report_lora(request.lora.name)
 
     async def check_health(self) -> None:
         if self._unhealthy is not None:
@@ -352,6 +372,7 @@ class ModelReplica:
             "fits_node": self.fits_node,
             "unhealthy": self._unhealthy,
             "last_cancelled": self.last_cancelled,
+            "loras_loaded": self.engine.adapters.loaded if getattr(self.engine, "adapters", None) else [],
             "queued": self._batches.pending(),
             "running": len(self._running),
         }
@@ -362,6 +383,7 @@ class ModelReplica:
             self.metrics.failed()
             raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
         steps = self.variant.steps_for(request.num_inference_steps, request.quality)
+        await self._note_lora(request)
         return await self._run_job(Job(request, width, height, steps))
 
     async def stream(self, request: GenerateRequest | EditRequest, width: int,
@@ -379,6 +401,7 @@ class ModelReplica:
             loop.call_soon_threadsafe(previews.put_nowait, (step, first_image, images))
 
         steps = self.variant.steps_for(request.num_inference_steps, request.quality)
+        await self._note_lora(request)
         wanted = preview_steps(steps, request.partial_images)
         job = Job(request, width, height, steps, preview_steps=wanted, on_preview=on_preview)
         result = asyncio.ensure_future(self._run_job(job))
@@ -461,7 +484,12 @@ class ModelReplica:
         cuda = self.engine.info.device == "cuda" and torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        adapters = getattr(self.engine, "adapters", None)
+        lora_counts = dict(adapters.counts) if adapters is not None else {}
         results = self.engine.run(jobs, should_stop=lambda: all(job.cancelled.is_set() for job in jobs))
+        for outcome, before in lora_counts.items():
+            if adapters.counts[outcome] > before:
+                self.metrics.lora_used(outcome, adapters.counts[outcome] - before)
         first, batch_images = jobs[0], results[0].batch_images
         info = self.engine.info
         planned = estimate_vram(self.variant, info.offload_mode, first.width, first.height,

@@ -24,6 +24,7 @@ from serve_app.domain.errors import (
     ImageServeError,
     InternalError,
     LimitExceededError,
+    LoraNotFoundError,
     NotReadyError,
     OverloadedError,
     RateLimitedError,
@@ -85,6 +86,8 @@ class Router:
                 pool=r.pool, gpu_class=r.gpu_class, deployment=r.deployment, handle=handle,
                 vram_gib=r.vram_gib, cost_s=r.cost_s, min_replicas=r.min_replicas))
         self.table = RoutingTable(self.catalog, routes, dict(spec.unavailable))
+        self._shared = {r.deployment for r in spec.routes if r.shared}
+        self._lora_handles: dict[tuple[str, str], Any] = {}
         self._refresher: asyncio.Task | None = None
         self._counts_read = False  # whether table.replicas holds a reading of Serve's status yet
         self.metrics = RouterMetrics()
@@ -120,7 +123,7 @@ class Router:
     def _checked(self, task: str, request: GenerateRequest | EditRequest) -> tuple[list[ModelVariant],
                                                                                  tuple[int, int], float]:
         """The variants that may serve ``request``, its size and its cost, or the error refusing it."""
-        variants = self.table.resolve(request.model, task)
+        variants = self.check_lora(request, self.table.resolve(request.model, task))
         size = self.resolve_size(request, variants[0])
         self.check_input_images(request, variants[0])
         self.check_output(request)
@@ -188,6 +191,22 @@ class Router:
             request_log.info("key %s: %s refused by its per-key limit (%s)", key_id, task, err.message)
 
     # ---- validation ---------------------------------------------------------------------------
+
+    def check_lora(self, request: GenerateRequest | EditRequest, variants: list[ModelVariant]) -> list[ModelVariant]:
+        """The variants that take the request's LoRA (all of them without one), or the error refusing it."""
+        if request.lora is None:
+            return variants
+        name = request.lora.name
+        allowed = self.spec.loras.get(name)
+        if allowed is None:
+            listed = ", ".join(sorted(self.spec.loras)) or "none: this service takes no per-request LoRA"
+            raise LoraNotFoundError(f"LoRA {name!r} is not on this service's list ({listed})", param="lora")
+        taking = [v for v in variants if v.id in allowed]
+        if not taking:
+            raise UnsupportedValueError(
+                f"LoRA {name!r} applies to {', '.join(allowed) or 'no served variant'}, not to "
+                f"{request.model or variants[0].id}", param="lora")
+        return taking
 
     def resolve_size(self, request: GenerateRequest | EditRequest, variant: ModelVariant) -> tuple[int, int]:
         width, height = request.dimensions()
@@ -291,15 +310,16 @@ class Router:
                     size: tuple[int, int]) -> ImageResult:
         self.table.outstanding[route.deployment] += 1
         self._queue_gauge(variant, route)
+        handle = self._handle(route, request)
         try:
             try:
-                result = await route.handle.run.remote(request, *size)
+                result = await handle.run.remote(request, *size)
             except REPLICA_LOST as lost:
                 logger.warning("%s: a replica of %s was lost (%s); retrying once", variant.id, route.deployment,
                                type(lost).__name__)
                 self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool,
                                                "to_pool": route.pool, "reason": "replica_lost"})
-                result = await route.handle.run.remote(request, *size)
+                result = await handle.run.remote(request, *size)
             route.observe(result.timings.get("total_s", 0.0) / max(len(result.images), 1))
             return result
         except Exception as err:  # noqa: BLE001 - every failure is mapped to the caller's answer, and logged
@@ -342,7 +362,7 @@ class Router:
         """One replica's stream, its failures mapped as ``_call`` maps them."""
         self.table.outstanding[route.deployment] += 1
         self._queue_gauge(variant, route)
-        events = route.handle.options(stream=True).stream.remote(request, *size)
+        events = self._handle(route, request).options(stream=True).stream.remote(request, *size)
         finished = False
         try:
             async for event in events:
@@ -357,6 +377,16 @@ class Router:
                 events.cancel()  # the replica stops denoising for a caller that left
             self.table.outstanding[route.deployment] -= 1
             self._queue_gauge(variant, route)
+
+    def _handle(self, route: Route, request: GenerateRequest | EditRequest):
+        """The route's handle for ``request``: one with a per-request LoRA names it as the multiplexed model id,
+        so Serve sends it first to a replica that has that LoRA loaded (a swap group's id names the variant)."""
+        if request.lora is None or route.deployment in self._shared:
+            return route.handle
+        key = (route.deployment, request.lora.name)
+        if key not in self._lora_handles:
+            self._lora_handles[key] = route.handle.options(multiplexed_model_id=request.lora.name)
+        return self._lora_handles[key]
 
     def _replica_failure(self, err: Exception, variant: ModelVariant, route: Route) -> ImageServeError:
         """The error a caller sees for a replica call that failed: capacity, the replica's own answer, or
@@ -401,6 +431,7 @@ class Router:
             "svdq_rank": variant.svdq_rank,
             "default_steps": variant.defaults.num_inference_steps,
             "max_input_images": variant.max_input_images,
+            "loras": sorted(name for name, variants in self.spec.loras.items() if variant.id in variants),
             "vram_gib": {m: estimate_vram(variant, m, w or variant.defaults.width, h or variant.defaults.height,
                                           1 if variant.task == "edit" else 0).peak_gib for m in OFFLOAD_MODES},
             "gpu_classes": [

@@ -9,13 +9,21 @@ from serve_app.domain.errors import (
     ImageServeError,
     InvalidRequestError,
     LimitExceededError,
+    LoraNotFoundError,
     ModelNotFoundError,
     ModelUnavailableError,
     OverloadedError,
     ReplicaOutOfMemoryError,
     RequestCancelledError,
 )
-from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, PartialImage, StreamAccepted
+from serve_app.domain.schemas import (
+    EditRequest,
+    GenerateRequest,
+    ImageResult,
+    LoraRequest,
+    PartialImage,
+    StreamAccepted,
+)
 
 __version__ = "0.1.0"
 
@@ -28,6 +36,8 @@ __all__ = [
     "ImageServeError",
     "InvalidRequestError",
     "LimitExceededError",
+    "LoraNotFoundError",
+    "LoraRequest",
     "ModelNotFoundError",
     "ModelUnavailableError",
     "OverloadedError",

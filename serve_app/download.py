@@ -92,6 +92,13 @@ def needs(config: AppConfig) -> tuple[list[RepoNeed], dict[str, str]]:
                 need = repos.setdefault((pin.repo, pin.revision), RepoNeed(pin.repo, pin.revision))
                 need.variants.append(variant_id)
                 need.files.add(file)
+    for name, lora in config.loras.items():  # per-request LoRAs: one file each
+        if lora.is_local:
+            local[f"LoRA {name}"] = lora.source
+        else:
+            need = repos.setdefault((lora.source, lora.revision), RepoNeed(lora.source, lora.revision))
+            need.variants.append(f"LoRA {name}")
+            need.files.add(lora.file)
     return list(repos.values()), local
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from serve_app.domain.config import AppConfig, parse_config
 from serve_app.engines import EngineLoader
 from serve_app.engines.gpu_doubles import load_without_nunchaku
-from serve_app.engines.random_weights import build_all, tiny_checkpoint, tiny_lora
+from serve_app.engines.random_weights import build_all, tiny_checkpoint, tiny_lora, tiny_style_lora
 
 # Small VAE/vision areas keep an edit on two CPU cores well under a second (the real pipeline
 # resizes every input image to 1024^2 for the VAE, which costs seconds even with tiny weights).
@@ -17,6 +17,9 @@ TINY_EDIT_AREAS = {"edit_vae_image_area": 128 * 128, "edit_condition_image_area"
 # clients up, and no cost for a lone client (docs/benchmarks.md).
 TINY_GENERATION_BATCHING = {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
 EMBEDDED_VARIANTS = ("z-image-turbo", "qwen-image-edit-2509", "qwen-image-edit-2511")
+# Per-request LoRAs of the embedded default (random weights; they change the image, nothing more). A LoRA fits
+# one transformer architecture: the two edit models share theirs.
+EMBEDDED_LORAS = {"tiny-style": ("z-image-turbo",), "tiny-edit-style": ("qwen-image-edit-2509", "qwen-image-edit-2511")}
 
 
 def tiny_model_config(tiny_dir: Path, variant) -> dict[str, Any]:
@@ -27,6 +30,12 @@ def tiny_model_config(tiny_dir: Path, variant) -> dict[str, Any]:
     if variant.task == "edit":
         entry.update(TINY_EDIT_AREAS)
     return entry
+
+
+def tiny_loras(tiny_dir: Path, catalog, loras: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """``loras:`` entries for ``loras`` (name -> variants) on the tiny style LoRA of their variants' base model."""
+    return {name: {"source": str(tiny_style_lora(tiny_dir, catalog.variant(variants[0]).base_model)),
+                   "variants": list(variants)} for name, variants in loras.items()}
 
 
 def embedded_config_data(tiny_dir: Path, **serving: Any) -> dict[str, Any]:
@@ -40,6 +49,7 @@ def embedded_config_data(tiny_dir: Path, **serving: Any) -> dict[str, Any]:
         "hf": {"offline": True},
         "defaults": {"width": 256, "height": 256},
         "models": models,
+        "loras": tiny_loras(tiny_dir, catalog, EMBEDDED_LORAS),
         "serving": {
             "torch_threads": 1,
             "router_num_cpus": 0,  # I/O-bound; on 2 cores a reserved CPU would leave none for more apps
@@ -82,6 +92,9 @@ def on_tiny_checkpoints(config: AppConfig, tiny_dir: Path) -> tuple[AppConfig, d
                                                                           "torch_dtype", "optimizations")},
                           **tiny_model_config(tiny_dir, catalog.variant(m))}
                       for m, entry in data.get("models", {}).items()}
+    if data.get("loras"):  # each listed LoRA becomes the tiny one of its variants' architecture
+        data["loras"] = tiny_loras(tiny_dir, catalog, {name: tuple(lora["variants"])
+                                                       for name, lora in data["loras"].items()})
     serving = {**embedded["serving"], **{k: v for k, v in data.get("serving", {}).items()
                                          if k not in ("deployment", "torch_threads", "router_num_cpus")}}
     data["serving"] = serving

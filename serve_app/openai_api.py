@@ -38,6 +38,7 @@ from serve_app.domain.schemas import (
     GenerateRequest,
     ImageResult,
     ImagesResponse,
+    LoraRequest,
     PartialImage,
     StreamAccepted,
 )
@@ -96,9 +97,9 @@ IMAGE_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
                       "image_edit.partial_image", "image_edit.completed", "error"]},
                   "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
     400: _error("An undecodable image, a decompression bomb, or a value these models cannot honour "
-                "(background: transparent)."),
+                "(background: transparent; a listed LoRA the requested model does not take)."),
     401: _error("An API key is configured and the request has no valid `Authorization: Bearer` key."),
-    404: _error("Unknown model: the message lists the known ones."),
+    404: _error("Unknown model, or a LoRA not on this service's list: the message lists the known ones."),
     408: _error("The request outlived `serving.request_timeout_s` (its denoising is stopped), or its body took "
                 "longer than `serving.limits.body_read_timeout_s` to arrive."),
     413: _error("The body is over `serving.limits.max_body_mb` (`max_json_kb` for JSON), or a form field over "
@@ -434,6 +435,9 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
         stream: Annotated[bool, Form(description=described("stream"))] = False,
         partial_images: Annotated[int, Form(description=described("partial_images"), ge=0,
                                             le=MAX_PARTIAL_IMAGES)] = 0,
+        lora: Annotated[str | None, Form(description="Name of a per-request LoRA from the service's list "
+                                                     "(docs/loras.md); JSON's `lora.name`.")] = None,
+        lora_scale: Annotated[float, Form(description="Its scale (JSON's `lora.scale`).")] = 1.0,
     ) -> JSONResponse:
         files = [*(image or []), *(image_array or [])]
         try:
@@ -444,6 +448,7 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
                 response_format=response_format, seed=seed, num_inference_steps=num_inference_steps,
                 true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, user=user, stream=stream,
                 partial_images=partial_images,
+                lora=None if lora is None else {"name": lora, "scale": lora_scale},
             )
         except ValidationError as err:
             raise RequestValidationError(err.errors()) from None
@@ -497,6 +502,9 @@ def _edit_form_as_the_request_states_it(schema: dict[str, Any]) -> dict[str, Any
     # Left out: a schema listing both image and image[] could not say that together they hold 1 to 3.
     form["properties"].pop("image[]", None)
     stated = EditRequest.model_json_schema()["properties"]
+    # The JSON body's lora object is two form fields: its name, and its scale.
+    lora_fields = LoraRequest.model_json_schema()["properties"]
+    stated.update(lora=lora_fields["name"], lora_scale=lora_fields["scale"])
     for name, field in form["properties"].items():
         kept = {key: field[key] for key in ("title", "description", "default") if key in field}
         typed = _not_null(stated.get(name, field))

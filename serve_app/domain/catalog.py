@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Task = Literal["generate", "edit"]
-Precision = Literal["bf16", "fp16", "int4", "fp4"]
+Precision = Literal["bf16", "fp16", "fp8", "int4", "fp4"]
 StoredDtype = Literal["fp32", "bf16", "fp16", "int4", "fp4"]
 PipelineName = Literal["ZImagePipeline", "QwenImageEditPlusPipeline"]
 

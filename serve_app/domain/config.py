@@ -309,6 +309,27 @@ class OptimizationConfig(_Section):
         default=None, description="Step caching (off when null); trades quality for transformer forwards.")
 
 
+LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # schemas.LORA_NAME_PATTERN: what requests may name
+
+
+class LoraConfig(_Section):
+    """A LoRA that requests may ask for by name (``lora: {name, scale}``): the service's allow-list, with where
+    each LoRA's weights come from and which variants take it (docs/loras.md)."""
+
+    source: str = Field(description="A local .safetensors file, a folder holding `file`, or a hub repo id.")
+    file: str | None = Field(
+        default=None, description="The weight file's name in the folder or hub repo (required for a hub repo).")
+    revision: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{40}$", description="Commit of the hub repo (its main when null).")
+    variants: list[str] = Field(
+        min_length=1, description="Variant ids (configured under `models:`) whose transformer takes this LoRA: "
+                                  "bf16 ones of the base model it was trained on.")
+
+    @property
+    def is_local(self) -> bool:
+        return is_local_path(self.source)
+
+
 class ModelConfig(_Section):
     enabled: bool = Field(default=True, description="Load and serve this variant.")
     source: str | None = Field(
@@ -356,6 +377,9 @@ class ModelConfig(_Section):
         default=0.01, ge=0, le=1, description="How long the first request of a batch waits for others to join.",
     )
     optimizations: OptimizationConfig = Field(default_factory=OptimizationConfig)
+    max_loaded_loras: int = Field(
+        default=4, ge=1, le=64,
+        description="Per-request LoRAs each replica keeps loaded (least recently used replaced, by hotswap).")
 
 
 class AppConfig(_Section):
@@ -375,6 +399,10 @@ class AppConfig(_Section):
         default_factory=list,
         description="Variants served together by one deployment per GPU, swapping through host RAM; a variant in "
                     "a group gets no deployment of its own.")
+    loras: dict[str, LoraConfig] = Field(
+        default_factory=dict,
+        description="Name -> LoRA: the adapters requests may apply by name (`lora: {name, scale}`); any other "
+                    "name is refused.")
     load: list[str] | None = Field(
         default=None,
         description="Which of `models` to load (all enabled ones when null); on small GPUs list one at a time.",
@@ -451,16 +479,50 @@ class AppConfig(_Section):
         group_names = [g.name for g in self.swap_groups]
         if len(group_names) != len(set(group_names)):
             raise ValueError(f"swap_groups: names must be unique, got {group_names}")
+        self._check_loras(known)
         if self.hf.require_pinned_revisions:
             unpinned = [f"models.{model_id}.{key}" for model_id in self.models_to_load()
                         for key, pin in zip(("revision", "transformer_revision", "lora_revision"),
                                             (*self._weights(catalog, model_id), self._lora(catalog, model_id)),
                                             strict=True)
                         if pin.repo is not None and pin.revision is None]
+            unpinned += [f"loras.{name}.revision" for name, lora in self.loras.items()
+                         if not lora.is_local and lora.revision is None]
             if unpinned:
                 raise ValueError(f"hf.require_pinned_revisions: {', '.join(unpinned)} must name a commit "
                                  "(`imageserve download` prints the commits it fetched)")
         return self
+
+    def _check_loras(self, known: dict) -> None:
+        """Per-request LoRAs go only where diffusers' PEFT integration can load and swap them."""
+        for name, lora in self.loras.items():
+            if not re.fullmatch(LORA_NAME, name):
+                raise ValueError(f"loras: {name!r} is not a name requests can give ({LORA_NAME})")
+            if not lora.is_local and lora.file is None:
+                raise ValueError(f"loras.{name}.file: a hub repo source needs the weight file's name")
+            for variant_id in lora.variants:
+                where = f"loras.{name}.variants: {variant_id}"
+                if variant_id not in known:
+                    raise ValueError(f"{where} is no catalog variant")
+                if variant_id not in self.models:
+                    continue  # not served here: the LoRA applies where it is (a config may toggle models)
+                variant, model = known[variant_id], self.models[variant_id]
+                if variant.requires_nunchaku:
+                    raise ValueError(f"{where} runs nunchaku's 4-bit transformer, which diffusers' PEFT LoRA "
+                                     "loading does not reach; list bf16 variants")
+                if variant.precision == "fp8":
+                    raise ValueError(f"{where} holds torchao fp8 weights, which PEFT's LoRA layers do not wrap; "
+                                     "list bf16 variants")
+                if model.optimizations.compile_transformer:
+                    raise ValueError(f"{where} compiles its transformer, and a per-request LoRA would recompile it "
+                                     "whenever the active adapter changes; turn compile_transformer off for it")
+                if self.swap_group_of(variant_id) is not None:
+                    raise ValueError(f"{where} is in a swap group, whose routing names the variant, not the LoRA; "
+                                     "serve LoRAs from a variant's own deployment")
+
+    def loras_for(self, model_id: str) -> dict[str, LoraConfig]:
+        """The LoRAs requests may apply to ``model_id``, by name."""
+        return {name: lora for name, lora in self.loras.items() if model_id in lora.variants}
 
     def weights(self, model_id: str) -> tuple[HubPin, HubPin]:
         """Where ``model_id``'s pipeline and (4-bit variants) transformer come from on the Hub, and at which
@@ -607,11 +669,12 @@ def load_config(path: str | os.PathLike) -> AppConfig:
     if "applications" in data:
         data = imageserve_args(data, str(path))
     config = parse_config(data, str(path))
-    for model in config.models.values():
-        for attr in ("source", "transformer_source", "lora_source"):
-            value = getattr(model, attr)
+    for section, attrs in [*((m, ("source", "transformer_source", "lora_source")) for m in config.models.values()),
+                           *((lora, ("source",)) for lora in config.loras.values())]:
+        for attr in attrs:
+            value = getattr(section, attr)
             if value and value.startswith((".", "~")):
-                setattr(model, attr, str((path.parent / Path(value).expanduser()).resolve()))
+                setattr(section, attr, str((path.parent / Path(value).expanduser()).resolve()))
     return config
 
 

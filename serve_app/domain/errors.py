@@ -74,6 +74,14 @@ class ModelNotFoundError(ImageServeError):
     code = "model_not_found"
 
 
+class LoraNotFoundError(ImageServeError):
+    """A per-request LoRA that is not on the service's list (``loras:``): like an unknown model, a name the
+    schema cannot enumerate."""
+
+    status_code = 404
+    code = "lora_not_found"
+
+
 class ModelUnavailableError(ImageServeError):
     """The model exists in the catalog but no replica of this deployment can serve it."""
 

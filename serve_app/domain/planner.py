@@ -139,7 +139,10 @@ def architecture_problem(variant: ModelVariant, gpu: GPUClass) -> str | None:
     if variant.min_compute_capability is not None:
         needed = int(variant.min_compute_capability.replace(".", ""))
         if sm < needed:
-            return f"{variant.precision} needs sm_{needed} or newer; {gpu.name} is sm_{sm}"
+            what = f"{variant.precision} needs sm_{needed} or newer; {gpu.name} is sm_{sm}"
+            if variant.precision == "fp8":
+                what += f" ({gpu.architecture} has no fp8 tensor cores)"
+            return what
     return None
 
 

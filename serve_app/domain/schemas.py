@@ -48,6 +48,21 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAX_LORA_SCALE = 4.0
+
+
+class LoraRequest(BaseModel):
+    """A LoRA adapter to apply to the transformer for one request: one of the service's ``loras`` (its
+    allow-list, which /v1/models lists per variant), at ``scale``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = Field(pattern=LORA_NAME_PATTERN, description="The LoRA's name in the service's `loras` config.")
+    scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE,
+                         description="Weight of the LoRA's update (0: none; 1: as trained).")
+
+
 class _Request(BaseModel):
     # strict: JSON's false is no 0 and "4" is no 4 (multipart edits are typed by the endpoint first).
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -79,6 +94,9 @@ class _Request(BaseModel):
                                                     "forms, then the completed image (docs/streaming.md).")
     partial_images: int = Field(default=0, ge=0, le=MAX_PARTIAL_IMAGES,
                                 description="With stream: previews per image, at evenly spaced denoising steps.")
+    lora: LoraRequest | None = Field(
+        default=None, description="A LoRA from the service's allow-list, applied for this request only "
+                                  "(docs/loras.md); an unlisted name is refused (404).")
 
     @field_validator("n", "output_compression", "seed", "num_inference_steps", "partial_images", mode="before")
     @classmethod

@@ -33,6 +33,15 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraSpec(_Spec):
+    """A per-request LoRA a replica may load: where its weight file is."""
+
+    name: str
+    source: str = Field(description="A local file or folder, or a hub repo id.")
+    file: str | None = Field(default=None, description="The file's name in the folder or repo.")
+    revision: str | None = Field(default=None, description="Commit of the hub repo (None: main).")
+
+
 class EngineSpec(_Spec):
     """What a model engine needs to load and run one variant."""
 
@@ -59,6 +68,8 @@ class EngineSpec(_Spec):
     max_input_pixels: int = Field(default=4096 * 4096, description="Largest input image the engine decodes.")
     gpus: tuple[GPUClass, ...] = Field(default=(), description="Known GPU classes, to name the local CUDA device.")
     pin_host_memory: bool = Field(default=True, description="Page-locked host copies when the engine is parked.")
+    loras: tuple[LoraSpec, ...] = Field(default=(), description="Per-request LoRAs this variant takes.")
+    max_loaded_loras: int = Field(default=4, ge=1, description="Per-request LoRAs kept loaded (LRU).")
 
 
 class PoolSpec(_Spec):
@@ -178,6 +189,8 @@ class RouterSpec(_Spec):
     max_request_cost: float | None = Field(default=None, description="Megapixel-steps a request may cost.")
     routes: tuple[RouteSpec, ...]
     unavailable: dict[str, str] = Field(default_factory=dict, description="Variant id -> why it is not served.")
+    loras: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="Per-request LoRA name -> the variants that take it (the allow-list).")
     http: HttpSpec = Field(default_factory=HttpSpec)
     key_limits: KeyLimits = Field(default_factory=KeyLimits, description="Per-key limits, for the whole service.")
     max_ongoing_requests: int = 256
@@ -233,6 +246,9 @@ def engine_spec(config: AppConfig, variant: ModelVariant, catalog: Catalog,
         edit_condition_image_area=model.edit_condition_image_area,
         max_input_pixels=config.serving.limits.max_input_pixels,
         gpus=tuple(catalog.gpus.values()),
+        loras=tuple(LoraSpec(name=name, source=lora.source, file=lora.file, revision=lora.revision)
+                    for name, lora in config.loras_for(variant.id).items()),
+        max_loaded_loras=model.max_loaded_loras,
     )
 
 
@@ -348,6 +364,7 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
         max_request_cost=serving.limits.max_request_cost,
         routes=tuple(routes),
         unavailable=unavailable,
+        loras={name: tuple(v for v in lora.variants if v in served) for name, lora in config.loras.items()},
         http=HttpSpec(api_key_sha256=tuple(dict.fromkeys([*map(key_digest, serving.api_keys),
                                                            *serving.api_key_sha256])),
                       api_keys_file=serving.api_keys_file, host=serving.host, public=serving.public,

@@ -23,18 +23,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from serve_app.domain.catalog import GPUClass, ModelVariant
 from serve_app.domain.config import HFConfig, OptimizationConfig, StepCacheConfig
+from serve_app.domain.errors import UnsupportedValueError
 from serve_app.domain.planner import OffloadMode, architecture_problem, plan
-from serve_app.domain.schemas import MAX_SEED
+from serve_app.domain.schemas import MAX_SEED, LoraRequest
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines.previews import LatentPreviewer, fit_latent_rgb
 from serve_app.engines.protocol import EngineInfo, GenerationCancelled, IncompatibleHardwareError, Job, ModelLoadError
 from serve_app.engines.weights_io import prefetch, weight_files
+
+if TYPE_CHECKING:
+    from serve_app.engines.loras import LoraAdapters
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +143,26 @@ def compute_dtype(requested: str | None, device: str, gpu: GPUClass | None) -> s
     if device != "cuda":
         return "float32"
     return "bfloat16" if has_bf16 else "float16"
+
+
+def fp8_quantization(device: str):
+    """torchao's fp8 recipe for an fp8 variant's transformer on ``device``: on CUDA, fp8 weights and fp8
+    activations scaled per row, so the linear layers run fp8 matmuls (sm_89 and newer; the planner refuses the
+    rest); elsewhere fp8 weights widened per layer (weight-only), which torchao runs on CPU."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+    except ImportError:
+        raise ModelLoadError("fp8 variants are quantized at load by torchao, which is not installed here: "
+                             "pip install 'imageserve[fp8]'") from None
+    if device == "cuda":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    return Float8WeightOnlyConfig()
+
+
+def holds_fp8_weights(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s linear layers already hold torchao fp8 weights."""
+    return any(type(m.weight).__name__.startswith("Float8") for m in module.modules()
+               if isinstance(m, torch.nn.Linear))
 
 
 def apply_offload(pipe, mode: OffloadMode, device: str, nunchaku_transformer: bool) -> None:
@@ -376,6 +400,7 @@ class DiffusersEngine:
         self._timer = _StageTimer(pipe, torch.cuda.synchronize if info.device == "cuda" else None)
         self._call: PipelineCall | None = None
         self._host_copies: HostCopies | None = None
+        self.adapters: LoraAdapters | None = None  # per-request LoRAs, when the config lists some for this variant
         self._skip_decode_once_stopped()
 
     def _swapped_modules(self) -> list[torch.nn.Module]:
@@ -433,6 +458,9 @@ class DiffusersEngine:
                                   **cls.extra_components(spec, folder)}
         if four_bit:
             kwargs["transformer"] = cls._nunchaku_transformer(spec, target)
+        if spec.variant.precision == "fp8":  # quantized layer by layer as the bf16 weights load
+            kwargs["quantization_config"] = diffusers.PipelineQuantizationConfig(
+                quant_mapping={"transformer": diffusers.TorchAoConfig(fp8_quantization(target.device))})
         # The files read front to back while from_pretrained maps them and prepare() moves them to the device:
         # bench/load.py measured this the fastest way off the disk (docs/benchmarks.md, "Cold start").
         with prefetch(weight_files(folder, skip=("transformer",) if four_bit else ())):
@@ -475,6 +503,12 @@ class DiffusersEngine:
                 f"{variant.id}: {source} takes images up to {largest} px a side (its transformer's position "
                 f"tables), but the catalog serves up to max_side {variant.max_side}: lower max_side or use a "
                 "checkpoint with longer tables")
+        if variant.precision == "fp8" and not holds_fp8_weights(pipe.transformer):
+            # A pipeline built in memory (random weights) rather than loaded: quantize the whole transformer now.
+            recipe = fp8_quantization(target.device)
+            from torchao.quantization import quantize_
+
+            quantize_(pipe.transformer, recipe)
         if variant.scheduler_overrides:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **variant.scheduler_overrides)
         lora = None
@@ -489,6 +523,12 @@ class DiffusersEngine:
         apply_offload(pipe, target.offload_mode, target.device, nunchaku_transformer)
         if lora is not None and fuse_on_device:
             fuse_lora(pipe, lora, variant.source.lora_scale)
+        adapters = None
+        if spec.loras:
+            from serve_app.engines.loras import LoraAdapters, lora_file
+
+            adapters = LoraAdapters(pipe, {lora.name: lora_file(lora, spec.hf) for lora in spec.loras},
+                                    spec.max_loaded_loras)
         applied = apply_optimizations(pipe, spec.optimizations)
         pipe.set_progress_bar_config(disable=True)
         load_seconds = time.perf_counter() - started
@@ -496,7 +536,9 @@ class DiffusersEngine:
                     target.torch_dtype, target.offload_mode, "".join(f", {a}" for a in applied), load_seconds)
         info = EngineInfo(device=target.device, torch_dtype=target.torch_dtype, offload_mode=target.offload_mode,
                           load_seconds=load_seconds, planned_peak_gib=target.planned_peak_gib, source=source)
-        return cls(spec, pipe, info)
+        engine = cls(spec, pipe, info)
+        engine.adapters = adapters
+        return engine
 
     @classmethod
     def largest_side(cls, pipe) -> int | None:
@@ -549,11 +591,25 @@ class DiffusersEngine:
             self._latent_rgb = fit_latent_rgb(self)
         return self._latent_rgb
 
+    def use_lora(self, lora: LoraRequest | None) -> None:
+        """Activate ``lora`` for the next pipeline call (none: the plain transformer); its load, when it was not
+        loaded, is timed as ``lora_load_s``."""
+        if self.adapters is None:
+            if lora is not None:
+                raise UnsupportedValueError(f"{self.variant.id} takes no per-request LoRA (none is configured "
+                                            "for it)", param="lora")
+            return
+        started = time.perf_counter()
+        if self.adapters.use(lora) in ("load", "hotswap"):
+            self._timer.seconds["lora_load_s"] = time.perf_counter() - started
+
     @contextmanager
     def pipeline_call(self, num_inference_steps: int,
                       should_stop: Callable[[], bool] | None,
-                      on_step: Callable[[int, Any], None] | None = None) -> Iterator[PipelineCall]:
-        """Serialize, time and make cancellable the ``self.pipe(...)`` call made inside this block.
+                      on_step: Callable[[int, Any], None] | None = None,
+                      lora: LoraRequest | None = None) -> Iterator[PipelineCall]:
+        """Serialize, time and make cancellable the ``self.pipe(...)`` call made inside this block, with the
+        transformer's per-request ``lora`` active (none: no adapter).
 
         On leaving it, ``call.timings`` holds the stage seconds plus ``denoise_s`` (the rest) and
         ``total_s``; if ``should_stop`` stopped the denoising, ``GenerationCancelled`` is raised.
@@ -561,8 +617,9 @@ class DiffusersEngine:
         call = PipelineCall(num_inference_steps, should_stop, on_step)
         with self._lock:
             self._timer.seconds = {}
-            self._call = call
             started = time.perf_counter()
+            self.use_lora(lora)
+            self._call = call
             try:
                 with torch.inference_mode():
                     yield call

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import Qwen2VLProcessor
 
 from serve_app.domain.images import decode_image
+from serve_app.domain.schemas import LoraRequest
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines.base import DiffusersEngine
 from serve_app.engines.protocol import EngineResult, Job
@@ -125,7 +126,7 @@ class QwenImageEditEngine(DiffusersEngine):
             result = self.edit(
                 images, r.prompt, n=r.n, width=job.width, height=job.height,
                 num_inference_steps=job.num_inference_steps, true_cfg_scale=r.true_cfg_scale,
-                negative_prompt=r.negative_prompt, seed=r.seed, should_stop=should_stop,
+                negative_prompt=r.negative_prompt, seed=r.seed, lora=r.lora, should_stop=should_stop,
                 on_step=self.step_hook(job, job.width, job.height))
             result.prompt_tokens = self.prompt_tokens(r.prompt)
             results.append(result)
@@ -143,6 +144,7 @@ class QwenImageEditEngine(DiffusersEngine):
         true_cfg_scale: float | None = None,
         negative_prompt: str | None = None,
         seed: int | None = None,
+        lora: LoraRequest | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, Any], None] | None = None,
     ) -> EngineResult:
@@ -157,6 +159,7 @@ class QwenImageEditEngine(DiffusersEngine):
             true_cfg_scale (`float`, *optional*): CFG runs when > 1 and a negative prompt is given.
             negative_prompt (`str`, *optional*): the variant's default (" ") when None.
             seed (`int`, *optional*): image ``i`` uses ``seed + i``; random when None.
+            lora (`LoraRequest`, *optional*): a per-request LoRA of the allow-list, at its scale.
             should_stop (`Callable[[], bool]`, *optional*): polled after every step; True cancels.
             on_step (`Callable[[int, torch.Tensor], None]`, *optional*): called after every step of every
                 output's call with its index and the latents (``step_hook`` makes a stream's previews).
@@ -174,7 +177,7 @@ class QwenImageEditEngine(DiffusersEngine):
         timings: dict[str, float] = {}
         done = 0
         for one_seed in seeds:
-            with self.pipeline_call(steps, should_stop, on_step) as call, \
+            with self.pipeline_call(steps, should_stop, on_step, lora) as call, \
                     input_image_areas(self.spec.edit_vae_image_area, self.spec.edit_condition_image_area):
                 out = self.pipe(
                     image=rgb,

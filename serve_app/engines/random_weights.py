@@ -353,20 +353,29 @@ def tiny_lora(root: str | os.PathLike, base_model: str) -> Path:
     return Path(root) / f"{TINY_CHECKPOINTS[base_model]}-lora.safetensors"
 
 
-def build_tiny_lora(checkpoint: Path, out_file: Path, seed: int = 0) -> Path:
-    """A rank-4 LoRA on every attention projection of the checkpoint's transformer, built with peft, with random
-    (non-zero) up and down matrices so that fusing it changes the output."""
-    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+def tiny_style_lora(root: str | os.PathLike, base_model: str) -> Path:
+    """Where ``build_all(root)`` puts a tiny per-request LoRA for ``base_model``'s transformer (what the embedded
+    default lists under ``loras:``), in diffusers' LoRA format."""
+    return Path(root) / f"{TINY_CHECKPOINTS[base_model]}-style-lora.safetensors"
+
+
+def build_tiny_lora(checkpoint: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A LoRA of ``rank`` on every attention projection of the checkpoint's transformer (Z-Image or
+    Qwen-Image-Edit), built with peft, with random (non-zero) up and down matrices so that it changes the
+    output; ``seed`` makes different LoRAs of the same shape."""
+    import diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    transformer = QwenImageTransformer2DModel.from_pretrained(checkpoint / "transformer")
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    transformer = getattr(diffusers, index["transformer"][1]).from_pretrained(checkpoint / "transformer")
     torch.manual_seed(seed)
     transformer.add_adapter(LoraConfig(
-        r=4, lora_alpha=4, init_lora_weights=False,
+        r=rank, lora_alpha=rank, init_lora_weights=False,
+        # peft adapts the names the transformer has: Qwen's joint blocks have the add_* text projections too.
         target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]))
-    QwenImageEditPlusPipeline.save_lora_weights(out_file.parent, transformer_lora_layers=get_peft_model_state_dict(
-        transformer), weight_name=out_file.name)
+    getattr(diffusers, index["_class_name"]).save_lora_weights(
+        out_file.parent, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=out_file.name)
     return out_file
 
 
@@ -391,5 +400,8 @@ def build_all(root: str | os.PathLike, force: bool = False) -> dict[str, Path]:
         lora = tiny_lora(root, base_model)
         if base_model.startswith("qwen-image-edit") and (force or not lora.exists()):
             build_tiny_lora(target, lora)
+        style = tiny_style_lora(root, base_model)
+        if force or not style.exists():
+            build_tiny_lora(target, style, seed=1)
         built[base_model] = target
     return built

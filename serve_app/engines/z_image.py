@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from serve_app.domain.schemas import LoraRequest
 from serve_app.engines.base import DiffusersEngine
 from serve_app.engines.protocol import EngineResult, Job
 
@@ -47,11 +48,12 @@ class ZImageEngine(DiffusersEngine):
         return (latents - vae.config.shift_factor) * vae.config.scaling_factor  # as the denoising loop holds them
 
     def batch_key(self, job: Job) -> Hashable:
-        """Everything but the prompt and the seed must agree for one pipeline call; a stream runs alone."""
+        """Everything but the prompt and the seed must agree for one pipeline call (the LoRA and its scale too:
+        one adapter is active per call); a stream runs alone."""
         if job.on_preview is not None:
             return id(job)
         r = job.request
-        return job.width, job.height, job.num_inference_steps, r.n, r.guidance_scale, r.negative_prompt
+        return job.width, job.height, job.num_inference_steps, r.n, r.guidance_scale, r.negative_prompt, r.lora
 
     def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
         first = jobs[0]
@@ -60,8 +62,8 @@ class ZImageEngine(DiffusersEngine):
             [job.request.prompt for job in jobs], n=n, width=first.width, height=first.height,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.request.guidance_scale,
             negative_prompt=first.request.negative_prompt, seed=[job.request.seed for job in jobs],
-            should_stop=should_stop, on_step=self.step_hook(first if len(jobs) == 1 else None, first.width,
-                                                            first.height))
+            lora=first.request.lora, should_stop=should_stop,
+            on_step=self.step_hook(first if len(jobs) == 1 else None, first.width, first.height))
         return [EngineResult(batch.images[i * n:(i + 1) * n], batch.seeds[i * n:(i + 1) * n], dict(batch.timings),
                              batch.steps, batch.batch_images, batch.denoised_images,
                              prompt_tokens=self.prompt_tokens(job.request.prompt)) for i, job in enumerate(jobs)]
@@ -77,6 +79,7 @@ class ZImageEngine(DiffusersEngine):
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
         seed: int | list[int | None] | None = None,
+        lora: LoraRequest | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, Any], None] | None = None,
     ) -> EngineResult:
@@ -92,6 +95,7 @@ class ZImageEngine(DiffusersEngine):
                 value above 0 runs CFG (two transformer forwards per step).
             negative_prompt (`str`, *optional*): used only when ``guidance_scale > 0``.
             seed (`int` or `list`, *optional*): random when None; one per prompt for a list.
+            lora (`LoraRequest`, *optional*): a per-request LoRA of the allow-list, at its scale.
             should_stop (`Callable[[], bool]`, *optional*): polled after every step; True cancels.
             on_step (`Callable[[int, torch.Tensor], None]`, *optional*): called after every step with its
                 index and the latents (``step_hook`` makes the previews of a stream).
@@ -107,7 +111,7 @@ class ZImageEngine(DiffusersEngine):
         seeds = [s for one in per_prompt for s in self.seeds(one, n)]
         steps = num_inference_steps or defaults.num_inference_steps
         negative = negative_prompt if negative_prompt is not None else defaults.negative_prompt
-        with self.pipeline_call(steps, should_stop, on_step) as call:
+        with self.pipeline_call(steps, should_stop, on_step, lora) as call:
             out = self.pipe(
                 prompt=prompts if len(prompts) > 1 else prompts[0],
                 negative_prompt=[negative] * len(prompts) if negative is not None and len(prompts) > 1 else negative,

@@ -160,3 +160,13 @@ def test_step_cache_benchmark_reports_forwards_saved_and_the_pixel_difference():
     assert rows["none"]["full_forwards"] == rows["none"]["plain_forwards"] == 12
     assert rows["none"]["mean_abs_diff"] == 0
     assert all(0 <= row["saved_share"] < 1 and row["mean_abs_diff"] >= 0 for row in rows.values())
+
+
+def test_fp8_benchmark_reports_the_weight_bytes_and_the_pixel_difference():
+    out = subprocess.run([sys.executable, "-m", "bench.fp8", "--steps", "2", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
+    rows = {row["variant"]: row for row in json.loads(out)["rows"]}
+    assert set(rows) == {"z-image-turbo-fp8", "qwen-image-edit-2511-fp8"}
+    for row in rows.values():
+        assert 0 < row["bytes_ratio"] < 0.5  # fp8 weights against the float32 ones of CPU
+        assert 0 < row["mean_abs_diff"] <= row["max_abs_diff"]

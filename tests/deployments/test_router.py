@@ -4,8 +4,8 @@ import pytest
 
 from deployments.router import Router
 from serve_app.domain.config import parse_config
-from serve_app.domain.errors import LimitExceededError
-from serve_app.domain.schemas import EditRequest, GenerateRequest
+from serve_app.domain.errors import LimitExceededError, LoraNotFoundError, UnsupportedValueError
+from serve_app.domain.schemas import EditRequest, GenerateRequest, LoraRequest
 from serve_app.domain.specs import resolve_application
 
 
@@ -141,3 +141,56 @@ def test_routes_to_a_swap_group_name_their_variant_as_the_multiplexed_model_id()
                      "qwen-image-edit-2509": [{"multiplexed_model_id": "qwen-image-edit-2509"}],
                      "qwen-image-edit-2511": [{}]}
     assert {r.deployment for r in checks.table.routes["z-image-turbo"]} == {"swap-pair"}
+
+
+def lora_router() -> Router:
+    config = parse_config({
+        "models": {"z-image-turbo": {}, "qwen-image-edit-2509": {}, "qwen-image-edit-2511": {}},
+        "loras": {"ink": {"source": "/loras/ink.safetensors", "variants": ["z-image-turbo"]},
+                  "sketch": {"source": "/loras/sketch.safetensors", "variants": ["qwen-image-edit-2511"]}}})
+    spec = resolve_application(config).router
+    return Router(spec, {route.deployment: RecordingHandle() for route in spec.routes})
+
+
+def test_an_unlisted_lora_is_a_404_naming_the_list_and_a_misplaced_one_a_400():
+    checks = lora_router()
+    with pytest.raises(LoraNotFoundError, match=r"'oil' is not on this service's list \(ink, sketch\)") as err:
+        checks._checked("generate", GenerateRequest(prompt="x", lora=LoraRequest(name="oil")))
+    assert err.value.status_code == 404 and err.value.param == "lora"
+    with pytest.raises(UnsupportedValueError, match="applies to qwen-image-edit-2511, not to z-image-turbo"):
+        checks._checked("generate", GenerateRequest(prompt="x", lora=LoraRequest(name="sketch")))
+
+
+def test_a_lora_narrows_an_alias_to_the_variants_that_take_it(png_bytes):
+    checks = lora_router()
+    request = EditRequest(prompt="x", images=[png_bytes], model="qwen-image-edit", lora=LoraRequest(name="sketch"))
+    variants, _, _ = checks._checked("edit", request)
+    assert [v.id for v in variants] == ["qwen-image-edit-2511"]
+
+
+def test_a_request_with_a_lora_names_it_as_the_multiplexed_model_id():
+    """Affinity: Serve sends it first to a replica that reported the LoRA loaded; plain requests are plain."""
+    checks = lora_router()
+    (route,) = checks.table.routes["z-image-turbo"]
+    with_lora = checks._handle(route, GenerateRequest(prompt="x", lora=LoraRequest(name="ink", scale=0.5)))
+    assert with_lora.options_given == {"multiplexed_model_id": "ink"}
+    assert checks._handle(route, GenerateRequest(prompt="x", lora=LoraRequest(name="ink"))) is with_lora
+    assert checks._handle(route, GenerateRequest(prompt="x")).options_given == {}
+
+
+def test_models_lists_each_variants_loras():
+    listed = lora_router()._static_model_info  # what /v1/models lists per variant, with its replicas
+    assert listed["z-image-turbo"]["loras"] == ["ink"]
+    assert listed["qwen-image-edit-2511"]["loras"] == ["sketch"]
+    assert listed["qwen-image-edit-2509"]["loras"] == []
+
+
+def test_models_lists_the_fp8_variants_with_the_gpus_they_fit():
+    config = parse_config({"models": {"z-image-turbo-fp8": {}, "qwen-image-edit-2511-fp8": {}}})
+    spec = resolve_application(config).router
+    listed = Router(spec, {route.deployment: None for route in spec.routes})._static_model_info
+    for variant_id in ("z-image-turbo-fp8", "qwen-image-edit-2511-fp8"):
+        entry = listed[variant_id]
+        fits = {g["gpu_class"] for g in entry["gpu_classes"]}
+        assert entry["precision"] == "fp8"
+        assert {"rtx-4090", "h100-sxm", "rtx-5090"} <= fits and not fits & {"a100-80g", "rtx-a4500", "rtx-3090"}

@@ -155,3 +155,15 @@ def test_a_lightning_variant_takes_its_pipeline_and_its_lora_file(tmp_path):
         "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"}
     assert "lightx2v/Qwen-Image-Lightning" not in by_repo  # 2509's LoRA is a local file here
     assert local == {"qwen-image-edit-2509-lightning-4step (LoRA)": str(lora)}
+
+
+def test_per_request_loras_from_the_hub_take_their_one_file(tmp_path):
+    config = parse_config({"models": {"z-image-turbo": {}},
+                           "loras": {"ink": {"source": "someone/z-loras", "file": "ink.safetensors",
+                                             "revision": "c" * 40, "variants": ["z-image-turbo"]},
+                                     "mine": {"source": str(tmp_path / "mine.safetensors"),
+                                              "variants": ["z-image-turbo"]}}})
+    repos, local = needs(config)
+    (ink,) = [r for r in repos if r.repo_id == "someone/z-loras"]
+    assert ink.files == {"ink.safetensors"} and ink.revision == "c" * 40 and not ink.pipeline
+    assert local["LoRA mine"] == str(tmp_path / "mine.safetensors")

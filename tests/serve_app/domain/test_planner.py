@@ -227,3 +227,22 @@ def test_time_follows_the_calibrated_efficiency_of_each_architecture(catalog):
     assert edit.forwards == 100 and edit.denoise_s == pytest.approx(46.8, rel=0.05)
     a100 = estimate_seconds(catalog.variant("z-image-turbo-svdq-int4-r128"), catalog.gpu("a100-80g"))
     assert a100.four_bit_speedup == 1.0  # nunchaku#701: memory, not time, on an A100
+
+
+@pytest.mark.parametrize("variant_id", ["z-image-turbo-fp8", "qwen-image-edit-2511-fp8"])
+def test_fp8_variants_run_from_ada_on_and_never_on_ampere(catalog, variant_id):
+    variant = catalog.variant(variant_id)
+    for gpu_id in ("a100-80g", "rtx-a4500", "rtx-3090"):
+        verdict = plan(variant, catalog.gpu(gpu_id), 1024, 1024)
+        assert not verdict.fits and "has no fp8 tensor cores" in verdict.reason
+    for gpu_id in ("rtx-4090", "h100-sxm", "b200", "rtx-5090"):
+        assert plan(variant, catalog.gpu(gpu_id), 1024, 1024).fits, gpu_id
+
+
+def test_an_fp8_transformer_weighs_about_half_its_bf16_one(catalog):
+    bf16 = catalog.variant("qwen-image-edit-2511").transformer.weight_bytes("bf16")
+    fp8 = catalog.variant("qwen-image-edit-2511-fp8").transformer.weight_bytes("bf16")
+    assert 0.5 < fp8 / bf16 < 0.55
+    # The fp8 edit model fits a 24 GB card with only the text encoder offloaded; bf16 needs sequential offload.
+    assert plan(catalog.variant("qwen-image-edit-2511-fp8"), catalog.gpu("rtx-4090"), 1024, 1024).mode == "model"
+    assert plan(catalog.variant("qwen-image-edit-2511"), catalog.gpu("rtx-4090"), 1024, 1024).mode == "sequential"
