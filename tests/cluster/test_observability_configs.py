@@ -16,7 +16,7 @@ EXPORTED = {
     "ray_imageserve_gpu_memory_bytes", "ray_imageserve_router_decisions_total", "ray_imageserve_router_retries_total",
     "ray_imageserve_errors_total", "ray_imageserve_router_queue_depth", "ray_imageserve_pool_replicas",
     "ray_imageserve_key_requests_total", "ray_imageserve_key_cost_total",
-    "ray_imageserve_partial_images_total", "ray_imageserve_streams_total",
+    "ray_imageserve_partial_images_total", "ray_imageserve_streams_total", "ray_imageserve_lora_uses_total",
     "ray_imageserve_swaps_total", "ray_imageserve_swap_seconds", "ray_imageserve_swap_bytes_total",
     "ray_imageserve_resident_variant",
 }
