@@ -170,3 +170,16 @@ def test_fp8_benchmark_reports_the_weight_bytes_and_the_pixel_difference():
     for row in rows.values():
         assert 0 < row["bytes_ratio"] < 0.5  # fp8 weights against the float32 ones of CPU
         assert 0 < row["mean_abs_diff"] <= row["max_abs_diff"]
+
+
+def test_soak_runs_mixed_traffic_and_finds_no_process_growing_without_bound():
+    run = subprocess.run([sys.executable, "-m", "bench.soak", "--duration", "40", "--interval", "2", "--clients", "2",
+                          "--json"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    result = json.loads(run.stdout)
+    kinds = {outcome.split(":")[0] for outcome in result["outcomes"]}
+    assert kinds == {"generate", "generate_lora", "edit", "stream", "bad_input", "cancel"}
+    assert "bad_input:422" in result["outcomes"] and "generate:200" in result["outcomes"]
+    watched = {row["process"] for row in result["growth"]}
+    assert {"gcs", "raylet", "ProxyActor", "ServeController", "ServeReplica:imageserve:router",
+            "ServeReplica:imageserve:gen-z-image-turbo", "ray"} <= watched
+    assert run.returncode == 0, result["unbounded"]
