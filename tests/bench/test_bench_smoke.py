@@ -173,7 +173,7 @@ def test_fp8_benchmark_reports_the_weight_bytes_and_the_pixel_difference():
 
 
 def test_soak_runs_mixed_traffic_and_finds_no_process_growing_without_bound():
-    run = subprocess.run([sys.executable, "-m", "bench.soak", "--duration", "40", "--interval", "2", "--clients", "2",
+    run = subprocess.run([sys.executable, "-m", "bench.soak", "--duration", "30", "--interval", "2", "--clients", "2",
                           "--json"], capture_output=True, text=True, timeout=900, cwd=ROOT)
     result = json.loads(run.stdout)
     kinds = {outcome.split(":")[0] for outcome in result["outcomes"]}
