@@ -1,4 +1,4 @@
-"""What the benchmarks share: percentiles and driving a callable with N concurrent clients."""
+"""What the benchmarks share: percentiles, driving a callable with N concurrent clients, and comparing images."""
 
 from __future__ import annotations
 
@@ -80,3 +80,30 @@ def measure(call: Callable[[int], Any], requests: int, concurrency: int, warm_up
     return {"p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(percentile(latencies, 99), 2),
             "requests_per_s": round(requests / wall, 2), "requests": requests, "wall_s": round(wall, 2),
             "outcomes": outcomes}
+
+
+def photo_png(side: int = 96) -> bytes:
+    """A photo-like test image (smooth gradients and edges, ``gpu_doubles.photo_like_image``) as PNG bytes: the
+    input of the edit benchmarks."""
+    import io
+
+    from PIL import Image
+
+    from serve_app.engines.gpu_doubles import photo_like_image
+
+    buffer = io.BytesIO()
+    Image.fromarray((photo_like_image(side, side) * 255).astype("uint8")).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pixel_difference(image, reference) -> dict[str, float]:
+    """How far ``image`` is from ``reference`` (arrays in [0, 1], as the engines return them), in 8-bit pixel
+    values: mean and largest absolute difference, and PSNR in dB (inf when equal)."""
+    import math
+
+    import numpy as np
+
+    diff = np.abs(np.asarray(image, dtype=np.float64) - np.asarray(reference, dtype=np.float64)) * 255
+    mse = float(np.mean(diff ** 2))
+    return {"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+            "psnr_db": math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)}

@@ -16,9 +16,7 @@ speed; on a GPU (sm_89 and newer) the fp8 variants run fp8 matmuls, and bench/gp
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -28,26 +26,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from bench.common import bench_parser, run_reporting
+from bench.common import bench_parser, photo_png, pixel_difference, run_reporting
 from serve_app.domain.catalog import default_catalog
 from serve_app.domain.config import parse_config
 from serve_app.domain.schemas import EditRequest, GenerateRequest
 from serve_app.domain.specs import engine_spec
 from serve_app.embedded import tiny_model_config
 from serve_app.engines import load_engine
-from serve_app.engines.gpu_doubles import photo_like_image
 from serve_app.engines.protocol import Job
 from serve_app.engines.random_weights import build_all
 
 PAIRS = [("z-image-turbo", "z-image-turbo-fp8"), ("qwen-image-edit-2511", "qwen-image-edit-2511-fp8")]
 
-
-def _png() -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray((photo_like_image(96, 96) * 255).astype("uint8")).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def stored_bytes(module) -> int:
@@ -76,17 +66,14 @@ def image_and_bytes(tiny_dir: Path, variant_id: str, steps: int, png: bytes) -> 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     tiny_dir = Path(tempfile.gettempdir()) / "imageserve-bench-tiny"
     build_all(tiny_dir)
-    png = _png()
+    png = photo_png()
     rows = []
     for full_id, fp8_id in PAIRS:
         reference, full_bytes = image_and_bytes(tiny_dir, full_id, args.steps, png)
         image, fp8_bytes = image_and_bytes(tiny_dir, fp8_id, args.steps, png)
-        diff = np.abs(image - reference) * 255
-        mse = float(np.mean(diff ** 2))
         rows.append({"variant": fp8_id, "against": full_id, "transformer_bytes": fp8_bytes,
                      "full_transformer_bytes": full_bytes, "bytes_ratio": fp8_bytes / full_bytes,
-                     "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
-                     "psnr_db": math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)})
+                     **pixel_difference(image, reference)})
     if args.json:
         print(json.dumps({"steps": args.steps, "rows": rows}), file=out)
         return 0

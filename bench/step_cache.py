@@ -17,9 +17,7 @@ that the path works. On a GPU the same run with real weights is the one to trust
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -29,14 +27,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from bench.common import bench_parser, run_reporting
+from bench.common import bench_parser, photo_png, pixel_difference, run_reporting
 from serve_app.domain.catalog import default_catalog
 from serve_app.domain.config import parse_config
 from serve_app.domain.schemas import EditRequest
 from serve_app.domain.specs import engine_spec
 from serve_app.embedded import tiny_model_config
 from serve_app.engines import load_engine
-from serve_app.engines.gpu_doubles import photo_like_image
 from serve_app.engines.protocol import Job
 from serve_app.engines.random_weights import build_all
 
@@ -48,13 +45,6 @@ SETTINGS: list[tuple[str, dict[str, Any] | None]] = [
       for n in (3, 5)),
 ]
 
-
-def _png() -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray((photo_like_image(96, 96) * 255).astype("uint8")).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def edit_once(tiny_dir: Path, cache: dict[str, Any] | None, steps: int, png: bytes) -> tuple[np.ndarray, int, int]:
@@ -77,17 +67,13 @@ def edit_once(tiny_dir: Path, cache: dict[str, Any] | None, steps: int, png: byt
 def run(args: argparse.Namespace, out: TextIO) -> int:
     tiny_dir = Path(tempfile.gettempdir()) / "imageserve-bench-tiny"
     build_all(tiny_dir)
-    png = _png()
+    png = photo_png()
     reference, _, _ = edit_once(tiny_dir, None, args.steps, png)
     rows = []
     for name, cache in SETTINGS:
         image, full, plain = edit_once(tiny_dir, cache, args.steps, png)
-        diff = np.abs(image - reference) * (255 if reference.max() <= 1.0 else 1)
-        mse = float(np.mean(diff ** 2))
         rows.append({"setting": name, "full_forwards": full, "plain_forwards": plain,
-                     "saved_share": 1 - full / plain, "mean_abs_diff": float(diff.mean()),
-                     "max_abs_diff": float(diff.max()),
-                     "psnr_db": math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)})
+                     "saved_share": 1 - full / plain, **pixel_difference(image, reference)})
     if args.json:
         print(json.dumps({"variant": VARIANT, "steps": args.steps, "rows": rows}), file=out)
         return 0
