@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.step_cache import VARIANT, _png, edit_once
+from bench.common import photo_png
+from bench.step_cache import VARIANT, edit_once
 from serve_app.domain.config import ConfigError, parse_config
 from serve_app.domain.schemas import EditRequest
 from serve_app.domain.specs import engine_spec
@@ -20,7 +21,7 @@ FIRST_BLOCK = {"kind": "first_block", "threshold": 0.4}
 @pytest.mark.parametrize("cache", [FIRST_BLOCK, {"kind": "taylorseer", "cache_interval": 3}],
                          ids=["first_block", "taylorseer"])
 def test_a_step_cache_skips_full_forwards_and_stays_close_to_the_plain_image(tiny_root, cache):
-    png = _png()
+    png = photo_png()
     plain, full_plain, expected = edit_once(tiny_root, None, 12, png)
     cached, full_cached, _ = edit_once(tiny_root, cache, 12, png)
     assert full_plain == expected == 24  # 12 steps, each with and without the prompt (CFG)
@@ -34,7 +35,7 @@ def test_the_cache_starts_afresh_for_every_request(tiny_root, catalog):
     config = parse_config({"device": {"device": "cpu"}, "models": {VARIANT: model}})
     engine = load_engine(engine_spec(config, catalog.variant(VARIANT), catalog))
     assert engine.pipe.transformer.is_cache_enabled
-    request = EditRequest(prompt="make it blue", images=[_png()], seed=3, num_inference_steps=8,
+    request = EditRequest(prompt="make it blue", images=[photo_png()], seed=3, num_inference_steps=8,
                           negative_prompt="blurry", true_cfg_scale=4.0)
     first, second = (engine.run([Job(request, 64, 64, 8)], should_stop=lambda: False)[0] for _ in range(2))
     assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
