@@ -43,10 +43,14 @@ $(REDIS):
 		dpkg -x $$deb .tools/redis; done
 	LD_LIBRARY_PATH=.tools/redis/usr/lib/x86_64-linux-gnu $@ --version
 
-$(VENV)/.installed: pyproject.toml Makefile
+# Every package the node image installs is installed, at lock/image.txt's version (torch and what is built
+# against its CUDA build aside: lock/constraints.py says which), so the tests run the libraries that ship;
+# the test tools come on top, under the same constraints.
+$(VENV)/.installed: pyproject.toml Makefile lock/image.txt lock/constraints.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_SPEC)
-	$(PIP) install -e '.[test]'
+	$(VENV)/bin/python lock/constraints.py lock/image.txt > $(VENV)/constraints.txt
+	$(PIP) install -c $(VENV)/constraints.txt -r $(VENV)/constraints.txt -e '.[test]'
 	touch $@
 
 serve: install
