@@ -5,13 +5,20 @@ name), least recently used first. A request names one LoRA and a scale; ``LoraAd
 adapter the only active one at that scale, or turns every adapter off for a request without one. A LoRA
 that is not loaded takes a free slot, or replaces the least recently used adapter in place: PEFT's hotswap
 copies the new weights into the old adapter's tensors, so no module is created or dropped (and a later
-compiled transformer would not recompile). ``enable_lora_hotswap`` pads every slot to the largest rank of
-the allow-list, so any listed LoRA fits any slot.
+compiled transformer would not recompile). ``enable_lora_hotswap`` pads the first adapter loaded to the
+largest rank of the allow-list; an adapter loaded later keeps its LoRA's rank, and a hotswap of a larger rank
+into it grows its tensors (``torch.utils.swap_tensors``, peft/utils/hotswap.py:571-579), which is fine for the
+uncompiled transformers that take per-request LoRAs.
+
+PEFT hotswaps only onto modules the slot's adapter already has (a LoRA on fewer modules is fine: the rest are
+zeroed). A LoRA on other modules, or one PEFT refuses for another reason, is loaded afresh into the slot once
+the evicted adapter's layers are gone from every module.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -58,6 +65,24 @@ def lora_rank(path: Path) -> int:
     return max(ranks)
 
 
+def lora_modules(path: Path) -> frozenset[str] | None:
+    """The transformer modules a LoRA file adapts, from the tensor names in its safetensors header, when they are
+    all in diffusers' PEFT layout (``transformer.<module>.lora_A.weight``); None for any other layout (kohya,
+    ComfyUI, ...), which only diffusers' converters can map to module names."""
+    modules = set()
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            keys = list(weights.keys())
+    except Exception:  # noqa: BLE001 - unreadable now: the load reports it
+        return None
+    for key in keys:
+        module, lora, _ = key.partition(".lora_")
+        if not lora or not module.startswith("transformer."):
+            return None
+        modules.add(module.removeprefix("transformer."))
+    return frozenset(modules)
+
+
 class LoraAdapters:
     """The per-request LoRAs of one pipeline: an LRU of loaded adapters, switched per pipeline call.
 
@@ -73,6 +98,12 @@ class LoraAdapters:
         self.pipe = pipe
         self.files = dict(files)
         self.capacity = capacity
+        # Adapter names of one width (slot0..slot9, or slot00..slot63), so that none is a substring of another:
+        # PEFT's hotswap finds the slot's current tensors by substring (``adapter_name in key``,
+        # peft/utils/hotswap.py:472) and zeroes those the new LoRA lacks (:495-504), so a hotswap into "slot1"
+        # would also zero "slot10".."slot19" (diffusers/loaders/peft.py:363 matches by substring too).
+        width = len(str(capacity - 1))
+        self._slot_names = [f"slot{i:0{width}d}" for i in range(capacity)]
         self._slots: OrderedDict[str, str] = OrderedDict()  # LoRA name -> adapter name, least recently used first
         self._enabled = True
         self.counts: dict[LoraOutcome, int] = {"hit": 0, "load": 0, "hotswap": 0}
@@ -111,16 +142,26 @@ class LoraAdapters:
     def _load(self, name: str) -> LoraOutcome:
         if len(self._slots) < self.capacity:
             used = set(self._slots.values())
-            slot = next(f"slot{i}" for i in range(self.capacity) if f"slot{i}" not in used)
+            slot = next(slot for slot in self._slot_names if slot not in used)
             self._load_into(slot, name, hotswap=False)
             return "load"
         evicted, slot = self._slots.popitem(last=False)
         logger.info("LoRA %s replaces %s (least recently used) in adapter %s", name, evicted, slot)
+        incoming = lora_modules(self.files[name])
+        if incoming is not None and not incoming <= self._modules_of(slot):
+            # PEFT would refuse it (unexpected keys): skip the attempt, and diffusers' ERROR logs about it.
+            logger.info("LoRA %s adapts modules that %s does not: loading it afresh into %s", name, evicted, slot)
+            self._delete(slot)
+            self._load_into(slot, name, hotswap=False)
+            return "hotswap"
         try:
             self._load_into(slot, name, hotswap=True)
-        except ModelLoadError:
-            # PEFT refuses a hotswap whose targets differ from the slot's: load the LoRA afresh instead.
+        except ModelLoadError as err:
+            # PEFT refused the hotswap (targets or config differ); _load_into deleted the slot: load afresh.
+            logger.info("hotswapping LoRA %s into %s failed (%s): loading it afresh", name, slot, err)
             self._load_into(slot, name, hotswap=False)
+        else:
+            self._keep_hotswapped_scaling(slot)
         return "hotswap"
 
     def _load_into(self, slot: str, name: str, hotswap: bool) -> None:
@@ -133,7 +174,55 @@ class LoraAdapters:
                                             hotswap=hotswap)
         except (ValueError, KeyError, RuntimeError, OSError) as err:
             # The slot's old weights may be half replaced: drop the adapter rather than serve a mix.
-            if slot in self.pipe.get_list_adapters().get("transformer", []):
-                self.pipe.delete_adapters([slot])
+            self._delete(slot)
             raise ModelLoadError(f"loading LoRA {name} from {path} failed: {type(err).__name__}: {err}") from err
         self._slots[name] = slot
+
+    def _lora_layers(self, slot: str):
+        """(module name, LoRA layer) of every layer of the transformer that holds ``slot`` (the transformer is
+        where these pipelines load LoRAs, and the only model diffusers hotswaps)."""
+        from peft.tuners.lora import LoraLayer
+
+        for module_name, module in self.pipe.transformer.named_modules():
+            if isinstance(module, LoraLayer) and slot in module.lora_A:
+                yield module_name, module
+
+    def _modules_of(self, slot: str) -> frozenset[str]:
+        """The transformer modules that hold a layer of ``slot``, named as ``lora_modules`` names them."""
+        return frozenset(name for name, _ in self._lora_layers(slot))
+
+    def _delete(self, slot: str) -> None:
+        """Remove ``slot`` from every PEFT layer and from ``peft_config``, whether diffusers still lists it or not.
+
+        diffusers' ``load_lora_adapter`` (diffusers/loaders/peft.py:356-366), when a load or hotswap fails, deletes
+        the adapter only from layers where it is *active*, then pops its ``peft_config`` entry: an inactive slot (the
+        least recently used one, when more than one is loaded) keeps its layers but vanishes from
+        ``get_list_adapters()``, which reads ``peft_config``. A fresh load under that name then injects the new
+        LoRA's modules and leaves the old ones in the rest, and ``set_adapters([slot])`` turns both on.
+        ``pipe.delete_adapters`` (diffusers/loaders/lora_base.py:890-896 -> ModelMixin.delete_adapters,
+        diffusers/loaders/peft.py:801-806 -> delete_adapter_layers, diffusers/utils/peft_utils.py:232-246) calls
+        every ``BaseTunerLayer.delete_adapter`` (peft/tuners/tuners_utils.py:2081) unconditionally and pops the
+        config with a default, so it is safe to call whatever state the failure left."""
+        with warnings.catch_warnings():
+            # peft warns when the deleted adapter was a layer's active one; use() activates the right one next.
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            self.pipe.delete_adapters([slot])
+
+    def _keep_hotswapped_scaling(self, slot: str) -> None:
+        """Make ``set_scale`` reproduce the scaling that the hotswap set from the new LoRA's own alpha and rank.
+
+        PEFT's hotswap (peft/utils/hotswap.py:512-521) writes ``scaling[slot] = alpha / r`` of the *new* LoRA but
+        leaves the layer's ``lora_alpha[slot]`` and ``r[slot]`` at the values of the adapter first loaded into the
+        slot (diffusers does not touch them either, nor ``peft_config[slot]``). ``set_adapters`` then calls
+        ``LoraLayer.set_scale`` (diffusers/utils/peft_utils.py:282-283), which recomputes
+        ``scale * lora_alpha[slot] / r[slot]`` (peft/tuners/lora/layer.py:783-794) from those old values: a slot
+        loaded with r4/alpha4 and hotswapped to r4/alpha16 would run at 1.0 instead of 4.0. Setting ``lora_alpha``
+        to ``scaling * r`` (``* sqrt(r)`` with rsLoRA) makes that recomputation give the hotswapped value back.
+        Layers the new LoRA does not target keep their values: the hotswap zeroed their weights
+        (peft/utils/hotswap.py:495-504), so their scaling multiplies nothing."""
+        for _, layer in self._lora_layers(slot):
+            scaling = layer.scaling[slot]
+            # prepare_model_for_compiled_hotswap may have made it a 0-d tensor (peft/utils/hotswap.py:57-80).
+            scaling = float(scaling.item() if hasattr(scaling, "item") else scaling)
+            rank = layer.r[slot]
+            layer.lora_alpha[slot] = scaling * (math.sqrt(rank) if layer.use_rslora.get(slot, False) else rank)

@@ -359,10 +359,20 @@ def tiny_style_lora(root: str | os.PathLike, base_model: str) -> Path:
     return Path(root) / f"{TINY_CHECKPOINTS[base_model]}-style-lora.safetensors"
 
 
-def build_tiny_lora(checkpoint: Path, out_file: Path, seed: int = 0, rank: int = 4) -> Path:
+# The attention projections ``build_tiny_lora`` targets by default (peft matches them by name suffix).
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def build_tiny_lora(checkpoint: Path, out_file: Path, seed: int = 0, rank: int = 4,
+                    target_modules: list[str] | tuple[str, ...] | None = None, alpha: int | None = None) -> Path:
     """A LoRA of ``rank`` on every attention projection of the checkpoint's transformer (Z-Image or
     Qwen-Image-Edit), built with peft, with random (non-zero) up and down matrices so that it changes the
-    output; ``seed`` makes different LoRAs of the same shape."""
+    output; ``seed`` makes different LoRAs of the same shape.
+
+    ``target_modules`` (peft's module name patterns) replaces the attention projections. ``alpha`` sets
+    ``lora_alpha`` (default: the rank, i.e. scaling 1) and is then written to the file as diffusers' adapter
+    metadata (the ``lora_adapter_metadata`` header entry), which ``load_lora_weights`` reads back as the
+    ``LoraConfig``; without it the file holds the weights only, as before."""
     import diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -370,12 +380,15 @@ def build_tiny_lora(checkpoint: Path, out_file: Path, seed: int = 0, rank: int =
     index = json.loads((checkpoint / "model_index.json").read_text())
     transformer = getattr(diffusers, index["transformer"][1]).from_pretrained(checkpoint / "transformer")
     torch.manual_seed(seed)
-    transformer.add_adapter(LoraConfig(
-        r=rank, lora_alpha=rank, init_lora_weights=False,
+    config = LoraConfig(
+        r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights=False,
         # peft adapts the names the transformer has: Qwen's joint blocks have the add_* text projections too.
-        target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]))
+        target_modules=list(ATTENTION_PROJECTIONS if target_modules is None else target_modules))
+    transformer.add_adapter(config)
+    metadata = {} if alpha is None else {"transformer_lora_adapter_metadata": config.to_dict()}
     getattr(diffusers, index["_class_name"]).save_lora_weights(
-        out_file.parent, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=out_file.name)
+        out_file.parent, transformer_lora_layers=get_peft_model_state_dict(transformer), weight_name=out_file.name,
+        **metadata)
     return out_file
 
 
