@@ -292,7 +292,9 @@ def mode_problem(variant: ModelVariant, mode: OffloadMode, gpu: GPUClass | None 
     if mode != "none" and gpu is not None and gpu.unified_memory:
         return f"{gpu.name} shares one memory with the CPU: offloading to the host frees nothing"
     if mode == "sequential" and not variant.transformer.per_block_offload:
-        return f"{variant.id}: the nunchaku {variant.base_model} transformer has no per-block offload"
+        if variant.requires_nunchaku:
+            return f"{variant.id}: the nunchaku {variant.base_model} transformer has no per-block offload"
+        return f"{variant.id}: sequential offload is off for this variant (per_block_offload: false in the catalog)"
     return None
 
 

@@ -7,6 +7,7 @@ The doubles reproduce the releases' signatures and their calls into diffusers; w
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import sys
 from pathlib import Path
@@ -55,6 +56,50 @@ def test_the_doubles_are_recognised_as_the_real_nunchaku_with_their_versions(rel
     assert ("nunchaku 1.1.0+torch2.9" if release == "v1_1_0" else "nunchaku 0+successor.test.double") in why
 
 
+def rope_hooked_attentions(transformer) -> list[str]:
+    """The attention modules the successor's ``register_rope_hook`` hooks: every block's of ``layers``,
+    and unless ``skip_refiners``, of ``noise_refiner`` and ``context_refiner``."""
+    groups = ["layers"] + ([] if transformer.skip_refiners else ["noise_refiner", "context_refiner"])
+    return [f"{group}.{i}.attention" for group in groups for i in range(len(getattr(transformer, group)))]
+
+
+def test_only_the_qwen_image_transformer_offloads_per_block_in_each_release(release, tiny_models):
+    """As in both releases: Z-Image has no set_offload and refuses offload at load; Qwen-Image has
+    set_offload(offload, **kwargs), which takes base.apply_offload's call."""
+    import nunchaku
+
+    z_image, qwen = nunchaku.NunchakuZImageTransformer2DModel, nunchaku.NunchakuQwenImageTransformer2DModel
+    assert not hasattr(z_image, "set_offload")
+    with pytest.raises(NotImplementedError, match="Offload is not supported"):
+        z_image.from_pretrained(str(tiny_models["z-image-turbo"] / "transformer" / "t.safetensors"), offload=True)
+    assert list(inspect.signature(qwen.set_offload).parameters) == ["self", "offload", "kwargs"]
+    transformer = qwen.from_pretrained(str(tiny_models["qwen-image-edit-2509"] / "transformer" / "t.safetensors"))
+    assert transformer.offload is False and transformer.offload_settings is None
+    transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)  # what apply_offload calls
+    assert transformer.offload is True
+    assert transformer.offload_settings == {"use_pin_memory": False, "num_blocks_on_gpu": 1}
+
+
+@pytest.mark.parametrize("skip_refiners", [False, True])
+def test_the_successor_hooks_the_rope_of_the_refiners_too(skip_refiners, nunchaku_on_path, tiny_models):
+    """The successor's register_rope_hook covers layers, noise_refiner and context_refiner (the refiners
+    only when the checkpoint quantized them), and unregister_rope_hook takes every hook off."""
+    nunchaku_on_path(SHARED, RELEASES / "successor")
+    import nunchaku
+
+    transformer = nunchaku.NunchakuZImageTransformer2DModel.from_pretrained(
+        str(tiny_models["z-image-turbo"] / "transformer" / "t.safetensors"))
+    transformer.skip_refiners = skip_refiners
+    expected = rope_hooked_attentions(transformer)
+    assert len(transformer.noise_refiner) > 0 and len(transformer.context_refiner) > 0  # the tiny model has them
+    transformer.register_rope_hook(lambda module, args, kwargs: None)
+    hooked = sorted(name for name, module in transformer.named_modules() if module._forward_pre_hooks)
+    assert hooked == sorted(expected) and len(transformer.rope_hook_handles) == len(expected)
+    assert any(name.startswith("noise_refiner") for name in hooked) is not skip_refiners
+    transformer.unregister_rope_hook()
+    assert not any(module._forward_pre_hooks for module in transformer.modules())
+
+
 def test_the_4bit_z_image_variant_generates_with_each_release(release, tiny_models, catalog, tmp_path):
     from serve_app.engines.z_image import ZImageEngine
 
@@ -64,8 +109,14 @@ def test_the_4bit_z_image_variant_generates_with_each_release(release, tiny_mode
                              num_inference_steps=2, seed=[1, 2])  # batched prompts: the masked path
     assert [image_size(image) for image in result.images] == [(64, 64), (64, 64)]
     if release == "successor":
+        # nunchaku's own rope hooks ran inside the adapted forward, on the attention of every block the
+        # real one hooks (the refiners too), each given freqs_cis by keyword as the real hook needs.
         hook = sys.modules["nunchaku.models"].NunchakuZImageRopeHook
-        assert hook.calls > 0  # nunchaku's own rope hooks ran inside the adapted forward
+        transformer = engine.pipe.transformer
+        names = {module: name for name, module in transformer.named_modules()}
+        assert hook.calls > 0 and all(keyword for _, keyword in hook.seen)
+        assert {names[module] for module, _ in hook.seen} == set(rope_hooked_attentions(transformer))
+        assert transformer.rope_hook_handles == []  # and came off again
 
 
 def test_the_4bit_edit_variant_edits_with_each_release(release, tiny_models, catalog, tmp_path):

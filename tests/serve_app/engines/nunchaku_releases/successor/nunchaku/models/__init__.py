@@ -1,22 +1,34 @@
 """TEST DOUBLE of the successor nunchaku's transformers: its signatures and calls, diffusers' computation."""
 
 from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
-from nunchaku_double_loading import LoadsBesideTheFile  # ../../_common, put on sys.path by the test fixture
+from nunchaku_double_loading import QwenImageLoading, ZImageLoading  # ../../_common, on sys.path in the tests
 
 
 class NunchakuZImageRopeHook:
-    """Stands in for the successor's rope pre-hook; counts the attention calls it sees."""
+    """Stands in for the successor's rope pre-hook, which swaps the ``freqs_cis`` keyword of each attention
+    call for nunchaku's packed layout (and leaves a call without it alone). The double leaves the tensor as
+    it is and records, for every hook instance alike, each attention module it ran on and whether that call
+    carried ``freqs_cis`` as a keyword."""
 
     calls = 0
+    seen: list = []  # (attention module, got freqs_cis as a keyword)
 
     def __call__(self, module, args, kwargs):
         NunchakuZImageRopeHook.calls += 1
+        NunchakuZImageRopeHook.seen.append((module, "freqs_cis" in kwargs))
 
 
-class NunchakuZImageTransformer2DModel(LoadsBesideTheFile, ZImageTransformer2DModel):
+class NunchakuZImageTransformer2DModel(ZImageLoading, ZImageTransformer2DModel):
+    # The real _patch_model sets it from the checkpoint's quantization_config (default False); True leaves
+    # the refiners unquantized, and then unhooked.
+    skip_refiners = False
+
     def register_rope_hook(self, rope_hook):
-        self.rope_hook_handles = [layer.attention.register_forward_pre_hook(rope_hook, with_kwargs=True)
-                                  for layer in self.layers]
+        hooked = list(self.layers)
+        if not self.skip_refiners:
+            hooked += [*self.noise_refiner, *self.context_refiner]
+        self.rope_hook_handles = [block.attention.register_forward_pre_hook(rope_hook, with_kwargs=True)
+                                  for block in hooked]
 
     def unregister_rope_hook(self):
         for handle in self.rope_hook_handles:
@@ -33,7 +45,7 @@ class NunchakuZImageTransformer2DModel(LoadsBesideTheFile, ZImageTransformer2DMo
             self.unregister_rope_hook()
 
 
-class NunchakuQwenImageTransformer2DModel(LoadsBesideTheFile, QwenImageTransformer2DModel):
+class NunchakuQwenImageTransformer2DModel(QwenImageLoading, QwenImageTransformer2DModel):
     def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
                 img_shapes=None, txt_seq_lens=None, guidance=None, attention_kwargs=None,
                 controlnet_block_samples=None, return_dict=True):

@@ -1,14 +1,14 @@
 """TEST DOUBLE of nunchaku 1.1.0's transformers: v1.1.0's signatures and calls, diffusers' computation."""
 
 from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
-from nunchaku_double_loading import LoadsBesideTheFile  # ../../_common, put on sys.path by the test fixture
+from nunchaku_double_loading import QwenImageLoading, ZImageLoading  # ../../_common, on sys.path in the tests
 
 
-class NunchakuZImageTransformer2DModel(LoadsBesideTheFile, ZImageTransformer2DModel):
-    """v1.1.0 keeps diffusers' forward: only loading differs."""
+class NunchakuZImageTransformer2DModel(ZImageLoading, ZImageTransformer2DModel):
+    """v1.1.0 keeps diffusers' forward: only loading differs (and no per-block offload)."""
 
 
-class NunchakuQwenImageTransformer2DModel(LoadsBesideTheFile, QwenImageTransformer2DModel):
+class NunchakuQwenImageTransformer2DModel(QwenImageLoading, QwenImageTransformer2DModel):
     def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
                 img_shapes=None, txt_seq_lens=None, guidance=None, attention_kwargs=None,
                 controlnet_block_samples=None, return_dict=True):
