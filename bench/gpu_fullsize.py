@@ -3,8 +3,10 @@ and the service (one replica, handle path) against the direct pipeline call, all
 
 Every path only a GPU runs gets exercised: each offload mode (--modes), each attention backend with
 the calls that carry a mask or a second stream (CFG, and for generation a batch of prompts of
-different lengths), compile with the replica's warm-up (does the first request compile again?), and
-cancellation (time from the stop signal to the return, and whether the VAE decode was skipped).
+different lengths), compile with the replica's warm-up (does the first request compile again?),
+cancellation (time from the stop signal to the return, and whether the VAE decode was skipped), and a
+swap group's park and restore (pinned host copies; the same image after). fp8 variants
+(``--variants z-image-turbo-fp8``) run torchao's fp8 matmuls: per-row scales, per-tensor on sm_120.
 
 Models are built in memory from the architecture numbers of docs/facts.md (``serve_app.engines.random_weights``
 at size "full": same classes, parameter counts, FLOPs and memory as the real weights) by the same
@@ -152,6 +154,29 @@ class Runner:
             return {"stopped": str(stop), "after_stop_s": round(time.perf_counter() - stopped_at[0], 4),
                     "decode_skipped": "vae_decode_s" not in self.engine._timer.seconds}
         return {"stopped": False}
+
+
+def swap_round_trip(runner: Runner) -> dict:
+    """What a swap group does to a resident member: park every weight in host RAM (one flat buffer per module,
+    page-locked in place by cudaHostRegister), then copy it back; seconds, bytes, the link rate it reached, the
+    host RAM it took against the weights, and whether the next image is the one before."""
+    import numpy as np
+
+    engine = runner.engine
+    before = np.asarray(runner.call(engine.variant.min_inference_steps).images[0])
+    started = time.perf_counter()
+    freed = engine.park()
+    parked_s = time.perf_counter() - started
+    started = time.perf_counter()
+    copied = engine.unpark()
+    unpark_s = time.perf_counter() - started
+    after = np.asarray(runner.call(engine.variant.min_inference_steps).images[0])
+    copies = engine._host_copies
+    return {"park_s": round(parked_s, 3), "unpark_s": round(unpark_s, 3), "bytes_freed": freed,
+            "bytes_copied": copied, "unpark_gbps": round(copied / unpark_s / 1e9, 2) if copied else None,
+            "host_gib": round(copies.host_bytes / GIB, 3) if copies else 0.0,
+            "pinned_gib": round(copies.pinned_bytes / GIB, 3) if copies else 0.0,
+            "same_image_after": bool(np.array_equal(before, after))}
 
 
 def with_option(runner: Runner, name: str, base: dict) -> dict:
@@ -362,6 +387,8 @@ def run(args: argparse.Namespace, out) -> int:
                    **runner.measure(args.repeats),
                    **planner_view(variant, gpu, mode, args, input_images),
                    "masked_calls": runner.masked_calls(), "cancellation": runner.cancellation()}
+            if mode == "none":
+                row["swap"] = swap_round_trip(runner)
             row["options"] = {name: with_option(runner, name, row)
                               for name in sorted(args.options, key=lambda o: o == "compile")}
             report["variants"][key] = row
@@ -388,6 +415,8 @@ def run(args: argparse.Namespace, out) -> int:
               f"(planner {row.get('planned_total_s', '-')}); peak VRAM {row.get('peak_vram_gib', '-')} GiB "
               f"(planner {row['planned_allocated_gib']} + context)")
         print(f"    masked calls: {row['masked_calls']}; cancellation: {row['cancellation']}")
+        if "swap" in row:
+            print(f"    swap: {row['swap']}")
         for name, option in row["options"].items():
             if "error" in option:
                 print(f"    {name:<18} {option['error']}")

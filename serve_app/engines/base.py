@@ -33,6 +33,7 @@ from serve_app.domain.errors import UnsupportedValueError
 from serve_app.domain.planner import OffloadMode, architecture_problem, plan
 from serve_app.domain.schemas import MAX_SEED, LoraRequest
 from serve_app.domain.specs import EngineSpec
+from serve_app.engines.host_copies import HostCopies
 from serve_app.engines.previews import LatentPreviewer, fit_latent_rgb
 from serve_app.engines.protocol import EngineInfo, GenerationCancelled, IncompatibleHardwareError, Job, ModelLoadError
 from serve_app.engines.weights_io import prefetch, weight_files
@@ -145,18 +146,39 @@ def compute_dtype(requested: str | None, device: str, gpu: GPUClass | None) -> s
     return "bfloat16" if has_bf16 else "float16"
 
 
-def fp8_quantization(device: str):
-    """torchao's fp8 recipe for an fp8 variant's transformer on ``device``: on CUDA, fp8 weights and fp8
-    activations scaled per row, so the linear layers run fp8 matmuls (sm_89 and newer; the planner refuses the
-    rest); elsewhere fp8 weights widened per layer (weight-only), which torchao runs on CPU."""
+# Consumer and workstation Blackwell (sm_120 RTX 50-series and RTX PRO 6000, sm_121 GB10): cuBLAS has no row-wise
+# fp8 scaling there, so torch._scaled_mm with per-row scales fails with CUBLAS_STATUS_NOT_SUPPORTED (pytorch
+# issue 192707; pytorch PR 161236). One scale per tensor runs on every fp8 GPU.
+PER_TENSOR_FP8_SM = frozenset({120, 121})
+
+
+def fp8_quantization(device: str, gpu: GPUClass | None = None):
+    """torchao's fp8 recipe for an fp8 variant's transformer on ``device`` (and the local ``gpu``'s class): on
+    CUDA, fp8 weights and fp8 activations, so the linear layers run fp8 matmuls (sm_89 and newer; the planner
+    refuses the rest), scaled per row, or per tensor where cuBLAS has no row-wise scaling
+    (``PER_TENSOR_FP8_SM``); elsewhere fp8 weights widened per layer (weight-only), which torchao runs on CPU."""
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            PerRow,
+            PerTensor,
+        )
     except ImportError:
         raise ModelLoadError("fp8 variants are quantized at load by torchao, which is not installed here: "
                              "pip install 'imageserve[fp8]'") from None
     if device == "cuda":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        per_tensor = gpu is not None and gpu.sm in PER_TENSOR_FP8_SM
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor() if per_tensor else PerRow())
     return Float8WeightOnlyConfig()
+
+
+def fp8_placement(device: str) -> dict[str, Any]:
+    """Where an fp8 transformer's bf16 weights go as they load, to be quantized there: the GPU that runs it.
+    diffusers' torchao quantizer quantizes each weight on the device its ``device_map`` names; without one, the
+    whole bf16 transformer (41 GB for Qwen-Image-Edit) is quantized on the host (torchao_quantizer.py,
+    ``create_quantized_param``). The GPU holds the fp8 transformer in every offload mode fp8 variants take."""
+    return {"device_map": device} if device == "cuda" else {}
 
 
 def holds_fp8_weights(module: torch.nn.Module) -> bool:
@@ -173,6 +195,10 @@ def apply_offload(pipe, mode: OffloadMode, device: str, nunchaku_transformer: bo
         pipe.enable_model_cpu_offload()
         return
     if nunchaku_transformer:
+        if not hasattr(pipe.transformer, "set_offload"):
+            # nunchaku's Z-Image transformer has none in any release (its from_pretrained refuses offload=True).
+            raise ModelLoadError(f"{type(pipe.transformer).__name__} has no per-block offload (set_offload): set "
+                                 "per_block_offload: false for this variant in the catalog")
         # nunchaku streams its own blocks; accelerate handles the text encoder and VAE.
         pipe.transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)
         # A new list on this pipeline: appending would change the class attribute every pipeline shares.
@@ -194,6 +220,32 @@ def set_channels_last(module: torch.nn.Module, enabled: bool = True) -> None:
             conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
 
 
+def set_attention_backend(transformer: torch.nn.Module, backend: str) -> None:
+    """Run every attention of ``transformer`` (and only those) on ``backend``.
+
+    diffusers 0.42.1's ``ModelMixin.set_attention_backend`` sets the backend on each attention processor of the
+    model and then also makes it the process-wide default (``_AttentionBackendRegistry.set_active_backend``),
+    which every other model in the process, whose processors name no backend, then runs on: another member of a
+    swap group, say, where a maskless backend breaks Z-Image's masked calls. The default is put back. A
+    transformer whose attention modules are not diffusers' (nunchaku's) takes no backend: refused rather than
+    logged as applied.
+    """
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry._active_backend
+    try:
+        transformer.set_attention_backend(backend)
+    except (AttributeError, ImportError, RuntimeError, ValueError) as err:
+        raise ModelLoadError(f"attention_backend {backend!r} is not usable here: {err}") from None
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
+    taken = [m for m in transformer.modules()
+             if getattr(getattr(m, "processor", None), "_attention_backend", None) is not None]
+    if not taken:
+        raise ModelLoadError(f"attention_backend {backend!r}: no attention module of {type(transformer).__name__} "
+                             "takes a diffusers attention backend")
+
+
 def apply_optimizations(pipe, options: OptimizationConfig) -> list[str]:
     """Apply the configured speed options to a loaded pipeline; returns what was applied.
 
@@ -201,10 +253,7 @@ def apply_optimizations(pipe, options: OptimizationConfig) -> list[str]:
     """
     applied = []
     if options.attention_backend is not None:
-        try:
-            pipe.transformer.set_attention_backend(options.attention_backend)
-        except (AttributeError, ImportError, RuntimeError, ValueError) as err:
-            raise ModelLoadError(f"attention_backend {options.attention_backend!r} is not usable here: {err}") from None
+        set_attention_backend(pipe.transformer, options.attention_backend)
         applied.append(f"attention_backend={options.attention_backend}")
     if options.vae_channels_last:
         set_channels_last(pipe.vae)
@@ -316,68 +365,6 @@ def fuse_lora(pipe, path: Path, scale: float) -> None:
         raise ModelLoadError(f"fusing the LoRA {path} failed: {type(err).__name__}: {err}") from err
 
 
-class HostCopies:
-    """Every weight of some modules, kept in host RAM, so their GPU copy can be dropped (``park``) and put back
-    (``restore``) without reading the disk: what a GPU shared by several variants swaps.
-
-    Parameters keep their identity (their ``.data`` changes), so anything holding them (hooks, a compiled
-    graph's guards, an optimizer) still finds them. Tied weights are moved once. Pinned host copies let the
-    copy back run at the link's full rate.
-    """
-
-    def __init__(self, modules: list[torch.nn.Module], pin: bool) -> None:
-        self._slots: list[tuple[torch.nn.Module, str, bool]] = []  # (owner, name, is_parameter)
-        seen: set[int] = set()
-        for module in modules:
-            for owner in module.modules():
-                for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
-                    for name, tensor in table.items():
-                        if tensor is not None and id(tensor) not in seen:
-                            seen.add(id(tensor))
-                            self._slots.append((owner, name, is_parameter))
-        self._host: list[torch.Tensor] | None = None
-        self._pin = pin and torch.cuda.is_available()
-
-    def _tensor(self, owner: torch.nn.Module, name: str, is_parameter: bool) -> torch.Tensor:
-        return (owner._parameters if is_parameter else owner._buffers)[name]
-
-    def _set(self, owner: torch.nn.Module, name: str, is_parameter: bool, value: torch.Tensor) -> None:
-        if is_parameter:
-            owner._parameters[name].data = value
-        else:
-            owner._buffers[name] = value
-
-    def park(self) -> int:
-        """Point every weight at its host copy (made on the first park) and free the device memory."""
-        moved = 0
-        if self._host is None:
-            self._host = []
-            for slot in self._slots:
-                tensor = self._tensor(*slot).detach()
-                host = tensor.to("cpu", copy=True)
-                self._host.append(host.pin_memory() if self._pin else host)
-        for slot, host in zip(self._slots, self._host, strict=True):
-            if self._tensor(*slot).device.type != "cpu":
-                moved += host.numel() * host.element_size()
-            self._set(*slot, host)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return moved
-
-    def restore(self, device: str) -> int:
-        """Copy every weight back to ``device`` from its host copy; returns the bytes copied."""
-        if self._host is None:
-            return 0
-        moved = 0
-        for slot, host in zip(self._slots, self._host, strict=True):
-            self._set(*slot, host.to(device, non_blocking=self._pin))
-            if device != "cpu":
-                moved += host.numel() * host.element_size()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return moved
-
-
 class DiffusersEngine:
     """One loaded variant on a diffusers pipeline. Calls are serialized: pipelines are not thread-safe.
 
@@ -458,18 +445,31 @@ class DiffusersEngine:
                                   **cls.extra_components(spec, folder)}
         if four_bit:
             kwargs["transformer"] = cls._nunchaku_transformer(spec, target)
-        if spec.variant.precision == "fp8":  # quantized layer by layer as the bf16 weights load
-            kwargs["quantization_config"] = diffusers.PipelineQuantizationConfig(
-                quant_mapping={"transformer": diffusers.TorchAoConfig(fp8_quantization(target.device))})
         # The files read front to back while from_pretrained maps them and prepare() moves them to the device:
         # bench/load.py measured this the fastest way off the disk (docs/benchmarks.md, "Cold start").
         with prefetch(weight_files(folder, skip=("transformer",) if four_bit else ())):
             try:
+                if spec.variant.precision == "fp8":
+                    kwargs["transformer"] = cls._fp8_transformer(folder, dtype, target)
                 pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(folder, **kwargs)
-            except (OSError, ValueError, RuntimeError, KeyError) as err:
+            except ModelLoadError:
+                raise
+            except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
                 raise ModelLoadError(f"{spec.variant.id}: loading {folder} failed: {type(err).__name__}: "
                                      f"{err}") from err
             return cls.prepare(pipe, spec, target, started, str(folder), nunchaku_transformer=four_bit)
+
+    @classmethod
+    def _fp8_transformer(cls, folder: Path, dtype: torch.dtype, target: LoadTarget):
+        """The checkpoint's bf16 transformer, quantized to fp8 layer by layer as it loads (``fp8_placement``)."""
+        import diffusers
+
+        index = json.loads((folder / "model_index.json").read_text())
+        transformer_class = getattr(diffusers, index["transformer"][1])
+        config = diffusers.TorchAoConfig(fp8_quantization(target.device, target.gpu))
+        return transformer_class.from_pretrained(folder, subfolder="transformer", dtype=dtype, use_safetensors=True,
+                                                 local_files_only=True, quantization_config=config,
+                                                 **fp8_placement(target.device))
 
     @classmethod
     def extra_components(cls, spec: EngineSpec, folder: Path) -> dict[str, Any]:
@@ -505,7 +505,7 @@ class DiffusersEngine:
                 "checkpoint with longer tables")
         if variant.precision == "fp8" and not holds_fp8_weights(pipe.transformer):
             # A pipeline built in memory (random weights) rather than loaded: quantize the whole transformer now.
-            recipe = fp8_quantization(target.device)
+            recipe = fp8_quantization(target.device, target.gpu)
             from torchao.quantization import quantize_
 
             quantize_(pipe.transformer, recipe)
@@ -591,6 +591,14 @@ class DiffusersEngine:
             self._latent_rgb = fit_latent_rgb(self)
         return self._latent_rgb
 
+    def _after_broken_call(self) -> None:
+        """What a pipeline does at the end of a completed ``__call__``, for one that did not complete: diffusers
+        resets the step-cache hooks' state (and re-arms model offload) only in ``maybe_free_model_hooks``, the last
+        line of ``__call__`` (pipeline_utils.py). A call cancelled at the VAE decode, or failed anywhere, skips
+        it, and the next request would start from the broken call's cached residuals: of another size, a shape
+        error on every later request; of the same size, a different image."""
+        self.pipe.maybe_free_model_hooks()
+
     def use_lora(self, lora: LoraRequest | None) -> None:
         """Activate ``lora`` for the next pipeline call (none: the plain transformer); its load, when it was not
         loaded, is timed as ``lora_load_s``."""
@@ -612,19 +620,24 @@ class DiffusersEngine:
         transformer's per-request ``lora`` active (none: no adapter).
 
         On leaving it, ``call.timings`` holds the stage seconds plus ``denoise_s`` (the rest) and
-        ``total_s``; if ``should_stop`` stopped the denoising, ``GenerationCancelled`` is raised.
+        ``total_s``; if ``should_stop`` stopped the denoising, ``GenerationCancelled`` is raised. A call that
+        does not complete (cancelled, or failed anywhere) leaves no state behind for the next (``_after_broken_call``).
         """
         call = PipelineCall(num_inference_steps, should_stop, on_step)
         with self._lock:
             self._timer.seconds = {}
             started = time.perf_counter()
-            self.use_lora(lora)
             self._call = call
+            completed = False
             try:
+                self.use_lora(lora)
                 with torch.inference_mode():
                     yield call
+                completed = not call.stopped
             finally:
                 self._call = None
+                if not completed:
+                    self._after_broken_call()
             total = time.perf_counter() - started
             call.timings = dict(self._timer.seconds)
         if call.stopped:

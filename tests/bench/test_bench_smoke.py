@@ -32,6 +32,15 @@ def test_fleet_capacity_is_the_best_split_of_the_workload(catalog):
     assert capacity(table, {"fast": 1, "slow": 2}, [("generate", "z-image-turbo", 1.0)]) == pytest.approx(1 / 6)
 
 
+def test_pinned_host_benchmark_compares_per_tensor_pinning_with_flat_buffers():
+    out = subprocess.run([sys.executable, "-m", "bench.pinned_host", "--json"], capture_output=True, text=True,
+                         check=True, timeout=300, cwd=ROOT).stdout
+    rows = {(r["variant"], r["component"]): r for r in json.loads(out)["rows"]}
+    transformer = rows[("qwen-image-edit-2511", "transformer")]
+    assert transformer["weights_gib"] == pytest.approx(38.05, abs=0.01)  # docs/facts.md: 40.86 GB
+    assert transformer["per_tensor_factor"] > 1.5 and transformer["flat_factor"] < 1.001
+
+
 @pytest.mark.integration
 def test_gpu_fullsize_harness_smoke_mode_runs_every_path_on_cpu():
     out = subprocess.run([sys.executable, "-m", "bench.gpu_fullsize", "--smoke", "--json"],
@@ -47,6 +56,7 @@ def test_gpu_fullsize_harness_smoke_mode_runs_every_path_on_cpu():
         assert row["masked_calls"]["cfg"] == "ok"
         assert row["cancellation"]["decode_skipped"] is True and "after 1 of" in row["cancellation"]["stopped"]
         assert row["options"]["vae-channels-last"]["compared"] == "vae_decode_s"
+        assert row["swap"]["same_image_after"] is True and row["swap"]["bytes_copied"] == 0  # CPU: nothing moves
         service = row["service"]
         assert service["handle_wall_s"] > 0
         assert service["ratio"] == pytest.approx(service["handle_wall_s"] / service["direct_wall_s"], rel=0.02)

@@ -116,21 +116,31 @@ def test_lightning_variants_denoise_on_lightnings_own_sigmas(tiny_models, catalo
 
 
 def test_per_block_offload_excludes_the_transformer_on_this_pipeline_only():
-    """TEST DOUBLE for nunchaku's ``set_offload`` (the tiny transformer is diffusers'). Sequential offload
-    needs an accelerator, so the call ends in an error here; the exclusion must not leak to the class."""
-    from diffusers import ZImagePipeline
+    """TEST DOUBLE for nunchaku's Qwen-Image ``set_offload`` (the tiny transformer is diffusers'). Sequential
+    offload needs an accelerator, so the call ends in an error here; the exclusion must not leak to the class."""
+    from diffusers import QwenImageEditPlusPipeline
 
     from serve_app.engines.base import apply_offload
-    from serve_app.engines.random_weights import z_image_pipeline
+    from serve_app.engines.random_weights import qwen_image_edit_pipeline
 
-    pipe, other = z_image_pipeline("tiny"), z_image_pipeline("tiny")
+    pipe, other = qwen_image_edit_pipeline("tiny"), qwen_image_edit_pipeline("tiny")
     offloads = []
     pipe.transformer.set_offload = lambda offload, **kwargs: offloads.append((offload, kwargs))
     with pytest.raises(Exception):  # noqa: B017 - whatever accelerate raises without a GPU
         apply_offload(pipe, "sequential", "cuda", nunchaku_transformer=True)
     assert offloads == [(True, {"use_pin_memory": False, "num_blocks_on_gpu": 1})]
     assert pipe._exclude_from_cpu_offload == ["transformer"]
-    assert ZImagePipeline._exclude_from_cpu_offload == [] and other._exclude_from_cpu_offload == []
+    assert QwenImageEditPlusPipeline._exclude_from_cpu_offload == [] and other._exclude_from_cpu_offload == []
+
+
+def test_per_block_offload_of_a_transformer_without_set_offload_is_refused_by_name():
+    """nunchaku's Z-Image transformer has no ``set_offload`` in any release: a catalog entry that asks for it
+    fails its load with the fix, not an AttributeError."""
+    from serve_app.engines.base import apply_offload
+    from serve_app.engines.random_weights import z_image_pipeline
+
+    with pytest.raises(ModelLoadError, match="no per-block offload .*per_block_offload: false"):
+        apply_offload(z_image_pipeline("tiny"), "sequential", "cuda", nunchaku_transformer=True)
 
 
 def test_turing_runs_float16_and_refuses_bfloat16():

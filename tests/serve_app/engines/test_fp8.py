@@ -15,7 +15,7 @@ from serve_app.domain.schemas import EditRequest, GenerateRequest
 from serve_app.domain.specs import engine_spec
 from serve_app.embedded import tiny_model_config
 from serve_app.engines import load_engine
-from serve_app.engines.base import fp8_quantization, holds_fp8_weights
+from serve_app.engines.base import fp8_placement, fp8_quantization, holds_fp8_weights
 from serve_app.engines.protocol import Job, ModelLoadError
 
 pytest.importorskip("torchao")
@@ -52,14 +52,45 @@ def test_the_fp8_edit_variant_loads_and_edits(tiny_root, catalog, png_bytes):
     assert result.images[0].shape[:2] == (64, 64)
 
 
-def test_cuda_gets_fp8_activations_per_row_and_cpu_weight_only():
+def test_cuda_gets_fp8_activations_per_row_and_cpu_weight_only(catalog):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
-    cuda = fp8_quantization("cuda")
-    assert isinstance(cuda, Float8DynamicActivationFloat8WeightConfig)
-    granularity = cuda.granularity if isinstance(cuda.granularity, (list, tuple)) else [cuda.granularity]
-    assert all(isinstance(g, PerRow) for g in granularity)
+    for gpu in (None, catalog.gpu("rtx-4090"), catalog.gpu("h100-sxm")):
+        cuda = fp8_quantization("cuda", gpu)
+        assert isinstance(cuda, Float8DynamicActivationFloat8WeightConfig)
+        granularity = cuda.granularity if isinstance(cuda.granularity, (list, tuple)) else [cuda.granularity]
+        assert all(isinstance(g, PerRow) for g in granularity)
     assert isinstance(fp8_quantization("cpu"), Float8WeightOnlyConfig)
+
+
+def test_blackwell_workstation_cards_get_one_scale_per_tensor(catalog):
+    """cuBLAS has no row-wise fp8 scaling on sm_120 (pytorch issue 192707, PR 161236): the RTX 5090 runs fp8 with
+    a scale per tensor. Only a GPU can show the matmul runs (bench/gpu_fullsize.py on an sm_120 card)."""
+    from torchao.quantization import PerTensor
+
+    rtx_5090 = catalog.gpu("rtx-5090")
+    assert rtx_5090.sm == 120
+    granularity = fp8_quantization("cuda", rtx_5090).granularity
+    granularity = granularity if isinstance(granularity, (list, tuple)) else [granularity]
+    assert all(isinstance(g, PerTensor) for g in granularity)
+
+
+def test_fp8_weights_are_quantized_on_the_gpu_that_runs_them():
+    """diffusers' torchao quantizer quantizes each weight on the device its device_map names, and on the host
+    without one (the whole 41 GB bf16 transformer of Qwen-Image-Edit)."""
+    assert fp8_placement("cuda") == {"device_map": "cuda"}
+    assert fp8_placement("cpu") == {}
+
+
+def test_a_torchao_that_diffusers_refuses_fails_the_load_naming_the_variant(tiny_root, catalog, monkeypatch):
+    """What the node image's old lock (torchao 0.14.1) did: diffusers 0.42.1's TorchAoConfig raised a bare
+    ValueError from outside the load's error handling."""
+    import diffusers.quantizers.quantization_config as quantization_config
+
+    monkeypatch.setattr(quantization_config, "is_torchao_version", lambda op, version: op == "<")  # "too old"
+    with pytest.raises(ModelLoadError, match=r"z-image-turbo-fp8: loading .* failed: ValueError: TorchAoConfig "
+                                             r"requires torchao >= 0.15.0"):
+        engine_for(tiny_root, catalog, "z-image-turbo-fp8")
 
 
 def test_without_torchao_an_fp8_variant_fails_its_load_naming_the_extra(tiny_root, catalog, monkeypatch):
