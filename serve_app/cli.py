@@ -18,8 +18,8 @@ from serve_app.examples import EXAMPLE_FLEET, EXAMPLE_PRODUCTION_CONFIG
 DEFAULT_TINY_DIR = Path(os.environ.get("IMAGESERVE_HOME", Path.home() / ".cache" / "imageserve")) / "tiny-models"
 
 
-def _config(path: str | None) -> AppConfig:
-    return load_config(path) if path else parse_config({})
+def _config(path: str | None, check_compatibility: bool = True) -> AppConfig:
+    return load_config(path, check_compatibility) if path else parse_config({})
 
 
 def _format_plans(plans: list[Plan], catalog) -> str:
@@ -183,7 +183,8 @@ def cmd_make_tiny_models(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from serve_app.doctor import run_doctor
 
-    report = run_doctor(_config(args.config), cache_dir=args.cache_dir)
+    # A config with combinations that cannot work still gets its report, which lists them.
+    report = run_doctor(_config(args.config, check_compatibility=False), cache_dir=args.cache_dir)
     print(json.dumps(report, indent=2) if args.json else report["text"])
     return 0 if report["ok"] else 1
 
@@ -222,10 +223,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.config and _serve_tiny(args.tiny):
         from serve_app.embedded import on_tiny_checkpoints
 
-        config, loaders = on_tiny_checkpoints(config, Path(args.tiny_dir))
+        config, loaders, dropped = on_tiny_checkpoints(config, Path(args.tiny_dir))
         print(f"imageserve run: serving {args.config}'s variants from tiny random-weight checkpoints on CPU "
               f"(--tiny {args.tiny}); their images are noise. On a GPU node, or with --tiny never, the "
               "configured weights load.", flush=True)
+        for line in dropped:
+            print(f"imageserve run: left out on CPU: {line}", flush=True)
     if args.host or args.port:
         serving = config.serving.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
         config = config.model_copy(update={"serving": serving})

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from serve_app.domain.catalog import ModelVariant
+from serve_app.domain.compatibility import config_refusals
 from serve_app.domain.config import AppConfig
 from serve_app.domain.planner import plan
 from serve_app.download import hub_cache_dir
@@ -78,7 +79,9 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
         "nunchaku": {"usable": nunchaku_ok, "detail": nunchaku_text, "compatibility": fit},
         "variants": verdicts,
     }
-    report["ok"] = any(v["serves"] for v in verdicts) and report["disk"]["enough"]
+    refusals = config_refusals(config)
+    report["refused_combinations"] = [str(refusal) for refusal in refusals]
+    report["ok"] = any(v["serves"] for v in verdicts) and report["disk"]["enough"] and not refusals
 
     lines = []
     if local is None:
@@ -107,5 +110,8 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
             lines.append(f"  yes  {v['variant']} ({v['mode']}{extra})")
         else:
             lines.append(f"  no   {v['variant']}: {v['reason']}")
+    if refusals:
+        lines.append("Refused combinations (the config does not load until they go; docs/compatibility.md):")
+        lines += [f"  {refusal}" for refusal in report["refused_combinations"]]
     report["text"] = "\n".join(lines)
     return report

@@ -74,10 +74,37 @@ def tiny_loaders(config: AppConfig) -> dict[str, EngineLoader]:
     return {m: load_without_nunchaku for m in config.models if catalog.variant(m).requires_nunchaku}
 
 
-def on_tiny_checkpoints(config: AppConfig, tiny_dir: Path) -> tuple[AppConfig, dict[str, EngineLoader]]:
+# attention_backend values that run on a CPU: torch SDPA's math and flash kernels (the others need CUDA or a package).
+CPU_ATTENTION_BACKENDS = ("native", "_native_math", "_native_flash")
+
+
+def cpu_settings(model_id: str, entry: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``models.<id>`` settings without what a CPU cannot run, and a line for each setting left out."""
+    kept = dict(entry)
+    dropped = []
+    for key, why in (("offload_mode", "CPU pipelines hold their weights in RAM"),
+                     ("torch_dtype", "CPU runs float32")):
+        if kept.pop(key, None) is not None:
+            dropped.append(f"models.{model_id}.{key}: {why}")
+    optimizations = dict(kept.get("optimizations") or {})
+    backend = optimizations.get("attention_backend")
+    if backend is not None and backend not in CPU_ATTENTION_BACKENDS:
+        del optimizations["attention_backend"]
+        dropped.append(f"models.{model_id}.optimizations.attention_backend {backend!r}: needs CUDA (CPU runs "
+                       f"{', '.join(CPU_ATTENTION_BACKENDS)})")
+    if optimizations:
+        kept["optimizations"] = optimizations
+    else:
+        kept.pop("optimizations", None)
+    return kept, dropped
+
+
+def on_tiny_checkpoints(config: AppConfig, tiny_dir: Path) -> tuple[AppConfig, dict[str, EngineLoader], list[str]]:
     """``config`` as this machine can run it without a GPU: every variant from its base model's tiny checkpoint
     on CPU, offline, with the embedded default's CPU settings; GPU pools dropped (their nodes are not here),
-    and swap groups kept, so they take turns as they would on a GPU. Returns the config and its loaders."""
+    and swap groups kept, so they take turns as they would on a GPU. Speed options that run on a CPU (step
+    caches, compile, VAE channels-last, the SDPA backends) are kept. Returns the config, its loaders, and a line
+    for each setting a CPU cannot honour and that was left out."""
     build_all(tiny_dir)
     catalog = config.build_catalog()
     data = config.model_dump(mode="json", exclude_unset=True)
@@ -86,12 +113,13 @@ def on_tiny_checkpoints(config: AppConfig, tiny_dir: Path) -> tuple[AppConfig, d
     data["hf"] = embedded["hf"]
     data["defaults"] = embedded["defaults"]
     data.pop("pools", None)
-    data["models"] = {m: {**{k: v for k, v in entry.items() if k not in ("source", "transformer_source", "revision",
-                                                                          "transformer_revision", "lora_source",
-                                                                          "lora_revision", "offload_mode",
-                                                                          "torch_dtype", "optimizations")},
-                          **tiny_model_config(tiny_dir, catalog.variant(m))}
-                      for m, entry in data.get("models", {}).items()}
+    models, dropped = {}, []
+    for model_id, entry in data.get("models", {}).items():
+        weights = ("source", "transformer_source", "revision", "transformer_revision", "lora_source", "lora_revision")
+        kept, left_out = cpu_settings(model_id, {k: v for k, v in entry.items() if k not in weights})
+        models[model_id] = {**kept, **tiny_model_config(tiny_dir, catalog.variant(model_id))}
+        dropped += left_out
+    data["models"] = models
     if data.get("loras"):  # each listed LoRA becomes the tiny one of its variants' architecture
         data["loras"] = tiny_loras(tiny_dir, catalog, {name: tuple(lora["variants"])
                                                        for name, lora in data["loras"].items()})
@@ -101,4 +129,4 @@ def on_tiny_checkpoints(config: AppConfig, tiny_dir: Path) -> tuple[AppConfig, d
     for group in data.get("swap_groups", []):
         group.pop("deployment", None)
     tiny = parse_config(data, "config on tiny checkpoints")
-    return tiny, tiny_loaders(tiny)
+    return tiny, tiny_loaders(tiny), dropped

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from serve_app.domain.catalog import Catalog, build_catalog
+from serve_app.domain.compatibility import config_refusals
 from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings
 from serve_app.domain.quotas import KeyLimits
 
@@ -257,15 +258,6 @@ class SwapGroupConfig(_Section):
 
 AttentionBackend = Literal["native", "_native_math", "_native_efficient", "_native_flash", "_native_cudnn",
                            "flash", "sage", "xformers"]
-# Backends whose kernels take no attention mask (diffusers 0.42 raises ValueError when given one).
-MASKLESS_ATTENTION_BACKENDS = ("flash", "sage", "_native_flash")
-# Pipelines that hand their transformer an attention mask in ordinary calls: ZImagePipeline pads the
-# prompts of one call to a common length and masks the padding (batched requests, and every CFG
-# call, which holds the prompt and the negative prompt). QwenImageEditPlusPipeline runs one prompt per
-# call and drops an all-true mask, so it passes none.
-PIPELINES_WITH_ATTENTION_MASKS = frozenset({"ZImagePipeline"})
-
-
 class StepCacheConfig(_Section):
     """Step caching from diffusers' own hooks: a denoising step reuses the previous step's transformer output
     where it changes little. A quality trade-off: docs/benchmarks.md ("Step caching") measures the forwards
@@ -281,13 +273,6 @@ class StepCacheConfig(_Section):
     cache_interval: int = Field(default=5, ge=2, description="taylorseer: steps between full forwards.")
     disable_cache_before_step: int = Field(
         default=3, ge=1, description="taylorseer: steps computed in full first, to fit the expansion.")
-
-
-# Pipelines whose transformer takes diffusers' cache hooks and whose pipeline resets their state per call
-# (CacheMixin.enable_cache, and cache_context around the transformer calls): diffusers 0.42.1's
-# QwenImageEditPlusPipeline does; ZImageTransformer2DModel has no CacheMixin and ZImagePipeline no
-# cache context, so cached state would leak from one request into the next.
-PIPELINES_WITH_STEP_CACHE = frozenset({"QwenImageEditPlusPipeline"})
 
 
 class OptimizationConfig(_Section):
@@ -422,7 +407,7 @@ class AppConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _models_are_in_catalog(self) -> AppConfig:
+    def _models_are_in_catalog(self, info: ValidationInfo) -> AppConfig:
         known = build_catalog(self.catalog).variants
         unknown = [m for m in self.models if m not in known]
         if unknown:
@@ -439,28 +424,6 @@ class AppConfig(_Section):
             unknown_variants = [v for v in pool.variants or [] if v not in known]
             if unknown_variants:
                 raise ValueError(f"pools.{pool.name}.variants: unknown {unknown_variants}")
-        for model_id, model in self.models.items():
-            variant = known[model_id]
-            if model.max_batch_size > 1 and variant.task != "generate":
-                raise ValueError(f"models.{model_id}.max_batch_size: the edit pipeline takes one image set per "
-                                 "call; batching is for generation variants")
-            backend = model.optimizations.attention_backend
-            if backend in MASKLESS_ATTENTION_BACKENDS and variant.pipeline in PIPELINES_WITH_ATTENTION_MASKS:
-                raise ValueError(
-                    f"models.{model_id}.optimizations.attention_backend: {backend!r} takes no attention mask, and "
-                    f"{variant.pipeline} masks the padding of batched prompts and of every CFG call; use "
-                    "'_native_cudnn' or '_native_efficient' (masked fused kernels) or leave it unset")
-            if model.optimizations.step_cache is not None and (
-                    variant.pipeline not in PIPELINES_WITH_STEP_CACHE or variant.requires_nunchaku):
-                why = ("nunchaku's 4-bit transformer does not take diffusers' cache hooks" if variant.requires_nunchaku
-                       else f"diffusers 0.42's {variant.pipeline} has no step-cache support (its transformer has no "
-                            "enable_cache and the pipeline resets no cache state between calls)")
-                raise ValueError(f"models.{model_id}.optimizations.step_cache: {why}; step caching is for the "
-                                 "bf16 Qwen-Image-Edit variants")
-            if model.optimizations.compile_transformer and variant.requires_nunchaku:
-                raise ValueError(
-                    f"models.{model_id}.optimizations.compile_transformer: {model_id} runs nunchaku's 4-bit "
-                    "transformer, whose custom CUDA kernels torch.compile cannot trace; compile only bf16 variants")
         if self.load is not None:
             not_listed = [m for m in self.load if m not in self.models]
             if not_listed:
@@ -480,6 +443,11 @@ class AppConfig(_Section):
         if len(group_names) != len(set(group_names)):
             raise ValueError(f"swap_groups: names must be unique, got {group_names}")
         self._check_loras(known)
+        if info.context is None or info.context.get("check_compatibility", True):
+            refusals = config_refusals(self)
+            if refusals:
+                raise ValueError("combinations that cannot work (docs/compatibility.md):\n    "
+                                 + "\n    ".join(str(refusal) for refusal in refusals))
         if self.hf.require_pinned_revisions:
             unpinned = [f"models.{model_id}.{key}" for model_id in self.models_to_load()
                         for key, pin in zip(("revision", "transformer_revision", "lora_revision"),
@@ -494,31 +462,16 @@ class AppConfig(_Section):
         return self
 
     def _check_loras(self, known: dict) -> None:
-        """Per-request LoRAs go only where diffusers' PEFT integration can load and swap them."""
+        """LoRA names requests can give, and sources and variants that exist (where a LoRA may apply is one of
+        ``compatibility.RULES``)."""
         for name, lora in self.loras.items():
             if not re.fullmatch(LORA_NAME, name):
                 raise ValueError(f"loras: {name!r} is not a name requests can give ({LORA_NAME})")
             if not lora.is_local and lora.file is None:
                 raise ValueError(f"loras.{name}.file: a hub repo source needs the weight file's name")
-            for variant_id in lora.variants:
-                where = f"loras.{name}.variants: {variant_id}"
-                if variant_id not in known:
-                    raise ValueError(f"{where} is no catalog variant")
-                if variant_id not in self.models:
-                    continue  # not served here: the LoRA applies where it is (a config may toggle models)
-                variant, model = known[variant_id], self.models[variant_id]
-                if variant.requires_nunchaku:
-                    raise ValueError(f"{where} runs nunchaku's 4-bit transformer, which diffusers' PEFT LoRA "
-                                     "loading does not reach; list bf16 variants")
-                if variant.precision == "fp8":
-                    raise ValueError(f"{where} holds torchao fp8 weights, which PEFT's LoRA layers do not wrap; "
-                                     "list bf16 variants")
-                if model.optimizations.compile_transformer:
-                    raise ValueError(f"{where} compiles its transformer, and a per-request LoRA would recompile it "
-                                     "whenever the active adapter changes; turn compile_transformer off for it")
-                if self.swap_group_of(variant_id) is not None:
-                    raise ValueError(f"{where} is in a swap group, whose routing names the variant, not the LoRA; "
-                                     "serve LoRAs from a variant's own deployment")
+            unknown = [v for v in lora.variants if v not in known]
+            if unknown:
+                raise ValueError(f"loras.{name}.variants: {', '.join(unknown)} is no catalog variant")
 
     def loras_for(self, model_id: str) -> dict[str, LoraConfig]:
         """The LoRAs requests may apply to ``model_id``, by name."""
@@ -631,9 +584,11 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any] | None, source: str = "config") -> AppConfig:
+def parse_config(data: dict[str, Any] | None, source: str = "config", check_compatibility: bool = True) -> AppConfig:
+    """Validate ``data``; ``check_compatibility=False`` keeps the combinations ``compatibility.RULES`` refuse (for
+    ``imageserve doctor``, which lists them)."""
     try:
-        return AppConfig.model_validate(data or {})
+        return AppConfig.model_validate(data or {}, context={"check_compatibility": check_compatibility})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 
@@ -661,14 +616,14 @@ def imageserve_args(serve_config: dict[str, Any], source: str = "serve config") 
     raise ConfigError(f"{source}: no application with import_path serve_app.builder:build_app")
 
 
-def load_config(path: str | os.PathLike) -> AppConfig:
+def load_config(path: str | os.PathLike, check_compatibility: bool = True) -> AppConfig:
     """Read and validate an imageserve YAML config, or the imageserve application's config inside a
     Ray Serve config file; relative local paths resolve against the file's folder."""
     path = Path(path)
     data = _read_mapping(path, "config")
     if "applications" in data:
         data = imageserve_args(data, str(path))
-    config = parse_config(data, str(path))
+    config = parse_config(data, str(path), check_compatibility)
     for section, attrs in [*((m, ("source", "transformer_source", "lora_source")) for m in config.models.values()),
                            *((lora, ("source",)) for lora in config.loras.values())]:
         for attr in attrs:

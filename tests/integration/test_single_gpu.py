@@ -23,7 +23,7 @@ def single_gpu(service, tiny_root):
     from serve_app.domain.config import load_config
     from serve_app.embedded import on_tiny_checkpoints
 
-    config, loaders = on_tiny_checkpoints(load_config(ROOT / "examples" / "single-gpu.yaml"), tiny_root)
+    config, loaders, _ = on_tiny_checkpoints(load_config(ROOT / "examples" / "single-gpu.yaml"), tiny_root)
     config = config.model_copy(update={"serving": config.serving.model_copy(update={"app_name": APP})})
     service.add_application(config, ROUTE, loaders)
     try:

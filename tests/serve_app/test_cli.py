@@ -79,6 +79,19 @@ def test_doctor_reports_this_machine(capsys, tmp_path):
     assert code == (0 if report["ok"] else 1)
 
 
+def test_doctor_lists_the_combinations_a_config_cannot_run(capsys, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("models:\n  z-image-turbo-svdq-int4-r128:\n    optimizations: {compile_transformer: true}\n"
+                      "  qwen-image-edit-2511:\n    optimizations: {step_cache: {kind: taylorseer}}\n")
+    code = main(["doctor", "--config", str(config), "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "Refused combinations" in out
+    assert ("models.z-image-turbo-svdq-int4-r128 (optimizations.compile_transformer): precision=nunchaku-4bit with "
+            "compile=on: nunchaku's 4-bit transformer runs custom CUDA kernels") in out
+    assert "qwen-image-edit-2511" not in out.split("Refused combinations")[1]  # a step cache on an edit model runs
+
+
 def test_doctor_counts_a_shared_repo_once():
     from serve_app.doctor import download_need_gb
     from serve_app.domain.catalog import default_catalog
@@ -155,3 +168,31 @@ def test_run_serves_a_config_on_tiny_checkpoints_where_there_is_no_gpu(monkeypat
 
     assert main(["run", "--config", str(ROOT / "examples" / "single-gpu.yaml"), "--tiny", "never"]) == 0
     assert served["loaders"] is None and served["config"].swap_groups[0].host_ram_gib == 64
+
+
+def test_run_on_tiny_checkpoints_keeps_the_speed_options_a_cpu_runs_and_says_what_it_left_out(
+        monkeypatch, tmp_path, capsys, tiny_root):
+    """A step cache used to vanish without a word on the way to CPU, so it could not even be tried there."""
+    import serve_app.runner
+
+    served = {}
+    monkeypatch.setattr(serve_app.runner, "run_foreground",
+                        lambda config, loaders=None: served.update(config=config) or 0)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "models:\n"
+        "  qwen-image-edit-2511:\n"
+        "    offload_mode: model\n"
+        "    optimizations:\n"
+        "      {step_cache: {kind: taylorseer}, attention_backend: _native_cudnn, vae_channels_last: true}\n"
+        "  z-image-turbo:\n"
+        "    optimizations: {attention_backend: _native_math, compile_transformer: true}\n")
+    assert main(["run", "--config", str(config), "--tiny-dir", str(tiny_root)]) == 0
+    out = capsys.readouterr().out
+    edit = served["config"].models["qwen-image-edit-2511"].optimizations
+    assert edit.step_cache.kind == "taylorseer" and edit.vae_channels_last and edit.attention_backend is None
+    generate = served["config"].models["z-image-turbo"].optimizations
+    assert generate.attention_backend == "_native_math" and generate.compile_transformer
+    assert "left out on CPU: models.qwen-image-edit-2511.offload_mode" in out
+    assert "left out on CPU: models.qwen-image-edit-2511.optimizations.attention_backend '_native_cudnn'" in out
+    assert "z-image-turbo" not in "".join(line for line in out.splitlines() if "left out" in line)

@@ -102,9 +102,10 @@ def test_a_serve_config_file_is_read_as_its_imageserve_config(tmp_path):
 
 
 def test_a_maskless_attention_backend_is_refused_where_the_pipeline_masks():
-    with pytest.raises(ConfigError, match="'flash' takes no attention mask, and ZImagePipeline masks"):
+    with pytest.raises(ConfigError, match=r"task=generate with attention=maskless \('flash'\): maskless kernels .* "
+                                          "take no attention mask, and ZImagePipeline masks"):
         parse_config({"models": {"z-image-turbo": {"optimizations": {"attention_backend": "flash"}}}})
-    with pytest.raises(ConfigError, match="'_native_flash' takes no attention mask"):
+    with pytest.raises(ConfigError, match=r"attention=maskless \('_native_flash'\)"):
         parse_config({"models": {"z-image-turbo-svdq-int4-r128": {
             "optimizations": {"attention_backend": "_native_flash"}}}})
     # One prompt per call and no mask: the edit pipeline may use them; masked fused kernels are fine everywhere.
@@ -113,7 +114,8 @@ def test_a_maskless_attention_backend_is_refused_where_the_pipeline_masks():
 
 
 def test_compiling_a_nunchaku_transformer_is_refused():
-    with pytest.raises(ConfigError, match="nunchaku's 4-bit transformer, whose custom CUDA kernels"):
+    with pytest.raises(ConfigError, match="precision=nunchaku-4bit with compile=on: nunchaku's 4-bit "
+                                          "transformer runs custom CUDA kernels"):
         parse_config({"models": {"qwen-image-edit-2509-svdq-int4-r128-lightning-4step": {
             "optimizations": {"compile_transformer": True}}}})
     parse_config({"models": {"z-image-turbo": {"optimizations": {"compile_transformer": True}}}})
