@@ -84,6 +84,32 @@ def test_speed_options_are_applied_at_load(tiny_models, load_engine_for):
     assert engine.pipe.transformer._compiled_call_impl is not None
 
 
+def test_an_attention_backend_stays_with_its_own_transformer(tiny_models, load_engine_for):
+    """diffusers' set_attention_backend also makes the backend the process-wide default, which every other model in
+    the process (another swap-group member, say) then ran on: a maskless one broke Z-Image's masked calls."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry._active_backend
+    config = cpu_config({"z-image-turbo": {"source": str(tiny_models["z-image-turbo"])}})
+    config.models["z-image-turbo"].optimizations = OptimizationConfig(attention_backend="_native_math")
+    load_engine_for(config, "z-image-turbo")
+    assert _AttentionBackendRegistry._active_backend == default
+
+
+def test_a_transformer_whose_attention_takes_no_backend_is_refused_at_load(tiny_models):
+    """nunchaku's attention modules are plain nn.Modules: diffusers' set_attention_backend changes nothing there,
+    which was logged as applied."""
+    from serve_app.engines.base import set_attention_backend
+    from serve_app.engines.random_weights import z_image_pipeline
+
+    transformer = z_image_pipeline("tiny").transformer
+    for module in transformer.modules():
+        if hasattr(module, "processor"):
+            module.processor = None  # what a transformer of other attention classes offers diffusers
+    with pytest.raises(ModelLoadError, match="no attention module of ZImageTransformer2DModel takes"):
+        set_attention_backend(transformer, "_native_math")
+
+
 def test_an_unusable_attention_backend_is_a_clear_load_error(tiny_models, load_engine_for):
     config = cpu_config({"z-image-turbo": {"source": str(tiny_models["z-image-turbo"])}})
     config.models["z-image-turbo"].optimizations = OptimizationConfig(attention_backend="sage")
