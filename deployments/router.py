@@ -50,6 +50,17 @@ READY_RETRY_AFTER_S = 5  # a replica loads in seconds (tiny) to minutes (20B fro
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
+def lora_load_cost(result: ImageResult, cost: float) -> float:
+    """What the LoRA load or hotswap a request caused cost, in its own megapixel-steps: the GPU seconds the load
+    took (``lora_load_s``, timed by the engine) at the rate the request's pipeline work ran. A batch shares one
+    load, and each of its requests pays in proportion to its share of the work. 0 without a load."""
+    load_s = result.timings.get("lora_load_s", 0.0)
+    work_s = result.timings.get("total_s", 0.0) - load_s
+    if load_s <= 0 or work_s <= 0:
+        return 0.0
+    return cost * load_s / work_s
+
+
 def _unwrap(err: BaseException) -> BaseException:
     """The exception a replica raised, out of Ray's RayTaskError wrapper."""
     return getattr(err, "cause", None) or err
@@ -84,7 +95,7 @@ class Router:
                 handle = handle.options(multiplexed_model_id=r.variant)
             routes.setdefault(r.variant, []).append(Route(
                 pool=r.pool, gpu_class=r.gpu_class, deployment=r.deployment, handle=handle,
-                vram_gib=r.vram_gib, cost_s=r.cost_s, min_replicas=r.min_replicas))
+                vram_gib=r.vram_gib, cost_s=r.cost_s, min_replicas=r.min_replicas, offload_mode=r.offload_mode))
         self.table = RoutingTable(self.catalog, routes, dict(spec.unavailable))
         self._shared = {r.deployment for r in spec.routes if r.shared}
         self._lora_handles: dict[tuple[str, str], Any] = {}
@@ -180,8 +191,14 @@ class Router:
             self.metrics.streams.inc(tags={"task": task, "status": status})
 
     def _answered(self, key_id: str | None, task: str, result: ImageResult, cost: float) -> None:
-        self.metrics.keyed(key_id, task, "ok", cost)
-        request_log.info("key %s: %s %s, %.2f megapixel-steps, %.2f s", key_id or "-", task, result.variant, cost,
+        """Charge the request what it cost: its planned cost, plus the GPU time a LoRA load or hotswap took for it
+        (``lora_load_cost``), which only the replica knows and which the key's bucket pays after the fact."""
+        extra = lora_load_cost(result, cost)
+        if extra:
+            self.quotas.charge(key_id, extra)
+        self.metrics.keyed(key_id, task, "ok", cost + extra)
+        request_log.info("key %s: %s %s, %.2f megapixel-steps%s, %.2f s", key_id or "-", task, result.variant,
+                         cost + extra, f" ({extra:.2f} for a LoRA load)" if extra else "",
                          result.timings.get("total_s", 0.0))
 
     def _refused(self, key_id: str | None, task: str, variant_id: str | None, err: ImageServeError) -> None:
@@ -253,14 +270,17 @@ class Router:
         (An edit makes its ``n`` images one call after another.)"""
         if request.n == 1 or variants[0].task != "generate":
             return
-        gpus = [(variant, self.catalog.gpus[route.gpu_class]) for variant in variants
+        gpus = [(variant, self.catalog.gpus[route.gpu_class], route.offload_mode) for variant in variants
                 for route in self.table.routes.get(variant.id, []) if route.gpu_class in self.catalog.gpus]
         if not gpus:
             return  # CPU replicas: no planner bound
 
         def fits(n: int) -> bool:
-            return any(plan(variant, gpu, *size, request.num_input_images, batch_size=n).fits
-                       for variant, gpu in gpus)
+            # In the mode the route's replicas loaded with (a batch cannot move them to a lighter one), and with
+            # CFG, which the pipeline stacks into the batch.
+            return any(plan(variant, gpu, *size, request.num_input_images, batch_size=n,
+                            modes=(mode,) if mode else OFFLOAD_MODES, cfg=request.runs_cfg(variant)).fits
+                       for variant, gpu, mode in gpus)
 
         if fits(request.n):
             return
@@ -274,13 +294,15 @@ class Router:
         """The request's cost in megapixel-steps; no single request may ask for more than the configured bound."""
         bound = self.spec.max_request_cost
         steps = variant.steps_for(request.num_inference_steps, request.quality)
-        cost = request.cost(*size, steps)
+        cfg = request.runs_cfg(variant)
+        cost = request.cost(*size, steps, cfg)
         if bound is None or cost <= bound:
             return cost
         raise LimitExceededError(
             f"this request costs {cost:.0f} megapixel-steps ({size[0]}x{size[1]} x {steps} steps x n={request.n}"
-            f" x (1 + {request.num_input_images} input images)), over this service's limit of {bound:g}: "
-            "ask for fewer steps, a smaller size or fewer images", param="size")
+            f" x (1 + {request.num_input_images} input images){' x 2 for classifier-free guidance' if cfg else ''}),"
+            f" over this service's limit of {bound:g}: ask for fewer steps, a smaller size or fewer images",
+            param="size")
 
     # ---- dispatch -------------------------------------------------------------------------
 

@@ -132,8 +132,9 @@ class LimitsConfig(_Section):
     max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="Largest input image, in pixels.")
     max_request_cost: float | None = Field(
         default=1000.0, gt=0,
-        description="Largest request, in megapixel-steps: output megapixels x steps x n x (1 + input images); "
-                    "422 past it. 1024x1024 at 40 steps with one input image costs 80. null: no bound.")
+        description="Largest request, in megapixel-steps: output megapixels x steps x n x (1 + input images), x 2 "
+                    "when it runs classifier-free guidance (two forwards a step); 422 past it. A 1024x1024 edit at 40 "
+                    "steps with one input image and CFG (Qwen-Image-Edit's default) costs 168. null: no bound.")
     per_key: KeyLimits = Field(
         default_factory=KeyLimits,
         description="Limits per API key, weighted by each request's cost in megapixel-steps (429 and Retry-After "

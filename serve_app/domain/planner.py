@@ -309,6 +309,7 @@ def plan(
     settings: PlannerSettings | None = None,
     batch_size: int = 1,
     calibration: Calibration | None = None,
+    cfg: bool | None = None,
 ) -> Plan:
     """Decide whether ``variant`` fits ``gpu`` for a request shape, and in which offload mode.
 
@@ -318,6 +319,7 @@ def plan(
         modes: offload modes allowed, tried fastest first; pass one mode to force it.
         batch_size: images per pipeline call (a generation deployment's ``max_batch_size``).
         calibration: traced and fitted terms (the built-in calibration when None).
+        cfg: whether the request runs classifier-free guidance (None: the variant's defaults do or not).
     """
     settings = settings or PlannerSettings()
     calibration = calibration or default_calibration()
@@ -344,7 +346,7 @@ def plan(
             mode_reasons[mode] = why
             continue
         est = estimate_vram(variant, mode, width, height, num_input_images, torch_dtype, settings, batch_size,
-                            calibration=calibration)
+                            cfg=cfg, calibration=calibration)
         estimates[mode] = est
         if est.peak_gib <= usable:
             seconds = estimate_seconds(variant, gpu, mode, width, height, num_input_images, settings=settings,

@@ -120,6 +120,13 @@ class KeyQuotas:
         state.in_flight_requests += 1
         return Admission(self, key_id, cost)
 
+    def charge(self, key_id: str | None, cost: float) -> None:
+        """Take ``cost`` from ``key_id``'s bucket after the fact (work a request caused that admission could not
+        know, as a LoRA load); the bucket may go into debt, which the key's next requests wait out."""
+        if key_id is None or self.rate_per_s is None or cost <= 0:
+            return
+        self._state(key_id).tokens -= cost
+
     def in_flight(self, key_id: str) -> tuple[int, float]:
         state = self._keys.get(key_id)
         return (state.in_flight_requests, state.in_flight_cost) if state else (0, 0.0)

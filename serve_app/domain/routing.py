@@ -54,6 +54,7 @@ class Route:
     cost_s: float | None = None
     min_replicas: int = 1
     measured_s: float | None = None
+    offload_mode: str | None = None  # the mode its replicas load with (None: not planned, e.g. CPU)
 
     def observe(self, seconds_per_image: float) -> None:
         if self.measured_s is None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import io
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from serve_app.domain.images import OutputFormat
+
+if TYPE_CHECKING:
+    from serve_app.domain.catalog import ModelVariant
 
 SIZE_PATTERN = re.compile(r"^([1-9]\d{0,3})x([1-9]\d{0,3})$")
 SIDE_MULTIPLE = 16  # VAE factor 8 x transformer patch 2, for every model served here
@@ -125,10 +128,16 @@ class _Request(BaseModel):
             return None, None
         return parse_size(self.size)
 
-    def cost(self, width: int, height: int, steps: int) -> float:
+    def cost(self, width: int, height: int, steps: int, cfg: bool = False) -> float:
         """What the request asks of a GPU, in megapixel-steps: output megapixels x steps x n, times one plus
-        the input images (each is encoded and adds its latents to every step's sequence)."""
-        return width * height / 1e6 * steps * self.n * (1 + self.num_input_images)
+        the input images (each is encoded and adds its latents to every step's sequence), times two when it runs
+        classifier-free guidance (``runs_cfg``: two transformer forwards a step)."""
+        return width * height / 1e6 * steps * self.n * (1 + self.num_input_images) * (2 if cfg else 1)
+
+    def runs_cfg(self, variant: ModelVariant) -> bool:
+        """Whether ``variant`` runs classifier-free guidance for this request (its defaults where it says nothing)."""
+        return variant.runs_cfg(getattr(self, "guidance_scale", None), getattr(self, "true_cfg_scale", None),
+                                self.negative_prompt)
 
     @property
     def input_images(self) -> list[bytes]:

@@ -153,6 +153,9 @@ class RouteSpec(_Spec):
     vram_gib: float | None = None
     cost_s: float | None = Field(default=None, description="Planner's seconds per image on this pool.")
     min_replicas: int = 1
+    offload_mode: OffloadMode | None = Field(
+        default=None, description="The offload mode the replica loads with on this pool (as LoadTarget plans it); "
+                                  "None outside GPU pools.")
 
 
 def key_digest(key: str | bytes) -> str:
@@ -306,10 +309,16 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
 
     def route(spec: ReplicaSpec, deployment: str, cost_s: float | None, min_replicas: int, shared: bool) -> None:
         gpu = spec.pool.gpu if spec.pool else None
+        mode = None
+        if gpu is not None:  # what LoadTarget.for_spec will choose on that GPU
+            engine = spec.engine
+            verdict = plan(spec.variant, gpu, engine.plan_width, engine.plan_height, modes=engine.offload_modes,
+                           settings=engine.planner, batch_size=engine.batch_size)
+            mode = verdict.mode if verdict.fits else None
         routes.append(RouteSpec(
             variant=spec.variant.id, deployment=deployment, shared=shared,
             pool=spec.pool.name if spec.pool else "default", gpu_class=gpu.id if gpu else None,
-            vram_gib=gpu.vram_gib if gpu else None, cost_s=cost_s, min_replicas=min_replicas))
+            vram_gib=gpu.vram_gib if gpu else None, cost_s=cost_s, min_replicas=min_replicas, offload_mode=mode))
 
     def add(spec: ReplicaSpec, cost_s: float | None) -> None:
         replicas.append(spec)

@@ -28,14 +28,71 @@ def test_a_request_over_the_cost_bound_is_422_naming_the_bound():
 
 
 def test_input_images_count_in_the_cost_and_the_variants_default_steps_stand_in():
-    checks = router({"max_request_cost": 100})
-    edit = checks.catalog.variant("qwen-image-edit-2511")  # 40 default steps
+    checks = router({"max_request_cost": 200})
+    edit = checks.catalog.variant("qwen-image-edit-2511")  # 40 default steps, CFG by default
     one = EditRequest(prompt="x", images=[b"a"])
     three = EditRequest(prompt="x", images=[b"a", b"b", b"c"])
     assert one.cost(1024, 1024, 40) == pytest.approx(1.048576 * 40 * 2)
-    checks.check_cost(one, edit, (1024, 1024))
-    with pytest.raises(LimitExceededError, match=r"x 40 steps x n=1 x \(1 \+ 3 input images\)"):
+    assert checks.check_cost(one, edit, (1024, 1024)) == pytest.approx(1.048576 * 40 * 2 * 2)
+    with pytest.raises(LimitExceededError, match=r"x 40 steps x n=1 x \(1 \+ 3 input images\) x 2 for "
+                                                 "classifier-free guidance"):
         checks.check_cost(three, edit, (1024, 1024))
+
+
+def test_classifier_free_guidance_doubles_the_cost_where_the_pipeline_runs_it():
+    """CFG runs two transformer forwards a step: a quota unit must not buy twice the GPU time."""
+    checks = router({"max_request_cost": None})
+    z, edit = checks.catalog.variant("z-image-turbo"), checks.catalog.variant("qwen-image-edit-2511")
+    plain = checks.check_cost(GenerateRequest(prompt="x", num_inference_steps=8), z, (1024, 1024))
+    guided = checks.check_cost(GenerateRequest(prompt="x", num_inference_steps=8, guidance_scale=3.0), z,
+                               (1024, 1024))
+    assert guided == pytest.approx(2 * plain)
+    image = [b"a"]
+    default = checks.check_cost(EditRequest(prompt="x", images=image, num_inference_steps=8), edit, (1024, 1024))
+    no_cfg = checks.check_cost(EditRequest(prompt="x", images=image, num_inference_steps=8, true_cfg_scale=1.0),
+                               edit, (1024, 1024))
+    assert default == pytest.approx(2 * no_cfg)
+    lightning = checks.catalog.variant("qwen-image-edit-2511-lightning-4step")  # distilled without CFG
+    assert checks.check_cost(EditRequest(prompt="x", images=image, num_inference_steps=8), lightning,
+                             (1024, 1024)) == pytest.approx(no_cfg)
+
+
+def test_the_batch_fit_check_plans_with_classifier_free_guidance():
+    """Z-Image stacks the unconditional pass into the batch: n=10 at 1024x1024 fits an RTX 4090 without CFG
+    (19.7 GiB planned) and not with it (26.6 GiB against 22.7 usable)."""
+    config = parse_config({"models": {"z-image-turbo": {}}, "pools": [{"name": "r4090", "gpu_class": "rtx-4090"}]})
+    spec = resolve_application(config).router
+    checks = Router(spec, {route.deployment: None for route in spec.routes})
+    variants = [checks.catalog.variant("z-image-turbo")]
+    checks.check_batch_fits(GenerateRequest(prompt="x", n=10), variants, (1024, 1024))
+    with pytest.raises(LimitExceededError, match="n=10 images at 1024x1024 do not fit") as refused:
+        checks.check_batch_fits(GenerateRequest(prompt="x", n=10, guidance_scale=2.0), variants, (1024, 1024))
+    assert refused.value.param == "n"
+
+
+def test_a_lora_load_is_charged_at_the_rate_the_request_ran():
+    """A hotswap or load takes GPU time the router cannot plan: the replica times it, and the key pays it after
+    the answer, in the request's own megapixel-steps per second."""
+    from deployments.router import lora_load_cost
+    from serve_app.domain.quotas import KeyLimits, KeyQuotas
+    from serve_app.domain.schemas import ImageResult
+
+    def result(timings):
+        return ImageResult(images=[], seeds=[], variant="z-image-turbo", width=64, height=64, num_inference_steps=2,
+                           created=0, timings=timings)
+
+    assert lora_load_cost(result({"total_s": 2.0}), cost=10.0) == 0.0
+    assert lora_load_cost(result({"total_s": 3.0, "lora_load_s": 1.0}), cost=10.0) == pytest.approx(5.0)
+    quotas = KeyQuotas(KeyLimits(cost_per_minute=60, burst_cost=100), clock=lambda: 0.0)
+    quotas.admit("k", 10.0).release()
+    quotas.charge("k", 5.0)
+    assert quotas._keys["k"].tokens == pytest.approx(85.0)
+    quotas.charge(None, 5.0)  # callers without a key are not metered
+
+    checks = router({"per_key": {"cost_per_minute": 60, "burst_cost": 100}})
+    checks.quotas.admit("k", 10.0).release()
+    checks._answered("k", "generate", result({"total_s": 3.0, "lora_load_s": 1.0}), cost=10.0)
+    assert checks.quotas._keys["k"].tokens == pytest.approx(100 - 10 - 5, abs=0.1)
 
 
 def test_no_bound_when_the_config_says_null():
