@@ -12,6 +12,11 @@
 #   docker build -t imageserve:0.1.0-nunchaku \
 #       --build-arg NUNCHAKU_WHEEL=https://github.com/nunchaku-tech/nunchaku/releases/download/<tag>/<wheel> \
 #       --build-arg NUNCHAKU_WHEEL_SHA256=<sha256 of that wheel> .
+#
+# The base image is named by tag: its digest could not be read from where this file was written, and none is
+# made up here. Pin it for your builds: `docker buildx imagetools inspect rayproject/ray:2.60.0-py311-cu128`
+# prints the digest; build with --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128@sha256:<that digest>
+# (docs/security.md, "Supply chain").
 
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128
 FROM ${RAY_IMAGE}
@@ -36,12 +41,14 @@ VOLUME /home/ray/hf-cache
 COPY --chown=ray:users lock/image.txt ./lock/image.txt
 RUN pip install --no-cache-dir --require-hashes -r lock/image.txt
 
-# imageserve itself, and nunchaku, without dependencies: the lock already holds all of them.
+# imageserve itself, and nunchaku, without dependencies: the lock already holds all of them. imageserve is built
+# with the lock's setuptools and wheel (--no-build-isolation), from no index at all: with build isolation pip
+# would fetch its build tools from PyPI, unpinned and unhashed.
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users serve_app ./serve_app
 COPY --chown=ray:users deployments ./deployments
 COPY --chown=ray:users cluster ./cluster
-RUN pip install --no-cache-dir --no-deps . \
+RUN pip install --no-cache-dir --no-index --no-deps --no-build-isolation . \
     && if [ -n "${NUNCHAKU_WHEEL}" ]; then \
          if [ -z "${NUNCHAKU_WHEEL_SHA256}" ]; then echo "NUNCHAKU_WHEEL needs NUNCHAKU_WHEEL_SHA256" >&2; exit 1; fi; \
          echo "${NUNCHAKU_WHEEL} --hash=sha256:${NUNCHAKU_WHEEL_SHA256}" > /tmp/nunchaku.txt; \

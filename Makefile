@@ -25,6 +25,11 @@ export IMAGESERVE_PROMETHEUS := $(CURDIR)/$(PROMETHEUS)
 REDIS := .tools/redis/usr/bin/redis-server
 export IMAGESERVE_REDIS := $(CURDIR)/$(REDIS)
 
+# Debian's haproxy, unpacked the same way, for the tests of the generated edge proxy (cluster/deploy/edge.yaml):
+# header and idle timeouts in front of Serve's proxy.
+HAPROXY := .tools/haproxy/usr/sbin/haproxy
+export IMAGESERVE_HAPROXY := $(CURDIR)/$(HAPROXY)
+
 .PHONY: install serve test lint unit cluster-configs lock image
 
 install: $(VENV)/.installed
@@ -46,6 +51,14 @@ $(REDIS):
 # Every package the node image installs is installed, at lock/image.txt's version (torch and what is built
 # against its CUDA build aside: lock/constraints.py says which), so the tests run the libraries that ship;
 # the test tools come on top, under the same constraints.
+$(HAPROXY):
+	mkdir -p .tools/deb
+	cd .tools/deb && (apt-get download haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1 2>/dev/null || \
+		(apt-get update -qq && apt-get download haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1))
+	for deb in .tools/deb/haproxy_*.deb .tools/deb/liblua5.3-0_*.deb .tools/deb/libopentracing*.deb; do \
+		dpkg -x $$deb .tools/haproxy; done
+	LD_LIBRARY_PATH=.tools/haproxy/usr/lib/x86_64-linux-gnu $@ -v
+
 $(VENV)/.installed: pyproject.toml Makefile lock/image.txt lock/constraints.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_SPEC)
@@ -62,7 +75,7 @@ lint: install
 unit: install
 	$(VENV)/bin/python -m pytest -m "not integration"
 
-test: lint $(PROMETHEUS) $(REDIS)
+test: lint $(PROMETHEUS) $(REDIS) $(HAPROXY)
 	$(VENV)/bin/python -m pytest
 
 # serve_config.yaml and cluster/deploy/*.yaml from the example fleet and production config.

@@ -3,6 +3,7 @@ Dockerfile is read rather than built: docs/deploy.md says so)."""
 
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import tomllib
@@ -85,7 +86,8 @@ def test_it_installs_the_hashed_lock_then_the_project_and_nothing_else():
     assert installs == [["-r", "lock/image.txt"], ["."], ["-r", "/tmp/nunchaku.txt"]], installs
     runs = [rest for kind, rest in instructions() if kind == "RUN" and "pip install" in rest]
     assert "--require-hashes -r lock/image.txt" in runs[0]
-    assert "pip install --no-cache-dir --no-deps ." in runs[1]  # its dependencies are all in the lock
+    # Its dependencies are all in the lock, and so are its build tools: no index, no build isolation.
+    assert "pip install --no-cache-dir --no-index --no-deps --no-build-isolation ." in runs[1]
 
 
 def test_the_lock_pins_every_dependency_with_hashes_within_pyprojects_bounds():
@@ -170,3 +172,55 @@ def test_a_non_root_user_and_the_weights_on_a_volume():
 def test_the_cluster_configs_run_the_image_make_image_tags():
     assert DEFAULT_IMAGE == f"imageserve:{__version__}"
     assert "IMAGE ?= imageserve:$(VERSION)" in (ROOT / "Makefile").read_text()
+
+
+# ---- issue 27, item 8: the build tools and the base image ---------------------------------------------------
+
+def test_the_build_tools_come_from_the_lock_pinned_and_hashed():
+    """With build isolation, `pip install .` fetched setuptools, wheel and packaging from PyPI, unpinned and
+    unhashed. The lock now holds the build backend pyproject.toml names, and the project is built with it."""
+    from packaging.requirements import Requirement
+
+    pins = lock_pins()
+    for requirement in map(Requirement, PYPROJECT["build-system"]["requires"]):
+        version, hashes = pins[requirement.name.lower()]
+        assert hashes and Version(version) in requirement.specifier, requirement
+
+
+def test_the_project_builds_offline_from_the_locked_build_tools(tmp_path):
+    """The Dockerfile's install step, run here: its pip options on the files its COPY lines copy, with this
+    environment's setuptools and wheel (the lock's: tests/test_dependencies.py checks this environment matches the
+    lock), into a folder instead of the image's site-packages. With no index it cannot fetch anything."""
+    import subprocess
+    import sys
+
+    run = next(rest for kind, rest in instructions() if kind == "RUN" and "--no-build-isolation" in rest)
+    options = shlex.split(run.split("&&")[0])[2:]  # after `pip install`
+    assert options[-1] == "."
+    source = tmp_path / "src"
+    source.mkdir()
+    for kind, rest in instructions():
+        if kind == "COPY" and "lock/" not in rest:
+            for name in [w for w in rest.split()[:-1] if not w.startswith("--")]:
+                copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+                copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "install", *options[:-1], "--target", str(tmp_path / "site"),
+                            "."], cwd=source, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert (tmp_path / "site" / "serve_app" / "__init__.py").exists()
+    assert any((tmp_path / "site").glob("imageserve-*.dist-info"))
+
+
+def test_the_base_image_is_pinned_by_digest_or_the_docs_say_how():
+    """No public record of rayproject/ray:2.60.0-py311-cu128's digest could be found where this was written (it
+    is not a Docker official image, so docker-library/repo-info has none), and a made-up digest would be worse
+    than a tag. Until one is committed, the Dockerfile and docs/security.md say the image is pinned by tag and how
+    to pin it."""
+    image = build_args()["RAY_IMAGE"]
+    if "@sha256:" in image:
+        assert re.fullmatch(r"rayproject/ray:[\w.-]+@sha256:[0-9a-f]{64}", image)
+        return
+    how = f"docker buildx imagetools inspect {image}"
+    assert how in DOCKERFILE
+    security = (ROOT / "docs" / "security.md").read_text()
+    assert how in security and "pinned by tag" in security
