@@ -3,7 +3,9 @@
 Ray prefixes every name with ``ray_`` and adds ``application``, ``deployment`` and ``replica`` tags;
 so ``imageserve_requests_total`` is scraped as ``ray_imageserve_requests_total``. Labels are task,
 variant, gpu_class, pool, stage, status, reason and key_id: never prompts, request ids, seeds or keys.
-``key_id`` is 8 hex digits of a configured key's sha256, so it has at most one value per configured key.
+``key_id`` is 8 hex digits of an HMAC of a configured key's sha256 under the server's key-id secret
+(serve_app/api_keys.py), so it has at most one value per configured key and cannot be tested against a guessed
+key without that secret. These series name every key's use: ``/metrics`` takes a metrics key, never an API key.
 
 GPU memory series exist only where CUDA does; on a CPU replica they are absent, and
 ``imageserve_replica_info{device="cpu"}`` says why.

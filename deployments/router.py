@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -31,9 +32,16 @@ from serve_app.domain.errors import (
     ReplicaOutOfMemoryError,
     UnsupportedValueError,
 )
-from serve_app.domain.images import limit_pillow, open_image
+from serve_app.domain.images import (
+    DecodeLimits,
+    InputImage,
+    input_decode_cost,
+    inspect_image,
+    limit_pillow,
+    prepare_input_image,
+)
 from serve_app.domain.planner import OFFLOAD_MODES, estimate_vram, plan
-from serve_app.domain.quotas import KeyQuotas
+from serve_app.domain.quotas import Admission, KeyQuotas
 from serve_app.domain.routing import Route, RoutingTable
 from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, PartialImage, StreamAccepted
 from serve_app.domain.specs import RouterSpec
@@ -46,6 +54,9 @@ request_log = logging.getLogger("ray.serve.imageserve.requests")
 RETRY_AFTER_S = 2
 REPLICA_COUNT_TTL_S = 2.0
 READY_RETRY_AFTER_S = 5  # a replica loads in seconds (tiny) to minutes (20B from disk): ask again soon
+# Threads per router replica that check and decode input images (Pillow releases the GIL): at most this many
+# images in decoding memory at once (~0.25 GB each at 16 MP), the rest waiting with only their bytes.
+INPUT_DECODE_WORKERS = 2
 # A replica that dies mid-request (killed, node lost) never answered: one retry is safe.
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 
@@ -88,6 +99,8 @@ class Router:
         self.spec = spec
         self.catalog = spec.catalog
         limit_pillow(spec.max_input_pixels)
+        self.decode_limits = DecodeLimits(max_pixels=spec.max_input_pixels)
+        self._decoders = ThreadPoolExecutor(INPUT_DECODE_WORKERS, thread_name_prefix="input-decode")
         routes: dict[str, list[Route]] = {}
         for r in spec.routes:
             handle = handles[r.deployment]
@@ -149,12 +162,12 @@ class Router:
         try:
             variants, size, cost = self._checked(task, request)
             variant_id = variants[0].id
-            admission = self.quotas.admit(key_id, cost)
+            request, decode_cost, admission = await self._admitted(key_id, request, cost)
             try:
                 result = await self._dispatch(variants, request, size)
             finally:
                 admission.release()
-            self._answered(key_id, task, result, cost)
+            self._answered(key_id, task, result, cost, decode_cost)
             return result
         except ImageServeError as err:
             self._refused(key_id, task, variant_id, err)
@@ -171,11 +184,11 @@ class Router:
         try:
             variants, size, cost = self._checked(task, request)
             variant_id = variants[0].id
-            admission = self.quotas.admit(key_id, cost)
+            request, decode_cost, admission = await self._admitted(key_id, request, cost)
             try:
                 async for event in self._dispatch_stream(variants, request, size):
                     if isinstance(event, ImageResult):
-                        self._answered(key_id, task, event, cost)
+                        self._answered(key_id, task, event, cost, decode_cost)
                         status = "ok"
                     yield event
             finally:
@@ -190,15 +203,18 @@ class Router:
                 self.metrics.keyed(key_id, task, "cancelled")
             self.metrics.streams.inc(tags={"task": task, "status": status})
 
-    def _answered(self, key_id: str | None, task: str, result: ImageResult, cost: float) -> None:
+    def _answered(self, key_id: str | None, task: str, result: ImageResult, cost: float,
+                  decode_cost: float = 0.0) -> None:
         """Charge the request what it cost: its planned cost, plus the GPU time a LoRA load or hotswap took for it
-        (``lora_load_cost``), which only the replica knows and which the key's bucket pays after the fact."""
+        (``lora_load_cost``), which only the replica knows and which the key's bucket pays after the fact.
+        ``decode_cost``, what its input images cost to decode, was charged at admission (``_admitted``)."""
         extra = lora_load_cost(result, cost)
         if extra:
             self.quotas.charge(key_id, extra)
-        self.metrics.keyed(key_id, task, "ok", cost + extra)
-        request_log.info("key %s: %s %s, %.2f megapixel-steps%s, %.2f s", key_id or "-", task, result.variant,
-                         cost + extra, f" ({extra:.2f} for a LoRA load)" if extra else "",
+        self.metrics.keyed(key_id, task, "ok", cost + decode_cost + extra)
+        request_log.info("key %s: %s %s, %.2f megapixel-steps%s%s, %.2f s", key_id or "-", task, result.variant,
+                         cost + decode_cost + extra, f" ({extra:.2f} for a LoRA load)" if extra else "",
+                         f" ({decode_cost:.2f} to decode its inputs)" if decode_cost else "",
                          result.timings.get("total_s", 0.0))
 
     def _refused(self, key_id: str | None, task: str, variant_id: str | None, err: ImageServeError) -> None:
@@ -238,14 +254,45 @@ class Router:
         return width, height
 
     def check_input_images(self, request: GenerateRequest | EditRequest, variant: ModelVariant) -> None:
-        """Count and header checks of the input images (full decoding happens in the replica)."""
+        """The number of input images; their bytes are checked and decoded off the event loop (``_admitted``)."""
         if request.num_input_images > variant.max_input_images:
             raise LimitExceededError(
                 f"{variant.id} takes at most {variant.max_input_images} input images, got {request.num_input_images}",
                 param="image",
             )
-        for i, data in enumerate(request.input_images):
-            open_image(data, self.spec.max_input_pixels, name=f"image {i + 1}")
+
+    async def _admitted(self, key_id: str | None, request: GenerateRequest | EditRequest,
+                        cost: float) -> tuple[GenerateRequest | EditRequest, float, Admission]:
+        """Admit ``request`` under its key's limits, its input images checked before and decoded after, in the
+        decode threads (never on the event loop): first each image's structure and header against
+        ``decode_limits`` (JPEG scans, chunks and segments, pixels: ``inspect_image``), so that a hostile file
+        is refused before it is admitted or charged; then the admission, for ``cost`` plus what the images
+        cost to decode (``input_decode_cost``); then the decode itself, under its CPU budget, whose pixels,
+        re-encoded as plain PNGs, replace the caller's bytes, so that the replica decodes nothing untrusted.
+        Returns the request to dispatch, the decode cost and the admission."""
+        if not request.input_images:
+            return request, 0.0, self.quotas.admit(key_id, cost)
+        inputs: list[InputImage] = await self._decoded(inspect_image, request.input_images)
+        decode_cost = input_decode_cost(inputs)
+        admission = self.quotas.admit(key_id, cost + decode_cost)
+        try:
+            images: list[bytes] = await self._decoded(prepare_input_image, request.input_images)
+        except BaseException:
+            admission.release()
+            raise
+        return request.model_copy(update={"images": images}), decode_cost, admission
+
+    async def _decoded(self, work: Callable[[bytes, DecodeLimits, str], Any], images: list[bytes]) -> list[Any]:
+        """``work(image, decode_limits, name)`` for every image, in the decode threads; the first image's error
+        (in request order) if any fails."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(
+            loop.run_in_executor(self._decoders, work, data, self.decode_limits, f"image {i + 1}")
+            for i, data in enumerate(images)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     def check_steps(self, request: GenerateRequest | EditRequest, variants: list[ModelVariant]) -> None:
         """Steps every variant the request may run as can take (an alias may land on any of them)."""
@@ -496,18 +543,22 @@ class Router:
         if self._refresher is None:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_replica_counts())
 
-    async def models(self) -> dict[str, Any]:
-        counts = await self._running_replicas()
+    async def models(self, internals: bool = True) -> dict[str, Any]:
+        """The model cards. ``internals`` (``serving.show_internals`` over HTTP; a handle caller is inside the
+        cluster) adds where each variant runs: its pools, deployments and running replicas, why an unserved one is
+        not served (placement's reasons name pools and GPUs), and which pool each alias lands on."""
+        counts = await self._running_replicas() if internals else {}
         data = []
         for vid, info in self._static_model_info.items():
             routes = self.table.routes.get(vid, [])
             entry = dict(info)
             entry["served"] = bool(routes)
-            entry["pools"] = [{"pool": r.pool, "gpu_class": r.gpu_class, "deployment": r.deployment,
-                               "replicas": counts.get(r.deployment, 0)} for r in routes]
-            entry["replicas"] = sum(p["replicas"] for p in entry["pools"])
-            if not routes:
-                entry["unavailable_reason"] = self.table.unavailable.get(vid, "not deployed")
+            if internals:
+                entry["pools"] = [{"pool": r.pool, "gpu_class": r.gpu_class, "deployment": r.deployment,
+                                   "replicas": counts.get(r.deployment, 0)} for r in routes]
+                entry["replicas"] = sum(p["replicas"] for p in entry["pools"])
+                if not routes:
+                    entry["unavailable_reason"] = self.table.unavailable.get(vid, "not deployed")
             data.append(entry)
         for alias in self.catalog.aliases:
             if alias in self.catalog.variants:
@@ -517,22 +568,32 @@ class Router:
                 resolves_to = {r.pool: v.id for v, r in self.table.options(self.table.resolve(alias, task))}
             except ImageServeError:
                 resolves_to = None
-            data.append({"id": alias, "object": "model", "owned_by": "imageserve", "task": task,
-                         "alias_for": self.catalog.aliases[alias], "resolves_to": resolves_to})
+            entry = {"id": alias, "object": "model", "owned_by": "imageserve", "task": task,
+                     "alias_for": self.catalog.aliases[alias], "served": resolves_to is not None}
+            if internals:
+                entry["resolves_to"] = resolves_to
+            data.append(entry)
         return {"object": "list", "data": data}
 
-    async def readiness(self) -> dict[str, Any]:
-        """Ready when every served variant can take a request now; NotReadyError (503) says which cannot."""
+    async def readiness(self, internals: bool = True) -> dict[str, Any]:
+        """Ready when every served variant can take a request now; NotReadyError (503) says which cannot, and
+        the answer counts replicas, unless ``internals`` is off: then a probe learns ready or not, nothing more."""
         running = await self._running_replicas()
         waiting = self.table.not_ready(running)
         if waiting:
             reasons = "; ".join(f"{variant}: {why}" for variant, why in waiting.items())
-            raise NotReadyError(f"not ready: {reasons}", retry_after_s=READY_RETRY_AFTER_S)
+            message = f"not ready: {reasons}" if internals else "not ready: a served model has no running replica yet"
+            raise NotReadyError(message, retry_after_s=READY_RETRY_AFTER_S)
+        if not internals:
+            return {"status": "ready"}
         replicas = {variant: sum(running.get(r.deployment, 0) for r in routes)
                     for variant, routes in sorted(self.table.routes.items())}
         return {"status": "ready", "replicas": replicas}
 
-    async def health(self) -> dict[str, Any]:
-        """Liveness, the served variants, and the requests this router has at each deployment."""
+    async def health(self, internals: bool = True) -> dict[str, Any]:
+        """Liveness, and with ``internals`` the served variants and the requests this router has at each
+        deployment (other tenants' load: not for a multi-tenant endpoint's public probe)."""
+        if not internals:
+            return {"status": "ok"}
         in_flight = {name: count for name, count in self.table.outstanding.items() if count}
         return {"status": "ok", "models": sorted(self.table.routes), "in_flight": in_flight}

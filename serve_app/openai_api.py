@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Protocol
 
+import anyio
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.router import Router
 from serve_app import __version__
-from serve_app.api_keys import KeyRing, refuse_open_non_loopback
+from serve_app.api_keys import METRICS_KEYS_ENV, RELOAD_S, KeyRing, key_id_secret, refuse_open_non_loopback
 from serve_app.domain.errors import ImageServeError, InternalError, error_type
 from serve_app.domain.schemas import (
     MAX_EDIT_IMAGES,
@@ -56,9 +57,9 @@ class ImageService(Protocol):
                         key_id: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]: ...
     def edit_stream(self, request: EditRequest,
                     key_id: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]: ...
-    async def models(self) -> dict[str, Any]: ...
-    async def health(self) -> dict[str, Any]: ...
-    async def readiness(self) -> dict[str, Any]: ...
+    async def models(self, internals: bool = True) -> dict[str, Any]: ...
+    async def health(self, internals: bool = True) -> dict[str, Any]: ...
+    async def readiness(self, internals: bool = True) -> dict[str, Any]: ...
     async def metrics_text(self) -> str: ...
     def record_error(self, task: str, reason: str) -> None: ...
 
@@ -145,6 +146,7 @@ def _validation_response(errors: list[dict]) -> JSONResponse:
 
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no key
+METRICS_PATH = "/metrics"  # every key's series: opened by a metrics key, never by an API key
 
 
 def key_id_of(request: Request) -> str | None:
@@ -154,30 +156,57 @@ def key_id_of(request: Request) -> str | None:
 
 class ApiKeyMiddleware:
     """Bearer-key check on every route but the probes (/healthz, /readyz), against ``keys``'s digests
-    (serve_app/api_keys.py). The caller's key id goes into the ASGI scope as ``state["key_id"]``."""
+    (serve_app/api_keys.py). The caller's key id goes into the ASGI scope as ``state["key_id"]``.
 
-    def __init__(self, app, keys: KeyRing) -> None:
+    ``/metrics`` shows every key's series, so it takes ``metrics_keys`` only: an API key gets 403. With no
+    metrics key configured it is open only where no API key is configured either (a local run).
+    Several ``Authorization`` headers are a 400: a proxy in front may have checked another one than this."""
+
+    def __init__(self, app, keys: KeyRing, metrics_keys: KeyRing | None = None) -> None:
         self.app = app
         self.keys = keys
+        self.metrics_keys = metrics_keys or KeyRing(warn_if_open=False, environ={})
 
-    def _key_id(self, header: bytes | None) -> str | None:
+    @staticmethod
+    def _token(header: bytes | None) -> bytes | None:
         if not header:
             return None
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
             return None
-        return self.keys.check(token.strip())
+        return token.strip()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) in OPEN_PATHS:
+        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
+        if path in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        key_id = self._key_id(dict(scope["headers"]).get(b"authorization"))
+        ring = self.metrics_keys if path == METRICS_PATH else self.keys
+        if not ring.configured and not (path == METRICS_PATH and self.keys.configured):
+            return await self.app(scope, receive, send)  # open: no key of this kind is configured
+        # ASGI servers lower-case header names; every Authorization header counts, not the last one alone.
+        headers = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(headers) > 1:
+            response = error_response(400, "invalid_request", f"{len(headers)} Authorization headers: send exactly "
+                                      "one, `Authorization: Bearer <key>`")
+            return await response(scope, receive, send)
+        if ring.unavailable():
+            # Fail closed, and say it is the server's fault: the client's key may be fine, and a 5xx pages someone.
+            response = error_response(503, "keys_unavailable", "the service cannot check API keys right now; retry "
+                                      "shortly", headers={"Retry-After": str(int(RELOAD_S))})
+            return await response(scope, receive, send)
+        token = self._token(headers[0] if headers else None)
+        key_id = ring.check(token) if token is not None else None
         if key_id is not None:
             scope.setdefault("state", {})["key_id"] = key_id
             return await self.app(scope, receive, send)
-        response = error_response(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+        if path == METRICS_PATH and token is not None and self.keys.check(token) is not None:
+            response = error_response(403, "permission_denied", "/metrics shows every key's use: it takes a metrics "
+                                      f"key (serving.metrics_key_sha256 or {METRICS_KEYS_ENV}), not an API key")
+            return await response(scope, receive, send)
+        which = "a metrics key" if path == METRICS_PATH else "a valid API key"
+        response = error_response(401, "unauthorized", f"{which} is required: Authorization: Bearer <key>",
                                   headers={"WWW-Authenticate": 'Bearer realm="imageserve"'})
         await response(scope, receive, send)
 
@@ -346,7 +375,7 @@ async def event_stream(events: AsyncIterator[StreamAccepted | PartialImage | Ima
                 except StopAsyncIteration:
                     return
                 except ImageServeError as err:
-                    yield _sse("error", err.body())
+                    yield _sse("error", (err if http.show_internals else err.hiding_internals()).body())
                     return
                 except Exception as err:
                     logger.exception("a stream failed")
@@ -356,11 +385,27 @@ async def event_stream(events: AsyncIterator[StreamAccepted | PartialImage | Ima
                     yield chunk
                 pending = asyncio.ensure_future(anext(iterator))
         finally:
-            pending.cancel()
-            await iterator.aclose()  # a caller that left stops the denoising
+            await _close(iterator, pending)
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _close(iterator: AsyncIterator[Any], pending: asyncio.Future) -> None:
+    """Stop the events of a stream whose caller left (the replica stops denoising) or that ended.
+
+    ``pending`` (a task awaiting the iterator's next event) may still be running the generator: it is cancelled
+    and waited for before ``aclose``, which raises "aclose(): asynchronous generator is already running" on a
+    generator another task is inside. Shielded: Starlette cancels a stream whose client left with an anyio cancel
+    scope, which cancels every await of this task again until the scope exits; unshielded, the wait would end there
+    and ``aclose`` never run, leaving a generator whose next event had just arrived at its yield until garbage
+    collection, and with it the router's clean-up (the key's in-flight slot, the replica's stream)."""
+    with anyio.CancelScope(shield=True):
+        pending.cancel()
+        await asyncio.wait({pending})
+        if not pending.cancelled():
+            pending.exception()  # retrieved, so asyncio does not log "exception was never retrieved"
+        await iterator.aclose()
 
 
 def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
@@ -374,6 +419,7 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
 
     @app.exception_handler(ImageServeError)
     async def _service_error(_: Request, err: ImageServeError) -> JSONResponse:
+        err = err if http.show_internals else err.hiding_internals()
         return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers())
 
     @app.exception_handler(RequestValidationError)
@@ -460,25 +506,26 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
 
     app.include_router(form_routes)
 
-    @app.get("/v1/models", summary="Model variants, their needs, and the replicas serving them")
+    @app.get("/v1/models", summary="Model variants and their needs (and, with serving.show_internals, the pools "
+                                   "and replicas serving them)")
     async def list_models() -> dict[str, Any]:
-        return await service.models()
+        return await service.models(internals=http.show_internals)
 
     if http.metrics_route:
-        @app.get("/metrics", summary="Prometheus metrics of this node (single-node runs)",
-                 response_class=PlainTextResponse)
+        @app.get(METRICS_PATH, summary="Prometheus metrics of this node (single-node runs); with API keys "
+                                       "configured, it takes a metrics key", response_class=PlainTextResponse)
         async def metrics() -> PlainTextResponse:
             return PlainTextResponse(await service.metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/healthz", summary="Liveness of the HTTP router")
     async def healthz() -> dict[str, Any]:
-        return await service.health()
+        return await service.health(internals=http.show_internals)
 
     @app.get("/readyz", summary="Readiness: every served variant can take a request now",
-             responses={503: _error("Some served variant has no running replica yet; the message says which.",
-                                    retry_after=True)})
+             responses={503: _error("Some served variant has no running replica yet; the message says which (not "
+                                    "with serving.show_internals: false).", retry_after=True)})
     async def readyz() -> dict[str, Any]:
-        return await service.readiness()
+        return await service.readiness(internals=http.show_internals)
 
     app.openapi = lambda: _edit_form_as_the_request_states_it(FastAPI.openapi(app))
 
@@ -486,10 +533,12 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=http.max_body_bytes,
                        route_limits={"/v1/images/generations": http.max_json_bytes},
                        read_timeout_s=http.body_read_timeout_s)
-    keys = KeyRing(http.api_key_sha256, http.api_keys_file)
+    id_secret = key_id_secret()
+    keys = KeyRing(http.api_key_sha256, http.api_keys_file, id_secret=id_secret)
+    metrics_keys = KeyRing(http.metrics_key_sha256, id_secret=id_secret, env_var=METRICS_KEYS_ENV, warn_if_open=False)
     refuse_open_non_loopback(keys, http.host, http.public)
-    if keys.configured:
-        app.add_middleware(ApiKeyMiddleware, keys=keys)
+    if keys.configured or metrics_keys.configured:
+        app.add_middleware(ApiKeyMiddleware, keys=keys, metrics_keys=metrics_keys)
     return app
 
 

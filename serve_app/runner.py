@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serve_app.domain.config import AppConfig
+from serve_app.proxy_guard import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,9 @@ class LocalService(PrivateRayCluster):
         os.environ["RAY_TMPDIR"] = self.tmpdir
         self.auth_token_path = lock_private_ray(self.tmpdir)
         os.environ.setdefault("HF_HUB_OFFLINE", "1" if self.config.hf.offline else "0")
+        # Serve's proxy, started by this cluster's raylet, inherits it: the proxy then refuses its own /-/routes,
+        # which would tell anyone every application's route and name (serve_app/proxy_guard.py).
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
         context = ray.init(
             address="local",
             _temp_dir=self.tmpdir,

@@ -195,7 +195,7 @@ class ServingConfig(_Section):
         default=None, description="File of keys on the router's node, one per line, re-read when it changes "
                                   "(rotation without a redeploy); a Kubernetes Secret mounted as a file.")
 
-    @field_validator("api_key_sha256")
+    @field_validator("api_key_sha256", "metrics_key_sha256")
     @classmethod
     def _digests(cls, digests: list[str]) -> list[str]:
         bad = [i for i, d in enumerate(digests) if not re.fullmatch(r"[0-9a-f]{64}", d)]
@@ -203,12 +203,21 @@ class ServingConfig(_Section):
             raise ValueError(f"entries {bad} are not sha256 hex digests (64 lowercase hex digits)")
         return digests
     metrics_route: bool = Field(
-        default=True, description="Serve /metrics on the public port; false leaves only Ray's metrics export port.",
+        default=True,
+        description="Serve /metrics on the HTTP port (single-node runs); false leaves only Ray's metrics export "
+                    "port, which Prometheus scrapes on a cluster. With API keys configured, /metrics takes a metrics "
+                    "key only (metrics_key_sha256 or IMAGESERVE_METRICS_KEYS): it shows every key's series.",
     )
+    metrics_key_sha256: list[str] = Field(
+        default_factory=list,
+        description="sha256 hex digests of the bearer keys that open /metrics (a scraper's), and nothing else; "
+                    "added to IMAGESERVE_METRICS_KEYS. API keys do not open /metrics.")
     show_internals: bool | None = Field(
         default=None,
-        description="Answers name the replica, pool, GPU class and stage timings (queue_s shows others' load). "
-                    "null: shown unless the endpoint is public. Set false for a multi-tenant endpoint.")
+        description="Answers name the replica, pool, GPU class and stage timings (queue_s shows others' load); "
+                    "/healthz shows requests in flight per deployment, /readyz replica counts, /v1/models pools "
+                    "and replicas. false: none of it (the probes say only ok or ready). null: shown unless the "
+                    "endpoint is public. Set false for a multi-tenant endpoint.")
 
     def internals_shown(self) -> bool:
         return not self.public if self.show_internals is None else self.show_internals

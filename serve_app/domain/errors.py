@@ -16,12 +16,21 @@ class ImageServeError(Exception):
     status_code = 500
     code = "internal_error"
     type: str | None = None  # set only where the status code alone would mislead
+    # What the error says where the service hides its internals (``serving.show_internals: false``): set on the
+    # kinds whose messages name pools, GPU classes, deployments or replicas (other tenants' placement and load).
+    public_message: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+
+    def hiding_internals(self) -> ImageServeError:
+        """This error as a caller of a multi-tenant endpoint sees it: ``public_message`` where it has one."""
+        if self.public_message is None:
+            return self
+        return type(self)(self.public_message, param=self.param, retry_after_s=self.retry_after_s)
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, "param": self.param,
@@ -87,6 +96,7 @@ class ModelUnavailableError(ImageServeError):
 
     status_code = 503
     code = "model_unavailable"
+    public_message = "the model asked for is not served on this endpoint now"
 
 
 class NotReadyError(ImageServeError):
@@ -121,6 +131,7 @@ class InternalError(ImageServeError):
 
     status_code = 503
     code = "internal_error"
+    public_message = "the request failed on the server; retry shortly"
 
 
 class ReplicaOutOfMemoryError(ImageServeError):
@@ -128,3 +139,4 @@ class ReplicaOutOfMemoryError(ImageServeError):
 
     status_code = 503
     code = "out_of_memory"
+    public_message = "the GPU ran out of memory for this request; retry, or ask for a smaller size or fewer images"

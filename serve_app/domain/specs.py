@@ -176,7 +176,11 @@ class HttpSpec(_Spec):
     max_form_field_bytes: int = 64_000
     body_read_timeout_s: float = Field(default=30.0, description="Seconds a body may take to arrive (408 past it).")
     metrics_route: bool = True
-    show_internals: bool = Field(default=True, description="Answers name replica, pool, GPU class and timings.")
+    metrics_key_sha256: tuple[str, ...] = Field(
+        default=(), description="Digests of the keys that open /metrics (and nothing else); the router adds "
+                                "IMAGESERVE_METRICS_KEYS.")
+    show_internals: bool = Field(default=True, description="Answers name replica, pool, GPU class and timings; "
+                                                           "probes and model cards show load and replicas.")
     stream_keepalive_s: float = Field(default=15.0, gt=0,
                                       description="A silent stream gets an SSE comment this often (idle proxies).")
 
@@ -382,7 +386,8 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
                       max_form_fields=serving.limits.max_form_fields,
                       max_form_field_bytes=int(serving.limits.max_form_field_kb * 1e3),
                       body_read_timeout_s=serving.limits.body_read_timeout_s,
-                      metrics_route=serving.metrics_route, show_internals=serving.internals_shown()),
+                      metrics_route=serving.metrics_route, metrics_key_sha256=tuple(serving.metrics_key_sha256),
+                      show_internals=serving.internals_shown()),
         key_limits=serving.limits.per_key,
         max_ongoing_requests=serving.limits.router_max_ongoing,
         max_queued_requests=serving.limits.router_max_queued,

@@ -120,7 +120,9 @@ class QwenImageEditEngine(DiffusersEngine):
         results = []
         for job in jobs:
             r = job.request
-            # Decoded here, in the worker thread: full decoding is the expensive part of input checks.
+            # Through the router these are its own plain PNGs (``prepare_input_image``): it decoded the caller's
+            # bytes under DecodeLimits off its event loop, so this is a bounded decode of trusted pixels. A caller
+            # inside the cluster that reaches this deployment directly gets the same bounds.
             images = [decode_image(data, self.spec.max_input_pixels, name=f"image {i + 1}")
                       for i, data in enumerate(r.images)]
             result = self.edit(

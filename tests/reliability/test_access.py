@@ -55,7 +55,7 @@ def test_one_key_flooding_cannot_starve_another(reliable, tenant_keys):
     once, gets one through and seven 429s naming its own limit; key B, asking after, is served."""
     import httpx
 
-    from serve_app.api_keys import key_id
+    from serve_app.api_keys import cluster_key_id_secret, key_id
     from serve_app.domain.specs import key_digest
 
     greedy, patient = tenant_keys
@@ -75,11 +75,53 @@ def test_one_key_flooding_cannot_starve_another(reliable, tenant_keys):
         assert refused.json()["error"]["type"] == "requests"
     served = call(patient)
     assert served.status_code == 200, served.text
-    # The router's log names the callers by key id, never by key.
+    # The router's log names the callers by key id, never by key: an HMAC under the cluster's secret (this test
+    # runs in the driver of the cluster, so it can read it), not the key's sha256 prefix.
     logs = Path(reliable.tmpdir) / "session_latest" / "logs"
     text = "\n".join(p.read_text(errors="ignore") for p in logs.rglob("*secure*router*") if p.is_file())
+    secret = cluster_key_id_secret()
     for key in tenant_keys:
-        assert f"key {key_id(key_digest(key))}:" in text and key not in text
+        assert f"key {key_id(key_digest(key), secret)}:" in text and key not in text
+        assert f"key {key_digest(key)[:8]}:" not in text
+
+
+def test_several_authorization_headers_are_refused_through_serves_proxy(http, api_key):
+    """Serve's proxy passes every header on; the router refuses the ambiguity rather than using the last one."""
+    for headers in ([("Authorization", "Bearer wrong"), ("Authorization", f"Bearer {api_key}")],
+                    [("Authorization", f"Bearer {api_key}"), ("Authorization", "Bearer wrong")]):
+        refused = http.get("/secure/v1/models", headers=headers)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "invalid_request" and "2 Authorization headers" in refused.text
+
+
+def test_metrics_are_closed_to_api_keys(http, api_key):
+    """/metrics names every key's use: /secure configures no metrics key, so no key at all opens it."""
+    refused = http.get("/secure/metrics", headers={"Authorization": f"Bearer {api_key}"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "permission_denied"
+    assert "key_id" not in refused.text
+
+
+def test_a_multi_tenant_endpoint_shows_no_load_or_placement_on_probes_and_model_cards(http, api_key):
+    assert http.get("/secure/healthz").json() == {"status": "ok"}
+    assert http.get("/secure/readyz").json() == {"status": "ready"}
+    models = http.get("/secure/v1/models", headers={"Authorization": f"Bearer {api_key}"})
+    assert models.status_code == 200
+    served = [card["id"] for card in models.json()["data"] if card["served"] and "alias_for" not in card]
+    assert served == ["z-image-turbo"]
+    for word in ("pools", "replicas", "deployment", "gen-z-image-turbo", "in_flight", "resolves_to"):
+        assert word not in models.text, word
+    operator_view = http.get("/v1/models").json()["data"]  # the main app shows them
+    assert next(card for card in operator_view if card["id"] == "z-image-turbo")["pools"][0]["replicas"] >= 1
+    assert "in_flight" in http.get("/healthz").json() and http.get("/readyz").json()["replicas"]
+
+
+def test_serves_own_route_table_is_not_answered(http):
+    """Serve's proxy answers /-/routes itself, before any key check: every application's prefix and name. The
+    service's Ray cluster starts its proxies with imageserve's guard (serve_app/proxy_guard.py)."""
+    hidden = http.get("/-/routes")
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
+    assert "secure" not in hidden.text
+    assert http.get("/-/healthz").text == "success"  # what KubeRay probes stays
 
 
 def test_a_multi_tenant_endpoint_hides_where_requests_ran(http, api_key):

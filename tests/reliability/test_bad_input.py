@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.hostile_images import chunk_flood_png, scan_bomb_jpeg
+
 pytestmark = pytest.mark.integration
 
 
@@ -71,6 +73,27 @@ def test_decompression_bomb_is_400_without_decoding(http):
     # 25 MP claim is refused from the header alone, and the answer says how much it claimed.
     error = assert_error(edit(http, [("image", ("b.png", png_bomb(5000, 5000), "image/png"))]), 400, "invalid_image")
     assert "claims 25.0 MP, over the 4.2 MP limit" in error["message"]
+
+
+def test_a_jpeg_of_thousands_of_repeated_scans_is_400_naming_the_scan_limit(http):
+    """Issue 27's progressive JPEG, small (one few-byte AC scan repeated 2,000 times; 20,000 held a replica for
+    25 s): refused from its structure in the router, before it is admitted, charged or decoded."""
+    bomb = scan_bomb_jpeg(2000)
+    error = assert_error(edit(http, [("image", ("bomb.jpg", bomb, "image/jpeg"))]), 400, "invalid_image", "image")
+    assert "image 1 is a JPEG of more than 100 scans, the limit" in error["message"]
+
+
+def test_a_png_chunk_flood_is_400_naming_the_chunk_limit(http):
+    """Issue 27's PNG, small (20,000 empty ancillary chunks, 240 KB; a million stalled the event loop 2.3 s)."""
+    flood = chunk_flood_png(20_000)
+    error = assert_error(edit(http, [("image", ("flood.png", flood, "image/png"))]), 400, "invalid_image", "image")
+    assert "PNG chunks, the limit for a file of 0.2 MB" in error["message"]
+
+
+def test_a_progressive_jpeg_within_the_bounds_is_edited(http):
+    """50 scans, 40 of them repeats: under the bound, decoded in the router and sent on as a plain PNG."""
+    image = scan_bomb_jpeg(40, side=64)
+    assert edit(http, [("image", ("p.jpg", image, "image/jpeg"))]).status_code == 200
 
 
 def test_input_pixel_cap_is_configurable(http):

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from serve_app.api_keys import KeyRing
 from serve_app.domain.specs import HttpSpec, key_digest
-from serve_app.openai_api import ApiKeyMiddleware, BodyLimitMiddleware
+from serve_app.openai_api import ApiKeyMiddleware, BodyLimitMiddleware, create_api
 
 
 def app_with(middleware, **kwargs):
@@ -240,6 +240,32 @@ def test_answers_hide_where_they_ran_when_internals_are_off():
     assert hidden["model"] == "z-image-turbo" and hidden["seeds"] == [1] and hidden["data"][0]["seed"] == 1
 
 
+def test_server_errors_name_no_pool_or_gpu_when_internals_are_off():
+    """A replica failure, an OOM or an unplaceable model names pools and GPU classes (other tenants' placement);
+    a multi-tenant endpoint answers the same status and code with a message of its own."""
+    from serve_app.domain.errors import InternalError, ModelUnavailableError, ReplicaOutOfMemoryError
+
+    failures = iter([InternalError("z-image-turbo failed on pool a100-big: RuntimeError", retry_after_s=2),
+                     ReplicaOutOfMemoryError("ran out of memory on rtx4090; no pool with more memory", retry_after_s=2),
+                     ModelUnavailableError("qwen-image-edit-2511 does not fit rtx4090 (22.7 GiB usable)")] * 2)
+
+    class FailingService:
+        def record_error(self, task: str, reason: str) -> None:
+            pass
+
+        async def generate(self, request, key_id=None):
+            raise next(failures)
+
+    for internals in (True, False):
+        client = TestClient(create_api(FailingService(), HttpSpec(show_internals=internals)))
+        for code in ("internal_error", "out_of_memory", "model_unavailable"):
+            answer = client.post("/v1/images/generations", json={"prompt": "x"})
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == code
+            message = answer.json()["error"]["message"]
+            named = any(name in message for name in ("a100-big", "rtx4090", "GiB"))
+            assert named is internals, message
+
+
 def test_a_silent_stream_gets_keep_alive_comments_and_a_late_error_becomes_an_error_event():
     """``event_stream`` driven by hand: the events wait until the test has read a keep-alive comment, so no
     sleep decides the outcome (the keep-alive interval is 10 ms)."""
@@ -291,3 +317,250 @@ def test_a_refusal_before_the_first_event_raises_so_it_is_answered_as_json():
     with pytest.raises(RateLimitedError):
         asyncio.run(event_stream(refused(), "image_generation", GenerateRequest(prompt="x", stream=True),
                                  HttpSpec()))
+
+
+def test_several_authorization_headers_are_a_400_whichever_one_holds_the_key():
+    """A proxy in front may check the first header while a server using the last lets the other one in."""
+    keys = KeyRing((key_digest("k1"),), environ={})
+    with TestClient(app_with(ApiKeyMiddleware, keys=keys)) as client:
+        for headers in ([("Authorization", "Bearer k1"), ("Authorization", "Bearer wrong")],
+                        [("Authorization", "Bearer wrong"), ("Authorization", "Bearer k1")],
+                        [("Authorization", "Bearer k1"), ("authorization", "Bearer k1")]):
+            refused = client.post("/echo", json={}, headers=headers)
+            assert refused.status_code == 400, (headers, refused.text)
+            assert refused.json()["error"] == {
+                "code": "invalid_request", "message": "2 Authorization headers: send exactly one, "
+                "`Authorization: Bearer <key>`", "param": None, "type": "invalid_request_error"}
+        assert client.post("/echo", json={}, headers=[("Authorization", "Bearer k1")]).status_code == 200
+
+
+def test_a_vanished_key_file_refuses_every_request_503_until_it_is_back(tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("k1\n")
+    keys = KeyRing(keys_file=str(keys_file), reload_s=0, environ={})
+    with TestClient(app_with(ApiKeyMiddleware, keys=keys)) as client:
+        assert client.post("/echo", json={}, headers={"Authorization": "Bearer k1"}).status_code == 200
+        keys_file.unlink()
+        for headers in ({"Authorization": "Bearer k1"}, {}):
+            refused = client.post("/echo", json={}, headers=headers)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+            assert refused.json()["error"] == {  # the file's path and error stay in the router's log
+                "code": "keys_unavailable", "message": "the service cannot check API keys right now; retry shortly",
+                "param": None, "type": "server_error"}
+        assert client.get("/healthz").status_code == 200  # the probes stay open
+        keys_file.write_text("k1\n")
+        assert client.post("/echo", json={}, headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+class MetricsOnly:
+    """A service with metrics and nothing else behind the API."""
+
+    def record_error(self, task: str, reason: str) -> None:
+        pass
+
+    async def metrics_text(self) -> str:
+        return 'ray_imageserve_key_requests_total{key_id="0badf00d"} 1.0\n'
+
+
+def test_metrics_take_a_metrics_key_and_no_api_key():
+    """/metrics shows every key's series: a tenant's key gets 403, the scraper's metrics key opens it and nothing
+    else."""
+    http = HttpSpec(api_key_sha256=(key_digest("tenant"),), metrics_key_sha256=(key_digest("scraper"),))
+    client = TestClient(create_api(MetricsOnly(), http))
+    tenant, scraper = ({"Authorization": f"Bearer {key}"} for key in ("tenant", "scraper"))
+    refused = client.get("/metrics", headers=tenant)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "permission_denied"
+    assert "metrics key" in refused.json()["error"]["message"]
+    assert client.get("/metrics").status_code == 401
+    shown = client.get("/metrics", headers=scraper)
+    assert shown.status_code == 200 and "key_id" in shown.text
+    assert client.get("/v1/models", headers=scraper).status_code == 401  # a metrics key opens /metrics only
+
+
+def test_with_api_keys_and_no_metrics_key_metrics_are_closed_to_every_key():
+    client = TestClient(create_api(MetricsOnly(), HttpSpec(api_key_sha256=(key_digest("tenant"),))))
+    assert client.get("/metrics", headers={"Authorization": "Bearer tenant"}).status_code == 403
+    assert client.get("/metrics", headers={"Authorization": "Bearer other"}).status_code == 401
+
+
+def test_metrics_keys_from_the_environment_guard_metrics_on_an_otherwise_open_local_run(monkeypatch):
+    monkeypatch.setenv("IMAGESERVE_METRICS_KEYS", "scraper")
+    client = TestClient(create_api(MetricsOnly(), HttpSpec()))
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer scraper"}).status_code == 200
+    assert client.get("/openapi.json").status_code == 200  # no API key configured: the rest stays open
+
+
+def router_behind_http(monkeypatch, show_internals: bool):
+    """A real Router (no Ray: its handles are never called) on two pools, a variant that fits neither (placement's
+    reason names both pools), two requests in flight and one running replica per served deployment, behind the
+    HTTP API."""
+    import deployments.router as router_module
+    from deployments.router import Router
+    from serve_app.domain.config import parse_config
+    from serve_app.domain.specs import resolve_application
+    from serve_app.openai_api import create_api
+
+    monkeypatch.setattr(router_module, "REPLICA_COUNT_TTL_S", 3600)  # the background refresh reads once
+    config = parse_config({
+        "models": {"z-image-turbo": {}, "qwen-image-edit-2511": {}, "qwen-image-edit-2509": {}},
+        "pools": [{"name": "pool4090", "gpu_class": "rtx-4090", "variants": ["z-image-turbo"]},
+                  {"name": "poola100", "gpu_class": "a100-80g", "variants": ["qwen-image-edit-2511"]}]})
+    spec = resolve_application(config).router
+    router = Router(spec, {route.deployment: None for route in spec.routes})
+    running = {route.deployment: 1 for route in spec.routes}
+    monkeypatch.setattr(router, "_read_replica_counts", lambda: dict(running))  # serve.status() stands in
+    router.table.outstanding[spec.routes[0].deployment] = 2
+    return router, running, create_api(router, HttpSpec(show_internals=show_internals))
+
+
+INTERNALS = ("pool4090", "poola100", "in_flight", "replicas", "pools", "deployment", "gen-z-image-turbo",
+             "resolves_to", "unavailable_reason")
+
+
+def test_probes_and_model_cards_say_nothing_of_load_or_placement_when_internals_are_off(monkeypatch):
+    router, running, app = router_behind_http(monkeypatch, show_internals=False)
+    with TestClient(app) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").json() == {"status": "ready"}
+        models = client.get("/v1/models")
+        assert models.status_code == 200 and not [word for word in INTERNALS if word in models.text], models.text
+        cards = {card["id"]: card for card in models.json()["data"]}
+        assert cards["z-image-turbo"]["served"] is True and cards["z-image-turbo"]["vram_gib"]
+        assert cards["qwen-image-edit-2509"]["served"] is False
+        assert cards["qwen-image-edit"]["served"] is True  # an alias says whether it is served, not where
+        running.clear()
+        router.table.replicas = {}  # what the background refresh reads next: nothing running
+        not_ready = client.get("/readyz")
+        assert not_ready.status_code == 503 and not_ready.headers["retry-after"]
+        assert not_ready.json()["error"]["message"] == "not ready: a served model has no running replica yet"
+
+
+def test_an_operator_endpoint_shows_load_and_placement(monkeypatch):
+    _, _, app = router_behind_http(monkeypatch, show_internals=True)
+    with TestClient(app) as client:
+        assert client.get("/healthz").json()["in_flight"] == {"gen-z-image-turbo@pool4090": 2}
+        assert client.get("/readyz").json()["replicas"] == {"qwen-image-edit-2511": 1, "z-image-turbo": 1}
+        cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+        assert cards["z-image-turbo"]["pools"][0]["pool"] == "pool4090" and cards["z-image-turbo"]["replicas"] == 1
+        assert "poola100" in cards["qwen-image-edit-2509"]["unavailable_reason"]
+        assert cards["qwen-image-edit"]["resolves_to"] == {"poola100": "qwen-image-edit-2511"}
+
+
+def test_a_caller_who_leaves_a_stream_closes_its_events_without_an_error(caplog):
+    """Starlette's StreamingResponse as Serve's proxy drives it (ASGI spec 2.3: a disconnect cancels the stream
+    with an anyio cancel scope) while the next event is being awaited in its own task. The events generator must
+    be closed in order (its ``finally``, where the router cancels the replica's stream, runs) and nothing may
+    raise "aclose(): asynchronous generator is already running". Events, not sleeps, order the steps."""
+    import asyncio
+    import logging
+
+    from serve_app.domain.schemas import GenerateRequest, StreamAccepted
+    from serve_app.openai_api import event_stream
+
+    async def run():
+        waiting_for_the_replica = asyncio.Event()
+        closed = []
+
+        async def events():
+            yield StreamAccepted(variant="z-image-turbo", num_inference_steps=4, preview_steps=[])
+            try:
+                waiting_for_the_replica.set()
+                await asyncio.Event().wait()  # a replica still denoising: no event comes
+                yield None
+            finally:
+                closed.append("the replica's stream was cancelled")
+
+        stream = events()
+        response = await event_stream(stream, "image_generation", GenerateRequest(prompt="x", stream=True),
+                                      HttpSpec(stream_keepalive_s=600))
+
+        async def receive():
+            await waiting_for_the_replica.wait()
+            return {"type": "http.disconnect"}
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "method": "POST",
+                 "path": "/v1/images/generations", "headers": []}
+        await asyncio.wait_for(response(scope, receive, send), timeout=60)  # a bound on a hang, not a race
+        return stream, closed, sent
+
+    with caplog.at_level(logging.WARNING):
+        stream, closed, sent = asyncio.run(run())
+    assert closed == ["the replica's stream was cancelled"]
+    assert stream.ag_frame is None  # closed: nothing left suspended in it
+    assert sent[0]["type"] == "http.response.start"
+    assert "already running" not in caplog.text and "never retrieved" not in caplog.text
+
+
+def test_the_proxy_guard_hides_serves_route_table_through_rays_own_callback_hook():
+    """What RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH does in each proxy, with Ray's own functions: import the
+    callback, validate its middlewares, wrap the proxy's app. /-/routes is a 404 JSON error; the rest passes."""
+    from ray.serve._private.http_util import _apply_middlewares, validate_http_proxy_callback_return
+    from ray.serve._private.utils import call_function_from_import_path
+
+    from serve_app.proxy_guard import PROXY_CALLBACK
+
+    async def serve_proxy(scope, receive, send):  # stands in for the proxy's own answers
+        body = b'{"/": "imageserve"}' if scope["path"].endswith("/-/routes") else b"success"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    middlewares = validate_http_proxy_callback_return(call_function_from_import_path(PROXY_CALLBACK))
+    client = TestClient(_apply_middlewares(serve_proxy, middlewares))
+    hidden = client.get("/-/routes")
+    assert hidden.status_code == 404 and "imageserve" not in hidden.text
+    assert hidden.json()["error"] == {"code": "not_found", "message": "Not Found", "param": None,
+                                      "type": "invalid_request_error"}
+    assert client.get("/-/healthz").text == "success"
+    assert client.get("/v1/-/routes").status_code == 200  # only the proxy's own path
+
+
+def test_a_streams_clean_up_finishes_inside_the_cancel_scope_of_a_client_that_left():
+    """Starlette's cancel scope cancels every await of the stream's task again until the scope exits. When the
+    client leaves just as the next event arrived, the events generator sits at a yield that no task is inside:
+    only the ``aclose`` at the end of the clean-up runs its ``finally`` (where the router frees the key's in-flight
+    slot and cancels the replica's stream) now, rather than whenever it is garbage-collected."""
+    import asyncio
+
+    import anyio
+
+    from serve_app.openai_api import _close
+
+    async def run() -> list[str]:
+        closed = []
+
+        async def events():
+            try:
+                yield "accepted"
+                yield "a preview"
+                yield "the image"
+            finally:
+                closed.append("the replica's stream was cancelled")
+
+        stream = events()
+        await anext(stream)
+        pending = asyncio.ensure_future(anext(stream))
+        await asyncio.wait({pending})  # the next event arrived; the generator waits at its yield
+        with anyio.CancelScope() as client_left:
+            client_left.cancel()
+            await _close(stream, pending)
+        return list(closed)  # now: asyncio.run would close a generator left open afterwards, at its shutdown
+
+    assert asyncio.run(run()) == ["the replica's stream was cancelled"]
+
+
+def test_the_production_example_serves_no_metrics_and_no_internals_on_its_public_port():
+    """Prometheus scrapes each node's Ray metrics port on a cluster; /metrics on port 8000 would show every key's
+    use to whoever gets past the key check."""
+    from serve_app.domain.config import load_config
+    from serve_app.examples import EXAMPLE_PRODUCTION_CONFIG
+
+    serving = load_config(EXAMPLE_PRODUCTION_CONFIG).serving
+    assert serving.metrics_route is False and serving.internals_shown() is False
+    client = TestClient(create_api(MetricsOnly(), HttpSpec(metrics_route=serving.metrics_route)))
+    assert client.get("/metrics").status_code == 404
