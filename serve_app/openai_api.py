@@ -97,8 +97,9 @@ IMAGE_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
                       "image_generation.partial_image", "image_generation.completed",
                       "image_edit.partial_image", "image_edit.completed", "error"]},
                   "data": {"type": "string", "contentMediaType": "application/json"}}}}}},
-    400: _error("An undecodable image, a decompression bomb, or a value these models cannot honour "
-                "(background: transparent; a listed LoRA the requested model does not take)."),
+    400: _error("An undecodable image, a decompression bomb, an image past the decode limits (JPEG scans, "
+                "chunks), or a value these models cannot honour (background: transparent; a listed LoRA the "
+                "requested model does not take); several Authorization headers."),
     401: _error("An API key is configured and the request has no valid `Authorization: Bearer` key."),
     404: _error("Unknown model, or a LoRA not on this service's list: the message lists the known ones."),
     408: _error("The request outlived `serving.request_timeout_s` (its denoising is stopped), or its body took "
@@ -109,7 +110,8 @@ IMAGE_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: _error("A field is invalid (`param` names it): type, range, size, steps, n, cost bound, form parts."),
     429: _error("Every replica is busy and its queue is full (`overloaded`), or this key is over its own limits "
                 "(`rate_limit_exceeded`).", retry_after=True),
-    503: _error("No replica can serve it now: not deployed here, out of GPU memory, or failing.",
+    503: _error("No replica can serve it now: not deployed here, out of GPU memory, or failing; the key file "
+                "cannot be read (`keys_unavailable`); or no byte of the body arrived (`body_lost`).",
                 retry_after=True),
 }
 
@@ -218,7 +220,8 @@ class BodyLimitMiddleware:
       ``route_limits`` sets a smaller limit per path (the JSON generation route takes kilobytes, not the
       megabytes an edit's images need).
     - Time: 408 when the body has not fully arrived ``read_timeout_s`` after the request began, so a
-      client that trickles a body (or stops sending one) does not hold a router slot.
+      client that trickles a body (or stops sending one) does not hold a router slot; 503 when not one byte of
+      it arrived (``_too_slow``: what a request re-sent by Serve after its first router replica died looks like).
     In both cases the app then sees the client leave and stops reading.
     """
 
@@ -234,7 +237,20 @@ class BodyLimitMiddleware:
         size = f"{limit / 1e6:g} MB" if limit >= 1e6 else f"{limit / 1e3:g} KB"
         return error_response(413, "request_too_large", f"request body over the {size} limit of this route")
 
-    def _too_slow(self) -> JSONResponse:
+    def _too_slow(self, received: int) -> JSONResponse:
+        if received == 0:
+            # Not one byte of the body reached this router replica. Serve's proxy hands a request's body to one
+            # replica: the first that takes it drains the proxy's queue of the client's messages (Ray 2.60
+            # serve/_private/proxy.py, receive_asgi_messages). When that replica dies before Serve's router hears
+            # it accepted the request, the router re-sends the request to another (serve/_private/router.py,
+            # _route_and_send_request_once retries on ActorDiedError), whose body never comes: a 408 would blame
+            # a client that sent everything. Without a byte nobody can tell that from a client that sent none,
+            # so the answer is the server's: 503 with Retry-After.
+            return error_response(
+                503, "body_lost", f"no byte of the request body reached the server within {self.read_timeout_s:g} s:"
+                " it was lost when the router replica that first took the request failed (Serve re-sends such a "
+                "request without its body), or none was sent; send the request again",
+                headers={"Retry-After": "1"})
         return error_response(408, "body_timeout", f"the request body did not arrive within {self.read_timeout_s:g} s")
 
     async def __call__(self, scope, receive, send):
@@ -264,7 +280,7 @@ class BodyLimitMiddleware:
                 try:
                     message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
                 except TimeoutError:
-                    return await refuse(self._too_slow())
+                    return await refuse(self._too_slow(seen))
             if message["type"] == "http.request" and not state["refused"]:
                 seen += len(message.get("body", b""))
                 state["body_done"] = not message.get("more_body", False)

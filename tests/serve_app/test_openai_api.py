@@ -190,6 +190,19 @@ def test_a_body_that_stops_arriving_gets_408_at_the_read_deadline():
     assert len([m for m in sent if m["type"] == "http.response.start"]) == 1  # the app's own answer is dropped
 
 
+def test_a_body_of_which_no_byte_arrived_is_a_503_to_retry_not_the_callers_fault():
+    """What a request re-sent by Serve's router looks like when the router replica that first took it died after
+    reading its body: the headers, then nothing (the proxy gave the body to the dead replica)."""
+    import json
+
+    app = app_with(BodyLimitMiddleware, max_bytes=10_000, read_timeout_s=0.2)
+    for first in ([], [{"type": "http.request", "body": b"", "more_body": True}]):
+        sent = run_asgi(app, {}, first)
+        assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+        error = json.loads(sent[1]["body"])["error"]
+        assert error["code"] == "body_lost" and "send the request again" in error["message"]
+
+
 def test_a_body_that_arrived_is_not_timed_afterwards():
     import json
 
