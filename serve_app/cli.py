@@ -353,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(EXAMPLE_PRODUCTION_CONFIG),
                    help="imageserve config to serve on it (default: the example production config)")
     p.add_argument("--serve-config-out", default="serve_config.yaml", help="where to write the Ray Serve config")
-    p.add_argument("--manifests-out", default=".", help="folder for ray-cluster.yaml and kuberay-rayservice.yaml")
+    p.add_argument("--manifests-out", default="cluster/deploy",
+                   help="folder for ray-cluster.yaml, kuberay-rayservice.yaml and the other manifests (where "
+                        "docs/deploy.md applies them from)")
     p.add_argument("--redis", default=None,
                    help="GCS fault-tolerance Redis address, rediss:// for TLS ('' to leave it off); the default is "
                         "the Redis of cluster/deploy/redis.yaml")

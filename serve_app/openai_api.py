@@ -34,6 +34,7 @@ from serve_app.api_keys import METRICS_KEYS_ENV, RELOAD_S, KeyRing, key_id_secre
 from serve_app.domain.errors import ImageServeError, InternalError, error_type
 from serve_app.domain.schemas import (
     MAX_EDIT_IMAGES,
+    MAX_LORA_SCALE,
     MAX_PARTIAL_IMAGES,
     EditRequest,
     GenerateRequest,
@@ -499,7 +500,10 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
                                             le=MAX_PARTIAL_IMAGES)] = 0,
         lora: Annotated[str | None, Form(description="Name of a per-request LoRA from the service's list "
                                                      "(docs/loras.md); JSON's `lora.name`.")] = None,
-        lora_scale: Annotated[float, Form(description="Its scale (JSON's `lora.scale`).")] = 1.0,
+        # Its bounds hold with or without `lora` (the schema states them for the field alone): a scale of 5 was
+        # accepted when no LoRA was named.
+        lora_scale: Annotated[float, Form(description="Its scale (JSON's `lora.scale`); ignored without `lora`.",
+                                          ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)] = 1.0,
     ) -> JSONResponse:
         files = [*(image or []), *(image_array or [])]
         try:

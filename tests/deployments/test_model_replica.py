@@ -192,7 +192,8 @@ def test_a_replica_serves_only_its_task(tiny_models):
 
 
 def test_batching_is_refused_for_edit_variants():
-    with pytest.raises(ConfigError, match="max_batch_size: the edit pipeline takes one image set"):
+    with pytest.raises(ConfigError,
+                       match=r"\(max_batch_size\): task=edit with batching=on: the edit pipeline takes one image set"):
         parse_config({"models": {"qwen-image-edit-2509": {"max_batch_size": 2}}})
 
 

@@ -225,6 +225,17 @@ def edit_form_client(**http) -> TestClient:
     return TestClient(create_api(EditsRefusedBeforeTheService(), HttpSpec(**http)))
 
 
+def test_an_edits_lora_scale_keeps_its_bounds_without_a_lora():
+    """schemathesis found lora_scale=5 alone accepted (the bound of 4 applied only next to a lora), so the
+    conformance test's outcome hung on what hypothesis generated."""
+    client = edit_form_client()
+    png = {"image": ("a.png", b"\x89PNG", "image/png")}
+    for data in ({"lora_scale": "5"}, {"lora": "style", "lora_scale": "5"}, {"lora_scale": "-4.5"}):
+        answer = client.post("/v1/images/edits", data={"prompt": "x", **data}, files=png)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["param"] == "lora_scale"
+
+
 def test_edit_forms_are_parsed_under_file_field_and_part_limits():
     client = edit_form_client(max_form_fields=20, max_form_field_bytes=5_000)
     png = ("a.png", b"\x89PNG", "image/png")
