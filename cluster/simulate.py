@@ -21,7 +21,7 @@ from serve_app.domain.config import AppConfig, FleetConfig, load_fleet, parse_co
 from serve_app.domain.placement import node_labels, node_resources
 from serve_app.embedded import embedded_config_data, tiny_loaders, tiny_model_config
 from serve_app.engines import EngineLoader
-from serve_app.runner import PrivateRayCluster, deploy, lock_private_ray, worker_env
+from serve_app.runner import QUIET_SHUTDOWN_SYSTEM_CONFIG, PrivateRayCluster, deploy, lock_private_ray, worker_env
 
 
 def simulation_config(fleet: FleetConfig, tiny_dir: Path, models: list[str] | None = None,
@@ -82,6 +82,7 @@ class SimulatedFleet(PrivateRayCluster):
         lock_private_ray(self.tmpdir)
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": self.head_cpus, "num_gpus": 0, "include_dashboard": False,
+            "_system_config": QUIET_SHUTDOWN_SYSTEM_CONFIG,
         })
         for pool in self.fleet.pools:
             gpu = catalog.gpu(pool.gpu_class)

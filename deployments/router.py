@@ -43,7 +43,14 @@ from serve_app.domain.images import (
 from serve_app.domain.planner import OFFLOAD_MODES, estimate_vram, plan
 from serve_app.domain.quotas import Admission, KeyQuotas
 from serve_app.domain.routing import Route, RoutingTable
-from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, PartialImage, StreamAccepted
+from serve_app.domain.schemas import (
+    SIDE_MULTIPLE,
+    EditRequest,
+    GenerateRequest,
+    ImageResult,
+    PartialImage,
+    StreamAccepted,
+)
 from serve_app.domain.specs import RouterSpec
 
 logger = logging.getLogger(__name__)
@@ -489,7 +496,12 @@ class Router:
         return await asyncio.to_thread(fetch_node_metrics, node["MetricsExportPort"])
 
     def _describe(self, variant: ModelVariant) -> dict[str, Any]:
-        w, h = self.spec.default_width, self.spec.default_height
+        """A variant's model card: what the catalog and the planner say, the same for every caller."""
+        # A request without a size gets the deployment's default (else the variant's): the VRAM figures are
+        # planned at that size, with one input image for an edit, and the card says so.
+        w = self.spec.default_width or variant.defaults.width
+        h = self.spec.default_height or variant.defaults.height
+        images = 1 if variant.task == "edit" else 0
         return {
             "id": variant.id,
             "object": "model",
@@ -500,12 +512,14 @@ class Router:
             "svdq_rank": variant.svdq_rank,
             "default_steps": variant.defaults.num_inference_steps,
             "max_input_images": variant.max_input_images,
+            "size_range": {"min_side": variant.min_side, "max_side": variant.max_side, "multiple_of": SIDE_MULTIPLE},
+            "default_size": f"{w}x{h}",
             "loras": sorted(name for name, variants in self.spec.loras.items() if variant.id in variants),
-            "vram_gib": {m: estimate_vram(variant, m, w or variant.defaults.width, h or variant.defaults.height,
-                                          1 if variant.task == "edit" else 0).peak_gib for m in OFFLOAD_MODES},
+            "vram_planned_at": {"size": f"{w}x{h}", "input_images": images},
+            "vram_gib": {m: estimate_vram(variant, m, w, h, images).peak_gib for m in OFFLOAD_MODES},
             "gpu_classes": [
                 {"gpu_class": g.id, "offload_mode": p.mode, "peak_vram_gib": p.peak_vram_gib}
-                for g in self.catalog.gpus.values() if (p := plan(variant, g, w, h)).fits
+                for g in self.catalog.gpus.values() if (p := plan(variant, g, w, h, images or None)).fits
             ],
         }
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from serve_app.domain.catalog import GPUClass
 from serve_app.domain.config import AppConfig, ConfigError, load_config, load_fleet, parse_config
@@ -214,7 +217,6 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from serve_app.api_keys import config_key_ring, refuse_open_non_loopback
     from serve_app.embedded import embedded_config
     from serve_app.runner import run_foreground
 
@@ -232,30 +234,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.host or args.port:
         serving = config.serving.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
         config = config.model_copy(update={"serving": serving})
-    try:  # before Ray starts: the router refuses the same at start-up, after a minute of loading
-        refuse_open_non_loopback(config_key_ring(config), config.serving.host, config.serving.public)
-    except PermissionError as err:
-        print(f"imageserve run: {err}", file=sys.stderr)
+    # Checked before Ray starts: later a replica refuses after a minute of loading, in the controller's tracebacks,
+    # or, with a key file it cannot read or that holds no key, the service starts and refuses every request.
+    keys = _key_ring(config)
+    problem = _hardware_problem(config, set(loaders or ()), bool(args.config)) or _keys_problem(config, keys)
+    if problem:
+        print(f"imageserve run: {problem}", file=sys.stderr)
         return 2
-    return run_foreground(config, loaders)
+    return run_foreground(config, loaders, keyed=keys.configured, verbose=args.verbose)
+
+
+def _key_ring(config: AppConfig):
+    """The router's keys, read here in silence: the check below says in one line what is wrong with them, and
+    where nothing is, the router itself warns about an open endpoint once it runs."""
+    import logging
+
+    from serve_app.api_keys import config_key_ring
+
+    api_keys_log = logging.getLogger("serve_app.api_keys")
+    was_disabled, api_keys_log.disabled = api_keys_log.disabled, True
+    try:
+        return config_key_ring(config)
+    finally:
+        api_keys_log.disabled = was_disabled
+
+
+def _keys_problem(config: AppConfig, keys) -> str | None:
+    from serve_app.api_keys import API_KEYS_ENV, refuse_open_non_loopback
+
+    try:
+        refuse_open_non_loopback(keys, config.serving.host, config.serving.public)
+    except PermissionError as err:
+        return str(err)
+    # Either would start a service that refuses every request.
+    keys_file = config.serving.api_keys_file
+    unreadable = keys.unavailable()
+    if unreadable:
+        return (f"serving.api_keys_file {keys_file}: {unreadable}: write one key a line there, or leave "
+                "serving.api_keys_file out (docs/security.md)")
+    if keys.configured and not keys.digests():
+        return (f"the configured API key sources ({keys_file or API_KEYS_ENV}) hold no key, so every request would "
+                f"be refused: write one key a line in serving.api_keys_file, or set {API_KEYS_ENV}")
+    return None
+
+
+def _hardware_problem(config: AppConfig, doubled: set[str], tiny_applies: bool) -> str | None:
+    """Why ``config``'s variants cannot load on this machine (no CUDA GPU for device: cuda or a 4-bit variant);
+    ``doubled``: variants whose loader is replaced (``--tiny``'s 4-bit ones, which run without nunchaku)."""
+    from serve_app.engines.hardware import cuda_available, hardware_refusal
+
+    catalog = config.build_catalog()
+    has_cuda = cuda_available()
+    refusals = dict.fromkeys(
+        r for v in config.models_to_load() if v not in doubled
+        if (r := hardware_refusal(catalog.variant(v), config.device.device, has_cuda)) is not None)
+    if not refusals:
+        return None
+    tiny = ", or try it here on tiny random-weight checkpoints with --tiny auto" if tiny_applies else ""
+    return f"{'; '.join(refusals)}: run it on a GPU node{tiny}"
 
 
 def _serve_tiny(choice: str) -> bool:
     if choice != "auto":
         return choice == "always"
-    import torch
+    from serve_app.engines.hardware import cuda_available
 
-    return not torch.cuda.is_available()
+    return not cuda_available()
 
 
 def cmd_cluster_sim(args: argparse.Namespace) -> int:
     from cluster.simulate import run_simulation
 
-    result = run_simulation(args.fleet, args.requests, Path(args.tiny_dir), port=args.port,
-                            concurrency=args.concurrency)
-    if args.json:
-        print(json.dumps(result))
-    else:
+    with report_stream(args.json) as report:
+        result = run_simulation(args.fleet, args.requests, Path(args.tiny_dir), port=args.port,
+                                concurrency=args.concurrency)
+        if args.json:
+            print(json.dumps(result), file=report)
+    if not args.json:
         print(f"requests {result['requests']}  ok {result['ok']}  errors {result['errors']}  "
               f"misroutes {result['misroutes']}  (start-up {result['startup_s']} s, total {result['total_s']} s)")
         for pool, count in sorted(result["per_pool"].items()):
@@ -265,6 +320,26 @@ def cmd_cluster_sim(args: argparse.Namespace) -> int:
         for sample in result["error_samples"]:
             print(f"  error: {sample}")
     return 0 if result["errors"] == 0 and result["misroutes"] == 0 else 1
+
+
+@contextlib.contextmanager
+def report_stream(only_report: bool) -> Iterator[TextIO]:
+    """Where to print a report. With ``only_report`` (--json), everything else written to file descriptor 1
+    while it is open goes to stderr instead: Ray's processes inherit the descriptor and its driver prints their
+    lines to stdout, so the report alone stays on stdout, one JSON object to parse."""
+    if not only_report:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(os.dup(saved), "w") as real_stdout:
+            yield real_stdout
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def cmd_cluster_configs(args: argparse.Namespace) -> int:
@@ -337,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "without nunchaku): 'auto' does when torch sees no CUDA GPU (default auto)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also Serve's INFO logs (deployments, replicas, the probes' access lines) and library import "
+                        "notices")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("cluster-sim", help="simulate a mixed GPU fleet locally and send it mixed traffic")
@@ -366,10 +444,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_file_problem(option: str, path: str | None) -> str | None:
+    """One line for a --config or --fleet that names no file: where it was looked for, and what to give instead
+    (the packaged example of that name, when there is one)."""
+    if path is None or Path(path).is_file():
+        return None
+    where = Path(path) if Path(path).is_absolute() else Path.cwd() / path
+    packaged = {example.name: example for example in (EXAMPLE_PRODUCTION_CONFIG, EXAMPLE_FLEET)}
+    if Path(path).name in packaged:
+        return f"{option} {path}: no such file at {where}; the example {Path(path).name} is {packaged[Path(path).name]}"
+    what = "fleet file" if option == "--fleet" else "YAML config"
+    return f"{option} {path}: no such file at {where}; give the path of an existing {what}"
+
+
 def main(argv: list[str] | None = None) -> int:
     # Every Ray cluster here is started explicitly; nothing should auto-connect to one after shutdown.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    from serve_app.runner import quiet_torchao_notice
+
+    # torchao's notice about its C++ extensions comes with diffusers' import; this process runs no fp8 pipeline.
+    quiet_torchao_notice()
     args = build_parser().parse_args(argv)
+    for option in ("config", "fleet"):
+        problem = missing_file_problem(f"--{option}", getattr(args, option, None))
+        if problem:
+            print(f"imageserve: {problem}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except (ConfigError, KeyError) as err:

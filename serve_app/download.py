@@ -19,9 +19,11 @@ commit, which the output names so it can be pinned.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,49 @@ def hub_cache_dir(config: AppConfig, override: str | None = None) -> str:
     return HF_HUB_CACHE
 
 
+def hub_endpoint() -> str:
+    """The Hub this process talks to: ``HF_ENDPOINT``, else huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Connection-level errors of the HTTP client huggingface_hub uses (httpx before its 2.0, httpx2 since)."""
+    import sys
+
+    import huggingface_hub.utils  # noqa: F401 - imports that client
+
+    return tuple(module.TransportError for name in ("httpx2", "httpx") if (module := sys.modules.get(name)))
+
+
+@contextlib.contextmanager
+def hub_errors_in_one_line(what: str) -> Iterator[None]:
+    """Turn the Hub's failures while doing ``what`` into a DownloadError of one line: which endpoint, what went
+    wrong, what to do. Without a network the client's own error is a 70-line traceback naming neither."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    endpoint = hub_endpoint()
+    try:
+        yield
+    except _transport_errors() as err:
+        raise DownloadError(
+            f"cannot reach the Hub at {endpoint} for {what} ({type(err).__name__}: {_first_line(err)}): check the "
+            "network, or point HF_ENDPOINT at a Hub mirror you can reach (HF_ENDPOINT=https://... imageserve "
+            "download ...)") from None
+    except (GatedRepoError, RepositoryNotFoundError) as err:
+        raise DownloadError(
+            f"the Hub at {endpoint} does not let this machine read {what} ({_first_line(err)}): check the repository "
+            "id, and for a gated model accept its terms on the Hub and set HF_TOKEN") from None
+    except HfHubHTTPError as err:
+        raise DownloadError(f"the Hub at {endpoint} failed {what} ({_first_line(err)}): try again later, or set "
+                            "HF_ENDPOINT to a mirror") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
 def download(config: AppConfig, cache_dir: str | None = None, keep_free_gb: float = DEFAULT_KEEP_FREE_GB,
              dry_run: bool = False, log=print) -> dict[str, Any]:
     """Fetch and verify what ``config`` loads; returns what was needed, fetched and found in the cache."""
@@ -190,7 +235,8 @@ def download(config: AppConfig, cache_dir: str | None = None, keep_free_gb: floa
         log(f"{variant}: local {path}, nothing to fetch")
     planned: list[tuple[RepoNeed, str, list[RemoteFile]]] = []
     for need in repos:
-        commit, files = remote_files(need, endpoint, cache)
+        with hub_errors_in_one_line(f"{need.repo_id}'s file list"):
+            commit, files = remote_files(need, endpoint, cache)
         planned.append((need, commit, files))
     total = sum(f.size for _, _, files in planned for f in files)
     to_fetch = sum(f.size for _, commit, files in planned for f in files if _cached(f, commit, cache) is None)
@@ -213,8 +259,10 @@ def download(config: AppConfig, cache_dir: str | None = None, keep_free_gb: floa
     for need, commit, files in planned:
         # Unpinned: revision "main" (not the commit), so that the cache's refs/main points at it for offline
         # loading without a revision. Pinned: the commit, which loading asks for too.
-        snapshot = Path(snapshot_download(need.repo_id, revision=need.revision, allow_patterns=[f.path for f in files],
-                                          cache_dir=cache, endpoint=endpoint))
+        with hub_errors_in_one_line(f"{need.repo_id}'s files (run again to resume)"):
+            snapshot = Path(snapshot_download(need.repo_id, revision=need.revision,
+                                              allow_patterns=[f.path for f in files], cache_dir=cache,
+                                              endpoint=endpoint))
         if snapshot.name != commit:
             raise DownloadError(f"{need.repo_id} moved from {commit} to {snapshot.name} while downloading: run again")
         for file in files:

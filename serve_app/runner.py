@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -67,6 +68,69 @@ def worker_env(offline: bool = True) -> dict[str, str]:
     return {"HF_HUB_OFFLINE": "1" if offline else "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
+# torchao warns at import, in every process that imports diffusers, that its C++ extensions were built for another
+# torch. Only the fp8 variants use torchao; where none is served the line says nothing about what runs.
+TORCHAO_EXTENSIONS_NOTICE = "Skipping import of cpp extensions"
+# Set (to "1") in the replicas' environment when no served variant uses torchao (quiet_worker_logs reads it).
+QUIET_TORCHAO_ENV = "IMAGESERVE_QUIET_TORCHAO"
+# Serve logs this whenever serve.run follows serve.start, as deploy() always does on the clusters started here:
+# serve.run has no HTTP options to drop, so on a fresh cluster the notice is wrong.
+SERVE_RECONNECT_NOTICE = "Connecting to existing Serve app"
+# Ray system config of the clusters started here: serve.shutdown() ends with the controller killing itself while the
+# driver's graceful_shutdown call is still open, and Ray then prints that the call "failed ... will be retried" on
+# every clean stop.
+QUIET_SHUTDOWN_SYSTEM_CONFIG = {"enable_output_error_log_if_still_retry": False}
+PROBE_ACCESS_LINE = re.compile(r"\b(GET|HEAD) \S*/(readyz|healthz) \d{3} ")
+
+
+class _DropRecords(logging.Filter):
+    """A logging filter that drops the records ``unwanted`` says yes to; ``key`` keeps it to one per logger."""
+
+    def __init__(self, key: str, unwanted: Callable[[logging.LogRecord], bool]) -> None:
+        super().__init__()
+        self.key = key
+        self.unwanted = unwanted
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.unwanted(record)
+
+
+def _drop(logger_name: str, key: str, unwanted: Callable[[logging.LogRecord], bool]) -> None:
+    target = logging.getLogger(logger_name)
+    if not any(getattr(f, "key", None) == key for f in target.filters):
+        target.addFilter(_DropRecords(key, unwanted))
+
+
+def quiet_torchao_notice() -> None:
+    """Drop torchao's import-time notice about its C++ extensions (call before torchao is imported)."""
+    _drop("torchao", "imageserve-torchao-notice", lambda r: r.getMessage().startswith(TORCHAO_EXTENSIONS_NOTICE))
+
+
+def quiet_serve_reconnect_notice() -> None:
+    _drop("ray.serve", "imageserve-reconnect-notice", lambda r: r.getMessage().startswith(SERVE_RECONNECT_NOTICE))
+
+
+def _serve_noise(record: logging.LogRecord) -> bool:
+    """A replica's Serve record that ``imageserve run`` leaves out: an access line of the readiness or liveness
+    probe (the start-up poll alone made a dozen), or Serve's own INFO; requests' access lines stay."""
+    if getattr(record, "serve_access_log", False):
+        return bool(PROBE_ACCESS_LINE.search(record.getMessage()))
+    return record.levelno < logging.WARNING
+
+
+def quiet_worker_logs() -> None:
+    """Ray's ``worker_process_setup_hook`` of the clusters ``imageserve run`` starts: each replica leaves out
+    ``_serve_noise``, and torchao's import notice where no served variant uses torchao."""
+    _drop("ray.serve", "imageserve-replica-noise", _serve_noise)
+    if os.environ.get(QUIET_TORCHAO_ENV) == "1":
+        quiet_torchao_notice()
+
+
+def uses_torchao(config: AppConfig) -> bool:
+    catalog = config.build_catalog()
+    return any(catalog.variant(v).precision == "fp8" for v in config.models_to_load())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (for private clusters, test servers, Prometheus)."""
     import socket
@@ -115,24 +179,58 @@ class PrivateRayCluster:
         self.stop()
 
 
+class DeployFailed(RuntimeError):
+    """An application did not start; ``reason`` is one line: the failed deployment and its error's last line."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def failure_reason(app_name: str) -> str:
+    """One line for why ``app_name`` failed to deploy: each failed deployment and the last line of its error
+    (Serve's messages carry the replica's whole traceback, whose last line names the exception)."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return f"application {app_name} is gone"
+    failed = [(name, d.message) for name, d in app.deployments.items() if d.status in ("DEPLOY_FAILED", "UNHEALTHY")]
+    if not failed:
+        return _last_line(app.message) or f"application {app_name} is {app.status}"
+    return "; ".join(f"{name} did not start: {_last_line(message)}" for name, message in failed)
+
+
+def _last_line(message: str) -> str:
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    # "serve_app.engines.protocol.IncompatibleHardwareError: ..." -> "IncompatibleHardwareError: ..."
+    return re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=[A-Za-z_]\w*(?:Error|Exception)\b)", "", lines[-1])
+
+
 def deploy(config: AppConfig, loaders: dict[str, Any] | None = None, route_prefix: str | None = None,
            timeout_s: float = 300) -> None:
     """Deploy ``config``'s application on the Serve instance this driver is connected to, and wait
-    until it is RUNNING (a failed deployment raises with Serve's reason)."""
+    until it is RUNNING (a failed deployment raises ``DeployFailed`` with Serve's reason)."""
     from ray import serve
 
     from serve_app.builder import build_app_from_config
 
+    quiet_serve_reconnect_notice()
     name = config.serving.app_name
-    serve.run(build_app_from_config(config, loaders), name=name,
-              route_prefix=route_prefix or config.serving.route_prefix, blocking=False)
+    try:
+        serve.run(build_app_from_config(config, loaders), name=name,
+                  route_prefix=route_prefix or config.serving.route_prefix, blocking=False)
+    except RuntimeError as err:  # serve.run waits for RUNNING, and its error names the deployments, not why
+        raise DeployFailed(f"deployment failed: {err}", failure_reason(name)) from err
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         app = serve.status().applications.get(name)
         if app is not None and app.status == "RUNNING":
             return
         if app is not None and app.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"deployment failed: {app.message}")
+            raise DeployFailed(f"deployment failed: {app.message}", failure_reason(name))
         time.sleep(0.5)
     raise TimeoutError(f"{name} was not RUNNING after {timeout_s}s")
 
@@ -162,8 +260,12 @@ class LocalService(PrivateRayCluster):
 
     def __init__(self, config: AppConfig, host: str | None = None, port: int | None = None,
                  num_cpus: int | None = None, extra_http_options: dict[str, Any] | None = None,
-                 log_to_driver: bool = True, metrics_report_interval_ms: int | None = None) -> None:
+                 log_to_driver: bool = True, metrics_report_interval_ms: int | None = None,
+                 quiet: bool = False) -> None:
+        """``quiet``: Serve's controller and proxy log warnings and errors only, and the replicas' access lines of
+        /readyz and /healthz and library import notices are left out (``quiet_worker_logs``)."""
         self.config = config
+        self.quiet = quiet
         self.host = host or config.serving.host
         self.port = port if port is not None else config.serving.port
         self.num_cpus = num_cpus
@@ -183,13 +285,16 @@ class LocalService(PrivateRayCluster):
               loaders: dict[str, Any] | None = None) -> LocalService:
         from ray import serve
 
+        if self.quiet:  # this driver's own Serve notices ("Started Serve", "... is ready at"): the caller says it
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
         self.start_ray()
         if after_ray_init is not None:
             after_ray_init()
         http_options = {"host": self.host, "port": self.port, **self.extra_http_options}
         if self.config.serving.request_timeout_s:
             http_options["request_timeout_s"] = self.config.serving.request_timeout_s
-        serve.start(http_options=http_options, proxy_location="HeadOnly")
+        serve.start(http_options=http_options, proxy_location="HeadOnly",
+                    logging_config={"log_level": "WARNING"} if self.quiet else None)
         deploy(self.config, loaders, timeout_s=timeout_s)
         wait_until_ready(f"{self.url}{self.config.serving.route_prefix.rstrip('/')}/readyz", timeout_s)
         return self
@@ -206,6 +311,14 @@ class LocalService(PrivateRayCluster):
         # Serve's proxy, started by this cluster's raylet, inherits it: the proxy then refuses its own /-/routes,
         # which would tell anyone every application's route and name (serve_app/proxy_guard.py).
         os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+        system_config: dict[str, Any] = dict(QUIET_SHUTDOWN_SYSTEM_CONFIG)
+        if self.metrics_report_interval_ms:
+            system_config["metrics_report_interval_ms"] = self.metrics_report_interval_ms
+        runtime_env: dict[str, Any] = {"env_vars": worker_env(os.environ["HF_HUB_OFFLINE"] == "1")}
+        if self.quiet:
+            runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_worker_logs"
+            if not uses_torchao(self.config):
+                runtime_env["env_vars"][QUIET_TORCHAO_ENV] = "1"
         context = ray.init(
             address="local",
             _temp_dir=self.tmpdir,
@@ -213,11 +326,8 @@ class LocalService(PrivateRayCluster):
             include_dashboard=False,
             logging_level=logging.WARNING,
             log_to_driver=self.log_to_driver,
-            _system_config=(
-                {"metrics_report_interval_ms": self.metrics_report_interval_ms}
-                if self.metrics_report_interval_ms else None
-            ),
-            runtime_env={"env_vars": worker_env(os.environ["HF_HUB_OFFLINE"] == "1")},
+            _system_config=system_config,
+            runtime_env=runtime_env,
         )
         self.started = True
         self.gcs_address = context.address_info["gcs_address"]
@@ -239,17 +349,22 @@ _SAVE_FIRST_IMAGE = ('import sys,json,base64; '
                      'open("out.png","wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))')
 
 
-def example_requests(url: str) -> str:
-    return (
-        f"imageserve is answering at {url}\n"
-        f"  curl -s {url}/v1/models | python3 -m json.tool\n"
-        f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\\n"
-        f"       -d '{_GENERATE_BODY}' \\\n"
-        f"    | python3 -c '{_SAVE_FIRST_IMAGE}'\n"
-        f"  curl -s {url}/v1/images/edits -F model=qwen-image-edit -F prompt='make it blue' -F image=@out.png \\\n"
-        "       -F size=256x256\n"
-        "Stop with Ctrl-C."
-    )
+def example_requests(url: str, keyed: bool = False) -> str:
+    """What ``imageserve run`` prints once it answers: requests to try; with ``keyed``, carrying a key."""
+    key = ' -H "Authorization: Bearer $IMAGESERVE_KEY"' if keyed else ""
+    lines = [f"imageserve is answering at {url}"]
+    if keyed:
+        lines.append("  (the /v1 routes need one of the configured API keys: export IMAGESERVE_KEY=<key> first)")
+    lines += [
+        f"  curl -s {url}/v1/models{key} | python3 -m json.tool",
+        f"  curl -s {url}/v1/images/generations{key} -H 'Content-Type: application/json' \\",
+        f"       -d '{_GENERATE_BODY}' \\",
+        f"    | python3 -c '{_SAVE_FIRST_IMAGE}'",
+        f"  curl -s {url}/v1/images/edits{key} -F model=qwen-image-edit -F prompt='make it blue' -F image=@out.png \\",
+        "       -F size=256x256",
+        "Stop with Ctrl-C.",
+    ]
+    return "\n".join(lines)
 
 
 def _interrupt(*_: Any) -> None:
@@ -264,28 +379,38 @@ def interrupt_on_signals() -> dict[int, Any]:
     return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def run_foreground(config: AppConfig, loaders: dict[str, Any] | None = None) -> int:
+def run_foreground(config: AppConfig, loaders: dict[str, Any] | None = None, keyed: bool = False,
+                   verbose: bool = False) -> int:
     """Serve until SIGINT or SIGTERM (also during start-up), then shut Serve and Ray down cleanly.
-    ``loaders``: variant id -> engine loader (``imageserve run --tiny``'s test doubles)."""
-    service = LocalService(config)
+    ``loaders``: variant id -> engine loader (``imageserve run --tiny``'s test doubles); ``keyed``: the config
+    asks for API keys (the example requests carry one); ``verbose``: Serve's own INFO logs and every access line."""
+    service = LocalService(config, quiet=not verbose)
     previous: dict[int, Any] = {}
 
     def take_signals() -> None:
         previous.update(interrupt_on_signals())
 
+    code = 0
     try:
         service.start(after_ray_init=take_signals, loaders=loaders)
         if service.auth_token_path:
             print(f"Ray at {service.gcs_address} requires its token (RAY_AUTH_MODE=token "
                   f"RAY_AUTH_TOKEN_PATH={service.auth_token_path})", flush=True)
-        print(example_requests(service.url), flush=True)
+        print(example_requests(service.url, keyed), flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping imageserve ...", flush=True)
+    except DeployFailed as err:
+        print(f"imageserve run: {err.reason}", file=sys.stderr, flush=True)
+        code = 1
+    except TimeoutError as err:
+        print(f"imageserve run: {err}: a replica is still loading or has no node to run on; `imageserve run "
+              "--verbose` shows what Serve is doing", file=sys.stderr, flush=True)
+        code = 1
     finally:
         service.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print("stopped; the private Ray cluster is shut down", flush=True)
-    return 0
+    return code

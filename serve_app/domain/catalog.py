@@ -264,6 +264,10 @@ class ModelVariant(_Strict):
     def total_params_b(self) -> float:
         return sum(c.params_b for c in self.components.values())
 
+    def weight_bytes(self, compute_dtype: str) -> float:
+        """Bytes of every component's weights loaded with ``compute_dtype`` ('bf16', 'fp32', ...)."""
+        return sum(c.weight_bytes(compute_dtype) for c in self.components.values())
+
 
 class Catalog(_Strict):
     gpus: dict[str, GPUClass]

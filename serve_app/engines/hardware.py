@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from serve_app.domain.catalog import GIB, GPUClass, match_gpu_name
+from serve_app.domain.catalog import GIB, GPUClass, ModelVariant, match_gpu_name
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,32 @@ def detect_local_gpu(gpus: Iterable[GPUClass], index: int = 0) -> LocalGPU | Non
         vram_gib=round(vram, 2),
     )
     return LocalGPU(props.name, vram, cc, synthesized, in_catalog=False)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def hardware_refusal(variant: ModelVariant, device: str, has_cuda: bool) -> str | None:
+    """Why ``variant`` cannot load on this machine at all, with the config's ``device`` ('auto', 'cuda', 'cpu'):
+    the rules a replica applies when it loads (``LoadTarget.for_spec``), for the checks made before there is a
+    replica (doctor, `imageserve run`). None when it can load, planning aside."""
+    if device == "cuda" and not has_cuda:
+        return "the config says device: cuda, and torch sees no CUDA GPU here"
+    if variant.requires_nunchaku and (device == "cpu" or not has_cuda):
+        return f"{variant.id} is a nunchaku 4-bit variant and needs a CUDA GPU"
+    return None
+
+
+def cpu_weights_gib(variant: ModelVariant, torch_dtype: str | None) -> float:
+    """GiB of host RAM ``variant``'s weights take on CPU, in the dtype it runs in there (``torch_dtype``, else
+    float32: ``compute_dtype``'s rule)."""
+    from serve_app.domain.planner import DTYPE_SHORT
+    from serve_app.engines.base import compute_dtype
+
+    return variant.weight_bytes(DTYPE_SHORT[compute_dtype(torch_dtype, "cpu", None)]) / GIB
 
 
 def host_memory_gib() -> float:

@@ -174,6 +174,12 @@ class QwenImageEditEngine(DiffusersEngine):
         defaults = self.variant.defaults
         seeds = self.seeds(seed, n)
         steps = num_inference_steps or defaults.num_inference_steps
+        negative = negative_prompt if negative_prompt is not None else defaults.negative_prompt
+        cfg_scale = defaults.true_cfg_scale if true_cfg_scale is None else true_cfg_scale
+        # Without CFG (true_cfg_scale <= 1: the Lightning variants) the pipeline ignores a negative prompt, and warns
+        # that it does on every call; it is passed only where it is used.
+        if not self.variant.runs_cfg(true_cfg_scale=cfg_scale, negative_prompt=negative):
+            negative = None
         rgb = [image.convert("RGB") for image in images]
         outputs: list = []
         timings: dict[str, float] = {}
@@ -184,8 +190,8 @@ class QwenImageEditEngine(DiffusersEngine):
                 out = self.pipe(
                     image=rgb,
                     prompt=prompt,
-                    negative_prompt=negative_prompt if negative_prompt is not None else defaults.negative_prompt,
-                    true_cfg_scale=defaults.true_cfg_scale if true_cfg_scale is None else true_cfg_scale,
+                    negative_prompt=negative,
+                    true_cfg_scale=cfg_scale,
                     width=width or defaults.width,
                     height=height or defaults.height,
                     num_inference_steps=steps,

@@ -251,3 +251,27 @@ def test_models_lists_the_fp8_variants_with_the_gpus_they_fit():
         fits = {g["gpu_class"] for g in entry["gpu_classes"]}
         assert entry["precision"] == "fp8"
         assert {"rtx-4090", "h100-sxm", "rtx-5090"} <= fits and not fits & {"a100-80g", "rtx-a4500", "rtx-3090"}
+
+
+def test_model_cards_give_each_variants_size_range_and_the_size_their_vram_is_planned_at():
+    import asyncio
+
+    from serve_app.domain.planner import estimate_vram
+
+    config = parse_config({"models": {"z-image-turbo": {}, "qwen-image-edit-2511": {}},
+                           "defaults": {"width": 768, "height": 512}})
+    spec = resolve_application(config).router
+    checks = Router(spec, {route.deployment: None for route in spec.routes})
+    cards = {card["id"]: card for card in asyncio.run(checks.models(internals=False))["data"]}
+    for variant in checks.catalog.variants.values():
+        card = cards[variant.id]
+        assert card["size_range"] == {"min_side": 64, "max_side": 2048, "multiple_of": 16}
+        assert card["default_size"] == "768x512"
+        images = 1 if variant.task == "edit" else 0
+        assert card["vram_planned_at"] == {"size": "768x512", "input_images": images}
+        assert card["vram_gib"]["model"] == estimate_vram(variant, "model", 768, 512, images).peak_gib
+        assert "pools" not in card and "replicas" not in card  # placement stays with internals
+
+    plain = resolve_application(parse_config({"models": {"z-image-turbo": {}}})).router
+    card = Router(plain, {route.deployment: None for route in plain.routes})._static_model_info["z-image-turbo"]
+    assert (card["default_size"], card["vram_planned_at"]["size"]) == ("1024x1024", "1024x1024")

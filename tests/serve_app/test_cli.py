@@ -67,16 +67,58 @@ def test_make_tiny_models_builds_loadable_folders(tmp_path, capsys):
     assert index["processor"] == ["transformers", "Qwen2VLProcessor"]
 
 
-def test_doctor_reports_this_machine(capsys, tmp_path):
+def test_doctor_reports_this_machine(capsys, tmp_path, monkeypatch):
+    import serve_app.doctor
+
+    monkeypatch.setattr(serve_app.doctor, "host_memory_gib", lambda: 512.0)  # room for any catalog variant on CPU
     code = main(["doctor", "--json", "--cache-dir", str(tmp_path)])
     report = json.loads(capsys.readouterr().out)
     assert report["gpu"] is None  # the test machines have no GPU
-    assert report["host_memory_gib"] > 0
+    assert report["host_memory_gib"] == 512
     assert report["disk"]["download_needed_gb"] > 100  # the whole catalog: ~181 GB
     assert report["nunchaku"]["usable"] is False
     serves = {v["variant"]: v["serves"] for v in report["variants"]}
     assert serves["z-image-turbo"] is True and serves["z-image-turbo-svdq-int4-r128"] is False
     assert code == (0 if report["ok"] else 1)
+
+
+def test_doctor_on_cpu_serves_only_what_fits_in_host_ram(capsys, tmp_path, monkeypatch):
+    """A 20B bf16 edit model is 107 GiB of float32 weights on CPU: a 23.5 GiB machine cannot load it."""
+    import serve_app.doctor
+
+    monkeypatch.setattr(serve_app.doctor, "host_memory_gib", lambda: 64.0)
+    config = tmp_path / "config.yaml"
+    config.write_text("models:\n  z-image-turbo: {}\n  qwen-image-edit-2511: {}\n  qwen-image-edit-2509:\n"
+                      "    torch_dtype: bfloat16\n")
+    main(["doctor", "--json", "--config", str(config), "--cache-dir", str(tmp_path)])
+    verdicts = {v["variant"]: v for v in json.loads(capsys.readouterr().out)["variants"]}
+    # z-image-turbo: 10.26B parameters x 4 bytes = 38.2 GiB, and the planner's 8 GiB host reserve.
+    assert (verdicts["z-image-turbo"]["serves"], verdicts["z-image-turbo"]["host_ram_gib"]) == (True, 46.2)
+    edit = verdicts["qwen-image-edit-2511"]
+    assert (edit["serves"], edit["host_ram_gib"]) == (False, 115.5)
+    assert edit["reason"] == ("on CPU its weights take 107.5 GiB and the host reserve 8 GiB, 115.5 GiB in all; this "
+                              "machine has 64.0 GiB: serve it on a GPU node, or on a machine with more RAM")
+    # The same weights in the bfloat16 the config asks for instead of CPU's float32: half.
+    bf16 = verdicts["qwen-image-edit-2509"]
+    assert (bf16["serves"], bf16["host_ram_gib"]) == (True, 61.7)
+
+    monkeypatch.setattr(serve_app.doctor, "host_memory_gib", lambda: 23.5)
+    main(["doctor", "--config", str(config), "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "  yes " not in out and "  no   z-image-turbo: on CPU its weights take 38.2 GiB" in out
+
+
+def test_doctor_says_nothing_serves_where_the_config_asks_for_cuda_and_there_is_none(capsys, tmp_path, monkeypatch):
+    import serve_app.doctor
+
+    monkeypatch.setattr(serve_app.doctor, "host_memory_gib", lambda: 512.0)
+    config = tmp_path / "config.yaml"
+    config.write_text("device: {device: cuda}\nmodels:\n  z-image-turbo: {}\n")
+    assert main(["doctor", "--config", str(config), "--cache-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "GPU:       none (CUDA not available), and the config says device: cuda: nothing serves here" in out
+    assert ("  no   z-image-turbo: the config says device: cuda, and torch sees no CUDA GPU here: run on a GPU "
+            "node, or set device: auto to run the bf16 variants on CPU") in out
 
 
 def test_doctor_lists_the_combinations_a_config_cannot_run(capsys, tmp_path):
@@ -156,7 +198,7 @@ def test_run_serves_a_config_on_tiny_checkpoints_where_there_is_no_gpu(monkeypat
 
     served = {}
     monkeypatch.setattr(serve_app.runner, "run_foreground",
-                        lambda config, loaders=None: served.update(config=config, loaders=loaders) or 0)
+                        lambda config, loaders=None, **_: served.update(config=config, loaders=loaders) or 0)
     assert main(["run", "--config", str(ROOT / "examples" / "single-gpu.yaml"), "--tiny-dir", str(tiny_root)]) == 0
     assert "from tiny random-weight checkpoints on CPU" in capsys.readouterr().out
     config = served["config"]
@@ -166,6 +208,9 @@ def test_run_serves_a_config_on_tiny_checkpoints_where_there_is_no_gpu(monkeypat
     assert all(str(tiny_root) in m.source for m in config.models.values())
     assert set(served["loaders"]) == set(config.models)  # both are 4-bit: both load without nunchaku
 
+    import serve_app.engines.hardware
+
+    monkeypatch.setattr(serve_app.engines.hardware, "cuda_available", lambda: True)  # as on the GPU box
     assert main(["run", "--config", str(ROOT / "examples" / "single-gpu.yaml"), "--tiny", "never"]) == 0
     assert served["loaders"] is None and served["config"].swap_groups[0].host_ram_gib == 64
 
@@ -177,7 +222,7 @@ def test_run_on_tiny_checkpoints_keeps_the_speed_options_a_cpu_runs_and_says_wha
 
     served = {}
     monkeypatch.setattr(serve_app.runner, "run_foreground",
-                        lambda config, loaders=None: served.update(config=config) or 0)
+                        lambda config, loaders=None, **_: served.update(config=config) or 0)
     config = tmp_path / "config.yaml"
     config.write_text(
         "models:\n"
@@ -196,3 +241,95 @@ def test_run_on_tiny_checkpoints_keeps_the_speed_options_a_cpu_runs_and_says_wha
     assert "left out on CPU: models.qwen-image-edit-2511.offload_mode" in out
     assert "left out on CPU: models.qwen-image-edit-2511.optimizations.attention_backend '_native_cudnn'" in out
     assert "z-image-turbo" not in "".join(line for line in out.splitlines() if "left out" in line)
+
+
+def _no_ray(monkeypatch):
+    import serve_app.runner
+
+    monkeypatch.setattr(serve_app.runner, "run_foreground", lambda *_, **__: pytest.fail("Ray must not start"))
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_run_refuses_4bit_variants_without_a_gpu_in_one_line_before_ray_starts(monkeypatch, capsys):
+    """It used to start Ray, load for a minute, and end in a traceback under three of the controller's."""
+    _no_ray(monkeypatch)
+    assert main(["run", "--config", str(ROOT / "examples" / "single-gpu.yaml"), "--tiny", "never"]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        "imageserve run: z-image-turbo-svdq-int4-r128 is a nunchaku 4-bit variant and needs a CUDA GPU; "
+        "qwen-image-edit-2509-svdq-int4-r128-lightning-4step is a nunchaku 4-bit variant and needs a CUDA GPU: "
+        "run it on a GPU node, or try it here on tiny random-weight checkpoints with --tiny auto")
+
+
+def test_run_refuses_device_cuda_without_a_gpu_in_one_line(monkeypatch, capsys, tmp_path):
+    _no_ray(monkeypatch)
+    config = tmp_path / "config.yaml"
+    config.write_text("device: {device: cuda}\nmodels: {z-image-turbo: {}}\n")
+    assert main(["run", "--config", str(config), "--tiny", "never"]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        "imageserve run: the config says device: cuda, and torch sees no CUDA GPU here: run it on a GPU node, or try "
+        "it here on tiny random-weight checkpoints with --tiny auto")
+
+
+def test_run_refuses_a_key_file_it_cannot_read_or_that_holds_no_key(monkeypatch, capsys, caplog, tmp_path, tiny_root):
+    """Either would start a service that answers every request 401."""
+    _no_ray(monkeypatch)
+    monkeypatch.delenv("IMAGESERVE_API_KEYS", raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text("serving: {api_keys_file: keys}\n")
+    assert main(["run", "--config", str(config), "--tiny-dir", str(tiny_root)]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        "imageserve run: serving.api_keys_file keys: the API key file cannot be read (FileNotFoundError: No such "
+        "file or directory): write one key a line there, or leave serving.api_keys_file out (docs/security.md)")
+    (tmp_path / "keys").write_text("# rotated out\n")
+    assert main(["run", "--config", str(config), "--tiny-dir", str(tiny_root)]) == 2
+    assert "hold no key, so every request would be refused" in _one_line(capsys.readouterr().err)
+    assert caplog.records == []  # the key ring's own log lines would say the same again
+
+
+def test_run_on_an_open_address_says_only_why_it_refuses(monkeypatch, capsys, caplog):
+    """It used to warn that every route is open, then refuse to open them."""
+    _no_ray(monkeypatch)
+    monkeypatch.delenv("IMAGESERVE_API_KEYS", raising=False)
+    assert main(["run", "--host", "0.0.0.0"]) == 2
+    assert "refusing to serve on 0.0.0.0 with no API keys" in _one_line(capsys.readouterr().err)
+    assert "every route is open" not in caplog.text
+
+
+def test_a_config_path_that_names_no_file_says_where_it_looked_and_what_to_give(capsys, tmp_path):
+    from serve_app.examples import EXAMPLE_PRODUCTION_CONFIG
+
+    assert main(["doctor", "--config", "production.yaml"]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        f"imageserve: --config production.yaml: no such file at {tmp_path / 'production.yaml'}; the example "
+        f"production.yaml is {EXAMPLE_PRODUCTION_CONFIG}")
+    assert main(["plan", "--fleet", "fleets/big.yaml"]) == 2
+    assert _one_line(capsys.readouterr().err).endswith("; give the path of an existing fleet file")
+
+
+REPORTING = """
+import json, os, subprocess, sys
+from serve_app.cli import report_stream
+
+with report_stream(True) as report:
+    print("(raylet) a line of Ray's", flush=True)
+    os.write(1, b"a write to descriptor 1\\n")
+    subprocess.run([sys.executable, "-c", "print('a child process')"], check=True)
+    print(json.dumps({"ok": 1}), file=report)
+print("after the report")
+"""
+
+
+def test_report_stream_leaves_stdout_to_the_report_alone():
+    """`cluster-sim --json`: Ray's processes inherit file descriptor 1 and its driver prints their lines to
+    sys.stdout; while the report stream is open all of that goes to stderr, and stdout holds the report."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", REPORTING], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=True)
+    assert done.stdout.splitlines() == ['{"ok": 1}', "after the report"]
+    assert done.stderr.splitlines() == ["(raylet) a line of Ray's", "a write to descriptor 1", "a child process"]

@@ -167,3 +167,20 @@ def test_per_request_loras_from_the_hub_take_their_one_file(tmp_path):
     (ink,) = [r for r in repos if r.repo_id == "someone/z-loras"]
     assert ink.files == {"ink.safetensors"} and ink.revision == "c" * 40 and not ink.pipeline
     assert local["LoRA mine"] == str(tmp_path / "mine.safetensors")
+
+
+def test_a_hub_it_cannot_reach_is_one_line_naming_the_endpoint_and_hf_endpoint(tmp_path):
+    """Without a network it was a 76-line traceback ending in ConnectError, naming neither the Hub nor the fix."""
+    from serve_app.runner import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: refused at once, as an offline DNS fails
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"models": {"z-image-turbo": {}}}))
+    env = {**os.environ, "HF_ENDPOINT": closed, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run([sys.executable, "-m", "serve_app.cli", "download", "--config", str(config), "--dry-run",
+                           "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"imageserve download: cannot reach the Hub at {closed} for Tongyi-MAI/Z-Image-Turbo")
+    assert "point HF_ENDPOINT at a Hub mirror you can reach" in done.stderr
