@@ -1,7 +1,7 @@
 # The two commands of README.md:
 #   make serve   install, build tiny checkpoints if missing, serve on http://127.0.0.1:8000 (CPU)
 #   make test    install, lint, run the whole test suite (what .ci/run calls)
-# Also: make lint, make unit (the tests that start no Ray cluster), make cluster-configs, make lock,
+# Also: make lint, make unit (the tests that start no Ray cluster and load no model), make cluster-configs, make lock,
 # make image.
 # Everything a fresh machine needs is installed here, into .venv.
 
@@ -72,8 +72,9 @@ serve: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# The tests that start no Ray cluster and load no model (tests/conftest.py refuses Ray in them): under a minute.
 unit: install
-	$(VENV)/bin/python -m pytest -m "not integration"
+	$(VENV)/bin/python -m pytest -m "not integration and not models"
 
 test: lint $(PROMETHEUS) $(REDIS) $(HAPROXY)
 	$(VENV)/bin/python -m pytest

@@ -175,8 +175,7 @@ class SwapReplica:
         self._unhealthy = (None if self.plan is None or self.plan.fits
                            else f"swap group {spec.group}: {self.plan.reason}")
         co_resident = self.plan.co_resident if self.plan is not None else False
-        self.metrics = SwapMetrics(spec.group, self.node_gpu.id if self.node_gpu else None,
-                                   spec.pool.name if spec.pool else None)
+        self.metrics = SwapMetrics(spec.group, self._gpu_class_label(), spec.pool.name if spec.pool else None)
         self.members: dict[str, ModelReplica] = {}
         self.arbiter = GpuArbiter(self.members, spec.max_wait_s, co_resident, on_swap=self._swapped)
         self._reported: str | None = None
@@ -192,6 +191,16 @@ class SwapReplica:
         self.metrics.on_gpu(self.arbiter.resident, self.variants)
         if self._unhealthy is not None:
             logger.error("%s refuses to serve: %s", spec.name, self._unhealthy)
+
+    def _gpu_class_label(self) -> str | None:
+        """The GPU class its series carry, as its members' own series do: the catalog class of the GPU it got, or
+        "cpu" where the members run on the CPU."""
+        if self.node_gpu is not None:
+            return self.node_gpu.id
+        import torch
+
+        device = self.spec.members[0].engine.device
+        return "cpu" if device == "cpu" or (device == "auto" and not torch.cuda.is_available()) else None
 
     def _plan(self) -> SwapPlan | None:
         """The planner's verdict for the GPU this replica got (None on CPU, where the planner's full-size

@@ -82,3 +82,49 @@ def png_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ---- `make unit` starts no Ray ----------------------------------------------------------------------------
+# Tests without the `integration` mark are what `make unit` runs: fast, and without a Ray cluster. While such a
+# test runs (its fixtures' set-up included, so a shared service it asks for counts), starting Ray in this
+# process, by ray.init or as a Ray node (ray.cluster_utils.Cluster and the runner start them so), fails it,
+# naming the fix.
+
+
+# Fixtures that build or load the tiny model pipelines: a test that asks for one takes seconds, not
+# milliseconds, and is left out of `make unit` (marked `models`), as are the benchmarks' smoke tests.
+MODEL_FIXTURES = frozenset({"tiny_models", "tiny_root", "load_engine_for"})
+
+
+# Every test of these folders runs against a Ray Serve service its folder's conftest starts.
+SERVICE_FOLDERS = frozenset({"integration", "reliability"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.parent.name in SERVICE_FOLDERS:
+            item.add_marker(pytest.mark.integration)
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.parent.name == "bench":
+            item.add_marker(pytest.mark.models)
+
+
+class RayStartedInAUnitTest(AssertionError):
+    pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("integration") is not None:
+        yield
+        return
+    from unittest import mock
+
+    import ray
+    import ray._private.node
+
+    def refuse(*_, **__):
+        raise RayStartedInAUnitTest(f"{item.nodeid} starts Ray: mark it @pytest.mark.integration "
+                                    "(`make unit` runs the tests that start no Ray cluster)")
+
+    with mock.patch.object(ray, "init", refuse), mock.patch.object(ray._private.node.Node, "__init__", refuse):
+        yield

@@ -103,6 +103,8 @@ def test_one_replica_answers_both_tasks_and_counts_its_swaps(swap_replica, png_b
     assert log == [f"park {GENERATE}", f"unpark {EDIT}", f"park {EDIT}", f"unpark {GENERATE}"]
     info = asyncio.run(replica.info())
     assert info["resident"] == [GENERATE] and info["swaps"] == 2 and info["co_resident"] is False
+    # The swap series name the device as its members' series do.
+    assert replica.metrics.tags["gpu_class"] == replica.members[GENERATE].gpu_class == "cpu"
 
 
 def test_a_swap_changes_no_output(swap_replica):
