@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
-
-@contextlib.contextmanager
-def report_stream(only_report: bool) -> Iterator[TextIO]:
-    """Where to print the report. With ``only_report`` (--json), everything else written to file
-    descriptor 1 while it is open (Ray's raylet lines among it) goes to stderr instead, so stdout
-    holds the JSON object alone."""
-    if not only_report:
-        yield sys.stdout
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with os.fdopen(os.dup(saved), "w") as real_stdout:
-            yield real_stdout
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+# One JSON object on stdout with --json, whatever Ray prints: the CLI's own (imageserve cluster-sim --json).
+from serve_app.cli import report_stream
 
 
 def bench_parser(doc: str) -> argparse.ArgumentParser:
