@@ -158,11 +158,14 @@ def test_plan_fleet_prints_the_placement(capsys):
 
 
 def test_cluster_configs_from_anywhere_write_what_the_repository_holds(tmp_path, capsys):
-    assert main(["cluster-configs", "--manifests-out", "deploy"]) == 0
+    """By default the manifests go to cluster/deploy/, where docs/deploy.md's next steps (ray up, kubectl apply)
+    read them; they used to land beside serve_config.yaml in the current folder."""
+    assert main(["cluster-configs"]) == 0
     assert "wrote serve_config.yaml" in capsys.readouterr().out
+    assert not (tmp_path / "ray-cluster.yaml").exists()
     written = {"serve_config.yaml": tmp_path / "serve_config.yaml",
-               "cluster/deploy/ray-cluster.yaml": tmp_path / "deploy" / "ray-cluster.yaml",
-               "cluster/deploy/kuberay-rayservice.yaml": tmp_path / "deploy" / "kuberay-rayservice.yaml"}
+               "cluster/deploy/ray-cluster.yaml": tmp_path / "cluster" / "deploy" / "ray-cluster.yaml",
+               "cluster/deploy/kuberay-rayservice.yaml": tmp_path / "cluster" / "deploy" / "kuberay-rayservice.yaml"}
     for committed, path in written.items():
         assert yaml.safe_load(path.read_text()) == yaml.safe_load((ROOT / committed).read_text()), committed
 
