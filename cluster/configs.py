@@ -465,6 +465,7 @@ class EdgeTimeouts:
     client_s: float = 60.0  # the client sends nothing while it should be sending its body, or reads nothing
     connect_s: float = 5.0  # to Serve's proxy
     server_s: float = 630.0  # Serve silent: past serving.request_timeout_s, so Serve's own 408 comes first
+    check_interval_s: float = 1.0  # between health checks of Serve's proxy (/-/healthz)
 
     @classmethod
     def for_request_timeout(cls, request_timeout_s: float | None) -> EdgeTimeouts:
@@ -513,9 +514,39 @@ frontend health
     monitor-uri /healthz
 
 backend serve
+    # Serve's proxy answers /-/healthz 200 only once it holds its route table. A proxy Serve has just restarted
+    # answers every other path 404 until then (ray 2.60 serve/_private/proxy_router.py, ready_for_traffic;
+    # proxy.py, not_found_response): the check keeps requests off it, and meanwhile the edge answers 503.
+    option httpchk GET /-/healthz
+    http-check expect status 200
+    # The edge's own answers carry the JSON error body every other imageserve error has; a 503 says when to retry.
+{_http_errors()}
     # Resolved at start (libc) and again at run time: KubeRay may create the Service after the edge starts.
+    default-server check inter {_duration(t.check_interval_s)} fall 2 rise 1
     server serve "${{SERVE_ADDRESS}}" resolvers cluster init-addr libc,none
 """
+
+
+EDGE_RETRY_AFTER_S = 2
+# The answers the edge makes itself, as (code, message): Serve's proxy gone mid-answer, none ready, Serve silent.
+EDGE_ERRORS = {
+    502: ("bad_gateway", "Serve closed the connection before it answered."),
+    503: ("service_unavailable", "No Serve proxy is ready to take the request; retry after Retry-After seconds."),
+    504: ("gateway_timeout", "Serve did not answer within the server timeout of the edge."),
+}
+
+
+def _http_errors() -> str:
+    """`http-error` lines: each body as imageserve's own errors (serve_app/domain/errors.py), in HAProxy's single
+    quotes; the 503 with Retry-After."""
+    lines = []
+    for status, (code, message) in EDGE_ERRORS.items():
+        body = json.dumps({"error": {"code": code, "message": message, "param": None, "type": "server_error"}},
+                          separators=(",", ":"))
+        assert "'" not in body
+        retry = f" hdr Retry-After {EDGE_RETRY_AFTER_S}" if status == 503 else ""
+        lines.append(f"    http-error status {status} content-type application/json{retry} string '{body}'")
+    return "\n".join(lines)
 
 
 def edge_manifests(timeouts: EdgeTimeouts, serve_port: int = 8000) -> dict[str, Any]:

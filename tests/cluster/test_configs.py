@@ -5,17 +5,13 @@ this RayService's pods alone and bound their egress, no service-account token bu
 third-party images by digest."""
 
 import json
-import os
 import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cluster.configs import (
@@ -31,6 +27,7 @@ from cluster.configs import (
 from serve_app.domain.config import load_fleet
 from serve_app.domain.placement import node_labels, node_resources
 from serve_app.examples import EXAMPLE_FLEET, EXAMPLE_PRODUCTION_CONFIG
+from tests.cluster.edge_support import running_edge_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "cluster" / "deploy"
@@ -316,20 +313,7 @@ def test_the_committed_edge_bounds_headers_idle_connections_and_silent_clients()
     assert config == edge_haproxy_config(EdgeTimeouts.for_request_timeout(serving.request_timeout_s))
 
 
-# The edge run for real: Debian's haproxy (`make test` unpacks it into .tools/, as it does redis-server; the
-# image runs HAProxy 3.2, whose timeouts mean the same), in front of uvicorn, the server Serve's proxy runs.
-
-def haproxy_binary() -> tuple[str, dict[str, str]]:
-    """haproxy from .tools/ (IMAGESERVE_HAPROXY, with the libraries unpacked beside it), or from PATH."""
-    configured = os.environ.get("IMAGESERVE_HAPROXY")
-    for path in [*([Path(configured)] if configured else []), ROOT / ".tools/haproxy/usr/sbin/haproxy"]:
-        if path.exists():
-            return str(path), {"LD_LIBRARY_PATH": str(path.parents[1] / "lib" / "x86_64-linux-gnu")}
-    found = shutil.which("haproxy")
-    if not found:
-        pytest.skip("haproxy not found: unpack Debian's haproxy into .tools/haproxy, or set IMAGESERVE_HAPROXY")
-    return found, {}
-
+# The edge run for real (tests/cluster/edge_support.py) in front of uvicorn, the server Serve's proxy runs.
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -338,7 +322,8 @@ def free_port() -> int:
 
 
 class Backend:
-    """uvicorn serving /slow/<seconds> (answers after that long, or notes the client left) and / (at once)."""
+    """uvicorn serving /slow/<seconds> (answers after that long, or notes the client left), / (at once), and
+    /-/healthz as Serve's proxy does: 200 once ``ready`` (it holds its route table), 503 before."""
 
     def __init__(self):
         import uvicorn
@@ -347,6 +332,8 @@ class Backend:
         from starlette.routing import Route
 
         self.disconnects: list[float] = []
+        self.ready = True
+        self.requests = 0
 
         async def slow(request):
             import asyncio
@@ -360,9 +347,14 @@ class Backend:
             return PlainTextResponse("slow answer")
 
         async def fast(request):
+            self.requests += 1
             return PlainTextResponse("answer")
 
-        app = Starlette(routes=[Route("/slow/{seconds}", slow), Route("/", fast)])
+        async def healthz(request):
+            return PlainTextResponse("success" if self.ready else "Route table is not populated yet.",
+                                     status_code=200 if self.ready else 503)
+
+        app = Starlette(routes=[Route("/slow/{seconds}", slow), Route("/-/healthz", healthz), Route("/", fast)])
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
                                                     lifespan="off"))
@@ -371,39 +363,18 @@ class Backend:
 
 @contextmanager
 def running_edge(timeouts: EdgeTimeouts):
-    binary, env = haproxy_binary()
     backend = Backend()
     backend.thread.start()
-    port, health = free_port(), free_port()
-    # The generated configuration, with only its listening addresses moved to free loopback ports.
-    config = edge_haproxy_config(timeouts).replace("bind :8080", f"bind 127.0.0.1:{port}").replace(
-        "bind :8081", f"bind 127.0.0.1:{health}")
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"imageserve-edge-{port}.cfg"
-    path.write_text(config)
-    process = subprocess.Popen([binary, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, **env, "SERVE_ADDRESS": f"127.0.0.1:{backend.port}"})
     try:
         deadline = time.monotonic() + 10
-        while not backend.server.started or not _answers(health, "/healthz"):
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "the edge did not start"
+        while not backend.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.05)
-        yield port, backend
+        with running_edge_for(f"127.0.0.1:{backend.port}", timeouts) as port:
+            yield port, backend
     finally:
-        process.terminate()
-        process.wait(timeout=10)
         backend.server.should_exit = True
         backend.thread.join(timeout=10)
-        path.unlink()
-
-
-def _answers(port: int, path: str) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n".encode())
-            return sock.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
 
 
 def closed_after(sock: socket.socket, trickle: bytes = b"") -> tuple[float, bytes]:
@@ -481,6 +452,40 @@ def test_the_edge_waits_for_a_slow_answer_and_passes_a_hang_up_on_to_serve():
             time.sleep(0.05)
         assert backend.disconnects and backend.disconnects[0] < 2, backend.disconnects
 
+
+
+def test_the_edge_keeps_requests_off_a_serve_proxy_that_is_not_ready_and_answers_503_meanwhile():
+    """A proxy Serve has just restarted answers 404 to every path until its route table arrives (ray 2.60
+    proxy_router.py ready_for_traffic); its /-/healthz says 503 meanwhile. The edge checks /-/healthz and, while
+    the proxy is not ready, answers 503 itself: JSON as imageserve's errors, with Retry-After."""
+    import httpx
+
+    with running_edge(SHORT) as (port, backend), httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        assert client.get("/").status_code == 200
+        backend.ready = False
+        response = wait_for_status(client, 503)
+        assert response.headers["retry-after"] == "2"
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["code"] == "service_unavailable"
+        assert response.json()["error"]["type"] == "server_error"
+        seen = backend.requests
+        for _ in range(5):  # once marked down (two failed checks), no request reaches the proxy that is not ready
+            assert client.get("/").status_code == 503
+        assert backend.requests == seen
+        backend.ready = True
+        assert wait_for_status(client, 200).text == "answer"
+
+
+def wait_for_status(client, status: int, deadline_s: float = 30):
+    """The first answer with ``status``: the edge changes its mind at its next checks (1 s apart here), so ask
+    until it has, with a deadline far beyond what a loaded machine needs."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        response = client.get("/")
+        if response.status_code == status:
+            return response
+        assert time.monotonic() < deadline, f"still {response.status_code} after {deadline_s}s"
+        time.sleep(0.1)
 
 # ---- item 9: policies select this RayService's pods, egress is bounded, no token where none is needed ---------
 
