@@ -227,19 +227,9 @@ class RouterMetrics:
 
 
 def error_reason(err: BaseException) -> str:
-    """The ``reason`` label of an error."""
-    if isinstance(err, (errors.InvalidRequestError, errors.BadImageError, errors.ModelNotFoundError)):
-        return "bad_input"
-    if isinstance(err, errors.ReplicaOutOfMemoryError):
-        return "oom"
-    if isinstance(err, errors.RequestCancelledError):
-        return "cancelled"
-    if isinstance(err, errors.OverloadedError):
-        return "backpressure"
-    if isinstance(err, errors.RateLimitedError):
-        return "rate_limited"
-    if isinstance(err, errors.ModelUnavailableError):
-        return "unavailable"
+    """The ``reason`` label of an error: the error's own (``ImageServeError.reason``)."""
+    if isinstance(err, errors.ImageServeError):
+        return err.reason
     if isinstance(err, TimeoutError):
         return "timeout"
     return "internal"

@@ -15,6 +15,8 @@ def error_type(status_code: int) -> str:
 class ImageServeError(Exception):
     status_code = 500
     code = "internal_error"
+    # The ``reason`` label of the error metrics (docs/metrics.md): what kind of failure, not which.
+    reason = "internal"
     type: str | None = None  # set only where the status code alone would mislead
     # What the error says where the service hides its internals (``serving.show_internals: false``): set on the
     # kinds whose messages name pools, GPU classes, deployments or replicas (other tenants' placement and load).
@@ -51,6 +53,7 @@ def _rebuild(cls, message, param, retry_after_s):
 class InvalidRequestError(ImageServeError):
     status_code = 422
     code = "invalid_request"
+    reason = "bad_input"
 
 
 class LimitExceededError(InvalidRequestError):
@@ -66,11 +69,13 @@ class UnsupportedValueError(ImageServeError):
 
     status_code = 400
     code = "unsupported_value"
+    reason = "bad_input"
 
 
 class BadImageError(ImageServeError):
     status_code = 400
     code = "invalid_image"
+    reason = "bad_input"
 
 
 class UnsupportedImageTypeError(BadImageError):
@@ -81,6 +86,7 @@ class UnsupportedImageTypeError(BadImageError):
 class ModelNotFoundError(ImageServeError):
     status_code = 404
     code = "model_not_found"
+    reason = "bad_input"
 
 
 class LoraNotFoundError(ImageServeError):
@@ -89,6 +95,7 @@ class LoraNotFoundError(ImageServeError):
 
     status_code = 404
     code = "lora_not_found"
+    reason = "bad_input"
 
 
 class ModelUnavailableError(ImageServeError):
@@ -96,6 +103,7 @@ class ModelUnavailableError(ImageServeError):
 
     status_code = 503
     code = "model_unavailable"
+    reason = "unavailable"
     public_message = "the model asked for is not served on this endpoint now"
 
 
@@ -104,11 +112,13 @@ class NotReadyError(ImageServeError):
 
     status_code = 503
     code = "not_ready"
+    reason = "unavailable"
 
 
 class OverloadedError(ImageServeError):
     status_code = 429
     code = "overloaded"
+    reason = "backpressure"
     type = "server_error"  # a 4xx, but not the caller's doing
 
 
@@ -117,12 +127,14 @@ class RateLimitedError(ImageServeError):
 
     status_code = 429
     code = "rate_limit_exceeded"
+    reason = "rate_limited"
     type = "requests"  # what OpenAI's API calls a request-rate limit
 
 
 class RequestCancelledError(ImageServeError):
     status_code = 499
     code = "cancelled"
+    reason = "cancelled"
     type = "server_error"
 
 
@@ -139,4 +151,5 @@ class ReplicaOutOfMemoryError(ImageServeError):
 
     status_code = 503
     code = "out_of_memory"
+    reason = "oom"
     public_message = "the GPU ran out of memory for this request; retry, or ask for a smaller size or fewer images"

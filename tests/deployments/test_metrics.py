@@ -4,7 +4,15 @@ import pytest
 
 import deployments.metrics as metrics_module
 from deployments.metrics import ReplicaMetrics, error_reason, imageserve_exposition
-from serve_app.domain.errors import BadImageError, OverloadedError, ReplicaOutOfMemoryError
+from serve_app.domain.errors import (
+    BadImageError,
+    LoraNotFoundError,
+    NotReadyError,
+    OverloadedError,
+    RateLimitedError,
+    ReplicaOutOfMemoryError,
+    UnsupportedValueError,
+)
 
 
 class StopAfter:
@@ -40,9 +48,24 @@ def test_the_memory_sampler_survives_a_failed_reading(monkeypatch):
 @pytest.mark.parametrize("error, reason", [
     (BadImageError("x"), "bad_input"), (OverloadedError("x"), "backpressure"),
     (ReplicaOutOfMemoryError("x"), "oom"), (TimeoutError(), "timeout"), (RuntimeError(), "internal"),
+    # A value these models cannot honour, and a LoRA off the list, are the caller's: they were "internal" while the
+    # reasons were an isinstance ladder that left them out.
+    (UnsupportedValueError("x"), "bad_input"), (LoraNotFoundError("x"), "bad_input"),
+    (NotReadyError("x"), "unavailable"), (RateLimitedError("x"), "rate_limited"),
 ])
 def test_error_reasons(error, reason):
     assert error_reason(error) == reason
+
+
+def test_every_error_kind_says_its_reason():
+    import inspect
+
+    from serve_app.domain import errors
+
+    kinds = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.ImageServeError)]
+    assert len(kinds) > 10
+    assert {kind.reason for kind in kinds} <= {"bad_input", "oom", "cancelled", "backpressure", "rate_limited",
+                                               "unavailable", "internal"}
 
 
 def test_the_exposition_merges_processes_and_drops_rays_process_labels():
