@@ -24,7 +24,7 @@ CASES = ("unknown-keys", "long-key", "streamed", "keys-60kb")
 _ONE = r'''
 import json, resource, sys, time
 from fastapi.testclient import TestClient
-from serve_app.openai_api import create_api
+from serve_app.openai_api.routes import create_api
 
 class Unused:
     """A service that is never called: every junk body is refused before it."""

@@ -55,7 +55,7 @@ def image_and_bytes(tiny_dir: Path, variant_id: str, steps: int, png: bytes) -> 
     config = parse_config({"device": {"device": "cpu"}, "hf": {"offline": True},
                            "models": {variant_id: tiny_model_config(tiny_dir, variant)}})
     engine = load_engine(engine_spec(config, variant, catalog))
-    if variant.task == "generate":
+    if variant.tasks == ("generate",):
         request = GenerateRequest(prompt="a lighthouse at dusk", seed=3, num_inference_steps=steps)
     else:
         request = EditRequest(prompt="make it blue", images=[png], seed=3, num_inference_steps=steps)

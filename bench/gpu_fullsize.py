@@ -75,7 +75,7 @@ class Runner:
 
     def call(self, steps: int):
         kwargs = dict(width=self.args.size, height=self.args.size, num_inference_steps=steps, seed=0)
-        if self.engine.variant.task == "generate":
+        if self.engine.variant.tasks == ("generate",):
             return self.engine.generate(PROMPT, **kwargs)
         return self.engine.edit(self.inputs, EDIT_PROMPT, **kwargs)
 
@@ -114,7 +114,7 @@ class Runner:
         prompts of different lengths. A backend that cannot take them says so here, as a result."""
         size = dict(width=self.args.size, height=self.args.size,
                     num_inference_steps=self.engine.variant.min_inference_steps, seed=0)
-        if self.engine.variant.task == "generate":
+        if self.engine.variant.tasks == ("generate",):
             calls = {"cfg": lambda: self.engine.generate(PROMPT, guidance_scale=3.0, **size),
                      "batch_2": lambda: self.engine.generate([PROMPT, "a dog"], **{**size, "seed": [0, 1]})}
         else:
@@ -144,7 +144,7 @@ class Runner:
         kwargs = dict(width=self.args.size, height=self.args.size, num_inference_steps=self.args.steps, seed=0,
                       should_stop=stop_after_first_step)
         try:
-            if self.engine.variant.task == "generate":
+            if self.engine.variant.tasks == ("generate",):
                 self.engine.generate(PROMPT, **kwargs)
             else:
                 self.engine.edit(self.inputs, EDIT_PROMPT, **kwargs)
@@ -182,7 +182,7 @@ def swap_round_trip(runner: Runner) -> dict:
 def with_option(runner: Runner, name: str, base: dict) -> dict:
     """Measure ``runner`` with one option on, against ``base``; the option is undone afterwards
     (except compile, which is measured last)."""
-    from serve_app.engines.base import set_channels_last
+    from serve_app.engines.optimizations import set_channels_last
 
     pipe = runner.engine.pipe
     row: dict = {}
@@ -295,7 +295,7 @@ def through_service(args, variant, mode: str, direct_wall_s: float) -> dict:
     try:
         service.start(loaders={variant.id: RandomWeightLoader(args.model_size)})
         handle = serve.get_app_handle(service.config.serving.app_name)
-        if variant.task == "generate":
+        if variant.tasks == ("generate",):
             def call():
                 return handle.generate.remote(GenerateRequest(
                     prompt=PROMPT, model=variant.id, size=size, num_inference_steps=args.steps, seed=0)).result()
@@ -372,7 +372,7 @@ def run(args: argparse.Namespace, out) -> int:
                     "model_size": args.model_size, "torch": torch.__version__, "variants": {}}
     for variant_id in args.variants:
         variant = catalog.variant(variant_id)
-        input_images = 1 if variant.task == "edit" else 0
+        input_images = 1 if "edit" in variant.tasks else 0
         for mode in args.modes:
             key = f"{variant_id}/{mode}"
             try:

@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 from bench.common import bench_parser, percentile, run_reporting
-from deployments.model_replica import EditReplica, GenerationReplica
+from deployments.model_replica import ModelReplica
 from deployments.swap_replica import SwapReplica
 from serve_app.domain.catalog import default_catalog
 from serve_app.domain.config import parse_config
@@ -86,8 +86,7 @@ class Arm:
         self.variants = variants
         if max_wait_s is None:
             spec = _config(tiny_dir, variants, swap_group=False, max_wait_s=0)
-            self.replicas = {r.variant.id: (GenerationReplica if r.task == "generate" else EditReplica)(
-                r, (loaders or {}).get(r.variant.id)) for r in spec.replicas}
+            self.replicas = {r.variant.id: ModelReplica(r, (loaders or {}).get(r.variant.id)) for r in spec.replicas}
             self.swap = None
         else:
             (group,) = _config(tiny_dir, variants, swap_group=True, max_wait_s=max_wait_s).swap_groups

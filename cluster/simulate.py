@@ -124,7 +124,7 @@ def _png(color: tuple[int, int, int]) -> bytes:
 def mixed_requests(config: AppConfig, count: int) -> list[tuple[str, str]]:
     """(task, model) pairs cycling over every served variant and the two aliases."""
     catalog = config.build_catalog()
-    names = [(v.task, v.id) for v in catalog.variants.values() if v.id in config.models_to_load()]
+    names = [(task, v.id) for v in catalog.variants.values() if v.id in config.models_to_load() for task in v.tasks]
     names += [("generate", "z-image-turbo"), ("edit", "qwen-image-edit")]
     return [names[i % len(names)] for i in range(count)]
 

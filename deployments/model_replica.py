@@ -3,12 +3,14 @@
 The path of a request inside a replica:
 
 ``run`` (called by the router) makes a ``Job`` and queues it under its engine's batch key; the queue
-runs one batch at a time (the replica has one pipeline), and while a batch runs the next one fills;
+(``deployments/batching.py``) runs one batch at a time (the replica has one pipeline), and while a batch runs
+the next one fills;
 ``_run_batch`` hands a batch to the replica's worker thread; there ``_run_in_worker`` calls
 ``engine.run`` and turns each result into an ``ImageResult``. An unbatched request
 (``max_batch_size`` 1, and every edit) is a batch of one through the same path.
 
-``GenerationReplica`` and ``EditReplica`` are the two deployments; each states its own Serve options.
+``ModelReplica`` is the deployment of every variant, whichever tasks its pipeline family serves; its Serve
+options come from its spec (``serve_options``).
 """
 
 from __future__ import annotations
@@ -18,22 +20,24 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from ray import serve
 from ray.serve import Application
 
+from deployments.batching import BatchQueue
 from deployments.metrics import ReplicaMetrics, host_rss_bytes, shape_label
-from serve_app.domain.catalog import GPUClass, Task
+from serve_app.domain.catalog import GPUClass
 from serve_app.domain.errors import (
     ImageServeError,
     InternalError,
     ModelUnavailableError,
     ReplicaOutOfMemoryError,
     RequestCancelledError,
+    UnsupportedValueError,
 )
 from serve_app.domain.images import encode_image, limit_pillow, to_pil
 from serve_app.domain.placement import GPU_CLASS_LABEL
@@ -47,116 +51,13 @@ from serve_app.domain.schemas import (
     Usage,
     preview_steps,
 )
-from serve_app.domain.shapes import EDIT_VAE_SIDE, PIXELS_PER_TOKEN
+from serve_app.domain.shapes import PIXELS_PER_TOKEN
 from serve_app.domain.shapes import image_tokens as image_tokens_of
 from serve_app.domain.specs import ReplicaSpec
 from serve_app.engines import EngineLoader, load_engine
 from serve_app.engines.protocol import EngineResult, GenerationCancelled, Job
 
 logger = logging.getLogger(__name__)
-
-Item = TypeVar("Item")
-
-
-@dataclass
-class _Entry(Generic[Item]):
-    item: Item
-    size: int
-    future: asyncio.Future
-    arrived: float = field(default_factory=time.monotonic)
-
-
-class BatchQueue(Generic[Item]):
-    """Group items by key into batches of at most ``max_size`` (counted by ``size_of``); run one at a time.
-
-    Ray's ``@serve.batch`` collects every call into one list whatever its shape and needs a replica
-    context; a pipeline call can only batch requests that share size, steps and guidance. This queue
-    keeps one line per key, and the oldest line goes first. A request that finds the replica idle
-    waits up to ``wait_s`` for company (bench/throughput.py measures what that costs a lone client);
-    skipping that wait after lone batches was tried and measured worse, as closed-loop clients then
-    fall into split batches and stay there. An item of ``max_size`` or more runs alone.
-
-    Args:
-        run_batch: awaited with a list of items of one key; returns one outcome per item (a
-            result, or an exception instance that the item's caller gets raised).
-        max_size: the most size units (images) one batch may hold.
-        wait_s: how long the oldest waiting item may wait for others while the runner is idle.
-        size_of: size units of an item (1 when None).
-    """
-
-    def __init__(self, run_batch: Callable[[list[Item]], Awaitable[list[Any]]], max_size: int, wait_s: float,
-                 size_of: Callable[[Item], int] | None = None) -> None:
-        self._run_batch = run_batch
-        self.max_size = max_size
-        self.wait_s = wait_s
-        self._size_of = size_of or (lambda item: 1)
-        self._lines: dict[Hashable, list[_Entry[Item]]] = {}
-        self._changed: asyncio.Event | None = None
-        self._dispatcher: asyncio.Task | None = None
-
-    async def submit(self, key: Hashable, item: Item) -> Any:
-        """Queue ``item`` and return its outcome once its batch ran (raising a returned exception)."""
-        if self._dispatcher is None or self._dispatcher.done():
-            self._changed = asyncio.Event()
-            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
-        entry = _Entry(item, self._size_of(item), asyncio.get_running_loop().create_future())
-        self._lines.setdefault(key, []).append(entry)
-        self._changed.set()
-        outcome = await entry.future
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    def pending(self) -> int:
-        """Items waiting for a batch (not those running)."""
-        return sum(1 for line in self._lines.values() for e in line if not e.future.done())
-
-    def oldest_age(self) -> float | None:
-        """Seconds the longest-waiting item (not running) has waited, or None when none waits."""
-        now = time.monotonic()
-        return max((now - e.arrived for line in self._lines.values() for e in line if not e.future.done()),
-                   default=None)
-
-    def _next_batch(self, now: float) -> tuple[list[_Entry[Item]] | None, float | None]:
-        """The batch to run now, or None and how long until the oldest line is due."""
-        for key in list(self._lines):
-            self._lines[key] = [e for e in self._lines[key] if not e.future.cancelled()]
-            if not self._lines[key]:
-                del self._lines[key]
-        if not self._lines:
-            return None, None
-        key = min(self._lines, key=lambda k: self._lines[k][0].arrived)
-        line = self._lines[key]
-        due_in = line[0].arrived + self.wait_s - now
-        if sum(e.size for e in line) < self.max_size and due_in > 0:
-            return None, due_in
-        batch, total = [], 0
-        while line and (not batch or total + line[0].size <= self.max_size):
-            total += line[0].size
-            batch.append(line.pop(0))
-        if not line:
-            del self._lines[key]
-        return batch, None
-
-    async def _dispatch(self) -> None:
-        while True:
-            batch, due_in = self._next_batch(time.monotonic())
-            if batch is None:
-                self._changed.clear()
-                try:
-                    await asyncio.wait_for(self._changed.wait(), due_in)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            try:
-                outcomes = await self._run_batch([e.item for e in batch])
-                if len(outcomes) != len(batch):
-                    raise RuntimeError(f"batch runner returned {len(outcomes)} outcomes for {len(batch)} items")
-            except Exception as err:  # noqa: BLE001 - every caller of the batch gets the error
-                outcomes = [err] * len(batch)
-            for entry, outcome in zip(batch, outcomes, strict=True):
-                if not entry.future.done():
-                    entry.future.set_result(outcome)
 
 
 class GpuGate(Protocol):
@@ -183,7 +84,7 @@ def _replica_id() -> str | None:
         return None
 
 
-def _node_gpu_class(gpus: Sequence[GPUClass]) -> GPUClass | None:
+def node_gpu_class(gpus: Sequence[GPUClass]) -> GPUClass | None:
     """The GPU this replica got: the CUDA device if any, else what its Ray node's labels declare
     (the simulated fleet's fake-GPU nodes carry the same labels as real ones)."""
     from serve_app.engines.hardware import detect_local_gpu
@@ -241,8 +142,6 @@ class ModelReplica:
         gate: when the GPU is shared with other variants (a swap group), what each batch must pass to get it.
     """
 
-    task: ClassVar[Task]
-
     @classmethod
     def serve_options(cls, spec: ReplicaSpec) -> dict[str, Any]:
         """The ``serve.deployment(...).options(...)`` of this deployment for ``spec``."""
@@ -270,18 +169,21 @@ class ModelReplica:
             result["autoscaling_config"] = options.autoscaling.model_dump(exclude_none=True)
         else:
             result["num_replicas"] = options.num_replicas or 1
+        # A batching replica has room for two batches: one running and one filling. With one, Serve hands the
+        # replica nothing while its batch runs, and batches never grow.
+        batching = getattr(spec, "batching", None)  # a swap group's spec states its members' instead
+        if batching is not None and batching.max_batch_size > 1:
+            result["max_ongoing_requests"] = max(result.get("max_ongoing_requests", 0), 2 * batching.max_batch_size)
         return result
 
     def __init__(self, spec: ReplicaSpec, loader: EngineLoader | None = None, gate: GpuGate | None = None) -> None:
-        if spec.task != self.task:
-            raise ValueError(f"{spec.variant.id} is a {spec.task} variant, not {self.task}")
         self.spec = spec
         self.variant = spec.variant
         self._gate = gate
         self._unhealthy: str | None = None
         self.last_cancelled: str | None = None
         self.warmup_seconds: float | None = None
-        self.node_gpu = _node_gpu_class(spec.engine.gpus)
+        self.node_gpu = node_gpu_class(spec.engine.gpus)
         if spec.pool is not None:
             self._unhealthy = pool_mismatch(spec.pool.gpu, self.node_gpu)
         engine_spec = spec.engine
@@ -303,7 +205,7 @@ class ModelReplica:
         self.replica = _replica_id()
         device = self.engine.info.device
         self.gpu_class = self.node_gpu.id if self.node_gpu else ("cpu" if device == "cpu" else None)
-        self.metrics = ReplicaMetrics(self.task, self.variant.id, self.gpu_class,
+        self.metrics = ReplicaMetrics("+".join(spec.tasks), self.variant.id, self.gpu_class,
                                       spec.pool.name if spec.pool else None, device)
         self.metrics.model_loaded(self.engine.info.load_seconds, self.engine.info.offload_mode)
         self._batches: BatchQueue[Job] = BatchQueue(self._run_batch, spec.batching.max_batch_size,
@@ -340,6 +242,14 @@ class ModelReplica:
     async def check_health(self) -> None:
         if self._unhealthy is not None:
             raise RuntimeError(self._unhealthy)
+
+    async def on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the replica's pipeline thread, where its engine's calls run (a swap moves weights there)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def oldest_queued_age(self) -> float | None:
+        """Seconds the oldest request in this replica's queue has waited for a batch, or None."""
+        return self._batches.oldest_age()
 
     def shutdown(self) -> None:
         """Stop this replica's threads: the memory sampler, the pipeline worker and the encoders."""
@@ -378,22 +288,25 @@ class ModelReplica:
         }
 
     async def run(self, request: GenerateRequest | EditRequest, width: int, height: int) -> ImageResult:
-        """Run one request whose size (and input images) the router has resolved and checked."""
-        if self._unhealthy is not None:
-            self.metrics.failed()
-            raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
-        steps = self.variant.steps_for(request.num_inference_steps, request.quality)
-        await self._note_lora(request)
-        return await self._run_job(Job(request, width, height, steps))
+        """Run one request whose size (and input images) the router has resolved and checked: the last event of
+        its ``stream``, without previews."""
+        result = None
+        async for event in self.stream(request.model_copy(update={"partial_images": 0}), width, height):
+            result = event
+        assert isinstance(result, ImageResult), result  # a stream ends with the result, or raises
+        return result
 
     async def stream(self, request: GenerateRequest | EditRequest, width: int,
                      height: int) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
-        """Run one request as ``run`` does, streamed (call through ``handle.options(stream=True)``): a
-        ``StreamAccepted`` at once, ``request.partial_images`` previews per image while it denoises, then its
+        """The one path of a request in a replica (the router calls it through ``handle.options(stream=True)``):
+        a ``StreamAccepted`` at once, ``request.partial_images`` previews per image while it denoises, then its
         ``ImageResult``. A caller that stops listening stops the denoising at the next step."""
         if self._unhealthy is not None:
             self.metrics.failed()
             raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
+        if request.task not in self.variant.tasks:  # the router never sends one; a handle caller inside may
+            raise UnsupportedValueError(f"{self.variant.id} serves {' and '.join(self.variant.tasks)}, not "
+                                        f"{request.task}", param="model")
         loop = asyncio.get_running_loop()
         previews: asyncio.Queue = asyncio.Queue()
 
@@ -403,7 +316,8 @@ class ModelReplica:
         steps = self.variant.steps_for(request.num_inference_steps, request.quality)
         await self._note_lora(request)
         wanted = preview_steps(steps, request.partial_images)
-        job = Job(request, width, height, steps, preview_steps=wanted, on_preview=on_preview)
+        # Only a job with previews to make runs alone (its batch key): a plain one batches with others.
+        job = Job(request, width, height, steps, preview_steps=wanted, on_preview=on_preview if wanted else None)
         result = asyncio.ensure_future(self._run_job(job))
         result.add_done_callback(lambda _: previews.put_nowait(None))
         sent: dict[int, int] = {}
@@ -513,7 +427,7 @@ class ModelReplica:
 
     def _usage(self, job: Job, result: EngineResult) -> Usage:
         """Text tokens as the pipeline's tokenizer counts them; image tokens as latent patches (16x16 px)."""
-        area = self.spec.engine.edit_vae_image_area or EDIT_VAE_SIDE * EDIT_VAE_SIDE
+        area = self.spec.engine.edit_vae_image_area or self.variant.family.input_image_side ** 2
         image_tokens = job.request.num_input_images * (area // PIXELS_PER_TOKEN)
         output_tokens = len(result.images) * image_tokens_of(job.width, job.height)
         text = result.prompt_tokens
@@ -569,33 +483,6 @@ class ModelReplica:
         return InternalError(f"{self.variant.id} failed: {type(err).__name__}: {str(err)[:200]}", retry_after_s=2)
 
 
-class GenerationReplica(ModelReplica):
-    """Text to image (Z-Image variants). With ``max_batch_size`` > 1, concurrent requests of one
-    shape share a pipeline call."""
-
-    task = "generate"
-
-    @classmethod
-    def serve_options(cls, spec: ReplicaSpec) -> dict[str, Any]:
-        options = super().serve_options(spec)
-        # Room for two batches: one running and one filling. With one, Serve hands the replica
-        # nothing while its batch runs, and batches never grow.
-        two_batches = 2 * spec.batching.max_batch_size
-        if spec.batching.max_batch_size > 1 and options.get("max_ongoing_requests", 0) < two_batches:
-            options["max_ongoing_requests"] = two_batches
-        return options
-
-
-class EditReplica(ModelReplica):
-    """Instruction editing (Qwen-Image-Edit variants): one image set per pipeline call."""
-
-    task = "edit"
-
-
-REPLICA_CLASSES: dict[str, type[ModelReplica]] = {"generate": GenerationReplica, "edit": EditReplica}
-
-
 def build_replica(spec: ReplicaSpec, loader: EngineLoader | None = None) -> Application:
     """The bound Serve deployment of one ``ReplicaSpec``."""
-    replica_class = REPLICA_CLASSES[spec.task]
-    return serve.deployment(replica_class).options(**replica_class.serve_options(spec)).bind(spec, loader)
+    return serve.deployment(ModelReplica).options(**ModelReplica.serve_options(spec)).bind(spec, loader)

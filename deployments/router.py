@@ -44,7 +44,6 @@ from serve_app.domain.planner import OFFLOAD_MODES, estimate_vram, plan
 from serve_app.domain.quotas import Admission, KeyQuotas
 from serve_app.domain.routing import Route, RoutingTable
 from serve_app.domain.schemas import (
-    SIDE_MULTIPLE,
     EditRequest,
     GenerateRequest,
     ImageResult,
@@ -130,11 +129,11 @@ class Router:
     async def generate(self, request: GenerateRequest, key_id: str | None = None) -> ImageResult:
         """Text to image. Same path for HTTP and for ``serve.get_app_handle(...).generate``.
         ``key_id``: the caller's API key id (the HTTP layer sets it), for per-key limits, metrics and logs."""
-        return await self._serve("generate", request, key_id)
+        return await self._answer("generate", request, key_id)
 
     async def edit(self, request: EditRequest, key_id: str | None = None) -> ImageResult:
         """Instruction editing of 1 to 3 images."""
-        return await self._serve("edit", request, key_id)
+        return await self._answer("edit", request, key_id)
 
     async def generate_stream(self, request: GenerateRequest,
                               key_id: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
@@ -142,13 +141,13 @@ class Router:
         ``request.partial_images`` asks for per image (``PartialImage``), then the ``ImageResult``. Through a
         handle: ``handle.options(stream=True).generate_stream.remote(request)``. Refusals raise before the
         first event; a failure later raises where the stream stands."""
-        async for event in self._stream("generate", request, key_id):
+        async for event in self._events("generate", request, key_id, streamed=True):
             yield event
 
     async def edit_stream(self, request: EditRequest,
                           key_id: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
         """Instruction editing, streamed as ``generate_stream`` streams."""
-        async for event in self._stream("edit", request, key_id):
+        async for event in self._events("edit", request, key_id, streamed=True):
             yield event
 
     def _checked(self, task: str, request: GenerateRequest | EditRequest) -> tuple[list[ModelVariant],
@@ -158,42 +157,33 @@ class Router:
         size = self.resolve_size(request, variants[0])
         self.check_input_images(request, variants[0])
         self.check_output(request)
+        self.check_guidance(request, variants)
         self.check_steps(request, variants)
         cost = self.check_cost(request, variants[0], size)
         self.check_batch_fits(request, variants, size)
         return variants, size, cost
 
-    async def _serve(self, task: str, request: GenerateRequest | EditRequest, key_id: str | None) -> ImageResult:
-        variant_id = None
-        cost = 0.0
-        try:
-            variants, size, cost = self._checked(task, request)
-            variant_id = variants[0].id
-            request, decode_cost, admission = await self._admitted(key_id, request, cost)
-            try:
-                result = await self._dispatch(variants, request, size)
-            finally:
-                admission.release()
-            self._answered(key_id, task, result, cost, decode_cost)
-            return result
-        except ImageServeError as err:
-            self._refused(key_id, task, variant_id, err)
-            raise
-        except asyncio.CancelledError:
-            self.metrics.error(task, variant_id, "cancelled")
-            self.metrics.keyed(key_id, task, "cancelled")
-            raise
+    async def _answer(self, task: str, request: GenerateRequest | EditRequest, key_id: str | None) -> ImageResult:
+        """A plain answer is the last event of the request's stream (asking for no previews)."""
+        result = None
+        async for event in self._events(task, request.model_copy(update={"partial_images": 0}), key_id,
+                                        streamed=False):
+            result = event
+        assert isinstance(result, ImageResult), result  # _dispatch ends with the result, or raises
+        return result
 
-    async def _stream(self, task: str, request: GenerateRequest | EditRequest,
-                      key_id: str | None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+    async def _events(self, task: str, request: GenerateRequest | EditRequest, key_id: str | None,
+                      streamed: bool) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+        """The one path of every request: checked, admitted under its key's limits, dispatched, charged. A
+        caller that leaves (cancels its call, or stops reading its stream) ends here as "cancelled"."""
         variant_id = None
-        status = "cancelled"  # unless it ends otherwise: a caller that stops listening closes the generator
+        status = "cancelled"  # unless it ends otherwise
         try:
             variants, size, cost = self._checked(task, request)
             variant_id = variants[0].id
             request, decode_cost, admission = await self._admitted(key_id, request, cost)
             try:
-                async for event in self._dispatch_stream(variants, request, size):
+                async for event in self._dispatch(variants, request, size):
                     if isinstance(event, ImageResult):
                         self._answered(key_id, task, event, cost, decode_cost)
                         status = "ok"
@@ -208,7 +198,8 @@ class Router:
             if status == "cancelled":
                 self.metrics.error(task, variant_id, "cancelled")
                 self.metrics.keyed(key_id, task, "cancelled")
-            self.metrics.streams.inc(tags={"task": task, "status": status})
+            if streamed:
+                self.metrics.streams.inc(tags={"task": task, "status": status})
 
     def _answered(self, key_id: str | None, task: str, result: ImageResult, cost: float,
                   decode_cost: float = 0.0) -> None:
@@ -258,6 +249,9 @@ class Router:
                     f"size {width}x{height} is outside {variant.id}'s range of "
                     f"{variant.min_side} to {variant.max_side} pixels per side", param="size",
                 )
+            if side % variant.family.size_multiple:
+                raise LimitExceededError(f"size {width}x{height}: {variant.id} takes sides in multiples of "
+                                         f"{variant.family.size_multiple}", param="size")
         return width, height
 
     def check_input_images(self, request: GenerateRequest | EditRequest, variant: ModelVariant) -> None:
@@ -312,6 +306,19 @@ class Router:
                 f"(got {request.num_inference_steps})", param="num_inference_steps")
 
     @staticmethod
+    def check_guidance(request: GenerateRequest | EditRequest, variants: list[ModelVariant]) -> None:
+        """A guidance scale the pipeline of every variant the request may run as reads (``PipelineFamily.cfg_knob``):
+        Qwen-Image-2.1 guides by ``true_cfg_scale``, so its generations take no ``guidance_scale``."""
+        for knob in ("guidance_scale", "true_cfg_scale"):
+            if getattr(request, knob, None) is None:
+                continue
+            ignoring = [v.id for v in variants if v.family.cfg_knob != knob]
+            if ignoring:
+                raise UnsupportedValueError(f"{', '.join(ignoring)} takes no {knob}: its pipeline guides by "
+                                            f"{variants[0].family.cfg_knob}, which this route does not take",
+                                            param=knob)
+
+    @staticmethod
     def check_output(request: GenerateRequest | EditRequest) -> None:
         if request.background == "transparent":
             raise UnsupportedValueError(
@@ -322,7 +329,7 @@ class Router:
                          size: tuple[int, int]) -> None:
         """``n`` generated images run as one pipeline call: some GPU serving the request must hold that batch.
         (An edit makes its ``n`` images one call after another.)"""
-        if request.n == 1 or variants[0].task != "generate":
+        if request.n == 1 or not variants[0].family.batches_requests:
             return
         gpus = [(variant, self.catalog.gpus[route.gpu_class], route.offload_mode) for variant in variants
                 for route in self.table.routes.get(variant.id, []) if route.gpu_class in self.catalog.gpus]
@@ -361,61 +368,18 @@ class Router:
     # ---- dispatch -------------------------------------------------------------------------
 
     async def _dispatch(self, variants: list[ModelVariant], request: GenerateRequest | EditRequest,
-                        size: tuple[int, int]) -> ImageResult:
+                        size: tuple[int, int]) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+        """The request's events from the route the policy picks. Out of memory there is retried once on a larger
+        GPU while no preview has been sent (the caller holds the first ``StreamAccepted``; the retry's own is
+        not repeated)."""
         self._start_replica_count_refresh()
         options = self.table.options(variants)
         variant, route = self.table.choose(options, images=request.n)
-        self.metrics.decisions.inc(tags={"task": variant.task, "variant": variant.id, "pool": route.pool,
-                                         "gpu_class": route.gpu_class or "unknown"})
-        try:
-            return await self._call(variant, route, request, size)
-        except ReplicaOutOfMemoryError as oom:
-            retry = self.table.choose(self.table.larger_than(options, route), images=request.n)
-            if retry is None:
-                raise ReplicaOutOfMemoryError(
-                    f"{oom.message}; no pool with more memory serves {variant.id}", retry_after_s=oom.retry_after_s
-                ) from None
-            logger.warning("%s ran out of memory on %s; retrying on %s", variant.id, route.pool, retry[1].pool)
-            self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool, "to_pool": retry[1].pool,
-                                           "reason": "oom"})
-            result = await self._call(*retry, request, size)
-            result.retried_from = route.pool
-            return result
-
-    async def _call(self, variant: ModelVariant, route: Route, request: GenerateRequest | EditRequest,
-                    size: tuple[int, int]) -> ImageResult:
-        self.table.outstanding[route.deployment] += 1
-        self._queue_gauge(variant, route)
-        handle = self._handle(route, request)
-        try:
-            try:
-                result = await handle.run.remote(request, *size)
-            except REPLICA_LOST as lost:
-                logger.warning("%s: a replica of %s was lost (%s); retrying once", variant.id, route.deployment,
-                               type(lost).__name__)
-                self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool,
-                                               "to_pool": route.pool, "reason": "replica_lost"})
-                result = await handle.run.remote(request, *size)
-            route.observe(result.timings.get("total_s", 0.0) / max(len(result.images), 1))
-            return result
-        except Exception as err:  # noqa: BLE001 - every failure is mapped to the caller's answer, and logged
-            raise self._replica_failure(err, variant, route) from None
-        finally:
-            self.table.outstanding[route.deployment] -= 1
-            self._queue_gauge(variant, route)
-
-    async def _dispatch_stream(self, variants: list[ModelVariant], request: GenerateRequest | EditRequest,
-                               size: tuple[int, int]) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
-        """``_dispatch`` for a stream: out of memory is retried on a larger GPU only while no preview has been
-        sent (the caller already holds the first ``StreamAccepted``; a retry's own is not repeated)."""
-        self._start_replica_count_refresh()
-        options = self.table.options(variants)
-        variant, route = self.table.choose(options, images=request.n)
-        self.metrics.decisions.inc(tags={"task": variant.task, "variant": variant.id, "pool": route.pool,
+        self.metrics.decisions.inc(tags={"task": request.task, "variant": variant.id, "pool": route.pool,
                                          "gpu_class": route.gpu_class or "unknown"})
         previewed = False
         try:
-            async for event in self._call_stream(variant, route, request, size):
+            async for event in self._call(variant, route, request, size):
                 previewed |= isinstance(event, PartialImage)
                 yield event
         except ReplicaOutOfMemoryError as oom:
@@ -423,36 +387,59 @@ class Router:
             if retry is None:
                 why = "its previews were already sent" if previewed else f"no pool with more memory serves {variant.id}"
                 raise ReplicaOutOfMemoryError(f"{oom.message}; {why}", retry_after_s=oom.retry_after_s) from None
-            logger.warning("%s ran out of memory on %s; retrying on %s", variant.id, route.pool, retry[1].pool)
-            self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool, "to_pool": retry[1].pool,
-                                           "reason": "oom"})
-            async for event in self._call_stream(*retry, request, size):
-                if isinstance(event, StreamAccepted):
-                    continue
+            self._retrying(variant, route, retry[1], "oom")
+            async for event in self._call(*retry, request, size, accepted=True):
                 if isinstance(event, ImageResult):
                     event.retried_from = route.pool
                 yield event
 
-    async def _call_stream(self, variant: ModelVariant, route: Route, request: GenerateRequest | EditRequest,
-                           size: tuple[int, int]) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
-        """One replica's stream, its failures mapped as ``_call`` maps them."""
+    async def _call(self, variant: ModelVariant, route: Route, request: GenerateRequest | EditRequest,
+                    size: tuple[int, int], accepted: bool = False) -> AsyncIterator[StreamAccepted | PartialImage |
+                                                                                      ImageResult]:
+        """One route's events for ``request`` (``StreamAccepted`` left out when the caller has one already), its
+        failures mapped to the errors callers see. A replica lost (killed, its node gone) before a preview was
+        sent is retried once on the same route: it never answered."""
         self.table.outstanding[route.deployment] += 1
         self._queue_gauge(variant, route)
-        events = self._handle(route, request).options(stream=True).stream.remote(request, *size)
-        finished = False
+        handle = self._handle(route, request).options(stream=True)
+        previewed = False
         try:
-            async for event in events:
-                if isinstance(event, ImageResult):
-                    route.observe(event.timings.get("total_s", 0.0) / max(len(event.images), 1))
-                yield event
-            finished = True
-        except Exception as err:  # noqa: BLE001 - as in _call; cancellation and a closed generator pass
+            for attempt in (1, 2):
+                events = handle.stream.remote(request, *size)
+                finished = False
+                try:
+                    async for event in events:
+                        if isinstance(event, StreamAccepted):
+                            if accepted:
+                                continue
+                            accepted = True
+                        previewed |= isinstance(event, PartialImage)
+                        if isinstance(event, ImageResult):
+                            route.observe(event.timings.get("total_s", 0.0) / max(len(event.images), 1))
+                        yield event
+                    finished = True
+                    return
+                except REPLICA_LOST as lost:
+                    if attempt == 2 or previewed:
+                        raise
+                    logger.warning("%s: a replica of %s was lost (%s); retrying once", variant.id, route.deployment,
+                                   type(lost).__name__)
+                    self._retrying(variant, route, route, "replica_lost")
+                finally:
+                    if not finished:
+                        events.cancel()  # the replica stops denoising for a caller that left
+        except Exception as err:  # noqa: BLE001 - every failure is mapped to the caller's answer, and logged;
+            # cancellation and a closed generator (BaseExceptions) pass
             raise self._replica_failure(err, variant, route) from None
         finally:
-            if not finished:
-                events.cancel()  # the replica stops denoising for a caller that left
             self.table.outstanding[route.deployment] -= 1
             self._queue_gauge(variant, route)
+
+    def _retrying(self, variant: ModelVariant, route: Route, to: Route, reason: str) -> None:
+        if reason == "oom":
+            logger.warning("%s ran out of memory on %s; retrying on %s", variant.id, route.pool, to.pool)
+        self.metrics.retries.inc(tags={"variant": variant.id, "from_pool": route.pool, "to_pool": to.pool,
+                                       "reason": reason})
 
     def _handle(self, route: Route, request: GenerateRequest | EditRequest):
         """The route's handle for ``request``: one with a per-request LoRA names it as the multiplexed model id,
@@ -501,18 +488,20 @@ class Router:
         # planned at that size, with one input image for an edit, and the card says so.
         w = self.spec.default_width or variant.defaults.width
         h = self.spec.default_height or variant.defaults.height
-        images = 1 if variant.task == "edit" else 0
+        images = 1 if "edit" in variant.tasks else 0
         return {
             "id": variant.id,
             "object": "model",
             "owned_by": "imageserve",
-            "task": variant.task,
+            "task": "+".join(variant.tasks),
+            "tasks": list(variant.tasks),
             "base_model": variant.base_model,
             "precision": variant.precision,
             "svdq_rank": variant.svdq_rank,
             "default_steps": variant.defaults.num_inference_steps,
             "max_input_images": variant.max_input_images,
-            "size_range": {"min_side": variant.min_side, "max_side": variant.max_side, "multiple_of": SIDE_MULTIPLE},
+            "size_range": {"min_side": variant.min_side, "max_side": variant.max_side,
+                           "multiple_of": variant.family.size_multiple},
             "default_size": f"{w}x{h}",
             "loras": sorted(name for name, variants in self.spec.loras.items() if variant.id in variants),
             "vram_planned_at": {"size": f"{w}x{h}", "input_images": images},
@@ -577,7 +566,7 @@ class Router:
         for alias in self.catalog.aliases:
             if alias in self.catalog.variants:
                 continue  # a variant id that is also an alias is listed once, as the variant
-            task = self.catalog.candidates(alias)[0].task
+            task = self.catalog.candidates(alias)[0].tasks[0]
             try:
                 resolves_to = {r.pool: v.id for v, r in self.table.options(self.table.resolve(alias, task))}
             except ImageServeError:

@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.metrics import SwapMetrics
-from deployments.model_replica import REPLICA_CLASSES, ModelReplica, _node_gpu_class
+from deployments.model_replica import ModelReplica, node_gpu_class
 from serve_app.domain.catalog import GIB
 from serve_app.domain.errors import ModelNotFoundError, ModelUnavailableError
 from serve_app.domain.schemas import EditRequest, GenerateRequest, ImageResult, PartialImage, StreamAccepted
@@ -98,7 +98,7 @@ class GpuArbiter:
                 leaving = self.resident
                 self.resident = frozenset()  # a swap that fails half-way leaves nothing known to be on the GPU
                 started = self._clock()
-                moved = await loop.run_in_executor(member._executor, self._swap, member, leaving)
+                moved = await member.on_worker(self._swap, member, leaving)
                 self.resident, self.resident_since = frozenset({variant}), self._clock()
                 self.swaps += 1
                 if self._on_swap is not None:
@@ -121,7 +121,7 @@ class GpuArbiter:
             arrivals = []
             if variant in self._waiting:
                 arrivals.append(self._waiting[variant].oldest_arrival)
-            age = member._batches.oldest_age()
+            age = member.oldest_queued_age()
             if age is not None:
                 arrivals.append(now - age)
             if arrivals:
@@ -170,7 +170,7 @@ class SwapReplica:
         loaders = loaders or {}
         self.spec = spec
         self.variants = spec.variant_ids
-        self.node_gpu = _node_gpu_class(spec.members[0].engine.gpus)
+        self.node_gpu = node_gpu_class(spec.members[0].engine.gpus)
         self.plan = self._plan()
         self._unhealthy = (None if self.plan is None or self.plan.fits
                            else f"swap group {spec.group}: {self.plan.reason}")
@@ -180,8 +180,7 @@ class SwapReplica:
         self.arbiter = GpuArbiter(self.members, spec.max_wait_s, co_resident, on_swap=self._swapped)
         self._reported: str | None = None
         for member_spec in spec.members:
-            replica_class = REPLICA_CLASSES[member_spec.task]
-            member = replica_class(member_spec, loaders.get(member_spec.variant.id), gate=self.arbiter)
+            member = ModelReplica(member_spec, loaders.get(member_spec.variant.id), gate=self.arbiter)
             self.members[member_spec.variant.id] = member
             if not co_resident:
                 member.engine.park()  # before the next member loads onto the GPU

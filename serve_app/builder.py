@@ -19,7 +19,7 @@ from deployments.swap_replica import build_swap_replica
 from serve_app.domain.config import AppConfig, ConfigError, format_validation_error, load_config, parse_config
 from serve_app.domain.specs import resolve_application
 from serve_app.engines import EngineLoader
-from serve_app.openai_api import build_ingress
+from serve_app.openai_api.ingress import build_ingress
 
 logger = logging.getLogger(__name__)
 

@@ -356,7 +356,13 @@ def cmd_cluster_configs(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imageserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_plan, _add_calibrate, _add_make_tiny_models, _add_doctor, _add_download, _add_run,
+                _add_cluster_sim, _add_cluster_configs):
+        add(sub)
+    return parser
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="GPU x variant VRAM plan: which variants fit which GPUs, in which offload mode")
     p.add_argument("--config", help="YAML config (adds GPU classes/variants, planner margins)")
     p.add_argument("--gpu", help="comma-separated GPU ids or names, or 'auto' for the local GPU (default: all)")
@@ -374,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "hosts (placement) instead")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="the planner's calibration: print the fit, or regenerate it")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--trace", action="store_true",
@@ -384,17 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="re-trace the smallest shapes and fail if the committed trace disagrees")
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_make_tiny_models(sub) -> None:
     p = sub.add_parser("make-tiny-models", help="build tiny random-weight checkpoints offline")
     p.add_argument("dir", nargs="?", default=str(DEFAULT_TINY_DIR))
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_make_tiny_models)
 
+
+def _add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="preflight: GPU, RAM, disk, nunchaku, and what this machine would serve")
     p.add_argument("--config", help="YAML config (its models are checked; default: the whole catalog)")
     p.add_argument("--cache-dir", help="where weights would be downloaded (default: the HF cache)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
 
+
+def _add_download(sub) -> None:
     p = sub.add_parser("download", help="fetch exactly the weight files a config's variants load, and verify them")
     p.add_argument("--config", default=str(EXAMPLE_PRODUCTION_CONFIG),
                    help="YAML config whose models to fetch (default: the example production config)")
@@ -404,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the report as JSON on stdout (progress on stderr)")
     p.set_defaults(func=cmd_download)
 
+
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="serve in the foreground on a private local Ray (embedded tiny default)")
     p.add_argument("--config", help="YAML config to serve (default: the embedded CPU default with tiny models)")
     p.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR), help="where the embedded default keeps tiny models")
@@ -417,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "notices")
     p.set_defaults(func=cmd_run)
 
+
+def _add_cluster_sim(sub) -> None:
     p = sub.add_parser("cluster-sim", help="simulate a mixed GPU fleet locally and send it mixed traffic")
     p.add_argument("--fleet", default=str(EXAMPLE_FLEET), help="fleet file (default: the example fleet)")
     p.add_argument("--requests", type=int, default=200)
@@ -426,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_cluster_sim)
 
+
+def _add_cluster_configs(sub) -> None:
     p = sub.add_parser("cluster-configs", help="write serve_config.yaml and the cluster configs for a fleet")
     p.add_argument("--fleet", default=str(EXAMPLE_FLEET), help="fleet file (default: the example fleet)")
     p.add_argument("--config", default=str(EXAMPLE_PRODUCTION_CONFIG),
@@ -441,7 +461,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="container image of every node, built from the Dockerfile (default: imageserve:VERSION, "
                         "what `make image` tags)")
     p.set_defaults(func=cmd_cluster_configs)
-    return parser
 
 
 def missing_file_problem(option: str, path: str | None) -> str | None:

@@ -89,12 +89,19 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
     refusals = config_refusals(config)
     report["refused_combinations"] = [str(refusal) for refusal in refusals]
     report["ok"] = any(v["serves"] for v in verdicts) and report["disk"]["enough"] and not refusals
+    report["text"] = "\n".join(_report_lines(report, local is not None))
+    return report
 
+
+def _report_lines(report: dict[str, Any], has_gpu: bool) -> list[str]:
+    """The report as doctor prints it."""
+    device, fit = report["device"], report["nunchaku"]["compatibility"]
+    nunchaku_ok, nunchaku_text = report["nunchaku"]["usable"], report["nunchaku"]["detail"]
     lines = []
-    if local is None and device == "cuda":
+    if not has_gpu and device == "cuda":
         lines.append("GPU:       none (CUDA not available), and the config says device: cuda: nothing serves here; "
                      "run on a GPU node, or set device: auto")
-    elif local is None:
+    elif not has_gpu:
         lines.append("GPU:       none (CUDA not available): bf16 pipelines run on CPU, slowly, if their weights fit in "
                      "RAM; 4-bit needs a GPU")
     else:
@@ -116,18 +123,17 @@ def run_doctor(config: AppConfig, cache_dir: str | None = None) -> dict[str, Any
                    if verdict["works"] else f"does not work: {verdict['reason']}")
             lines.append(f"           {pipeline}: {how}")
     lines.append("Would serve:")
-    for v in verdicts:
+    for v in report["variants"]:
         if v["serves"]:
             extra = (f", peak ~{v['peak_vram_gib']:.1f} GiB" if v.get("peak_vram_gib")
                      else f", ~{v['host_ram_gib']:.1f} GiB of RAM" if v.get("host_ram_gib") else "")
             lines.append(f"  yes  {v['variant']} ({v['mode']}{extra})")
         else:
             lines.append(f"  no   {v['variant']}: {v['reason']}")
-    if refusals:
+    if report["refused_combinations"]:
         lines.append("Refused combinations (the config does not load until they go; docs/compatibility.md):")
         lines += [f"  {refusal}" for refusal in report["refused_combinations"]]
-    report["text"] = "\n".join(lines)
-    return report
+    return lines
 
 
 def _cpu_verdict(config: AppConfig, v: ModelVariant, ram_gib: float, from_folder: bool) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.domain.config import AppConfig
-from serve_app.engines.base import pipeline_folders
 from serve_app.engines.hardware import free_disk_gb
+from serve_app.engines.loading import pipeline_folders
 
 GB = 1e9
 DEFAULT_KEEP_FREE_GB = 5.0  # a node that fills its disk to the last byte fails in worse ways than a refusal

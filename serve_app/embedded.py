@@ -16,7 +16,7 @@ TINY_EDIT_AREAS = {"edit_vae_image_area": 128 * 128, "edit_condition_image_area"
 # Batching without a wait: bench/throughput.py measured more images/s and a lower p99 from 4
 # clients up, and no cost for a lone client (docs/benchmarks.md).
 TINY_GENERATION_BATCHING = {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
-EMBEDDED_VARIANTS = ("z-image-turbo", "qwen-image-edit-2509", "qwen-image-edit-2511")
+EMBEDDED_VARIANTS = ("z-image-turbo", "qwen-image-edit-2509", "qwen-image-edit-2511", "qwen-image-2.1")
 # Per-request LoRAs of the embedded default (random weights; they change the image, nothing more). A LoRA fits
 # one transformer architecture: the two edit models share theirs.
 EMBEDDED_LORAS = {"tiny-style": ("z-image-turbo",), "tiny-edit-style": ("qwen-image-edit-2509", "qwen-image-edit-2511")}
@@ -27,7 +27,7 @@ def tiny_model_config(tiny_dir: Path, variant) -> dict[str, Any]:
     entry: dict[str, Any] = {"source": str(tiny_checkpoint(tiny_dir, variant.base_model))}
     if variant.source.lora_file is not None:
         entry["lora_source"] = str(tiny_lora(tiny_dir, variant.base_model))
-    if variant.task == "edit":
+    if "edit" in variant.tasks:
         entry.update(TINY_EDIT_AREAS)
     return entry
 

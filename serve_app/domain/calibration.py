@@ -239,7 +239,7 @@ def nonnegative_least_squares(rows: list[list[float]], targets: list[float]) -> 
     best, best_error = [0.0] * n, sum(t * t for t in targets)
     for size in range(1, n + 1):
         for free in itertools.combinations(range(n), size):
-            solution = _solve_normal_equations([[row[j] for j in free] for row in rows], targets)
+            solution = solve_normal_equations([[row[j] for j in free] for row in rows], targets)
             if solution is None or min(solution) < 0:
                 continue
             x = [0.0] * n
@@ -251,7 +251,7 @@ def nonnegative_least_squares(rows: list[list[float]], targets: list[float]) -> 
     return best
 
 
-def _solve_normal_equations(rows: list[list[float]], targets: list[float]) -> list[float] | None:
+def solve_normal_equations(rows: list[list[float]], targets: list[float]) -> list[float] | None:
     k = len(rows[0])
     a = [[sum(r[i] * r[j] for r in rows) for j in range(k)]
          + [sum(r[i] * t for r, t in zip(rows, targets, strict=True))] for i in range(k)]

@@ -16,12 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Task = Literal["generate", "edit"]
+from serve_app.domain.families import FAMILIES, PipelineFamily, Task, family_of
+
 Precision = Literal["bf16", "fp16", "fp8", "int4", "fp4"]
 StoredDtype = Literal["fp32", "bf16", "fp16", "int4", "fp4"]
-PipelineName = Literal["ZImagePipeline", "QwenImageEditPlusPipeline"]
-
-PIPELINE_TASK: dict[str, Task] = {"ZImagePipeline": "generate", "QwenImageEditPlusPipeline": "edit"}
 BYTES_PER_PARAM: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int4": 0.5, "fp4": 0.5}
 GIB = 1024**3  # bytes; every "GiB" in the project is this
 
@@ -186,9 +184,10 @@ class ModelVariant(_Strict):
     """One servable model variant: a pipeline, its weights, precision, defaults and hardware needs."""
 
     id: str
-    task: Task
+    task: Task | None = Field(default=None, description="Deprecated: the pipeline's family says which tasks a "
+                                                       "variant serves; when given, one of them.")
     base_model: str = Field(description="Model family, e.g. 'z-image-turbo', 'qwen-image-edit-2511'.")
-    pipeline: PipelineName
+    pipeline: str = Field(description="The diffusers pipeline class: a family of serve_app/domain/families.py.")
     precision: Precision
     svdq_rank: int | None = Field(default=None, description="SVDQuant low-rank branch rank (4-bit only).")
     lightning_steps: int | None = Field(default=None, description="Steps a fused Lightning LoRA was distilled for.")
@@ -204,13 +203,20 @@ class ModelVariant(_Strict):
     scheduler_overrides: dict[str, Any] = Field(default_factory=dict)
     defaults: InferenceDefaults
 
+    @field_validator("pipeline")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in FAMILIES:
+            raise ValueError(f"no pipeline family {value!r}; known: {', '.join(FAMILIES)}")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelVariant:
-        if PIPELINE_TASK[self.pipeline] != self.task:
-            raise ValueError(f"{self.id}: pipeline {self.pipeline} serves task {PIPELINE_TASK[self.pipeline]!r}")
-        if self.task == "edit" and self.max_input_images < 1:
+        if self.task is not None and self.task not in self.tasks:
+            raise ValueError(f"{self.id}: pipeline {self.pipeline} serves {', '.join(self.tasks)}, not {self.task}")
+        if "edit" in self.tasks and self.max_input_images < 1:
             raise ValueError(f"{self.id}: an edit variant takes at least one input image")
-        if self.task == "generate" and self.max_input_images:
+        if "edit" not in self.tasks and self.max_input_images:
             raise ValueError(f"{self.id}: a generate variant takes no input images")
         if set(self.components) != {"transformer", "text_encoder", "vae"}:
             raise ValueError(f"{self.id}: components must be transformer, text_encoder and vae")
@@ -238,17 +244,24 @@ class ModelVariant(_Strict):
         return self
 
     @property
+    def family(self) -> PipelineFamily:
+        return family_of(self.pipeline)
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        """The routes this variant serves (its pipeline family's)."""
+        return self.family.tasks
+
+    @property
     def transformer(self) -> ComponentSpec:
         return self.components["transformer"]
 
     def runs_cfg(self, guidance_scale: float | None = None, true_cfg_scale: float | None = None,
                  negative_prompt: str | None = None) -> bool:
-        """Whether the pipeline runs classifier-free guidance (two transformer forwards per step) for
-        these settings (the variant's defaults where None). The rule is the pipeline's own, in
-        diffusers 0.42: ``ZImagePipeline`` guides when ``guidance_scale > 0``;
-        ``QwenImageEditPlusPipeline`` when ``true_cfg_scale > 1`` and a negative prompt is given."""
+        """Whether the pipeline runs classifier-free guidance (two transformer passes per step) for these settings
+        (the variant's defaults where None), by its family's rule (``PipelineFamily.cfg_knob``)."""
         d = self.defaults
-        if self.pipeline == "ZImagePipeline":
+        if self.family.cfg_knob == "guidance_scale":
             scale = d.guidance_scale if guidance_scale is None else guidance_scale
             return (scale or 0) > 0
         scale = d.true_cfg_scale if true_cfg_scale is None else true_cfg_scale

@@ -113,7 +113,8 @@ RULES: tuple[Rule, ...] = (
           "are distilled for Qwen-Image-Edit", catalog=True),
     _rule("task", "generate", "step_cache", CACHED,
           "diffusers 0.42's ZImagePipeline has no step-cache support (its transformer has no enable_cache and the "
-          "pipeline resets no cache state between calls); step caching is for the Qwen-Image-Edit variants"),
+          "pipeline resets no cache state between calls), and QwenImage21Pipeline's cached prefix is untried with "
+          "it; step caching is for the Qwen-Image-Edit variants"),
     _rule("task", "edit", "batching", "on", "the edit pipeline takes one image set per call; batching is for "
           "generation variants"),
     _rule("precision", "lightning", "batching", "on", "Lightning variants edit, and the edit pipeline takes one "
@@ -167,7 +168,7 @@ def precision_kind(variant: ModelVariant) -> str:
 def variant_for(catalog: Catalog, task: str, precision: str) -> ModelVariant:
     """The first catalog variant of ``task`` whose precision axis is ``precision`` (a scenario's model)."""
     for variant in catalog.variants.values():
-        if variant.task == task and precision_kind(variant) == precision:
+        if task in variant.tasks and precision_kind(variant) == precision:
             return variant
     raise LookupError(f"no {task} variant of precision {precision} in the catalog")
 
@@ -200,13 +201,21 @@ class Refusal:
         return f"models.{self.model_id}{f' ({keys})' if keys else ''}: {self.rule.names(self.row)}: {self.rule.reason}"
 
 
-def model_row(config: AppConfig, model_id: str, catalog: Catalog | None = None) -> dict[str, str]:
-    """The axis values ``config`` sets for ``model_id`` (offload only when forced; request axes absent)."""
+def model_rows(config: AppConfig, model_id: str, catalog: Catalog | None = None) -> list[dict[str, str]]:
+    """The axis values ``config`` sets for ``model_id``, one row per task its variant serves (a variant of a
+    family that both generates and edits meets the rules of both)."""
+    variant = (catalog or config.build_catalog()).variant(model_id)
+    return [model_row(config, model_id, task, catalog) for task in variant.tasks]
+
+
+def model_row(config: AppConfig, model_id: str, task: str, catalog: Catalog | None = None) -> dict[str, str]:
+    """The axis values ``config`` sets for ``model_id`` serving ``task`` (offload only when forced; request axes
+    absent)."""
     variant = (catalog or config.build_catalog()).variant(model_id)
     model = config.models[model_id]
     options = model.optimizations
     row = {
-        "task": variant.task,
+        "task": task,
         "precision": precision_kind(variant),
         "step_cache": options.step_cache.kind if options.step_cache is not None else "off",
         "attention": attention_kind(options.attention_backend),
@@ -225,11 +234,13 @@ def config_refusals(config: AppConfig) -> list[Refusal]:
     refusals = []
     catalog = config.build_catalog()
     for model_id in config.models:
-        row = model_row(config, model_id, catalog)
-        shown = dict(row)  # the config's own words where the axis groups several
-        if (backend := config.models[model_id].optimizations.attention_backend) is not None:
-            shown["attention"] = f"{row['attention']} ({backend!r})"
-        refusals += [Refusal(model_id, rule, shown) for rule in refusing_rules(row)]
+        seen: set[Rule] = set()
+        for row in model_rows(config, model_id, catalog):
+            shown = dict(row)  # the config's own words where the axis groups several
+            if (backend := config.models[model_id].optimizations.attention_backend) is not None:
+                shown["attention"] = f"{row['attention']} ({backend!r})"
+            refusals += [Refusal(model_id, rule, shown) for rule in refusing_rules(row) if rule not in seen]
+            seen.update(refusing_rules(row))
     return refusals
 
 

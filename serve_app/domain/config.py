@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from serve_app.domain.catalog import Catalog, build_catalog
-from serve_app.domain.compatibility import config_refusals
+from serve_app.domain.config_rules import check_config
 from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings
 from serve_app.domain.quotas import KeyLimits
 
@@ -304,9 +304,6 @@ class OptimizationConfig(_Section):
         default=None, description="Step caching (off when null); trades quality for transformer forwards.")
 
 
-LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # schemas.LORA_NAME_PATTERN: what requests may name
-
-
 class LoraConfig(_Section):
     """A LoRA that requests may ask for by name (``lora: {name, scale}``): the service's allow-list, with where
     each LoRA's weights come from and which variants take it (docs/loras.md)."""
@@ -417,83 +414,18 @@ class AppConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _models_are_in_catalog(self, info: ValidationInfo) -> AppConfig:
-        known = build_catalog(self.catalog).variants
-        unknown = [m for m in self.models if m not in known]
-        if unknown:
-            raise ValueError(f"models: unknown variant(s) {unknown}; known: {', '.join(sorted(known))}")
-        catalog = build_catalog(self.catalog)
-        names = [p.name for p in self.pools]
-        if len(names) != len(set(names)):
-            raise ValueError(f"pools: names must be unique, got {names}")
-        for pool in self.pools:
-            try:
-                catalog.gpu(pool.gpu_class)
-            except KeyError as err:
-                raise ValueError(f"pools.{pool.name}.gpu_class: {err.args[0]}") from None
-            unknown_variants = [v for v in pool.variants or [] if v not in known]
-            if unknown_variants:
-                raise ValueError(f"pools.{pool.name}.variants: unknown {unknown_variants}")
-        if self.load is not None:
-            not_listed = [m for m in self.load if m not in self.models]
-            if not_listed:
-                raise ValueError(f"load: {not_listed} are not configured under models")
-        grouped: dict[str, str] = {}
-        loaded = self.models_to_load()
-        for group in self.swap_groups:
-            missing = [v for v in group.variants if v not in loaded]
-            if missing:
-                raise ValueError(f"swap_groups.{group.name}.variants: {missing} are not configured and enabled "
-                                 "under models (and load, when given)")
-            for variant_id in group.variants:
-                if variant_id in grouped:
-                    raise ValueError(f"swap_groups: {variant_id} is in both {grouped[variant_id]} and {group.name}")
-                grouped[variant_id] = group.name
-        group_names = [g.name for g in self.swap_groups]
-        if len(group_names) != len(set(group_names)):
-            raise ValueError(f"swap_groups: names must be unique, got {group_names}")
-        self._check_loras(known)
-        if info.context is None or info.context.get("check_compatibility", True):
-            refusals = config_refusals(self)
-            if refusals:
-                raise ValueError("combinations that cannot work (docs/compatibility.md):\n    "
-                                 + "\n    ".join(str(refusal) for refusal in refusals))
-        if self.hf.require_pinned_revisions:
-            unpinned = [f"models.{model_id}.{key}" for model_id in self.models_to_load()
-                        for key, pin in zip(("revision", "transformer_revision", "lora_revision"),
-                                            (*self._weights(catalog, model_id), self._lora(catalog, model_id)),
-                                            strict=True)
-                        if pin.repo is not None and pin.revision is None]
-            unpinned += [f"loras.{name}.revision" for name, lora in self.loras.items()
-                         if not lora.is_local and lora.revision is None]
-            if unpinned:
-                raise ValueError(f"hf.require_pinned_revisions: {', '.join(unpinned)} must name a commit "
-                                 "(`imageserve download` prints the commits it fetched)")
+    def _cross_field_rules(self, info: ValidationInfo) -> AppConfig:
+        check_config(self, info.context is None or info.context.get("check_compatibility", True))
         return self
-
-    def _check_loras(self, known: dict) -> None:
-        """LoRA names requests can give, and sources and variants that exist (where a LoRA may apply is one of
-        ``compatibility.RULES``)."""
-        for name, lora in self.loras.items():
-            if not re.fullmatch(LORA_NAME, name):
-                raise ValueError(f"loras: {name!r} is not a name requests can give ({LORA_NAME})")
-            if not lora.is_local and lora.file is None:
-                raise ValueError(f"loras.{name}.file: a hub repo source needs the weight file's name")
-            unknown = [v for v in lora.variants if v not in known]
-            if unknown:
-                raise ValueError(f"loras.{name}.variants: {', '.join(unknown)} is no catalog variant")
 
     def loras_for(self, model_id: str) -> dict[str, LoraConfig]:
         """The LoRAs requests may apply to ``model_id``, by name."""
         return {name: lora for name, lora in self.loras.items() if model_id in lora.variants}
 
-    def weights(self, model_id: str) -> tuple[HubPin, HubPin]:
+    def weights(self, model_id: str, catalog: Catalog | None = None) -> tuple[HubPin, HubPin]:
         """Where ``model_id``'s pipeline and (4-bit variants) transformer come from on the Hub, and at which
         commit; ``repo`` is None for what loads from a local path (or, for the transformer, is not needed)."""
-        return self._weights(self.build_catalog(), model_id)
-
-    def _weights(self, catalog: Catalog, model_id: str) -> tuple[HubPin, HubPin]:
-        variant, model = catalog.variant(model_id), self.models[model_id]
+        variant, model = (catalog or self.build_catalog()).variant(model_id), self.models[model_id]
         source = model.source or variant.source.local_path or variant.source.hub_repo
         pipeline = HubPin(None, None)
         if source is not None and not is_local_path(source):
@@ -505,13 +437,10 @@ class AppConfig(_Section):
                                  model.transformer_revision or variant.source.transformer_revision)
         return pipeline, transformer
 
-    def lora_weights(self, model_id: str) -> HubPin:
+    def lora_weights(self, model_id: str, catalog: Catalog | None = None) -> HubPin:
         """Where a Lightning variant's LoRA comes from on the Hub and at which commit (``repo`` None: from a local
         file, or no LoRA)."""
-        return self._lora(self.build_catalog(), model_id)
-
-    def _lora(self, catalog: Catalog, model_id: str) -> HubPin:
-        source, model = catalog.variant(model_id).source, self.models[model_id]
+        source, model = (catalog or self.build_catalog()).variant(model_id).source, self.models[model_id]
         if source.lora_repo is None or model.lora_source:
             return HubPin(None, None)
         return HubPin(source.lora_repo, model.lora_revision or source.lora_revision)

@@ -27,8 +27,8 @@ from serve_app.domain.calibration import (
     Residual,
     TimingFit,
     TracedTable,
-    _solve_normal_equations,
     nonnegative_least_squares,
+    solve_normal_equations,
 )
 from serve_app.domain.catalog import GIB, Catalog, default_catalog
 from serve_app.domain.planner import estimate_seconds, estimate_vram
@@ -124,7 +124,7 @@ def fit_timing(traced: TracedTable, measurements: Measurements, catalog: Catalog
     modules = list(dict.fromkeys(module for _, _, module, _, _ in observed))[1:]  # the first is the reference
     rows = [[1.0 if (arch, precision) == c else 0.0 for c in classes] + [1.0 if module == m else 0.0 for m in modules]
             for arch, precision, module, _, _ in observed]
-    solution = _solve_normal_equations(rows, [math.log(e) for *_, e, _ in observed]) if rows else []
+    solution = solve_normal_equations(rows, [math.log(e) for *_, e, _ in observed]) if rows else []
     solution = solution or [0.0] * (len(classes) + len(modules))
     efficiencies = [Efficiency(architecture=arch, precision=precision, value=round(math.exp(value), 3),
                                source="fitted: " + ", ".join(name for a, p, _, _, name in observed

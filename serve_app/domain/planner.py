@@ -28,7 +28,6 @@ from pydantic import BaseModel, Field
 from serve_app.domain.calibration import Calibration, Source, default_calibration
 from serve_app.domain.catalog import FP4_SMS, GIB, INT4_SMS, ComponentSpec, GPUClass, ModelVariant
 from serve_app.domain.shapes import (
-    EDIT_VAE_SIDE,
     MPIX,
     text_encoder_tokens,
     transformer_tokens,
@@ -173,7 +172,7 @@ def stage_activations(variant: ModelVariant, width: int, height: int, images: in
         return (_catalog_activations(c, catalog_tokens, catalog_mpix, images) * n, "catalog",
                 "catalog estimate (no trace for this module)")
 
-    text_tokens = text_encoder_tokens(variant.pipeline, images)
+    text_tokens = text_encoder_tokens(variant.family, images)
     out["text_encoder"] = look_up("text_encoder", "text_encoder", text_tokens, 1, catalog_tokens=text_tokens)
     tokens = transformer_tokens(width, height, images)
     forward_batch = batch * (2 if cfg_batch else 1)
@@ -184,7 +183,7 @@ def stage_activations(variant: ModelVariant, width: int, height: int, images: in
                                                    "activation and low-rank buffers (est.)")
     decode = look_up("vae", "vae_decode", width * height, batch, catalog_mpix=width * height / MPIX)
     if images:
-        area = EDIT_VAE_SIDE * EDIT_VAE_SIDE
+        area = variant.family.input_image_side ** 2
         encode = look_up("vae", "vae_encode", area, 1, catalog_mpix=area / MPIX)
         decode = max(decode, encode, key=lambda item: item[0])
     out["vae"] = decode
@@ -205,7 +204,7 @@ def nunchaku_buffers_gib(variant: ModelVariant, tokens: float) -> float:
 
 def _cfg_batches(variant: ModelVariant, cfg: bool | None) -> bool:
     runs_cfg = variant.runs_cfg() if cfg is None else cfg
-    return runs_cfg and variant.pipeline == "ZImagePipeline"
+    return runs_cfg and variant.family.cfg_in_batch
 
 
 def estimate_vram(
@@ -326,7 +325,7 @@ def plan(
     width = width or variant.defaults.width
     height = height or variant.defaults.height
     if num_input_images is None:
-        num_input_images = 1 if variant.task == "edit" else 0
+        num_input_images = 1 if "edit" in variant.tasks else 0
     usable = round(gpu.vram_gib - settings.margin_gib(gpu.vram_gib), 2)
     base = dict(
         gpu=gpu.id, variant=variant.id, usable_vram_gib=usable, width=width, height=height,
@@ -414,7 +413,7 @@ def estimate_seconds(
     width = width or variant.defaults.width
     height = height or variant.defaults.height
     if num_input_images is None:
-        num_input_images = 1 if variant.task == "edit" else 0
+        num_input_images = 1 if "edit" in variant.tasks else 0
     steps = num_inference_steps or variant.defaults.num_inference_steps
     t = variant.transformer
     tokens = transformer_tokens(width, height, num_input_images)

@@ -85,9 +85,9 @@ class RoutingTable:
             raise ModelNotFoundError(
                 f"unknown model {name!r}; known models: {', '.join(self.catalog.names())}", param="model"
             ) from None
-        for_task = [v for v in candidates if v.task == task]
+        for_task = [v for v in candidates if task in v.tasks]
         if not for_task:
-            other = candidates[0].task
+            other = candidates[0].tasks[0]
             raise InvalidRequestError(
                 f"{name} is {'an edit' if other == 'edit' else 'a generation'} model: send it to {ENDPOINT[other]}",
                 param="model",

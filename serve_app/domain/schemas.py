@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import re
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
@@ -152,6 +152,8 @@ class _Request(BaseModel):
 class GenerateRequest(_Request):
     """Text to image (``POST /v1/images/generations``)."""
 
+    task: ClassVar[str] = "generate"
+
     guidance_scale: float | None = Field(default=None, ge=0, le=20,
                                          description="CFG scale; Z-Image-Turbo: 0, and CFG runs above 0.")
 
@@ -161,6 +163,8 @@ MAX_EDIT_IMAGES = 3  # Qwen-Image-Edit-2509/2511 take one to three input images
 
 class EditRequest(_Request):
     """Instruction editing of 1 to 3 images (``POST /v1/images/edits``)."""
+
+    task: ClassVar[str] = "edit"
 
     images: list[bytes] = Field(min_length=1, max_length=MAX_EDIT_IMAGES,
                                 description="Encoded input images (PNG, JPEG, WEBP).")

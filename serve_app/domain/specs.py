@@ -21,6 +21,7 @@ from serve_app.domain.config import (
     HFConfig,
     OptimizationConfig,
     PoolConfig,
+    ServingConfig,
     SwapGroupConfig,
     TorchDtype,
 )
@@ -106,8 +107,8 @@ class ReplicaSpec(_Spec):
         return self.engine.variant
 
     @property
-    def task(self) -> Task:
-        return self.engine.variant.task
+    def tasks(self) -> tuple[Task, ...]:
+        return self.engine.variant.tasks
 
     @property
     def min_replicas(self) -> int:
@@ -219,8 +220,8 @@ def swap_deployment_name(group: str, pool: str | None = None) -> str:
     return f"swap-{group}@{pool}" if pool else f"swap-{group}"
 
 
-def deployment_name(task: str, variant_id: str, pool: str | None = None) -> str:
-    base = f"{'gen' if task == 'generate' else 'edit'}-{variant_id}"
+def deployment_name(variant: ModelVariant, pool: str | None = None) -> str:
+    base = f"{variant.family.deployment_prefix}-{variant.id}"
     return f"{base}@{pool}" if pool else base
 
 
@@ -270,7 +271,7 @@ def _replica_spec(config: AppConfig, catalog: Catalog, variant: ModelVariant, po
         device = config.device.device
         uses_gpu = device == "cuda" or (device == "auto" and cluster_has_gpus)
     return ReplicaSpec(
-        name=deployment_name(variant.task, variant.id, pool.name if pool else None),
+        name=deployment_name(variant, pool.name if pool else None),
         engine=engine,
         pool=None if pool is None else PoolSpec(name=pool.name, gpu=gpu, offload_mode=planned_mode),
         batching=BatchingSpec(max_batch_size=model.max_batch_size, wait_s=model.batch_wait_timeout_s),
@@ -357,7 +358,14 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
                     None)
         for group in config.swap_groups:
             add_group(_swap_group_spec(config, catalog, group, None, None, None, None, cluster_has_gpus), {})
-    served = {r.variant for r in routes}
+    if not routes:
+        raise ConfigError("no model to serve: list at least one variant under `models:` that fits a pool")
+    router = _router_spec(config, catalog, routes, unplaced, [*replicas, *groups])
+    return ApplicationSpec(replicas=tuple(replicas), swap_groups=tuple(groups), router=router, unplaced=unplaced)
+
+
+def _unavailable(config: AppConfig, catalog: Catalog, served: set[str], unplaced: dict[str, str]) -> dict[str, str]:
+    """Why each catalog variant not served is not: unplaced (the placement's reason), disabled, or not listed."""
     unavailable = dict(unplaced)
     for variant_id in catalog.variants:
         if variant_id not in served and variant_id not in unavailable:
@@ -365,10 +373,24 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
                 "disabled in this deployment's config" if variant_id in config.models
                 else "not configured in this deployment (add it under `models:`)"
             )
-    if not routes:
-        raise ConfigError("no model to serve: list at least one variant under `models:` that fits a pool")
+    return unavailable
+
+
+def _http_spec(serving: ServingConfig) -> HttpSpec:
+    limits = serving.limits
+    return HttpSpec(api_key_sha256=tuple(dict.fromkeys([*map(key_digest, serving.api_keys), *serving.api_key_sha256])),
+                    api_keys_file=serving.api_keys_file, host=serving.host, public=serving.public,
+                    max_body_bytes=int(limits.max_body_mb * 1e6), max_json_bytes=int(limits.max_json_kb * 1e3),
+                    max_form_fields=limits.max_form_fields, max_form_field_bytes=int(limits.max_form_field_kb * 1e3),
+                    body_read_timeout_s=limits.body_read_timeout_s, metrics_route=serving.metrics_route,
+                    metrics_key_sha256=tuple(serving.metrics_key_sha256), show_internals=serving.internals_shown())
+
+
+def _router_spec(config: AppConfig, catalog: Catalog, routes: list[RouteSpec], unplaced: dict[str, str],
+                 deployments: list[ReplicaSpec | SwapGroupSpec]) -> RouterSpec:
     serving = config.serving
-    router = RouterSpec(
+    served = {r.variant for r in routes}
+    return RouterSpec(
         app_name=serving.app_name,
         catalog=catalog,
         default_width=config.defaults.width,
@@ -376,18 +398,9 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
         max_input_pixels=serving.limits.max_input_pixels,
         max_request_cost=serving.limits.max_request_cost,
         routes=tuple(routes),
-        unavailable=unavailable,
+        unavailable=_unavailable(config, catalog, served, unplaced),
         loras={name: tuple(v for v in lora.variants if v in served) for name, lora in config.loras.items()},
-        http=HttpSpec(api_key_sha256=tuple(dict.fromkeys([*map(key_digest, serving.api_keys),
-                                                           *serving.api_key_sha256])),
-                      api_keys_file=serving.api_keys_file, host=serving.host, public=serving.public,
-                      max_body_bytes=int(serving.limits.max_body_mb * 1e6),
-                      max_json_bytes=int(serving.limits.max_json_kb * 1e3),
-                      max_form_fields=serving.limits.max_form_fields,
-                      max_form_field_bytes=int(serving.limits.max_form_field_kb * 1e3),
-                      body_read_timeout_s=serving.limits.body_read_timeout_s,
-                      metrics_route=serving.metrics_route, metrics_key_sha256=tuple(serving.metrics_key_sha256),
-                      show_internals=serving.internals_shown()),
+        http=_http_spec(serving),
         key_limits=serving.limits.per_key,
         max_ongoing_requests=serving.limits.router_max_ongoing,
         max_queued_requests=serving.limits.router_max_queued,
@@ -395,7 +408,5 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
         num_cpus=serving.router_num_cpus,
         # A router waits on its replicas: stopping it must not cut requests they may still finish.
         graceful_shutdown_timeout_s=max([20.0, serving.request_timeout_s or 0.0,
-                                         *(r.options.graceful_shutdown_timeout_s or 0.0
-                                           for r in [*replicas, *groups])]),
+                                         *(d.options.graceful_shutdown_timeout_s or 0.0 for d in deployments)]),
     )
-    return ApplicationSpec(replicas=tuple(replicas), swap_groups=tuple(groups), router=router, unplaced=unplaced)

@@ -1,5 +1,8 @@
 """What every diffusers engine shares: loading, per-image seeds, stage timing and cancellation.
 
+Where weights come from and how they are placed is in loading.py, the speed options in optimizations.py,
+and one call's state (stage timer, steps, stopping) in pipeline_call.py; this module puts them together.
+
 Loading (``DiffusersEngine.load``) takes an ``EngineSpec``: it picks the device and the offload
 mode the planner says fits the local GPU, finds the weights (a local folder or the offline Hugging
 Face cache), loads the family's pipeline class with ``from_pretrained`` (with the real nunchaku's
@@ -15,354 +18,40 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from serve_app.domain.catalog import GPUClass, ModelVariant
-from serve_app.domain.config import HFConfig, OptimizationConfig, StepCacheConfig
+from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.errors import UnsupportedValueError
-from serve_app.domain.planner import OffloadMode, architecture_problem, plan
 from serve_app.domain.schemas import MAX_SEED, LoraRequest
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines.host_copies import HostCopies
+from serve_app.engines.loading import (
+    DTYPES,
+    LoadTarget,
+    apply_offload,
+    fp8_placement,
+    fp8_quantization,
+    fuse_lora,
+    holds_fp8_weights,
+    resolve_source,
+    weight_file,
+)
+from serve_app.engines.loras import LoraAdapters, lora_file
+from serve_app.engines.optimizations import apply_optimizations
+from serve_app.engines.pipeline_call import PipelineCall, StageTimer
 from serve_app.engines.previews import LatentPreviewer, fit_latent_rgb
-from serve_app.engines.protocol import EngineInfo, GenerationCancelled, IncompatibleHardwareError, Job, ModelLoadError
+from serve_app.engines.protocol import EngineInfo, EngineResult, Job, ModelLoadError
 from serve_app.engines.weights_io import prefetch, weight_files
 
-if TYPE_CHECKING:
-    from serve_app.engines.loras import LoraAdapters
-
 logger = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise IncompatibleHardwareError("device 'cuda' was asked for, but torch sees no CUDA device")
-    return requested
-
-
-def pipeline_folders(model_index: dict[str, Any], with_transformer: bool = True) -> set[str]:
-    """The component folders a diffusers ``model_index.json`` lists (entries ``[library, class]``), without
-    ``transformer`` when a nunchaku 4-bit transformer replaces it."""
-    folders = {name for name, value in model_index.items()
-               if isinstance(value, list) and len(value) == 2 and value[0] is not None}
-    return folders if with_transformer else folders - {"transformer"}
-
-
-def resolve_source(source: str, hf: HFConfig, skip_transformer: bool = False, revision: str | None = None) -> Path:
-    """A local pipeline folder for ``source`` (a folder, or a hub repo id from the local cache, at the commit
-    ``revision`` when pinned).
-
-    ``skip_transformer`` leaves out the bf16 transformer (41 GB for Qwen-Image-Edit) when a
-    nunchaku 4-bit transformer replaces it.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").exists():
-            raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        return path
-    if not HUB_REPO_ID.fullmatch(source):
-        raise ModelLoadError(f"model folder {source} does not exist")
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    try:
-        # Only what the pipeline loads (what `imageserve download` fetches): huggingface_hub refuses an
-        # offline snapshot that lacks any file of the patterns asked for, READMEs and sample images included.
-        index = hf_hub_download(source, "model_index.json", revision=revision, cache_dir=hf.cache_dir,
-                                local_files_only=hf.offline)
-        folders = pipeline_folders(json.loads(Path(index).read_text()), with_transformer=not skip_transformer)
-        return Path(snapshot_download(
-            source, revision=revision, cache_dir=hf.cache_dir, local_files_only=hf.offline,
-            allow_patterns=["model_index.json", *(f"{folder}/*" for folder in sorted(folders))],
-        ))
-    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
-        where = "in the local Hugging Face cache (offline mode)" if hf.offline else "on the Hub"
-        at = f"@{revision}" if revision else ""
-        raise ModelLoadError(f"{source}{at} is not available {where}: {type(err).__name__}: {err}") from None
-
-
-@dataclass(frozen=True)
-class LoadTarget:
-    """Where and how a variant loads: device, the local GPU's class, offload mode, dtype."""
-
-    device: str
-    gpu: GPUClass | None
-    offload_mode: OffloadMode
-    planned_peak_gib: float | None
-    torch_dtype: str
-
-    @classmethod
-    def for_spec(cls, spec: EngineSpec) -> LoadTarget:
-        """Resolve ``spec`` on this machine; refuses, before any weight is read, what cannot run here."""
-        variant = spec.variant
-        device = resolve_device(spec.device)
-        gpu = None
-        if device == "cuda":
-            from serve_app.engines.hardware import detect_local_gpu
-
-            local = detect_local_gpu(spec.gpus)
-            gpu = local.gpu_class if local else None
-        elif variant.requires_nunchaku:
-            raise IncompatibleHardwareError(f"{variant.id} is a nunchaku 4-bit variant and needs a CUDA GPU")
-        if gpu is not None and (problem := architecture_problem(variant, gpu)):
-            raise IncompatibleHardwareError(f"{variant.id} cannot run here: {problem}")
-        mode, planned = "none", None
-        if gpu is not None:
-            verdict = plan(variant, gpu, spec.plan_width, spec.plan_height, modes=spec.offload_modes,
-                           settings=spec.planner, batch_size=spec.batch_size)
-            if not verdict.fits:
-                raise IncompatibleHardwareError(f"{variant.id} does not fit {gpu.name}: {verdict.reason}")
-            mode, planned = verdict.mode, verdict.peak_vram_gib
-        return cls(device, gpu, mode, planned, compute_dtype(spec.torch_dtype, device, gpu))
-
-
-def compute_dtype(requested: str | None, device: str, gpu: GPUClass | None) -> str:
-    """The torch dtype to run in: the requested one, else bfloat16 on CUDA and float32 on CPU.
-
-    GPUs before Ampere (sm_75, Turing) have no bfloat16: they run float16, as nunchaku's int4 kernels
-    need there, and a request for bfloat16 on them is refused rather than emulated slowly.
-    """
-    has_bf16 = gpu is None or gpu.sm >= 80
-    if requested == "bfloat16" and device == "cuda" and not has_bf16:
-        raise IncompatibleHardwareError(f"{gpu.name} (sm_{gpu.sm}) has no bfloat16; use torch_dtype float16")
-    if requested:
-        return requested
-    if device != "cuda":
-        return "float32"
-    return "bfloat16" if has_bf16 else "float16"
-
-
-# Consumer and workstation Blackwell (sm_120 RTX 50-series and RTX PRO 6000, sm_121 GB10): cuBLAS has no row-wise
-# fp8 scaling there, so torch._scaled_mm with per-row scales fails with CUBLAS_STATUS_NOT_SUPPORTED (pytorch
-# issue 192707; pytorch PR 161236). One scale per tensor runs on every fp8 GPU.
-PER_TENSOR_FP8_SM = frozenset({120, 121})
-
-
-def fp8_quantization(device: str, gpu: GPUClass | None = None):
-    """torchao's fp8 recipe for an fp8 variant's transformer on ``device`` (and the local ``gpu``'s class): on
-    CUDA, fp8 weights and fp8 activations, so the linear layers run fp8 matmuls (sm_89 and newer; the planner
-    refuses the rest), scaled per row, or per tensor where cuBLAS has no row-wise scaling
-    (``PER_TENSOR_FP8_SM``); elsewhere fp8 weights widened per layer (weight-only), which torchao runs on CPU."""
-    try:
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            Float8WeightOnlyConfig,
-            PerRow,
-            PerTensor,
-        )
-    except ImportError:
-        raise ModelLoadError("fp8 variants are quantized at load by torchao, which is not installed here: "
-                             "pip install 'imageserve[fp8]'") from None
-    if device == "cuda":
-        per_tensor = gpu is not None and gpu.sm in PER_TENSOR_FP8_SM
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor() if per_tensor else PerRow())
-    return Float8WeightOnlyConfig()
-
-
-def fp8_placement(device: str) -> dict[str, Any]:
-    """Where an fp8 transformer's bf16 weights go as they load, to be quantized there: the GPU that runs it.
-    diffusers' torchao quantizer quantizes each weight on the device its ``device_map`` names; without one, the
-    whole bf16 transformer (41 GB for Qwen-Image-Edit) is quantized on the host (torchao_quantizer.py,
-    ``create_quantized_param``). The GPU holds the fp8 transformer in every offload mode fp8 variants take."""
-    return {"device_map": device} if device == "cuda" else {}
-
-
-def holds_fp8_weights(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s linear layers already hold torchao fp8 weights."""
-    return any(type(m.weight).__name__.startswith("Float8") for m in module.modules()
-               if isinstance(m, torch.nn.Linear))
-
-
-def apply_offload(pipe, mode: OffloadMode, device: str, nunchaku_transformer: bool) -> None:
-    if device == "cpu" or mode == "none":
-        pipe.to(device)
-        return
-    if mode == "model":
-        pipe.enable_model_cpu_offload()
-        return
-    if nunchaku_transformer:
-        if not hasattr(pipe.transformer, "set_offload"):
-            # nunchaku's Z-Image transformer has none in any release (its from_pretrained refuses offload=True).
-            raise ModelLoadError(f"{type(pipe.transformer).__name__} has no per-block offload (set_offload): set "
-                                 "per_block_offload: false for this variant in the catalog")
-        # nunchaku streams its own blocks; accelerate handles the text encoder and VAE.
-        pipe.transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)
-        # A new list on this pipeline: appending would change the class attribute every pipeline shares.
-        pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, "transformer"]
-    pipe.enable_sequential_cpu_offload()
-
-
-def set_channels_last(module: torch.nn.Module, enabled: bool = True) -> None:
-    """Put every convolution's weights of ``module`` in channels-last format (or back).
-
-    Per convolution, because the Qwen-Image VAE mixes Conv3d (5-D, channels_last_3d) and 2-D layers.
-    """
-    for conv in module.modules():
-        if isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            if not enabled:
-                fmt = torch.contiguous_format
-            else:
-                fmt = torch.channels_last_3d if isinstance(conv, torch.nn.Conv3d) else torch.channels_last
-            conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
-
-
-def set_attention_backend(transformer: torch.nn.Module, backend: str) -> None:
-    """Run every attention of ``transformer`` (and only those) on ``backend``.
-
-    diffusers 0.42.1's ``ModelMixin.set_attention_backend`` sets the backend on each attention processor of the
-    model and then also makes it the process-wide default (``_AttentionBackendRegistry.set_active_backend``),
-    which every other model in the process, whose processors name no backend, then runs on: another member of a
-    swap group, say, where a maskless backend breaks Z-Image's masked calls. The default is put back. A
-    transformer whose attention modules are not diffusers' (nunchaku's) takes no backend: refused rather than
-    logged as applied.
-    """
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    previous = _AttentionBackendRegistry._active_backend
-    try:
-        transformer.set_attention_backend(backend)
-    except (AttributeError, ImportError, RuntimeError, ValueError) as err:
-        raise ModelLoadError(f"attention_backend {backend!r} is not usable here: {err}") from None
-    finally:
-        _AttentionBackendRegistry.set_active_backend(previous)
-    taken = [m for m in transformer.modules()
-             if getattr(getattr(m, "processor", None), "_attention_backend", None) is not None]
-    if not taken:
-        raise ModelLoadError(f"attention_backend {backend!r}: no attention module of {type(transformer).__name__} "
-                             "takes a diffusers attention backend")
-
-
-def apply_optimizations(pipe, options: OptimizationConfig) -> list[str]:
-    """Apply the configured speed options to a loaded pipeline; returns what was applied.
-
-    bench/gpu_fullsize.py measures each option against the default on a GPU.
-    """
-    applied = []
-    if options.attention_backend is not None:
-        set_attention_backend(pipe.transformer, options.attention_backend)
-        applied.append(f"attention_backend={options.attention_backend}")
-    if options.vae_channels_last:
-        set_channels_last(pipe.vae)
-        applied.append("vae_channels_last")
-    if options.step_cache is not None:
-        pipe.transformer.enable_cache(step_cache_config(options.step_cache))
-        applied.append(f"step_cache={options.step_cache.kind}")
-    if options.compile_transformer:
-        pipe.transformer.compile(mode=options.compile_mode)
-        applied.append(f"compile_transformer={options.compile_mode}")
-    return applied
-
-
-def step_cache_config(cache: StepCacheConfig):
-    """diffusers' cache config for ``cache``."""
-    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
-
-    if cache.kind == "first_block":
-        return FirstBlockCacheConfig(threshold=cache.threshold)
-    return TaylorSeerCacheConfig(cache_interval=cache.cache_interval,
-                                 disable_cache_before_step=cache.disable_cache_before_step)
-
-
-class _StageTimer:
-    """Times the pipeline's text encoding, VAE encode and VAE decode by wrapping those calls.
-
-    On CUDA the host returns from a kernel launch long before the GPU is done, so ``synchronize``
-    (``torch.cuda.synchronize``) runs before and after each stage; without it the VAE's time lands
-    in the next stage or in ``denoise_s``. On CPU there is nothing to wait for and it is None.
-    """
-
-    def __init__(self, pipe, synchronize: Callable[[], None] | None = None) -> None:
-        self.seconds: dict[str, float] = {}
-        self.synchronize = synchronize
-        self._wrap(pipe, "encode_prompt", "text_encode_s")
-        self._wrap(pipe.vae, "encode", "vae_encode_s")
-        self._wrap(pipe.vae, "decode", "vae_decode_s")
-
-    def _wrap(self, owner, name: str, key: str) -> None:
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            if self.synchronize is not None:
-                self.synchronize()
-            start = time.perf_counter()
-            try:
-                result = original(*args, **kwargs)
-                if self.synchronize is not None:
-                    self.synchronize()
-                return result
-            finally:
-                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
-
-        setattr(owner, name, timed)
-
-
-@dataclass
-class PipelineCall:
-    """One call of a pipeline in progress: pass ``on_step_end`` as its ``callback_on_step_end``."""
-
-    num_inference_steps: int
-    should_stop: Callable[[], bool] | None
-    on_step: Callable[[int, Any], None] | None = None  # (step, latents after it), e.g. ``LatentPreviewer``
-    steps_done: int = 0
-    stopped: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        self.steps_done = step + 1
-        if self.on_step is not None:
-            self.on_step(step, callback_kwargs["latents"])
-        if self.should_stop is not None and self.should_stop():
-            self.stopped = True
-            pipe._interrupt = True  # diffusers checks it before the next step
-        return callback_kwargs
-
-    def cancelled(self) -> GenerationCancelled:
-        return GenerationCancelled(f"stopped after {self.steps_done} of {self.num_inference_steps} steps")
-
-
-def weight_file(local: str | None, repo: str | None, file: str | None, revision: str | None, hf: HFConfig,
-                what: str) -> Path:
-    """One weight file: ``local`` (a file, or a folder holding ``file``), else ``file`` of the hub ``repo`` at
-    ``revision`` from the Hugging Face cache (or the Hub when not offline)."""
-    if local is None:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return Path(hf_hub_download(repo, file, revision=revision, cache_dir=hf.cache_dir,
-                                        local_files_only=hf.offline))
-        except Exception as err:  # noqa: BLE001 - the hub raises many kinds; all mean "not available"
-            raise ModelLoadError(f"{what} {repo}/{file} is not available: {err}") from None
-    path = Path(local).expanduser()
-    if path.is_dir():
-        path = path / Path(file).name
-    if not path.exists():
-        raise ModelLoadError(f"{what} file {path} does not exist")
-    return path
-
-
-def fuse_lora(pipe, path: Path, scale: float) -> None:
-    """Fuse the LoRA file ``path`` into the pipeline's transformer and drop the LoRA layers: the transformer is
-    then a plain one with merged weights, as fast as the base model (diffusers' PEFT integration)."""
-    try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="fused")
-        pipe.fuse_lora(lora_scale=scale, adapter_names=["fused"])
-        pipe.unload_lora_weights()
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
-        raise ModelLoadError(f"fusing the LoRA {path} failed: {type(err).__name__}: {err}") from err
 
 
 class DiffusersEngine:
@@ -384,7 +73,7 @@ class DiffusersEngine:
         self.pipe = pipe
         self.info = info
         self._lock = threading.Lock()
-        self._timer = _StageTimer(pipe, torch.cuda.synchronize if info.device == "cuda" else None)
+        self._timer = StageTimer(pipe, torch.cuda.synchronize if info.device == "cuda" else None)
         self._call: PipelineCall | None = None
         self._host_copies: HostCopies | None = None
         self.adapters: LoraAdapters | None = None  # per-request LoRAs, when the config lists some for this variant
@@ -525,8 +214,6 @@ class DiffusersEngine:
             fuse_lora(pipe, lora, variant.source.lora_scale)
         adapters = None
         if spec.loras:
-            from serve_app.engines.loras import LoraAdapters, lora_file
-
             adapters = LoraAdapters(pipe, {lora.name: lora_file(lora, spec.hf) for lora in spec.loras},
                                     spec.max_loaded_loras)
         applied = apply_optimizations(pipe, spec.optimizations)
@@ -610,6 +297,24 @@ class DiffusersEngine:
         started = time.perf_counter()
         if self.adapters.use(lora) in ("load", "hotswap"):
             self._timer.seconds["lora_load_s"] = time.perf_counter() - started
+
+    def one_call_per_image(self, seeds: list[int], num_inference_steps: int,
+                           should_stop: Callable[[], bool] | None, on_step: Callable[[int, Any], None] | None,
+                           lora: LoraRequest | None, call_pipeline: Callable[[torch.Generator, Callable], list]
+                           ) -> EngineResult:
+        """One image per pipeline call, one call per seed (the pipelines that take one image set a call):
+        ``call_pipeline(generator, on_step_end)`` runs the pipeline once and returns its images. The timings
+        add up the calls."""
+        outputs: list = []
+        timings: dict[str, float] = {}
+        done = 0
+        for seed in seeds:
+            with self.pipeline_call(num_inference_steps, should_stop, on_step, lora) as call:
+                outputs.extend(call_pipeline(torch.Generator("cpu").manual_seed(seed), call.on_step_end))
+            done = call.steps_done
+            for stage, seconds in call.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+        return EngineResult(outputs, seeds, timings, done, batch_images=1, denoised_images=len(outputs))
 
     @contextmanager
     def pipeline_call(self, num_inference_steps: int,

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from serve_app.domain.catalog import GIB, GPUClass, ModelVariant, match_gpu_name
+from serve_app.engines.protocol import IncompatibleHardwareError
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,26 @@ def hardware_refusal(variant: ModelVariant, device: str, has_cuda: bool) -> str 
     return None
 
 
+def compute_dtype(requested: str | None, device: str, gpu: GPUClass | None) -> str:
+    """The torch dtype to run in: the requested one, else bfloat16 on CUDA and float32 on CPU.
+
+    GPUs before Ampere (sm_75, Turing) have no bfloat16: they run float16, as nunchaku's int4 kernels
+    need there, and a request for bfloat16 on them is refused rather than emulated slowly.
+    """
+    has_bf16 = gpu is None or gpu.sm >= 80
+    if requested == "bfloat16" and device == "cuda" and not has_bf16:
+        raise IncompatibleHardwareError(f"{gpu.name} (sm_{gpu.sm}) has no bfloat16; use torch_dtype float16")
+    if requested:
+        return requested
+    if device != "cuda":
+        return "float32"
+    return "bfloat16" if has_bf16 else "float16"
+
+
 def cpu_weights_gib(variant: ModelVariant, torch_dtype: str | None) -> float:
     """GiB of host RAM ``variant``'s weights take on CPU, in the dtype it runs in there (``torch_dtype``, else
     float32: ``compute_dtype``'s rule)."""
     from serve_app.domain.planner import DTYPE_SHORT
-    from serve_app.engines.base import compute_dtype
 
     return variant.weight_bytes(DTYPE_SHORT[compute_dtype(torch_dtype, "cpu", None)]) / GIB
 

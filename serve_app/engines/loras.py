@@ -30,6 +30,7 @@ from serve_app.domain.config import HFConfig
 from serve_app.domain.errors import UnsupportedValueError
 from serve_app.domain.schemas import LoraRequest
 from serve_app.domain.specs import LoraSpec
+from serve_app.engines.loading import weight_file
 from serve_app.engines.protocol import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ LoraOutcome = Literal["hit", "load", "hotswap"]
 
 def lora_file(spec: LoraSpec, hf: HFConfig) -> Path:
     """The local weight file of ``spec``: its file, the file in its folder, or its hub file from the cache."""
-    from serve_app.engines.base import weight_file
-
     local = Path(spec.source).expanduser()
     if local.is_dir() and spec.file is None:
         raise ModelLoadError(f"LoRA {spec.name}: {local} is a folder; name the weight file (loras.{spec.name}.file)")

@@ -31,6 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from serve_app.domain.catalog import GIB
+from serve_app.domain.families import FAMILIES
 from serve_app.domain.shapes import (
     EDIT_VAE_SIDE,
     PROMPT_TOKENS,
@@ -241,7 +242,7 @@ def trace_qwen_vl_text_encoder(text_encoder, num_input_images: int) -> StageTrac
     values, which cannot mix with meta tensors, and over ~784 patches of a 384^2 image its activations
     are a few MiB beside the language model's hundreds. The model's own ``forward`` reads token ids
     to place the vision tokens, which a meta tensor cannot give, so the language model runs directly."""
-    tokens = text_encoder_tokens("QwenImageEditPlusPipeline", num_input_images)
+    tokens = text_encoder_tokens(FAMILIES["QwenImageEditPlusPipeline"], num_input_images)
     model = text_encoder.model
 
     def run():

@@ -9,7 +9,7 @@ length of its own calls (``models.<id>.edit_vae_image_area`` / ``edit_condition_
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import Qwen2VLProcessor
 
+from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.images import decode_image
 from serve_app.domain.schemas import LoraRequest
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines.base import DiffusersEngine
 from serve_app.engines.protocol import EngineResult, Job
+from serve_app.engines.qwen_processors import ImageOnlyQwen2VLProcessor, torchvision_available
 
 # Every engine in the process sets diffusers' input-area constants under this lock for its call only.
 _INPUT_AREAS_LOCK = threading.Lock()
@@ -45,35 +46,6 @@ def input_image_areas(vae_area: int | None, condition_area: int | None) -> Itera
             edit_module.VAE_IMAGE_SIZE, edit_module.CONDITION_IMAGE_SIZE = defaults
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` without its video processor, and so without torchvision.
-
-    transformers 5 builds ``Qwen2VLProcessor`` with a video processor that imports torchvision, and
-    PyPI has no CPU torchvision matching ``torch==2.13.0``; on such machines (CI, laptops) the same
-    processor is assembled from its PIL image processor and tokenizer. Editing never sends video.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path) -> ImageOnlyQwen2VLProcessor:
-        """Assemble the processor from a local pipeline folder's ``processor/`` (or ``tokenizer/``) files."""
-        from transformers import Qwen2Tokenizer
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        root = Path(checkpoint)
-        processor_dir = root / "processor"
-        tokenizer_dir = processor_dir if (processor_dir / "tokenizer_config.json").exists() else root / "tokenizer"
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(processor_dir)
-        tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer_dir)
-        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-
-
-def torchvision_available() -> bool:
-    return importlib.util.find_spec("torchvision") is not None
-
-
 class QwenImageEditEngine(DiffusersEngine):
     """Qwen-Image-Edit editing; implements ``ImageEngine``."""
 
@@ -88,6 +60,13 @@ class QwenImageEditEngine(DiffusersEngine):
         if torchvision_available():
             return {}
         return {"processor": ImageOnlyQwen2VLProcessor.from_checkpoint(folder)}
+
+    @classmethod
+    def build_tiny(cls, folder: str | os.PathLike, variant: ModelVariant) -> Path:
+        """The tiny random-weight checkpoint of ``variant``'s base model: 2511 has ``zero_cond_t``."""
+        from serve_app.engines.random_weights import build_qwen_image_edit
+
+        return build_qwen_image_edit(folder, zero_cond_t=variant.base_model.endswith("2511"))
 
     def warm_up(self) -> None:
         width, height = self.warm_up_size()
@@ -181,13 +160,10 @@ class QwenImageEditEngine(DiffusersEngine):
         if not self.variant.runs_cfg(true_cfg_scale=cfg_scale, negative_prompt=negative):
             negative = None
         rgb = [image.convert("RGB") for image in images]
-        outputs: list = []
-        timings: dict[str, float] = {}
-        done = 0
-        for one_seed in seeds:
-            with self.pipeline_call(steps, should_stop, on_step, lora) as call, \
-                    input_image_areas(self.spec.edit_vae_image_area, self.spec.edit_condition_image_area):
-                out = self.pipe(
+
+        def call_pipeline(generator, on_step_end) -> list:
+            with input_image_areas(self.spec.edit_vae_image_area, self.spec.edit_condition_image_area):
+                return list(self.pipe(
                     image=rgb,
                     prompt=prompt,
                     negative_prompt=negative,
@@ -195,12 +171,9 @@ class QwenImageEditEngine(DiffusersEngine):
                     width=width or defaults.width,
                     height=height or defaults.height,
                     num_inference_steps=steps,
-                    generator=torch.Generator("cpu").manual_seed(one_seed),
-                    callback_on_step_end=call.on_step_end,
+                    generator=generator,
+                    callback_on_step_end=on_step_end,
                     output_type="np",  # arrays: the replica converts and encodes them off this thread
-                )
-            outputs.extend(out.images)
-            done = call.steps_done
-            for stage, seconds in call.timings.items():
-                timings[stage] = timings.get(stage, 0.0) + seconds
-        return EngineResult(outputs, seeds, timings, done, batch_images=1, denoised_images=len(outputs))
+                ).images)
+
+        return self.one_call_per_image(seeds, steps, should_stop, on_step, lora, call_pipeline)

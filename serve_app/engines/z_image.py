@@ -6,11 +6,14 @@ with a list of prompts; each keeps its own seeds, so batched images match unbatc
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.schemas import LoraRequest
 from serve_app.engines.base import DiffusersEngine
 from serve_app.engines.protocol import EngineResult, Job
@@ -35,6 +38,13 @@ class ZImageEngine(DiffusersEngine):
             return None
         patch = (getattr(config, "all_patch_size", None) or (2,))[0]
         return min(axes_lens[1:]) * patch * pipe.vae_scale_factor
+
+    @classmethod
+    def build_tiny(cls, folder: str | os.PathLike, variant: ModelVariant) -> Path:
+        """The tiny random-weight checkpoint of ``variant``'s base model (``random_weights.build_all``)."""
+        from serve_app.engines.random_weights import build_z_image
+
+        return build_z_image(folder)
 
     def warm_up(self) -> None:
         width, height = self.warm_up_size()

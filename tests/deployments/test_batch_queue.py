@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deployments.model_replica import BatchQueue
+from deployments.batching import BatchQueue
 
 
 class Recorder:

@@ -9,7 +9,7 @@ import weakref
 import numpy as np
 import pytest
 
-from deployments.model_replica import EditReplica, GenerationReplica, pool_mismatch
+from deployments.model_replica import ModelReplica, pool_mismatch
 from serve_app.domain.config import ConfigError, parse_config
 from serve_app.domain.errors import InternalError, ModelUnavailableError, ReplicaOutOfMemoryError
 from serve_app.domain.schemas import GenerateRequest
@@ -44,7 +44,7 @@ class CountingLoader:
 
 
 def replica(tiny_models, loader=None, **model):
-    return GenerationReplica(replica_spec(tiny_models, **model), loader)
+    return ModelReplica(replica_spec(tiny_models, **model), loader)
 
 
 def request(prompt, seed, **extra):
@@ -113,12 +113,12 @@ def test_a_cancelled_batch_stops_between_steps(tiny_models):
 
 def test_engine_failures_reach_the_caller_classified(tiny_models):
     spec = replica_spec(tiny_models)
-    oom = GenerationReplica(spec, lambda s: OutOfMemoryOnSmallGPUs(load_engine(s), 0))
+    oom = ModelReplica(spec, lambda s: OutOfMemoryOnSmallGPUs(load_engine(s), 0))
     with pytest.raises(ReplicaOutOfMemoryError, match="ran out of memory on cpu"):
         asyncio.run(oom.run(request(OOM_TRIGGER, 1), 64, 64))
     assert asyncio.run(oom.run(request("next", 1), 64, 64)).images  # the same replica serves on
 
-    faulty = GenerationReplica(spec, lambda s: CudaFaultOnPrompt(load_engine(s)))
+    faulty = ModelReplica(spec, lambda s: CudaFaultOnPrompt(load_engine(s)))
     with pytest.raises(ModelUnavailableError, match="CUDA fault"):
         asyncio.run(faulty.run(request(CUDA_FAULT_TRIGGER, 1), 64, 64))
     with pytest.raises(RuntimeError, match="must be replaced"):
@@ -167,7 +167,7 @@ def test_out_of_memory_worded_as_a_cuda_error_is_oom_and_memory_is_freed_after_t
         alive_at_release.append(watched[-1]() is not None)
 
     monkeypatch.setattr(model_replica, "_release_memory", release_memory)
-    srv = GenerationReplica(replica_spec(tiny_models),
+    srv = ModelReplica(replica_spec(tiny_models),
                             lambda s: OutOfMemoryHoldingActivations(load_engine(s), watched))
     with pytest.raises(ReplicaOutOfMemoryError):
         asyncio.run(srv.run(request("too big", 1), 64, 64))
@@ -186,9 +186,16 @@ def test_a_replica_that_shuts_down_leaves_no_thread_running(tiny_models):
     assert not any(t.is_alive() for t in ours)
 
 
-def test_a_replica_serves_only_its_task(tiny_models):
-    with pytest.raises(ValueError, match="is a generate variant, not edit"):
-        EditReplica(replica_spec(tiny_models))
+def test_a_replica_serves_only_its_variants_tasks(tiny_models, png_bytes):
+    """One deployment class serves every variant; a request of a task the variant's family does not serve (a handle
+    caller inside the cluster can send one straight to the replica) is refused before it is queued."""
+    from serve_app.domain.errors import UnsupportedValueError
+    from serve_app.domain.schemas import EditRequest
+
+    srv = replica(tiny_models)
+    with pytest.raises(UnsupportedValueError, match="z-image-turbo serves generate, not edit"):
+        asyncio.run(srv.run(EditRequest(prompt="make it blue", images=[png_bytes]), 64, 64))
+    assert srv.oldest_queued_age() is None  # refused before the queue
 
 
 def test_batching_is_refused_for_edit_variants():
@@ -202,7 +209,7 @@ def test_a_batching_deployment_gets_enough_ongoing_requests_per_replica():
         config = parse_config({"models": {"z-image-turbo": model},
                                "serving": {"deployment": {"max_ongoing_requests": 2}}})
         (spec,) = resolve_application(config).replicas
-        return GenerationReplica.serve_options(spec)
+        return ModelReplica.serve_options(spec)
 
     assert options({"max_batch_size": 8})["max_ongoing_requests"] == 16
     assert options({})["max_ongoing_requests"] == 2

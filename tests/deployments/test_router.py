@@ -155,7 +155,7 @@ def test_pillows_own_bomb_limit_follows_the_configured_input_cap(monkeypatch):
 def test_the_router_queue_is_bounded_and_past_it_callers_get_429_with_retry_after():
     from ray import serve
 
-    from serve_app.openai_api import OpenAIIngress
+    from serve_app.openai_api.ingress import OpenAIIngress
 
     checks = router({"router_max_ongoing": 8, "router_max_queued": 4})
     options = Router.serve_options(checks.spec)
@@ -265,9 +265,11 @@ def test_model_cards_give_each_variants_size_range_and_the_size_their_vram_is_pl
     cards = {card["id"]: card for card in asyncio.run(checks.models(internals=False))["data"]}
     for variant in checks.catalog.variants.values():
         card = cards[variant.id]
-        assert card["size_range"] == {"min_side": 64, "max_side": 2048, "multiple_of": 16}
+        # The side multiple is the pipeline family's: 16 (VAE 8 x patch 2), 32 for Qwen-Image-2.1 (VAE 16 x 2x2 merge).
+        assert card["size_range"] == {"min_side": 64, "max_side": 2048, "multiple_of": variant.family.size_multiple}
+        assert card["tasks"] == list(variant.tasks)
         assert card["default_size"] == "768x512"
-        images = 1 if variant.task == "edit" else 0
+        images = 1 if "edit" in variant.tasks else 0
         assert card["vram_planned_at"] == {"size": "768x512", "input_images": images}
         assert card["vram_gib"]["model"] == estimate_vram(variant, "model", 768, 512, images).peak_gib
         assert "pools" not in card and "replicas" not in card  # placement stays with internals

@@ -36,10 +36,10 @@ def recording_router(**limits) -> tuple[Router, list]:
     router.quotas = KeyQuotas(KeyLimits(cost_per_minute=1e-9, burst_cost=BUCKET), clock=lambda: 0.0)
     dispatched = []
 
-    async def dispatch(variants, request, size):
+    async def dispatch(variants, request, size):  # the request's events, as the route's replica would send them
         dispatched.append(request)
-        return ImageResult(images=[], seeds=[], variant=variants[0].id, width=size[0], height=size[1],
-                           num_inference_steps=2, created=0)
+        yield ImageResult(images=[], seeds=[], variant=variants[0].id, width=size[0], height=size[1],
+                          num_inference_steps=2, created=0)
 
     router._dispatch = dispatch
     return router, dispatched

@@ -142,28 +142,25 @@ def test_mixed_requests_queued_together_run_grouped_by_variant(swap_replica, png
     assert replica.arbiter.swaps == 1
 
 
-class _Queue:
-    """What the arbiter reads of a member's batch queue."""
-
-    def __init__(self) -> None:
-        self.age: float | None = None
-
-    def oldest_age(self) -> float | None:
-        return self.age
-
-
 class _Member:
-    """A member replica reduced to what the arbiter touches: its variant, queue, engine and worker."""
+    """A member replica reduced to what the arbiter uses of ModelReplica's public face: its variant, engine,
+    queue age and worker thread."""
 
     def __init__(self, variant_id: str, log: list[str]) -> None:
         from concurrent.futures import ThreadPoolExecutor
         from types import SimpleNamespace
 
         self.variant = SimpleNamespace(id=variant_id)
-        self._batches = _Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1)
+        self.queued_age: float | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1)
         self.engine = SimpleNamespace(park=lambda: log.append(f"park {variant_id}") or 0,
                                       unpark=lambda: log.append(f"unpark {variant_id}") or 10)
+
+    async def on_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def oldest_queued_age(self) -> float | None:
+        return self.queued_age
 
 
 def test_with_no_turn_length_the_arbiter_serves_batches_first_come_first_served():
@@ -190,7 +187,7 @@ def test_with_no_turn_length_the_arbiter_serves_batches_first_come_first_served(
     assert [(s[0], s[1], s[3]) for s in swaps] == [("a", "b", 10), ("b", "a", 10)]
     assert arbiter.swaps == 2
     for member in members.values():
-        member._executor.shutdown()
+        member.executor.shutdown()
 
 
 def test_the_arbiter_holds_the_gpu_for_a_resident_member_whose_next_batch_is_still_forming():
@@ -199,21 +196,21 @@ def test_the_arbiter_holds_the_gpu_for_a_resident_member_whose_next_batch_is_sti
     log: list[str] = []
     members = {"a": _Member("a", log), "b": _Member("b", log)}
     arbiter = GpuArbiter(members, max_wait_s=60.0, co_resident=False)
-    members["a"]._batches.age = 0.5  # a's queue holds a request, its batch not formed yet
+    members["a"].queued_age = 0.5  # a's queue holds a request, its batch not formed yet
 
     async def scenario():
         job = Job(generate(), 64, 64, 2)
         waiting = asyncio.ensure_future(_enter(arbiter, members["b"], job))
         await asyncio.sleep(0.01)
         assert not waiting.done()  # b waits: a keeps its turn
-        members["a"]._batches.age = None
+        members["a"].queued_age = None
         await _enter(arbiter, members["a"], Job(generate(), 64, 64, 2))
         await waiting
 
     asyncio.run(scenario())
     assert log == ["park a", "unpark b"]
     for member in members.values():
-        member._executor.shutdown()
+        member.executor.shutdown()
 
 
 async def _enter(arbiter, member, job):
@@ -233,5 +230,5 @@ def test_a_co_resident_group_never_swaps():
     asyncio.run(scenario())
     assert arbiter.swaps == 0 and log == []
     for member in members.values():
-        member._executor.shutdown()
+        member.executor.shutdown()
 

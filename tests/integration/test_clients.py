@@ -30,6 +30,32 @@ def test_openai_client_edits_one_and_two_images(openai_client, png_file):
     assert two.model_extra["model"] == "qwen-image-edit-2509" and len(two.data) == 1
 
 
+def test_qwen_image_21_generates_and_edits_from_one_deployment_through_the_openai_client(openai_client, png_file):
+    """One variant, one deployment, both routes: the family record (serve_app/domain/families.py) says
+    Qwen-Image-2.1 serves generate and edit, and the router sends both to its one deployment."""
+    made = openai_client.images.generate(model="qwen-image-2.1", prompt="a lighthouse", size="64x96",
+                                         extra_body={"seed": 7, "num_inference_steps": 2})
+    assert made.model_extra["model"] == "qwen-image-2.1" and made.model_extra["seeds"] == [7]
+    assert Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json))).size == (64, 96)
+    edited = openai_client.images.edit(model="qwen-image-2.1", image=png_file((255, 0, 0)), prompt="make it blue",
+                                       size="64x64", extra_body={"seed": 1, "num_inference_steps": 2})
+    assert edited.model_extra["model"] == "qwen-image-2.1"
+    assert Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))).mode == "RGB"
+    from ray import serve
+
+    deployments = serve.status().applications["imageserve"].deployments
+    assert [name for name in deployments if "qwen-image-2.1" in name] == ["image-qwen-image-2.1"]
+    assert made.model_extra["replica"] == edited.model_extra["replica"]  # its one replica made both
+    # Sizes in its pipeline's multiple (32), and its own CFG knob: a generation's guidance_scale is refused.
+    import openai
+
+    with pytest.raises(openai.UnprocessableEntityError, match="multiples of 32"):
+        openai_client.images.generate(model="qwen-image-2.1", prompt="x", size="80x80")
+    with pytest.raises(openai.BadRequestError, match="takes no guidance_scale"):
+        openai_client.images.generate(model="qwen-image-2.1", prompt="x", size="64x64",
+                                      extra_body={"guidance_scale": 2.0})
+
+
 def test_openai_client_sees_errors(openai_client):
     import openai
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.model_replica import GenerationReplica
+from deployments.model_replica import ModelReplica
 from serve_app.builder import BuilderArgs, build_app
 from serve_app.domain.config import ConfigError, parse_config
 from serve_app.domain.specs import resolve_application
@@ -32,7 +32,7 @@ def test_builder_refuses_an_empty_model_list():
 
 def replica_options(config_data):
     (spec,) = resolve_application(parse_config(config_data)).replicas
-    return GenerationReplica.serve_options(spec)
+    return ModelReplica.serve_options(spec)
 
 
 def test_serve_options_map_config_to_ray():

@@ -13,7 +13,7 @@ import yaml
 
 from serve_app.domain.config import parse_config
 from serve_app.download import DownloadError, check_free_space, needs
-from serve_app.engines.base import pipeline_folders
+from serve_app.engines.loading import pipeline_folders
 from tests.serve_app.hub_server import FakeHub, Repo
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,8 @@ from fastapi.testclient import TestClient
 
 from serve_app.api_keys import KeyRing
 from serve_app.domain.specs import HttpSpec, key_digest
-from serve_app.openai_api import ApiKeyMiddleware, BodyLimitMiddleware, create_api
+from serve_app.openai_api.middlewares import ApiKeyMiddleware, BodyLimitMiddleware
+from serve_app.openai_api.routes import create_api
 
 
 def app_with(middleware, **kwargs):
@@ -55,7 +56,7 @@ def test_body_limit_refuses_declared_and_streamed_bodies():
 
 def create_api_without_service():
     """The app with no service behind it, for what it answers on its own (schema, refusals)."""
-    from serve_app.openai_api import create_api
+    from serve_app.openai_api.routes import create_api
 
     class NoService:
         def record_error(self, task: str, reason: str) -> None:
@@ -213,7 +214,7 @@ def test_a_body_that_arrived_is_not_timed_afterwards():
 
 def edit_form_client(**http) -> TestClient:
     from serve_app.domain.specs import HttpSpec
-    from serve_app.openai_api import create_api
+    from serve_app.openai_api.routes import create_api
 
     class EditsRefusedBeforeTheService:
         def record_error(self, task: str, reason: str) -> None:
@@ -297,7 +298,7 @@ def test_a_silent_stream_gets_keep_alive_comments_and_a_late_error_becomes_an_er
 
     from serve_app.domain.errors import ReplicaOutOfMemoryError
     from serve_app.domain.schemas import GenerateRequest, PartialImage, StreamAccepted
-    from serve_app.openai_api import event_stream
+    from serve_app.openai_api.sse import event_stream
 
     request = GenerateRequest(prompt="x", size="64x64", stream=True, partial_images=1)
     error = ReplicaOutOfMemoryError("ran out of memory", retry_after_s=2)
@@ -332,7 +333,7 @@ def test_a_refusal_before_the_first_event_raises_so_it_is_answered_as_json():
 
     from serve_app.domain.errors import RateLimitedError
     from serve_app.domain.schemas import GenerateRequest
-    from serve_app.openai_api import event_stream
+    from serve_app.openai_api.sse import event_stream
 
     async def refused():
         raise RateLimitedError("over this key's limit", retry_after_s=3)
@@ -423,7 +424,7 @@ def router_behind_http(monkeypatch, show_internals: bool):
     from deployments.router import Router
     from serve_app.domain.config import parse_config
     from serve_app.domain.specs import resolve_application
-    from serve_app.openai_api import create_api
+    from serve_app.openai_api.routes import create_api
 
     monkeypatch.setattr(router_module, "REPLICA_COUNT_TTL_S", 3600)  # the background refresh reads once
     config = parse_config({
@@ -480,7 +481,7 @@ def test_a_caller_who_leaves_a_stream_closes_its_events_without_an_error(caplog)
     import logging
 
     from serve_app.domain.schemas import GenerateRequest, StreamAccepted
-    from serve_app.openai_api import event_stream
+    from serve_app.openai_api.sse import event_stream
 
     async def run():
         waiting_for_the_replica = asyncio.Event()
@@ -553,7 +554,7 @@ def test_a_streams_clean_up_finishes_inside_the_cancel_scope_of_a_client_that_le
 
     import anyio
 
-    from serve_app.openai_api import _close
+    from serve_app.openai_api.sse import _close
 
     async def run() -> list[str]:
         closed = []

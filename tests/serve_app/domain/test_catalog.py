@@ -49,7 +49,7 @@ def test_gpu_four_bit_support_follows_nunchaku_rules(catalog):
 
 def test_aliases_prefer_the_same_named_variant(catalog):
     assert catalog.candidates("z-image-turbo")[0].id == "z-image-turbo"
-    assert {v.task for v in catalog.candidates("qwen-image-edit")} == {"edit"}
+    assert {v.tasks for v in catalog.candidates("qwen-image-edit")} == {("edit",)}
     assert catalog.candidates("qwen-image-edit-2509")[0].id == "qwen-image-edit-2509"
 
 
@@ -140,7 +140,7 @@ def test_variant_task_must_match_its_pipeline():
                        "vae": "flux-vae-16ch"},
         "defaults": {"num_inference_steps": 8},
     }]}
-    with pytest.raises(ValidationError, match="serves task 'generate'"):
+    with pytest.raises(ValidationError, match="pipeline ZImagePipeline serves generate, not edit"):
         build_catalog(bad)
 
 

@@ -20,7 +20,7 @@ def test_one_replica_spec_per_variant_and_pool_with_its_route():
                      "edit-qwen-image-edit-2509-svdq-int4-r128-lightning-4step@a4500",
                      "edit-qwen-image-edit-2511@a100"]
     spec = next(r for r in app.replicas if r.name == "edit-qwen-image-edit-2511@a100")
-    assert spec.task == "edit" and spec.uses_gpu
+    assert spec.tasks == ("edit",) and spec.uses_gpu
     assert (spec.pool.name, spec.pool.gpu.id, spec.pool.offload_mode) == ("a100", "a100-80g", "none")
     assert spec.engine.source == "/models/2511" and spec.engine.offload_modes == ("none", "model")
     assert spec.node_requirements == {"resources": {"gpu_class:a100-80g": 0.01}}
@@ -83,5 +83,8 @@ def test_nothing_to_serve_is_a_config_error():
 
 
 def test_deployment_names_are_stable():
-    assert deployment_name("generate", "z-image-turbo") == "gen-z-image-turbo"
-    assert deployment_name("edit", "qwen-image-edit-2511", "a100-80g") == "edit-qwen-image-edit-2511@a100-80g"
+    from serve_app.domain.catalog import default_catalog
+
+    catalog = default_catalog()
+    assert deployment_name(catalog.variant("z-image-turbo")) == "gen-z-image-turbo"
+    assert deployment_name(catalog.variant("qwen-image-edit-2511"), "a100-80g") == "edit-qwen-image-edit-2511@a100-80g"

@@ -99,7 +99,7 @@ def test_an_attention_backend_stays_with_its_own_transformer(tiny_models, load_e
 def test_a_transformer_whose_attention_takes_no_backend_is_refused_at_load(tiny_models):
     """nunchaku's attention modules are plain nn.Modules: diffusers' set_attention_backend changes nothing there,
     which was logged as applied."""
-    from serve_app.engines.base import set_attention_backend
+    from serve_app.engines.optimizations import set_attention_backend
     from serve_app.engines.random_weights import z_image_pipeline
 
     transformer = z_image_pipeline("tiny").transformer
@@ -146,7 +146,7 @@ def test_per_block_offload_excludes_the_transformer_on_this_pipeline_only():
     offload needs an accelerator, so the call ends in an error here; the exclusion must not leak to the class."""
     from diffusers import QwenImageEditPlusPipeline
 
-    from serve_app.engines.base import apply_offload
+    from serve_app.engines.loading import apply_offload
     from serve_app.engines.random_weights import qwen_image_edit_pipeline
 
     pipe, other = qwen_image_edit_pipeline("tiny"), qwen_image_edit_pipeline("tiny")
@@ -162,7 +162,7 @@ def test_per_block_offload_excludes_the_transformer_on_this_pipeline_only():
 def test_per_block_offload_of_a_transformer_without_set_offload_is_refused_by_name():
     """nunchaku's Z-Image transformer has no ``set_offload`` in any release: a catalog entry that asks for it
     fails its load with the fix, not an AttributeError."""
-    from serve_app.engines.base import apply_offload
+    from serve_app.engines.loading import apply_offload
     from serve_app.engines.random_weights import z_image_pipeline
 
     with pytest.raises(ModelLoadError, match="no per-block offload .*per_block_offload: false"):
@@ -172,7 +172,7 @@ def test_per_block_offload_of_a_transformer_without_set_offload_is_refused_by_na
 def test_turing_runs_float16_and_refuses_bfloat16():
     """sm_75 has no bfloat16: nunchaku's int4 kernels run float16 there."""
     from serve_app.domain.catalog import GPUClass
-    from serve_app.engines.base import compute_dtype
+    from serve_app.engines.hardware import compute_dtype
 
     t4 = GPUClass(id="t4", name="T4", compute_capability="7.5", architecture="Turing", vram_gib=16)
     a4500 = GPUClass(id="a", name="RTX A4500", compute_capability="8.6", architecture="Ampere", vram_gib=20)

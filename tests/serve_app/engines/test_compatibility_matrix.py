@@ -24,8 +24,8 @@ from serve_app.domain.schemas import EditRequest, GenerateRequest, LoraRequest
 from serve_app.domain.specs import engine_spec
 from serve_app.embedded import tiny_model_config
 from serve_app.engines import engine_class
-from serve_app.engines.base import LoadTarget
 from serve_app.engines.host_copies import HostCopies
+from serve_app.engines.loading import LoadTarget
 from serve_app.engines.protocol import GenerationCancelled, Job
 from serve_app.engines.random_weights import build_tiny_lora, tiny_checkpoint
 
@@ -99,7 +99,7 @@ def load(config, variant, catalog):
 
 def request(variant, png, seed: int, lora: str | None):
     chosen = LoraRequest(name=lora, scale=0.8) if lora else None
-    if variant.task == "generate":
+    if variant.tasks == ("generate",):
         return GenerateRequest(prompt="a lighthouse at dusk", seed=seed, lora=chosen)
     # CFG (two transformer calls a step) where the variant runs it; Lightning variants are distilled without.
     cfg = {} if variant.lightning_steps else {"negative_prompt": "blurry", "true_cfg_scale": 4.0}

@@ -15,7 +15,7 @@ from serve_app.domain.schemas import EditRequest, GenerateRequest
 from serve_app.domain.specs import engine_spec
 from serve_app.embedded import tiny_model_config
 from serve_app.engines import load_engine
-from serve_app.engines.base import fp8_placement, fp8_quantization, holds_fp8_weights
+from serve_app.engines.loading import fp8_placement, fp8_quantization, holds_fp8_weights
 from serve_app.engines.protocol import Job, ModelLoadError
 
 pytest.importorskip("torchao")

@@ -18,7 +18,7 @@ from PIL import Image
 from serve_app.domain.config import parse_config
 from serve_app.domain.images import image_size
 from serve_app.domain.specs import engine_spec
-from serve_app.engines.base import LoadTarget
+from serve_app.engines.loading import LoadTarget
 from serve_app.engines.nunchaku_support import NunchakuIncompatibleError, fit_to_diffusers, nunchaku_status
 
 RELEASES = Path(__file__).with_name("nunchaku_releases")
@@ -44,7 +44,7 @@ def four_bit_spec(tiny_models, catalog, tmp_path, variant_id):
     shutil.copytree(checkpoint / "transformer", folder)
     shutil.copy(folder / "diffusion_pytorch_model.safetensors", folder / variant.source.transformer_file)
     model = {"source": str(checkpoint), "transformer_source": str(folder)}
-    if variant.task == "edit":
+    if "edit" in variant.tasks:
         model.update(edit_vae_image_area=64 * 64, edit_condition_image_area=56 * 56)
     config = parse_config({"device": {"device": "cpu"}, "models": {variant_id: model}})
     return engine_spec(config, variant, catalog)

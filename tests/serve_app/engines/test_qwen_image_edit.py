@@ -10,7 +10,7 @@ from serve_app.domain.config import parse_config
 from serve_app.domain.errors import BadImageError
 from serve_app.domain.images import image_size, to_uint8
 from serve_app.domain.schemas import EditRequest
-from serve_app.engines.base import set_channels_last
+from serve_app.engines.optimizations import set_channels_last
 from serve_app.engines.protocol import ImageEngine, Job
 from serve_app.engines.qwen_image_edit import input_image_areas
 
