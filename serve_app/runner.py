@@ -80,6 +80,7 @@ SERVE_RECONNECT_NOTICE = "Connecting to existing Serve app"
 # driver's graceful_shutdown call is still open, and Ray then prints that the call "failed ... will be retried" on
 # every clean stop.
 QUIET_SHUTDOWN_SYSTEM_CONFIG = {"enable_output_error_log_if_still_retry": False}
+SLOW_STARTUP_ENV = "RAY_SERVE_SLOW_STARTUP_WARNING_S"
 PROBE_ACCESS_LINE = re.compile(r"\b(GET|HEAD) \S*/(readyz|healthz) \d{3} ")
 
 
@@ -276,6 +277,7 @@ class LocalService(PrivateRayCluster):
         self.auth_token_path: str | None = None
         self.gcs_address: str | None = None
         self.started = False
+        self.start_timeout_s = 300.0
 
     @property
     def url(self) -> str:
@@ -287,6 +289,7 @@ class LocalService(PrivateRayCluster):
 
         if self.quiet:  # this driver's own Serve notices ("Started Serve", "... is ready at"): the caller says it
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        self.start_timeout_s = timeout_s
         self.start_ray()
         if after_ray_init is not None:
             after_ray_init()
@@ -301,8 +304,6 @@ class LocalService(PrivateRayCluster):
 
     def start_ray(self) -> str:
         """Start the private, token-locked Ray cluster (no Serve yet); returns its GCS address."""
-        import ray
-
         # Short path: Ray's unix sockets live under it and must stay under ~100 characters.
         self.tmpdir = tempfile.mkdtemp(prefix="isv-ray-", dir="/tmp")
         os.environ["RAY_TMPDIR"] = self.tmpdir
@@ -319,7 +320,28 @@ class LocalService(PrivateRayCluster):
             runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_worker_logs"
             if not uses_torchao(self.config):
                 runtime_env["env_vars"][QUIET_TORCHAO_ENV] = "1"
-        context = ray.init(
+        # Serve's controller warns every 30 s of a replica still starting (Ray 2.60 deployment_state.py,
+        # SLOW_STARTUP_WARNING_S), which on a CPU start of the embedded default's four replicas, or while 20B weights
+        # load from disk, says only what this runner says by waiting for /readyz. Quiet, it warns once a replica has
+        # taken longer than the start is given. The raylet, and so the controller, take the environment of ray.init.
+        previous = os.environ.get(SLOW_STARTUP_ENV)
+        if self.quiet:
+            os.environ[SLOW_STARTUP_ENV] = str(int(self.start_timeout_s))
+        try:
+            context = self._init_ray(system_config, runtime_env)
+        finally:
+            if previous is None:
+                os.environ.pop(SLOW_STARTUP_ENV, None)
+            else:
+                os.environ[SLOW_STARTUP_ENV] = previous
+        self.started = True
+        self.gcs_address = context.address_info["gcs_address"]
+        return self.gcs_address
+
+    def _init_ray(self, system_config: dict[str, Any], runtime_env: dict[str, Any]):
+        import ray
+
+        return ray.init(
             address="local",
             _temp_dir=self.tmpdir,
             num_cpus=self.num_cpus,
@@ -329,9 +351,6 @@ class LocalService(PrivateRayCluster):
             _system_config=system_config,
             runtime_env=runtime_env,
         )
-        self.started = True
-        self.gcs_address = context.address_info["gcs_address"]
-        return self.gcs_address
 
     def add_application(self, config: AppConfig, route_prefix: str, loaders: dict[str, Any] | None = None,
                         timeout_s: float = 300) -> None:

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serve_app.embedded import EMBEDDED_VARIANTS
+
 pytestmark = pytest.mark.integration
 
 
@@ -199,7 +201,7 @@ def test_healthz_readyz_and_openapi(http):
     ready = http.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["status"] == "ready"
-    assert set(ready.json()["replicas"]) == {"z-image-turbo", "qwen-image-edit-2509", "qwen-image-edit-2511"}
+    assert set(ready.json()["replicas"]) == set(EMBEDDED_VARIANTS)
     assert all(count >= 1 for count in ready.json()["replicas"].values())
     schema = http.get("/openapi.json").json()
     assert {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/healthz", "/readyz"} <= set(schema["paths"])

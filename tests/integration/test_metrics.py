@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve_app.embedded import EMBEDDED_VARIANTS
 from serve_app.runner import free_port
 
 pytestmark = pytest.mark.integration
@@ -145,14 +146,13 @@ def test_memory_series_have_the_right_labels_and_no_invented_gpu_numbers(prometh
     while time.monotonic() < deadline and not seen(prometheus, "ray_imageserve_host_rss_bytes"):
         time.sleep(1)
     rss = seen(prometheus, "ray_imageserve_host_rss_bytes")
-    assert {r["metric"]["variant"] for r in rss} == {"z-image-turbo", "qwen-image-edit-2509", "qwen-image-edit-2511"}
+    assert {r["metric"]["variant"] for r in rss} == set(EMBEDDED_VARIANTS)
     for series in rss:
         assert {"task", "variant", "gpu_class", "pool"} <= set(series["metric"])
         assert float(series["value"][1]) > 100e6
     # Ray adds the `replica` tag itself; under full-suite load one series was seen without it
     # (open question, issue 7's note), so it is required per variant, not on every series.
-    assert {r["metric"]["variant"] for r in rss if "replica" in r["metric"]} == {
-        "z-image-turbo", "qwen-image-edit-2509", "qwen-image-edit-2511"}
+    assert {r["metric"]["variant"] for r in rss if "replica" in r["metric"]} == set(EMBEDDED_VARIANTS)
     info = seen(prometheus, "ray_imageserve_replica_info")
     assert {r["metric"]["device"] for r in info} == {"cpu"}
     assert seen(prometheus, "ray_imageserve_gpu_memory_bytes") == []  # no CUDA here: absent, not zero
