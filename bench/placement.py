@@ -36,7 +36,8 @@ import random
 import sys
 from dataclasses import dataclass
 
-from serve_app.domain.config import load_fleet, parse_config
+from serve_app.domain.config import parse_config
+from serve_app.domain.config_files import load_fleet
 from serve_app.domain.placement import place
 from serve_app.domain.routing import Route, RoutingTable
 from serve_app.examples import EXAMPLE_FLEET

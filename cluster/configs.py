@@ -32,7 +32,8 @@ import yaml
 from serve_app import __version__
 from serve_app.api_keys import KEY_ID_SECRET_ENV
 from serve_app.domain.catalog import Catalog
-from serve_app.domain.config import FleetConfig, imageserve_args, load_fleet, parse_config
+from serve_app.domain.config import FleetConfig, parse_config
+from serve_app.domain.config_files import imageserve_args, load_fleet
 from serve_app.domain.placement import node_labels, node_resources
 from serve_app.proxy_guard import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from serve_app.runner import worker_env

@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from serve_app.domain.config import AppConfig, FleetConfig, load_fleet, parse_config
+from serve_app.domain.config import AppConfig, FleetConfig, parse_config
+from serve_app.domain.config_files import load_fleet
 from serve_app.domain.placement import node_labels, node_resources
 from serve_app.embedded import embedded_config_data, tiny_loaders, tiny_model_config
 from serve_app.engines import EngineLoader

@@ -19,6 +19,7 @@ import threading
 
 from serve_app.domain import errors
 from serve_app.domain.catalog import GIB
+from serve_app.domain.schemas import StageTimings
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600]
 STEP_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5]
@@ -89,7 +90,7 @@ class ReplicaMetrics:
         self._info_tags = {**self.tags, "device": self.device, "offload_mode": offload_mode}
         self.info.set(1, tags=self._info_tags)
 
-    def observe(self, timings: dict[str, float], queue_s: float, steps: int, images: int,
+    def observe(self, timings: StageTimings, queue_s: float, steps: int, images: int,
                 denoised_images: int) -> None:
         """One finished request. ``denoised_images``: images whose denoising ``denoise_s`` covers
         (a whole batch shares one denoising time; ``n`` edit outputs add theirs up)."""

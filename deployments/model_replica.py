@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from ray import serve
 from ray.serve import Application
@@ -55,7 +55,14 @@ from serve_app.domain.shapes import PIXELS_PER_TOKEN
 from serve_app.domain.shapes import image_tokens as image_tokens_of
 from serve_app.domain.specs import ReplicaSpec
 from serve_app.engines import EngineLoader, load_engine
-from serve_app.engines.protocol import EngineResult, GenerationCancelled, Job
+from serve_app.engines.protocol import (
+    DeviceFault,
+    EngineOutOfMemory,
+    EngineResult,
+    GenerationCancelled,
+    Job,
+    engine_failure,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,24 +120,35 @@ def pool_mismatch(pool_gpu: GPUClass, got: GPUClass | None) -> str | None:
             f"{got.name} (sm_{got.sm}, {got.vram_gib:g} GiB); check the pool's node markers")
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    import torch
-
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _is_cuda_fault(err: BaseException) -> bool:
-    """A CUDA error that leaves the context unusable (illegal access, device-side assert, ECC...)."""
-    text = str(err)
-    return "CUDA error" in text or "device-side assert" in text
-
-
 def _release_memory() -> None:
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class ReplicaInfo(TypedDict):
+    """``ModelReplica.info``: how the engine loaded, where the replica runs, and its state now."""
+
+    variant: str
+    replica: str | None
+    device: str
+    gpu_class: str | None
+    torch_dtype: str
+    offload_mode: str
+    load_seconds: float
+    warmup_seconds: float | None
+    host_rss_bytes: int | None
+    planned_peak_vram_gib: float | None
+    pool: str | None
+    node_gpu_class: str | None
+    fits_node: bool | None
+    unhealthy: str | None
+    last_cancelled: str | None
+    loras_loaded: list[str]
+    queued: int
+    running: int
 
 
 class ModelReplica:
@@ -264,7 +282,8 @@ class ModelReplica:
         # Serve calls __del__ when it stops a replica; a constructor that raised leaves some attributes unset.
         self.shutdown()
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> ReplicaInfo:
+        """What this replica loaded and how, and what it holds now (for operators and tests)."""
         info = self.engine.info
         return {
             "variant": self.variant.id,
@@ -282,7 +301,7 @@ class ModelReplica:
             "fits_node": self.fits_node,
             "unhealthy": self._unhealthy,
             "last_cancelled": self.last_cancelled,
-            "loras_loaded": self.engine.adapters.loaded if getattr(self.engine, "adapters", None) else [],
+            "loras_loaded": list(self.engine.lora_state().loaded),
             "queued": self._batches.pending(),
             "running": len(self._running),
         }
@@ -392,25 +411,20 @@ class ModelReplica:
 
     def _run_in_worker(self, jobs: list[Job]) -> list[_Made]:
         """The engine call, and what it measured: stages, each job's queue wait, the memory peak."""
-        import torch
-
         started = time.perf_counter()
-        cuda = self.engine.info.device == "cuda" and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        adapters = getattr(self.engine, "adapters", None)
-        lora_counts = dict(adapters.counts) if adapters is not None else {}
+        self.engine.reset_peak_memory()
+        before = self.engine.lora_state().uses
         results = self.engine.run(jobs, should_stop=lambda: all(job.cancelled.is_set() for job in jobs))
-        for outcome, before in lora_counts.items():
-            if adapters.counts[outcome] > before:
-                self.metrics.lora_used(outcome, adapters.counts[outcome] - before)
+        for outcome, uses in self.engine.lora_state().uses.items():
+            if uses > before.get(outcome, 0):
+                self.metrics.lora_used(outcome, uses - before.get(outcome, 0))
         first, batch_images = jobs[0], results[0].batch_images
         info = self.engine.info
         planned = estimate_vram(self.variant, info.offload_mode, first.width, first.height,
                                 first.request.num_input_images, info.torch_dtype, self.spec.engine.planner,
                                 batch_images).peak_gib
         self.metrics.vram_peak(shape_label(first.width, first.height, first.request.num_input_images), planned,
-                               torch.cuda.max_memory_allocated() if cuda else None)
+                               self.engine.peak_memory_bytes())
         self.metrics.pipeline_call(batch_images)
         answers = []
         for job, result in zip(jobs, results, strict=True):
@@ -458,19 +472,17 @@ class ModelReplica:
         )
 
     def _classify(self, err: Exception) -> Exception:
-        """The error a caller should see for a failure inside the engine call."""
+        """The error a caller should see for a failure inside the engine call (the engine's typed failures,
+        ``engine_failure``, for a raw one raised around its pipeline call)."""
+        err = engine_failure(err)
         if isinstance(err, GenerationCancelled):
             self.last_cancelled = str(err)
             return RequestCancelledError(str(err))
-        # Out of memory first: nunchaku reports it as "CUDA error: out of memory", which is no fault
-        # of the CUDA context, and the replica serves on once the memory is freed.
-        if isinstance(err, (RuntimeError, MemoryError)) and _is_out_of_memory(err):
+        if isinstance(err, EngineOutOfMemory):  # the replica serves on once the memory is freed
             where = self.node_gpu.name if self.node_gpu else self.engine.info.device
             return ReplicaOutOfMemoryError(
-                f"{self.variant.id} ran out of memory on {where} ({type(err).__name__}); the memory was released",
-                retry_after_s=2,
-            )
-        if isinstance(err, RuntimeError) and _is_cuda_fault(err):
+                f"{self.variant.id} ran out of memory on {where}; the memory was released", retry_after_s=2)
+        if isinstance(err, DeviceFault):
             # The CUDA context is gone: fail health checks so Serve replaces this replica.
             self._unhealthy = f"CUDA fault, replica must be replaced: {str(err)[:200]}"
             logger.error("%s: %s", self.variant.id, self._unhealthy)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,9 +45,12 @@ from serve_app.domain.planner import OFFLOAD_MODES, estimate_vram, plan
 from serve_app.domain.quotas import Admission, KeyQuotas
 from serve_app.domain.routing import Route, RoutingTable
 from serve_app.domain.schemas import (
+    MAX_SEED,
+    AliasCard,
     EditRequest,
     GenerateRequest,
     ImageResult,
+    ModelCard,
     PartialImage,
     StreamAccepted,
 )
@@ -182,6 +186,7 @@ class Router:
             variants, size, cost = self._checked(task, request)
             variant_id = variants[0].id
             request, decode_cost, admission = await self._admitted(key_id, request, cost)
+            request = self.seeded(request)
             try:
                 async for event in self._dispatch(variants, request, size):
                     if isinstance(event, ImageResult):
@@ -379,7 +384,7 @@ class Router:
                                          "gpu_class": route.gpu_class or "unknown"})
         previewed = False
         try:
-            async for event in self._call(variant, route, request, size):
+            async for event in self._call(variant, route, self.with_steps(request, variant), size):
                 previewed |= isinstance(event, PartialImage)
                 yield event
         except ReplicaOutOfMemoryError as oom:
@@ -388,7 +393,7 @@ class Router:
                 why = "its previews were already sent" if previewed else f"no pool with more memory serves {variant.id}"
                 raise ReplicaOutOfMemoryError(f"{oom.message}; {why}", retry_after_s=oom.retry_after_s) from None
             self._retrying(variant, route, retry[1], "oom")
-            async for event in self._call(*retry, request, size, accepted=True):
+            async for event in self._call(*retry, self.with_steps(request, retry[0]), size, accepted=True):
                 if isinstance(event, ImageResult):
                     event.retried_from = route.pool
                 yield event
@@ -434,6 +439,23 @@ class Router:
         finally:
             self.table.outstanding[route.deployment] -= 1
             self._queue_gauge(variant, route)
+
+    @staticmethod
+    def seeded(request: GenerateRequest | EditRequest) -> GenerateRequest | EditRequest:
+        """``request`` with its seed drawn here when it has none: a retry (on a larger GPU, or after a lost
+        replica) then makes the same images, and the seed the answer reports is the one that made them."""
+        if request.seed is not None:
+            return request
+        return request.model_copy(update={"seed": secrets.randbelow(MAX_SEED - request.n)})
+
+    @staticmethod
+    def with_steps(request: GenerateRequest | EditRequest, variant: ModelVariant) -> GenerateRequest | EditRequest:
+        """``request`` with the denoising steps ``variant`` runs it with (its own, its quality's, the variant's
+        default), resolved once for the variant the route serves: an alias may land on a variant whose default
+        differs, and the replica runs what it is sent."""
+        steps = variant.steps_for(request.num_inference_steps, request.quality)
+        return request if steps == request.num_inference_steps else request.model_copy(
+            update={"num_inference_steps": steps})
 
     def _retrying(self, variant: ModelVariant, route: Route, to: Route, reason: str) -> None:
         if reason == "oom":
@@ -482,7 +504,7 @@ class Router:
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
         return await asyncio.to_thread(fetch_node_metrics, node["MetricsExportPort"])
 
-    def _describe(self, variant: ModelVariant) -> dict[str, Any]:
+    def _describe(self, variant: ModelVariant) -> ModelCard:
         """A variant's model card: what the catalog and the planner say, the same for every caller."""
         # A request without a size gets the deployment's default (else the variant's): the VRAM figures are
         # planned at that size, with one input image for an edit, and the card says so.
@@ -510,6 +532,7 @@ class Router:
                 {"gpu_class": g.id, "offload_mode": p.mode, "peak_vram_gib": p.peak_vram_gib}
                 for g in self.catalog.gpus.values() if (p := plan(variant, g, w, h, images or None)).fits
             ],
+            "served": False,
         }
 
     def _read_replica_counts(self) -> dict[str, int]:
@@ -551,10 +574,10 @@ class Router:
         cluster) adds where each variant runs: its pools, deployments and running replicas, why an unserved one is
         not served (placement's reasons name pools and GPUs), and which pool each alias lands on."""
         counts = await self._running_replicas() if internals else {}
-        data = []
+        data: list[ModelCard | AliasCard] = []
         for vid, info in self._static_model_info.items():
             routes = self.table.routes.get(vid, [])
-            entry = dict(info)
+            entry = ModelCard(**info)
             entry["served"] = bool(routes)
             if internals:
                 entry["pools"] = [{"pool": r.pool, "gpu_class": r.gpu_class, "deployment": r.deployment,
@@ -571,11 +594,11 @@ class Router:
                 resolves_to = {r.pool: v.id for v, r in self.table.options(self.table.resolve(alias, task))}
             except ImageServeError:
                 resolves_to = None
-            entry = {"id": alias, "object": "model", "owned_by": "imageserve", "task": task,
-                     "alias_for": self.catalog.aliases[alias], "served": resolves_to is not None}
+            card = AliasCard(id=alias, object="model", owned_by="imageserve", task=task,
+                             alias_for=self.catalog.aliases[alias], served=resolves_to is not None)
             if internals:
-                entry["resolves_to"] = resolves_to
-            data.append(entry)
+                card["resolves_to"] = resolves_to
+            data.append(card)
         return {"object": "list", "data": data}
 
     async def readiness(self, internals: bool = True) -> dict[str, Any]:

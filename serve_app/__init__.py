@@ -4,7 +4,8 @@ The public API: ``build_app`` (``serve_app.builder``, the ``import_path`` of ser
 the types a Python handle caller sends and gets back, re-exported here.
 """
 
-from serve_app.domain.config import AppConfig, ConfigError, load_config
+from serve_app.domain.config import AppConfig, ConfigError
+from serve_app.domain.config_files import load_config
 from serve_app.domain.errors import (
     ImageServeError,
     InvalidRequestError,

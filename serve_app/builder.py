@@ -16,7 +16,8 @@ from ray.serve import Application
 
 from deployments.model_replica import build_replica
 from deployments.swap_replica import build_swap_replica
-from serve_app.domain.config import AppConfig, ConfigError, format_validation_error, load_config, parse_config
+from serve_app.domain.config import AppConfig, ConfigError, format_validation_error, parse_config
+from serve_app.domain.config_files import load_config
 from serve_app.domain.specs import resolve_application
 from serve_app.engines import EngineLoader
 from serve_app.openai_api.ingress import build_ingress

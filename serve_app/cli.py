@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TextIO
 
 from serve_app.domain.catalog import GPUClass
-from serve_app.domain.config import AppConfig, ConfigError, load_config, load_fleet, parse_config
+from serve_app.domain.config import AppConfig, ConfigError, parse_config
+from serve_app.domain.config_files import load_config, load_fleet
 from serve_app.domain.placement import plan_group_on
 from serve_app.domain.planner import OFFLOAD_MODES, Plan, plan_table
 from serve_app.domain.swapping import SwapPlan

@@ -1,4 +1,6 @@
-"""The one YAML configuration file, validated by pydantic.
+"""The one YAML configuration, validated by pydantic: the schema of every section, and ``parse_config`` /
+``parse_fleet`` for data already read. Reading the files is ``config_files``; the rules that span sections are
+``config_rules``.
 
 Errors name the bad key and what is allowed; unknown keys are errors, never ignored. The
 keys that users of the original planning documents already write (``device.enable_cpu_offload``,
@@ -7,13 +9,11 @@ keys that users of the original planning documents already write (``device.enabl
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from serve_app.domain.catalog import Catalog, build_catalog
@@ -532,46 +532,6 @@ def parse_config(data: dict[str, Any] | None, source: str = "config", check_comp
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def _read_mapping(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such {what} file") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return data or {}
-
-
-def imageserve_args(serve_config: dict[str, Any], source: str = "serve config") -> dict[str, Any]:
-    """The imageserve config inside a Ray Serve config file (its application built by ``serve_app.builder``)."""
-    for app in serve_config.get("applications") or []:
-        if str(app.get("import_path", "")).startswith("serve_app.builder:"):
-            config = (app.get("args") or {}).get("config")
-            if not isinstance(config, dict):
-                raise ConfigError(f"{source}: the imageserve application has no inline `args.config`")
-            return config
-    raise ConfigError(f"{source}: no application with import_path serve_app.builder:build_app")
-
-
-def load_config(path: str | os.PathLike, check_compatibility: bool = True) -> AppConfig:
-    """Read and validate an imageserve YAML config, or the imageserve application's config inside a
-    Ray Serve config file; relative local paths resolve against the file's folder."""
-    path = Path(path)
-    data = _read_mapping(path, "config")
-    if "applications" in data:
-        data = imageserve_args(data, str(path))
-    config = parse_config(data, str(path), check_compatibility)
-    for section, attrs in [*((m, ("source", "transformer_source", "lora_source")) for m in config.models.values()),
-                           *((lora, ("source",)) for lora in config.loras.values())]:
-        for attr in attrs:
-            value = getattr(section, attr)
-            if value and value.startswith((".", "~")):
-                setattr(section, attr, str((path.parent / Path(value).expanduser()).resolve()))
-    return config
-
-
 class FleetPool(PoolConfig):
     """A pool as a fleet file describes it: the serving settings of ``PoolConfig`` plus its nodes.
 
@@ -619,7 +579,3 @@ def parse_fleet(data: dict[str, Any] | None, source: str = "fleet") -> FleetConf
         raise ConfigError(format_validation_error(err, source, FleetConfig, "fleet")) from None
 
 
-def load_fleet(path: str | os.PathLike) -> FleetConfig:
-    """Read and validate a fleet file (a mapping with a ``pools:`` list)."""
-    path = Path(path)
-    return parse_fleet(_read_mapping(path, "fleet"), str(path))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from typing_extensions import TypedDict
 
 from serve_app.domain.images import OutputFormat
 
@@ -209,7 +210,7 @@ class ImagesResponse(BaseModel):
     seeds: list[int]
     num_inference_steps: int
     # Where and how it ran: absent when serving.show_internals is false (they show other callers' load).
-    timings: dict[str, float] | None = Field(default=None, description="Seconds per stage (queue_s, ...).")
+    timings: StageTimings | None = Field(default=None, description="Seconds per stage (queue_s, ...).")
     replica: str | None = None
     gpu_class: str | None = None
     pool: str | None = None
@@ -246,6 +247,19 @@ class PartialImage(BaseModel):
     height: int
 
 
+class StageTimings(TypedDict, total=False):
+    """Seconds of the pipeline call(s) that made a result, by stage, as the engine times them (docs/metrics.md):
+    the stages it wraps, the denoising (the rest of the call), the whole call, and what the replica adds."""
+
+    text_encode_s: float
+    vae_encode_s: float
+    vae_decode_s: float
+    lora_load_s: float  # a per-request LoRA loaded or hotswapped for this call
+    denoise_s: float
+    total_s: float
+    queue_s: float  # waiting in the replica's queue for a batch (the replica adds it)
+
+
 class ImageResult(BaseModel):
     """What a generate or edit call returns, through a handle or (as JSON) over HTTP."""
 
@@ -258,7 +272,7 @@ class ImageResult(BaseModel):
     width: int
     height: int
     num_inference_steps: int
-    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage and in total.")
+    timings: StageTimings = Field(default_factory=dict, description="Seconds per stage and in total.")
     replica: str | None = None
     gpu_class: str | None = Field(default=None, description="GPU class of the replica ('cpu' without one).")
     pool: str | None = Field(default=None, description="GPU pool whose replica served the request.")
@@ -294,3 +308,75 @@ class ImageResult(BaseModel):
             answer.update({"timings": self.timings, "replica": self.replica, "gpu_class": self.gpu_class,
                            "pool": self.pool, "retried_from": self.retried_from, "batch_images": self.batch_images})
         return answer
+
+
+# ---- model cards (GET /v1/models) ------------------------------------------------------------------------------
+
+
+class SizeRange(TypedDict):
+    min_side: int
+    max_side: int
+    multiple_of: int  # the pipeline family's (serve_app/domain/families.py)
+
+
+class PlannedAt(TypedDict):
+    size: str  # 'WIDTHxHEIGHT' the VRAM figures are planned at: the deployment's default size
+    input_images: int
+
+
+class GpuClassFit(TypedDict):
+    gpu_class: str
+    offload_mode: str
+    peak_vram_gib: float
+
+
+class PoolReplicas(TypedDict):
+    pool: str
+    gpu_class: str | None
+    deployment: str
+    replicas: int
+
+
+class _ModelCardInternals(TypedDict, total=False):
+    # Where it runs, shown only with serving.show_internals (other tenants' placement and load).
+    pools: list[PoolReplicas]
+    replicas: int
+    unavailable_reason: str
+
+
+class ModelCard(_ModelCardInternals):
+    """A variant as ``GET /v1/models`` lists it: what the catalog and the planner say, the same for every caller,
+    and whether this deployment serves it."""
+
+    id: str
+    object: Literal["model"]
+    owned_by: str
+    task: str  # its tasks joined by "+" ("generate+edit" for a family that does both)
+    tasks: list[str]
+    base_model: str
+    precision: str
+    svdq_rank: int | None
+    default_steps: int
+    max_input_images: int
+    size_range: SizeRange
+    default_size: str
+    loras: list[str]
+    vram_planned_at: PlannedAt
+    vram_gib: dict[str, float]  # offload mode -> planned peak
+    gpu_classes: list[GpuClassFit]
+    served: bool
+
+
+class _AliasCardInternals(TypedDict, total=False):
+    resolves_to: dict[str, str] | None  # pool -> the variant the alias lands on there
+
+
+class AliasCard(_AliasCardInternals):
+    """An alias as ``GET /v1/models`` lists it."""
+
+    id: str
+    object: Literal["model"]
+    owned_by: str
+    task: str
+    alias_for: list[str]
+    served: bool

@@ -30,7 +30,7 @@ import torch
 
 from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.errors import UnsupportedValueError
-from serve_app.domain.schemas import MAX_SEED, LoraRequest
+from serve_app.domain.schemas import MAX_SEED, LoraRequest, StageTimings
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines.host_copies import HostCopies
 from serve_app.engines.loading import (
@@ -48,7 +48,7 @@ from serve_app.engines.loras import LoraAdapters, lora_file
 from serve_app.engines.optimizations import apply_optimizations
 from serve_app.engines.pipeline_call import PipelineCall, StageTimer
 from serve_app.engines.previews import LatentPreviewer, fit_latent_rgb
-from serve_app.engines.protocol import EngineInfo, EngineResult, Job, ModelLoadError
+from serve_app.engines.protocol import EngineInfo, EngineResult, Job, LoraState, ModelLoadError, engine_failure
 from serve_app.engines.weights_io import prefetch, weight_files
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,24 @@ class DiffusersEngine:
         if self._host_copies is None:
             return 0
         return self._host_copies.restore(self.info.device)
+
+    def lora_state(self) -> LoraState:
+        """``ImageEngine.lora_state``."""
+        if self.adapters is None:
+            return LoraState()
+        return LoraState(tuple(self.adapters.loaded), dict(self.adapters.counts))
+
+    def _on_cuda(self) -> bool:
+        return self.info.device == "cuda" and torch.cuda.is_available()
+
+    def reset_peak_memory(self) -> None:
+        """``ImageEngine.reset_peak_memory``."""
+        if self._on_cuda():
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int | None:
+        """``ImageEngine.peak_memory_bytes``: torch's allocator peak on the device."""
+        return torch.cuda.max_memory_allocated() if self._on_cuda() else None
 
     def _skip_decode_once_stopped(self) -> None:
         """A stopped call ends before the VAE decode: diffusers decodes the latents even after an
@@ -306,7 +324,7 @@ class DiffusersEngine:
         ``call_pipeline(generator, on_step_end)`` runs the pipeline once and returns its images. The timings
         add up the calls."""
         outputs: list = []
-        timings: dict[str, float] = {}
+        timings: StageTimings = {}
         done = 0
         for seed in seeds:
             with self.pipeline_call(num_inference_steps, should_stop, on_step, lora) as call:
@@ -339,6 +357,10 @@ class DiffusersEngine:
                 with torch.inference_mode():
                     yield call
                 completed = not call.stopped
+            except (RuntimeError, MemoryError) as err:
+                if (typed := engine_failure(err)) is err:
+                    raise
+                raise typed from err
             finally:
                 self._call = None
                 if not completed:

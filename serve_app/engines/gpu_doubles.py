@@ -28,7 +28,7 @@ import torch
 from serve_app.domain.placement import VRAM_GIB_LABEL
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines import load_engine
-from serve_app.engines.protocol import EngineInfo, EngineResult, ImageEngine, Job
+from serve_app.engines.protocol import EngineInfo, EngineResult, ImageEngine, Job, LoraState
 
 OOM_TRIGGER = "test-double: out of memory"
 CUDA_FAULT_TRIGGER = "test-double: cuda fault"
@@ -60,6 +60,15 @@ class _Wrapper:
 
     def unpark(self) -> int:
         return self.engine.unpark()
+
+    def lora_state(self) -> LoraState:
+        return self.engine.lora_state()
+
+    def reset_peak_memory(self) -> None:
+        self.engine.reset_peak_memory()
+
+    def peak_memory_bytes(self) -> int | None:
+        return self.engine.peak_memory_bytes()
 
     def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
         return self.engine.run(jobs, should_stop)
@@ -165,6 +174,15 @@ class GpuTimingDouble:
     def unpark(self) -> int:
         time.sleep(self.unpark_seconds)
         return 0
+
+    def lora_state(self) -> LoraState:
+        return LoraState()
+
+    def reset_peak_memory(self) -> None:
+        return None
+
+    def peak_memory_bytes(self) -> int | None:
+        return None
 
     def image(self, width: int, height: int) -> np.ndarray:
         if (width, height) not in self._images:

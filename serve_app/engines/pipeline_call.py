@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.domain.schemas import StageTimings
 from serve_app.engines.protocol import GenerationCancelled
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ class StageTimer:
     """
 
     def __init__(self, pipe, synchronize: Callable[[], None] | None = None) -> None:
-        self.seconds: dict[str, float] = {}
+        self.seconds: StageTimings = {}
         self.synchronize = synchronize
         self._wrap(pipe, "encode_prompt", "text_encode_s")
         self._wrap(pipe.vae, "encode", "vae_encode_s")
@@ -56,7 +57,7 @@ class PipelineCall:
     on_step: Callable[[int, Any], None] | None = None  # (step, latents after it), e.g. ``LatentPreviewer``
     steps_done: int = 0
     stopped: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: StageTimings = field(default_factory=dict)
 
     def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         self.steps_done = step + 1

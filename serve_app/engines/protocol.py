@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -20,7 +20,7 @@ from PIL import Image
 
 from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.planner import OffloadMode
-from serve_app.domain.schemas import EditRequest, GenerateRequest
+from serve_app.domain.schemas import EditRequest, GenerateRequest, StageTimings
 
 
 class ModelLoadError(RuntimeError):
@@ -33,6 +33,34 @@ class IncompatibleHardwareError(ModelLoadError):
 
 class GenerationCancelled(RuntimeError):
     """Every caller of a pipeline call went away; denoising stopped early and no image is returned."""
+
+
+class EngineOutOfMemory(RuntimeError):
+    """The device ran out of memory during a call. The engine is intact: once the failed call's tensors are
+    released, the next call can run."""
+
+
+class DeviceFault(RuntimeError):
+    """A device error that leaves the CUDA context unusable (an illegal access, a device-side assert, ECC): no
+    call can run in this process again."""
+
+
+def engine_failure(err: BaseException) -> BaseException:
+    """What a raw failure of an engine call is: ``EngineOutOfMemory``, ``DeviceFault``, or ``err`` itself.
+
+    Out of memory first: torch raises ``torch.OutOfMemoryError``, and nunchaku words it "CUDA error: out of
+    memory", which is no fault of the CUDA context. Any other "CUDA error" (or a device-side assert) is one.
+    """
+    if isinstance(err, (EngineOutOfMemory, DeviceFault)) or not isinstance(err, (RuntimeError, MemoryError)):
+        return err
+    import torch
+
+    text = str(err)
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return EngineOutOfMemory(text)
+    if isinstance(err, RuntimeError) and ("CUDA error" in text or "device-side assert" in text):
+        return DeviceFault(text)
+    return err
 
 
 @dataclass
@@ -76,7 +104,7 @@ class EngineResult:
 
     images: list[np.ndarray | Image.Image]
     seeds: list[int]
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: StageTimings = field(default_factory=dict)
     steps: int = 0
     batch_images: int = 1
     denoised_images: int = 1
@@ -93,6 +121,15 @@ class EngineInfo:
     load_seconds: float
     planned_peak_gib: float | None = None
     source: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraState:
+    """An engine's per-request LoRAs: the names loaded now, and how often a call activated one since the engine
+    loaded, by outcome (``hit``: loaded already, ``load``, ``hotswap``)."""
+
+    loaded: tuple[str, ...] = ()
+    uses: Mapping[str, int] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -115,9 +152,19 @@ class ImageEngine(Protocol):
     def unpark(self) -> int:
         """Put parked weights back on the GPU from host RAM (never the disk); returns the bytes copied."""
 
+    def lora_state(self) -> LoraState:
+        """The per-request LoRAs loaded, and their activations so far."""
+
+    def reset_peak_memory(self) -> None:
+        """Start a new reading of the device memory peak (nothing on CPU)."""
+
+    def peak_memory_bytes(self) -> int | None:
+        """The most device memory allocated since ``reset_peak_memory`` (None on CPU)."""
+
     def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
         """Run ``jobs`` (equal batch keys) and return one result per job, in order.
 
         ``should_stop`` is polled after every denoising step; once it returns True the engine stops
-        and raises ``GenerationCancelled``.
+        and raises ``GenerationCancelled``. A call that runs out of device memory raises ``EngineOutOfMemory``,
+        one that breaks the device ``DeviceFault`` (``engine_failure`` says which a raw error is).
         """

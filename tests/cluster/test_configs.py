@@ -24,7 +24,7 @@ from cluster.configs import (
     edge_haproxy_config,
     write_configs,
 )
-from serve_app.domain.config import load_fleet
+from serve_app.domain.config_files import load_fleet
 from serve_app.domain.placement import node_labels, node_resources
 from serve_app.examples import EXAMPLE_FLEET, EXAMPLE_PRODUCTION_CONFIG
 from tests.cluster.edge_support import running_edge_for

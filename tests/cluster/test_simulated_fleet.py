@@ -17,7 +17,8 @@ OOM_VARIANT = "qwen-image-edit-2509-svdq-int4-r128-lightning-4step"
 @pytest.fixture(scope="module")
 def fleet(tiny_root):
     from cluster.simulate import SimulatedFleet, simulation_config
-    from serve_app.domain.config import load_fleet, parse_fleet
+    from serve_app.domain.config import parse_fleet
+    from serve_app.domain.config_files import load_fleet
     from serve_app.engines.gpu_doubles import out_of_memory_loader
     from serve_app.examples import EXAMPLE_FLEET
     from serve_app.runner import free_port

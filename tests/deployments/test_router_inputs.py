@@ -129,8 +129,27 @@ def test_a_request_is_charged_what_its_inputs_cost_to_decode():
 
 def test_generation_has_no_inputs_to_decode_and_is_charged_as_before():
     router, dispatched = recording_router()
-    request = GenerateRequest(prompt="x", size="256x256", num_inference_steps=2)
+    request = GenerateRequest(prompt="x", size="256x256", num_inference_steps=2, seed=1)
     asyncio.run(router.generate(request, key_id="k"))
     gpu_cost = router.check_cost(request, router.catalog.variant("z-image-turbo"), (256, 256))
     assert router.quotas._keys["k"].tokens == pytest.approx(BUCKET - gpu_cost)
-    assert dispatched == [request]
+    assert dispatched == [request]  # nothing to decode: the request travels as it came (its seed given)
+
+
+def test_the_router_draws_the_seed_once_so_a_retry_makes_the_same_image():
+    router, dispatched = recording_router()
+    asyncio.run(router.generate(GenerateRequest(prompt="x", size="64x64", num_inference_steps=2), key_id="k"))
+    asyncio.run(router.generate(GenerateRequest(prompt="x", size="64x64", num_inference_steps=2, seed=5), key_id="k"))
+    assert dispatched[0].seed is not None and dispatched[1].seed == 5
+
+
+def test_steps_are_resolved_for_the_variant_the_route_serves():
+    from serve_app.domain.catalog import default_catalog
+
+    catalog = default_catalog()
+    base, lightning = catalog.variant("qwen-image-edit-2511"), catalog.variant("qwen-image-edit-2511-lightning-4step")
+    request = EditRequest(prompt="x", images=[b"png"], quality="low")
+    assert Router.with_steps(request, base).num_inference_steps == base.defaults.quality_steps["low"]
+    assert Router.with_steps(request, lightning).num_inference_steps == lightning.steps_for(None, "low")
+    asked = EditRequest(prompt="x", images=[b"png"], num_inference_steps=3)
+    assert Router.with_steps(asked, base) is asked  # the caller's own steps travel as they are

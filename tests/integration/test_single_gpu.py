@@ -20,7 +20,7 @@ DEPLOYMENT = "swap-single-gpu"
 def single_gpu(service, tiny_root):
     from ray import serve
 
-    from serve_app.domain.config import load_config
+    from serve_app.domain.config_files import load_config
     from serve_app.embedded import on_tiny_checkpoints
 
     config, loaders, _ = on_tiny_checkpoints(load_config(ROOT / "examples" / "single-gpu.yaml"), tiny_root)

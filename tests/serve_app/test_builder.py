@@ -77,7 +77,7 @@ def test_production_serve_config_validates_and_builds():
 
 
 def test_production_placement_keeps_80_gb_cards_for_what_needs_them():
-    from serve_app.domain.config import load_fleet
+    from serve_app.domain.config_files import load_fleet
     from serve_app.domain.placement import capacity_warnings, place
     from serve_app.examples import EXAMPLE_FLEET
 

@@ -582,7 +582,7 @@ def test_a_streams_clean_up_finishes_inside_the_cancel_scope_of_a_client_that_le
 def test_the_production_example_serves_no_metrics_and_no_internals_on_its_public_port():
     """Prometheus scrapes each node's Ray metrics port on a cluster; /metrics on port 8000 would show every key's
     use to whoever gets past the key check."""
-    from serve_app.domain.config import load_config
+    from serve_app.domain.config_files import load_config
     from serve_app.examples import EXAMPLE_PRODUCTION_CONFIG
 
     serving = load_config(EXAMPLE_PRODUCTION_CONFIG).serving

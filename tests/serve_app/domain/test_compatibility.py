@@ -119,7 +119,7 @@ def test_only_settings_a_config_makes_are_refused():
 
 
 def test_the_shipped_configs_load_and_a_refused_one_lists_every_refusal():
-    from serve_app.domain.config import load_config
+    from serve_app.domain.config_files import load_config
 
     for path in (ROOT / "serve_config.yaml", ROOT / "serve_app" / "examples" / "production.yaml",
                  ROOT / "examples" / "single-gpu.yaml"):

@@ -1,6 +1,7 @@
 import pytest
 
-from serve_app.domain.config import ConfigError, load_config, parse_config
+from serve_app.domain.config import ConfigError, parse_config
+from serve_app.domain.config_files import load_config
 
 
 def write(tmp_path, text):
