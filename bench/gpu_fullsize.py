@@ -16,6 +16,12 @@ at size "full": same classes, parameter counts, FLOPs and memory as the real wei
         [--size 1024] [--steps 8] [--options sdpa-flash,sdpa-cudnn,sdpa-efficient,vae-channels-last,compile]
         [--repeats 2] [--no-service] [--json] [--record]
     .venv/bin/python -m bench.gpu_fullsize --smoke [--json]   # tiny dims on CPU: every code path, in seconds
+    .venv/bin/python -m bench.gpu_fullsize --parallel cp2,tp2 [--variants qwen-image-edit-2511]
+        # one process per GPU of this machine, against the one-GPU row of the same run and the planner
+
+With ``--parallel``, each mode runs its ranks (one process per GPU, joined over NCCL; over gloo on CPU with
+``--smoke``) on the same request, and rank 0's seconds and peak memory are set beside the planner's
+(``serve_app.domain.parallelism``).
 """
 
 from __future__ import annotations
@@ -272,6 +278,66 @@ def record_measurements(report: dict, args, gpu, folder: str):
     return path
 
 
+def _parallel_rank(rank: int, args, variant_id: str, mode: str, address: str, results) -> None:
+    """One rank of ``--parallel``: its own GPU (the only one it sees), the group, the model, timed calls."""
+    if args.device == "cuda":
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
+    import torch
+
+    from serve_app.domain.catalog import default_catalog
+    from serve_app.domain.parallelism import ParallelMode
+    from serve_app.domain.specs import engine_spec
+    from serve_app.engines.parallel import RankGroup, leave
+    from serve_app.engines.random_weights import RandomWeightLoader
+
+    if args.smoke:
+        torch.set_num_threads(1)
+    degree = ParallelMode.parse(mode).degree
+    RankGroup(rank, degree, address, timeout_s=1800).join()
+    catalog = default_catalog()
+    spec = engine_spec(bench_config(args, variant_id, "none"), catalog.variant(variant_id), catalog, parallel=mode)
+    try:
+        runner = Runner(RandomWeightLoader(args.model_size)(spec), args)
+        row = runner.measure(args.repeats)
+    except Exception as err:  # noqa: BLE001 - e.g. does not fit: the result of this mode
+        row = {"error": f"{type(err).__name__}: {err}"[:400]}
+    if rank == 0:
+        results.put(row)
+    leave()
+
+
+def parallel_rows(args, variant_id: str, gpu, one_gpu: dict | None) -> dict:
+    """Every ``--parallel`` mode of one variant: measured on rank 0, beside the planner and the one-GPU row."""
+    import torch.multiprocessing as mp
+
+    from serve_app.domain.catalog import default_catalog
+    from serve_app.domain.parallelism import ParallelMode, plan_parallel_mode
+    from serve_app.runner import free_port
+
+    variant = default_catalog().variant(variant_id)
+    rows = {}
+    for mode in args.parallel:
+        degree = ParallelMode.parse(mode).degree
+        context = mp.get_context("spawn")
+        results = context.Queue()
+        address = f"tcp://127.0.0.1:{free_port()}"
+        ranks = [context.Process(target=_parallel_rank, args=(r, args, variant_id, mode, address, results))
+                 for r in range(degree)]
+        for process in ranks:
+            process.start()
+        row = results.get(timeout=3600)
+        for process in ranks:
+            process.join(120)
+        if gpu is not None:
+            planned = plan_parallel_mode(variant, gpu, ParallelMode.parse(mode), args.size, args.size)
+            row["planned_total_s"] = planned.seconds_per_image
+            row["planned_peak_gib"] = planned.peak_vram_gib
+        if one_gpu and "wall_s" in row and "wall_s" in one_gpu:
+            row["speedup_over_one_gpu"] = round(one_gpu["wall_s"] / row["wall_s"], 3)
+        rows[mode] = row
+    return rows
+
+
 def free_memory() -> None:
     import torch
 
@@ -334,6 +400,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--options", type=csv, default=["sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
                                                          "vae-channels-last", "compile"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--parallel", type=csv, default=[],
+                        help="multi-GPU modes to run beside one GPU (cp2, tp2, cp4, ...): one process per GPU")
     parser.add_argument("--no-service", action="store_true", help="skip the one-replica handle comparison")
     parser.add_argument("--smoke", action="store_true", help="tiny dims on CPU: checks every code path quickly")
     parser.add_argument("--record", nargs="?", const=str(MEASURED_DIR), default=None,
@@ -397,6 +465,9 @@ def run(args: argparse.Namespace, out) -> int:
             if not args.no_service and mode == args.modes[0]:
                 row["service"] = through_service(args, variant, mode, row["wall_s"])
                 free_memory()
+        if args.parallel:
+            report["variants"][f"{variant_id}/parallel"] = parallel_rows(
+                args, variant_id, gpu, report["variants"].get(f"{variant_id}/none"))
     if args.record and gpu is not None:
         path = record_measurements(report, args, gpu, args.record)
         print(f"recorded the measurements in {path}: run `imageserve calibrate --fit`", file=sys.stderr)
@@ -408,6 +479,10 @@ def run(args: argparse.Namespace, out) -> int:
     for key, row in report["variants"].items():
         if "error" in row:
             print(f"{key}: {row['error']}")
+            continue
+        if key.endswith("/parallel"):
+            for mode, measured in row.items():
+                print(f"{key} {mode}: {measured}")
             continue
         print(f"{key}: forward {row['transformer_forward_s']:.4f} s (planner {row.get('planned_forward_s', '-')}, "
               f"100%-peak bound {row.get('lower_bound_forward_s', '-')}), text {row.get('text_encode_s', 0):.3f} s, "

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from ray.serve import Application
 
 from deployments.batching import BatchQueue
 from deployments.metrics import ReplicaMetrics, host_rss_bytes, shape_label
+from deployments.parallel_replica import ParallelEngine, load_parallel_engine, placement_options
 from serve_app.domain.catalog import GPUClass
 from serve_app.domain.errors import (
     ImageServeError,
@@ -61,6 +63,7 @@ from serve_app.engines.protocol import (
     EngineResult,
     GenerationCancelled,
     Job,
+    RankFailure,
     engine_failure,
 )
 
@@ -178,6 +181,8 @@ class ModelReplica:
         if options.label_selector:
             actor["label_selector"] = dict(options.label_selector)
         result: dict[str, Any] = {"name": spec.name, "ray_actor_options": actor}
+        if spec.engine.ranks > 1:
+            result.update(placement_options(spec, actor))
         for key in ("max_ongoing_requests", "max_queued_requests", "health_check_period_s",
                     "graceful_shutdown_timeout_s"):
             value = getattr(options, key)
@@ -219,7 +224,10 @@ class ModelReplica:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{self.variant.id}")
         self._encoders = (ThreadPoolExecutor(max_workers=spec.encode_workers, thread_name_prefix="encode")
                           if spec.encode_workers else None)
-        self.engine = (loader or load_engine)(engine_spec)
+        if engine_spec.ranks > 1:
+            self.engine = load_parallel_engine(engine_spec, spec.torch_threads, loader)
+        else:
+            self.engine = (loader or load_engine)(engine_spec)
         self.replica = _replica_id()
         device = self.engine.info.device
         self.gpu_class = self.node_gpu.id if self.node_gpu else ("cpu" if device == "cpu" else None)
@@ -256,6 +264,12 @@ class ModelReplica:
     async def _note_lora(self, request: GenerateRequest | EditRequest) -> None:
         if request.lora is not None and self._report_lora is not None:
             await self._report_lora(request.lora.name)
+
+    async def rank_pids(self) -> list[int]:
+        """Process ids of the processes this replica's engine runs in, rank 0 (this one) first."""
+        if isinstance(self.engine, ParallelEngine):
+            return await asyncio.get_running_loop().run_in_executor(None, self.engine.pids)
+        return [os.getpid()]
 
     async def check_health(self) -> None:
         if self._unhealthy is not None:
@@ -483,10 +497,12 @@ class ModelReplica:
             return ReplicaOutOfMemoryError(
                 f"{self.variant.id} ran out of memory on {where}; the memory was released", retry_after_s=2)
         if isinstance(err, DeviceFault):
-            # The CUDA context is gone: fail health checks so Serve replaces this replica.
-            self._unhealthy = f"CUDA fault, replica must be replaced: {str(err)[:200]}"
+            # The CUDA context (or the ranks' process group) is gone: fail health checks so Serve replaces this
+            # replica.
+            what = "a rank of this multi-GPU replica failed" if isinstance(err, RankFailure) else "a CUDA fault"
+            self._unhealthy = f"{what}, replica must be replaced: {str(err)[:200]}"
             logger.error("%s: %s", self.variant.id, self._unhealthy)
-            return ModelUnavailableError(f"{self.variant.id}: the replica hit a CUDA fault; retry", retry_after_s=2)
+            return ModelUnavailableError(f"{self.variant.id}: the replica hit {what}; retry", retry_after_s=2)
         if isinstance(err, ImageServeError):
             return err  # already the caller's answer (an undecodable input image, say)
         # Anything else is the server's fault, never the caller's: the router has checked the request,

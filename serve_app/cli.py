@@ -82,17 +82,21 @@ def _print_placement(config: AppConfig, fleet_path: str, as_json: bool) -> int:
                                "models": {v: {} for v in config.build_catalog().variants}})
     config = fleet.serve_with(config)
     placements, unplaced = place(config)
-    rows = [{"variant": p.variant.id, "pool": p.pool.name, "gpu": p.gpu.name, "mode": p.plan.mode,
-             "peak_vram_gib": p.plan.peak_vram_gib, "seconds_per_image": p.seconds_per_image} for p in placements]
+    rows = [{"variant": p.variant.id, "pool": p.pool.name, "gpu": p.gpu.name,
+             "mode": p.parallel.offload_mode if p.parallel else p.plan.mode,
+             "parallel": p.parallel.mode if p.parallel else None, "gpus_per_replica": p.gpus_per_replica,
+             "peak_vram_gib": p.parallel.peak_vram_gib if p.parallel else p.plan.peak_vram_gib,
+             "seconds_per_image": p.seconds_per_image} for p in placements]
     warnings = capacity_warnings(config, fleet, placements)
     if as_json:
         print(json.dumps({"placements": rows, "unplaced": unplaced, "warnings": warnings}, indent=2))
         return 0
     width = max(len(r["variant"]) for r in rows) if rows else 10
-    print(f"{'variant':<{width}}  {'pool':<9} {'GPU':<10} {'mode':<6} {'peak GiB':>8} {'s/image':>8}")
+    print(f"{'variant':<{width}}  {'pool':<9} {'GPU':<10} {'mode':<6} {'GPUs':<5} {'peak GiB':>8} {'s/image':>8}")
     for r in rows:
-        print(f"{r['variant']:<{width}}  {r['pool']:<9} {r['gpu']:<10} {r['mode']:<6} {r['peak_vram_gib']:>8.1f}"
-              f" {r['seconds_per_image']:>8.1f}")
+        gpus = f"{r['parallel']}" if r["parallel"] else "1"
+        print(f"{r['variant']:<{width}}  {r['pool']:<9} {r['gpu']:<10} {r['mode']:<6} {gpus:<5} "
+              f"{r['peak_vram_gib']:>8.1f} {r['seconds_per_image']:>8.1f}")
     for variant, reason in unplaced.items():
         print(f"not served: {variant}: {reason}")
     for warning in warnings:
@@ -123,6 +127,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     modes = (args.mode,) if args.mode else OFFLOAD_MODES
     plans = plan_table(variants, gpus, args.width, args.height, args.images, modes=modes,
                        settings=config.device.planner)
+    if args.gpus > 1:
+        return _print_parallel(plans, catalog, args, config.device.planner)
     if args.json:
         print(json.dumps([p.model_dump(exclude={"estimates"} if not args.details else set()) for p in plans], indent=2))
     elif args.explain:
@@ -136,6 +142,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 print()
                 print(format_swap_plan(group.name, plan_group_on(config, catalog, group, gpu), gpu))
     return 0
+
+
+def _print_parallel(plans: list[Plan], catalog, args: argparse.Namespace, settings) -> int:
+    """``plan --gpus N``: each variant's one-GPU verdict, every parallel mode of an N-GPU node, and placement's pick."""
+    from serve_app.domain.parallelism import choose_parallel, plan_parallel
+
+    verdicts = []
+    for one in plans:
+        variant, gpu = catalog.variant(one.variant), catalog.gpu(one.gpu)
+        modes = plan_parallel(variant, gpu, args.gpus, one.width, one.height, one.num_input_images, settings)
+        verdicts.append((one, modes, choose_parallel(one, modes)))
+    if args.json:
+        print(json.dumps([{"one_gpu": one.model_dump(exclude={"estimates"}),
+                           "parallel": [m.model_dump(exclude=set() if args.details else {"parts"}) for m in modes],
+                           "placement": str(chosen.mode) if chosen else "one GPU"}
+                          for one, modes, chosen in verdicts], indent=2))
+        return 0
+    blocks = [format_parallel_plans(one, modes, chosen, catalog.gpu(one.gpu), args.gpus)
+              for one, modes, chosen in verdicts]
+    print("\n\n".join(blocks))
+    return 0
+
+
+def format_parallel_plans(one: Plan, modes, chosen, gpu: GPUClass, gpus: int) -> str:
+    """One variant on a node of ``gpus`` GPUs: one GPU and every parallel mode (docs/multi-gpu.md shows these)."""
+    single = (f"{one.mode} offload, {one.peak_vram_gib:g} GiB, {one.seconds_per_image:g} s per image" if one.fits
+              else f"does not fit: {one.reason}")
+    lines = [f"{one.variant} on {gpus} x {gpu.name} ({one.usable_vram_gib:g} GiB usable each, {one.width}x{one.height}"
+             f", peer link {gpu.peer.kind} {gpu.peer.gbps:g} GB/s)", f"  one GPU: {single}"]
+    rows = [("mode", "fits", "offload", "GiB/GPU", "s/image", "denoise s", "exchange s", "GPU-s/image", "why not")]
+    for m in modes:
+        sec = m.seconds
+        rows.append((m.mode, "yes" if m.fits else "no", m.offload_mode or "-",
+                     f"{m.peak_vram_gib:g}" if m.peak_vram_gib is not None else "-",
+                     f"{sec.total_s:g}" if sec else "-", f"{sec.denoise_s:g}" if sec else "-",
+                     f"{sec.communication_s:g}" if sec else "-",
+                     f"{m.gpu_seconds_per_image:g}" if sec else "-", m.reason or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.append(f"  placement: {chosen.mode} ({chosen.offload_mode} offload)" if chosen else
+                 "  placement: one-GPU replicas" + (" (each fits without streaming weights)"
+                                                    if one.fits and one.mode != "sequential" else
+                                                    " (no parallel mode fits and beats one GPU)"))
+    return "\n".join(lines)
 
 
 def format_swap_plan(name: str, verdict: SwapPlan, gpu: GPUClass) -> str:
@@ -372,6 +422,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--height", type=int, help="output height (default: each variant's)")
     p.add_argument("--images", type=int, help="input images per edit request (default 1)")
     p.add_argument("--mode", choices=OFFLOAD_MODES, help="force one offload mode")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs per node: also plan every multi-GPU mode (cp2, tp4, ...) such a node can hold")
     p.add_argument("--json", action="store_true", help="print a JSON list of plan objects")
     p.add_argument("--details", action="store_true", help="with --json: include the per-mode estimate parts")
     p.add_argument("--explain", action="store_true",

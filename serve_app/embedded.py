@@ -86,6 +86,9 @@ def cpu_settings(model_id: str, entry: dict[str, Any]) -> tuple[dict[str, Any], 
                      ("torch_dtype", "CPU runs float32")):
         if kept.pop(key, None) is not None:
             dropped.append(f"models.{model_id}.{key}: {why}")
+    if str(kept.get("parallel") or "").startswith("tp"):  # context parallel runs on CPU ranks, over gloo
+        dropped.append(f"models.{model_id}.parallel {kept.pop('parallel')}: diffusers shards tensors only on "
+                       "accelerators; served in one process")
     optimizations = dict(kept.get("optimizations") or {})
     backend = optimizations.get("attention_backend")
     if backend is not None and backend not in CPU_ATTENTION_BACKENDS:

@@ -97,7 +97,7 @@ MODEL_FIXTURES = frozenset({"tiny_models", "tiny_root", "load_engine_for"})
 
 
 # Every test of these folders runs against a Ray Serve service its folder's conftest starts.
-SERVICE_FOLDERS = frozenset({"integration", "reliability"})
+SERVICE_FOLDERS = frozenset({"integration", "reliability", "multi_gpu"})
 
 
 def pytest_collection_modifyitems(config, items):

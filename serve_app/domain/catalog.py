@@ -46,6 +46,16 @@ PCIE4_X16_GBPS = 31.5
 PCIE5_X16_GBPS = 63.0
 
 
+class PeerLink(_Strict):
+    """The GPU-to-GPU path inside one node, as a collective sees it."""
+
+    kind: Literal["nvlink", "pcie-p2p", "via-host"] = Field(
+        description="nvlink: NVLink/NVSwitch; pcie-p2p: peer-to-peer over PCIe; via-host: no peer access (GeForce "
+                    "cards since the 40 series), every byte is staged through host memory.")
+    gbps: float = Field(gt=0, description="Nominal rate per direction per GPU, GB/s.")
+    source: str = Field(description="Where the figure comes from.")
+
+
 class GPUClass(_Strict):
     """One kind of NVIDIA GPU, as the planner and the router see it."""
 
@@ -68,6 +78,10 @@ class GPUClass(_Strict):
         default=None, gt=0,
         description="Host-to-GPU link rate per direction in GB/s (PCIe 4.0 x16: 31.5; 5.0 x16: 63); null: the "
                     "architecture's usual slot (Ampere and Ada 4.0 x16, Hopper and Blackwell 5.0 x16).")
+    peer_link: PeerLink | None = Field(
+        default=None,
+        description="How two GPUs of one node exchange data (multi-GPU replicas); null: peer-to-peer over the "
+                    "host link (``peer_link_of``).")
 
     @field_validator("compute_capability")
     @classmethod
@@ -85,6 +99,15 @@ class GPUClass(_Strict):
         if self.host_link_gbps is not None:
             return self.host_link_gbps
         return PCIE5_X16_GBPS if self.architecture in ("Hopper", "Blackwell") else PCIE4_X16_GBPS
+
+    @property
+    def peer(self) -> PeerLink:
+        """The GPU-to-GPU path: the catalog's, else peer-to-peer over the host link."""
+        if self.peer_link is not None:
+            return self.peer_link
+        return PeerLink(kind="pcie-p2p", gbps=self.link_gbps,
+                        source=f"no NVLink figure in the catalog: PCIe peer-to-peer at the host link's "
+                               f"{self.link_gbps:g} GB/s")
 
     @property
     def four_bit(self) -> Literal["int4", "fp4"] | None:
@@ -129,6 +152,14 @@ class ComponentSpec(_Strict):
     attention_flops_per_token_sq: float = Field(
         default=0.0, ge=0, description="Forward attention FLOPs per token squared (4 x width x layers)."
     )
+    hidden_size: int | None = Field(
+        default=None, ge=1, description="Width of the residual stream: what a parallel mode exchanges per token.")
+    attention_heads: int | None = Field(
+        default=None, ge=1, description="Attention heads: a tensor-parallel degree must divide them.")
+    tensor_parallel_fraction: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Share of the parameters diffusers' ``_tp_plan`` shards (the rest is on every rank), counted "
+                    "on the meta device.")
 
     @property
     def quantized(self) -> bool:

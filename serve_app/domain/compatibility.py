@@ -66,12 +66,18 @@ AXES: tuple[Axis, ...] = (
     Axis("streaming", ("off", "on"), "a request's `stream: true` (with partial_images)", ("off", "on")),
     Axis("cancel", ("no", "yes"), "a request cancelled mid-denoising (its caller left)", ("no", "yes")),
     Axis("failure", ("no", "yes"), "a request failing mid-call (an error inside the pipeline)", ("no", "yes")),
+    Axis("parallel", ("off", "context", "tensor"), "models.<id>.parallel (cp2.., tp2..) or the planner's choice on a "
+         "pool", ("off",), "parallel"),
 )
 AXIS = {axis.name: axis for axis in AXES}
 
 # Values that run on a CPU only through a test double (their kernels need CUDA).
 CPU_THROUGH_DOUBLES = {("precision", "nunchaku-4bit"): "the test doubles of nunchaku's releases, as its 4-bit "
                                                         "kernels need CUDA"}
+
+# Values that run on a CPU, but in several processes, so outside the one-engine scenarios below.
+CPU_IN_SEVERAL_PROCESSES = {("parallel", "context"): "2 gloo ranks in Ray actors: "
+                                                     "tests/deployments/test_parallel_replica.py"}
 
 MASKED_BACKENDS = ("native", "_native_math", "_native_efficient", "_native_cudnn", "xformers")
 MASKLESS_BACKENDS = ("flash", "sage", "_native_flash")
@@ -148,6 +154,21 @@ RULES: tuple[Rule, ...] = (
     _rule("precision", "fp8", "offload", "sequential",
           "sequential offload is off for fp8 variants (per_block_offload: false in the catalog): accelerate's "
           "per-module hooks are untried on torchao's tensor subclasses"),
+    _rule("parallel", "context tensor", "precision", "nunchaku-4bit",
+          "nunchaku's 4-bit transformer is not a diffusers model: diffusers' parallelism does not reach it"),
+    _rule("parallel", "context tensor", "precision", "fp8",
+          "torchao's fp8 weights are untried under diffusers' DTensor sharding and context-parallel hooks"),
+    _rule("parallel", "context tensor", "step_cache", CACHED,
+          "each rank's step cache would decide from its own share of the first block's output: ranks would skip "
+          "different steps and wait on each other in a collective"),
+    _rule("parallel", "context tensor", "compile", "on",
+          "torch.compile is untried over diffusers' context-parallel hooks and DTensor shards; turn "
+          "compile_transformer off"),
+    _rule("parallel", "context tensor", "swap_group", "member",
+          "a swap group takes turns on one GPU; a multi-GPU replica holds several"),
+    _rule("parallel", "context tensor", "offload", "sequential",
+          "sequential offload streams the transformer every step, the cost a multi-GPU replica exists to avoid; "
+          "use none or model"),
     _rule("precision", "nunchaku-4bit", "offload", "sequential",
           "nunchaku's Z-Image transformer has no per-block offload in any release",
           when=("task", frozenset({"generate"})), when_text="generation variants"),
@@ -223,6 +244,7 @@ def model_row(config: AppConfig, model_id: str, task: str, catalog: Catalog | No
         "swap_group": "member" if config.swap_group_of(model_id) is not None else "alone",
         "batching": "on" if model.max_batch_size > 1 else "off",
         "compile": "on" if options.compile_transformer else "off",
+        "parallel": {None: "off", "c": "context", "t": "tensor"}[model.parallel[0] if model.parallel else None],
     }
     if (forced := config.offload_mode_for(model_id)) is not None:
         row["offload"] = forced
@@ -343,6 +365,8 @@ def markdown() -> str:
     for axis in AXES:
         cpu = ", ".join(f"{v} (through {CPU_THROUGH_DOUBLES[(axis.name, v)]})"
                         if (axis.name, v) in CPU_THROUGH_DOUBLES else v for v in axis.cpu_values)
+        cpu += "".join(f"; {v} in several processes ({where})" for (name, v), where in CPU_IN_SEVERAL_PROCESSES.items()
+                       if name == axis.name)
         lines.append(f"| {axis.name} | {', '.join(axis.values)} | {axis.set_by} | {cpu} |")
     counts = {kind: sum(v.kind == kind for v in verdicts) for kind in ("works", "refused", "gpu")}
     lines += ["", f"**{len(verdicts)} pairs of values**: {counts['works']} work (tested), {counts['refused']} "

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from serve_app.domain.catalog import Catalog, build_catalog
 from serve_app.domain.config_rules import check_config
+from serve_app.domain.parallelism import PARALLEL_MODE_PATTERN
 from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings
 from serve_app.domain.quotas import KeyLimits
 
@@ -240,6 +241,12 @@ class PoolConfig(_Section):
     variants: list[str] | None = Field(default=None, description="Only these variants here (all that fit when null).")
     deployment: DeploymentOptions | None = Field(
         default=None, description="Ray Serve options for this pool's deployments.")
+    gpus_per_node: int = Field(
+        default=1, ge=1, description="GPUs per node: a multi-GPU replica (cp2, tp4, ...) takes up to this many.")
+    multi_gpu_replicas: bool = Field(
+        default=True, description="Where one GPU holds a variant only by streaming its weights every step (or not at "
+                                  "all), its replicas span GPUs of a node in the parallel mode the planner prices "
+                                  "best. false: one GPU per replica unless models.<id>.parallel says otherwise.")
 
     def allowed_modes(self, forced: OffloadMode | None = None) -> tuple[OffloadMode, ...]:
         """Offload modes a replica may load with here, fastest first (only ``forced`` when given)."""
@@ -372,6 +379,15 @@ class ModelConfig(_Section):
     max_loaded_loras: int = Field(
         default=4, ge=1, le=64,
         description="Per-request LoRAs each replica keeps loaded (least recently used replaced, by hotswap).")
+    parallel: str | None = Field(
+        default=None, pattern=PARALLEL_MODE_PATTERN,
+        description="One replica across GPUs of one node: cp2/cp4/cp8 (context parallel, Ulysses) or tp2/tp4/tp8 "
+                    "(tensor parallel). Null: the planner's choice on pools (one GPU wherever one fits without "
+                    "streaming weights), one process elsewhere. docs/multi-gpu.md.")
+    collective_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="Parallel replicas: a rank silent this long (no denoising step done, or not done after the call) "
+                    "fails the replica, and Serve replaces it.")
 
 
 class AppConfig(_Section):
@@ -539,14 +555,13 @@ class FleetPool(PoolConfig):
     simulated fleet; the serving application never reads them.
     """
 
-    gpus_per_node: int = Field(default=1, ge=1, description="GPUs per node of this pool.")
     nodes: int = Field(default=1, ge=0, description="Nodes to start with (the autoscaler's minimum).")
     max_nodes: int = Field(default=4, ge=0, description="The autoscaler's upper bound.")
 
     def serving_pool(self) -> PoolConfig:
         """The pool as the serving application's config declares it (no node counts)."""
         return PoolConfig.model_validate(
-            self.model_dump(exclude={"gpus_per_node", "nodes", "max_nodes"}, exclude_unset=True))
+            self.model_dump(exclude={"nodes", "max_nodes"}, exclude_unset=True))
 
 
 class FleetConfig(_Section):

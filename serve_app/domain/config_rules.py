@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from serve_app.domain.catalog import Catalog
 from serve_app.domain.compatibility import config_refusals
+from serve_app.domain.parallelism import ParallelMode, parallel_problem
 
 if TYPE_CHECKING:
     from serve_app.domain.config import AppConfig
@@ -82,6 +83,26 @@ def combinations_can_work(config: AppConfig, catalog: Catalog) -> None:
                          + "\n    ".join(str(refusal) for refusal in refusals))
 
 
+def parallel_modes_can_run(config: AppConfig, catalog: Catalog) -> None:
+    """A model's ``parallel`` mode must suit its variant, the device, and a pool's nodes (combinations with other
+    options are ``compatibility.RULES``)."""
+    for model_id in config.models_to_load():
+        text = config.models[model_id].parallel
+        if text is None:
+            continue
+        mode = ParallelMode.parse(text)
+        where = f"models.{model_id}.parallel: {text}"
+        if (problem := parallel_problem(catalog.variant(model_id), mode)) is not None:
+            raise ValueError(f"{where}: {problem}")
+        if mode.kind == "tp" and config.device.device == "cpu":
+            raise ValueError(f"{where}: diffusers 0.42.1 shards tensors only on cuda, neuron, tpu and xpu devices "
+                             "(hooks/tensor_parallel.py); on CPU use cp")
+        pools = [p for p in config.pools if p.variants is None or model_id in p.variants]
+        if config.pools and not any(p.gpus_per_node >= mode.degree for p in pools):
+            raise ValueError(f"{where}: no pool that may host it has {mode.degree} GPUs per node "
+                             f"(pools.<name>.gpus_per_node)")
+
+
 def revisions_are_pinned_where_required(config: AppConfig, catalog: Catalog) -> None:
     if not config.hf.require_pinned_revisions:
         return
@@ -102,7 +123,7 @@ Rule = Callable[["AppConfig", Catalog], None]
 RULES: tuple[Rule, ...] = (
     models_are_catalog_variants, pools_name_known_gpus_and_variants, load_lists_configured_models,
     swap_groups_hold_loaded_models_once, loras_are_requestable_and_exist, combinations_can_work,
-    revisions_are_pinned_where_required,
+    parallel_modes_can_run, revisions_are_pinned_where_required,
 )
 
 

@@ -40,6 +40,9 @@ class PipelineFamily:
         size_multiple: output sides must be multiples of it (VAE factor x patch).
         engine: ``module:Class`` of its engine under ``serve_app.engines``.
         nunchaku: whether a nunchaku 4-bit transformer exists for it.
+        context_parallel: its transformer splits the sequence across ranks (Ulysses): with diffusers' own
+            ``_cp_plan``, or the one its engine carries (``CONTEXT_PARALLEL_PLAN``).
+        tensor_parallel: its transformer has diffusers' ``_tp_plan`` and the catalog counts what it shards.
     """
 
     pipeline: str
@@ -56,6 +59,8 @@ class PipelineFamily:
     size_multiple: int
     engine: str
     nunchaku: bool = False
+    context_parallel: bool = False
+    tensor_parallel: bool = False
 
     def serves(self, task: str) -> bool:
         return task in self.tasks
@@ -73,12 +78,12 @@ FAMILIES: dict[str, PipelineFamily] = {f.pipeline: f for f in (
         pipeline="ZImagePipeline", tasks=("generate",), deployment_prefix="gen", cfg_knob="guidance_scale",
         cfg_in_batch=True, padded_text_tokens=512, vision_tokens_per_input=0, input_image_side=0,
         batches_requests=True, step_cache=False, masks_attention=True, size_multiple=16, engine="z_image:ZImageEngine",
-        nunchaku=True),
+        nunchaku=True, context_parallel=True),
     PipelineFamily(
         pipeline="QwenImageEditPlusPipeline", tasks=("edit",), deployment_prefix="edit", cfg_knob="true_cfg_scale",
         cfg_in_batch=False, padded_text_tokens=None, vision_tokens_per_input=QWEN_EDIT_VISION_TOKENS,
         input_image_side=1024, batches_requests=False, step_cache=True, masks_attention=False, size_multiple=16,
-        engine="qwen_image_edit:QwenImageEditEngine", nunchaku=True),
+        engine="qwen_image_edit:QwenImageEditEngine", nunchaku=True, context_parallel=True, tensor_parallel=True),
     PipelineFamily(
         pipeline="QwenImage21Pipeline", tasks=("generate", "edit"), deployment_prefix="image",
         cfg_knob="true_cfg_scale", cfg_in_batch=False, padded_text_tokens=None,

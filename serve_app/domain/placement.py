@@ -14,6 +14,14 @@ from dataclasses import dataclass
 
 from serve_app.domain.catalog import Catalog, GPUClass, ModelVariant
 from serve_app.domain.config import AppConfig, FleetConfig, PoolConfig, SwapGroupConfig
+from serve_app.domain.parallelism import (
+    PARALLEL_OFFLOAD_MODES,
+    ParallelMode,
+    ParallelPlan,
+    choose_parallel,
+    parallel_modes,
+    plan_parallel_mode,
+)
 from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, Plan, estimate_seconds, plan
 from serve_app.domain.swapping import SwapPlan, plan_swap_group
 
@@ -59,11 +67,49 @@ def pool_requirements(pool: PoolConfig, gpu: GPUClass) -> dict:
 
 @dataclass(frozen=True)
 class Placement:
+    """A variant on a pool: its one-GPU plan, and the parallel mode its replicas run in instead, if any."""
+
     variant: ModelVariant
     pool: PoolConfig
     gpu: GPUClass
     plan: Plan
     seconds_per_image: float
+    parallel: ParallelPlan | None = None
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.parallel.degree if self.parallel else 1
+
+
+def place_on_pool(config: AppConfig, variant: ModelVariant, pool: PoolConfig,
+                  gpu: GPUClass) -> tuple[Placement | None, str | None]:
+    """``variant`` on ``pool``: one GPU per replica, or a parallel mode (the config's, else the planner's choice
+    on multi-GPU nodes, ``choose_parallel``); or None and why not."""
+    width, height, settings = config.defaults.width, config.defaults.height, config.device.planner
+    forced_offload = config.offload_mode_for(variant.id)
+    verdict = plan(variant, gpu, width, height, modes=pool.allowed_modes(forced_offload), settings=settings,
+                   batch_size=config.batch_size(variant.id))
+    parallel_offload = tuple(m for m in pool.allowed_modes(forced_offload) if m in PARALLEL_OFFLOAD_MODES)
+    forced_parallel = config.models[variant.id].parallel
+    if forced_parallel is not None:
+        chosen = plan_parallel_mode(variant, gpu, ParallelMode.parse(forced_parallel), width, height, None,
+                                    pool.gpus_per_node, settings, config.batch_size(variant.id),
+                                    offload_modes=parallel_offload)
+        if not chosen.fits:
+            return None, chosen.reason
+    elif pool.gpus_per_node > 1 and pool.multi_gpu_replicas:
+        modes = [plan_parallel_mode(variant, gpu, mode, width, height, None, pool.gpus_per_node, settings,
+                                    config.batch_size(variant.id), offload_modes=parallel_offload)
+                 for mode in parallel_modes(pool.gpus_per_node)]
+        chosen = choose_parallel(verdict, modes)
+    else:
+        chosen = None
+    if chosen is not None:
+        return Placement(variant, pool, gpu, verdict, chosen.seconds_per_image, chosen), None
+    if not verdict.fits:
+        return None, verdict.reason
+    seconds = estimate_seconds(variant, gpu, verdict.mode, width, height, settings=settings).total_s
+    return Placement(variant, pool, gpu, verdict, seconds), None
 
 
 def place(config: AppConfig, catalog: Catalog | None = None) -> tuple[list[Placement], dict[str, str]]:
@@ -82,15 +128,11 @@ def place(config: AppConfig, catalog: Catalog | None = None) -> tuple[list[Place
             if pool.variants is not None and model_id not in pool.variants:
                 reasons.append(f"{pool.name}: not in the pool's variant list")
                 continue
-            verdict = plan(variant, gpu, config.defaults.width, config.defaults.height,
-                           modes=pool.allowed_modes(config.offload_mode_for(model_id)),
-                           settings=config.device.planner, batch_size=config.batch_size(model_id))
-            if verdict.fits:
-                seconds = estimate_seconds(variant, gpu, verdict.mode, config.defaults.width, config.defaults.height,
-                                           settings=config.device.planner).total_s
-                placements.append(Placement(variant, pool, gpu, verdict, seconds))
+            placement, why_not = place_on_pool(config, variant, pool, gpu)
+            if placement is not None:
+                placements.append(placement)
             else:
-                reasons.append(f"{pool.name} ({gpu.name}): {verdict.reason}")
+                reasons.append(f"{pool.name} ({gpu.name}): {why_not}")
         if not any(p.variant.id == model_id for p in placements):
             unplaced[model_id] = "fits no GPU pool: " + "; ".join(reasons)
     return placements, unplaced
@@ -151,7 +193,8 @@ def capacity_warnings(config: AppConfig, fleet: FleetConfig, placements: list[Pl
         needed = 0
         for p in here:
             options = config.deployment_options(p.variant.id, p.pool)
-            needed += options.autoscaling.min_replicas if options.autoscaling else (options.num_replicas or 1)
+            replicas = options.autoscaling.min_replicas if options.autoscaling else (options.num_replicas or 1)
+            needed += replicas * p.gpus_per_replica
         gpus = pool.max_nodes * pool.gpus_per_node
         if needed > gpus:
             warnings.append(f"pool {pool.name}: {len(here)} variants need {needed} GPUs at minimum, "

@@ -61,6 +61,10 @@ class PlannerSettings(BaseModel):
     disk_read_gbps: float = Field(
         default=3.0, gt=0,
         description="Rate a cold start reads weights from disk (GB/s); `python -m bench.load` measures a node's.")
+    peer_link_efficiency: float = Field(
+        default=0.8, gt=0, le=1,
+        description="Share of a GPU-to-GPU link's nominal rate a collective reaches (multi-GPU replicas; the same "
+                    "share as host_link_efficiency, unmeasured on the peer links).")
     host_reserve_gib: float = Field(
         default=8.0, ge=0, description="Host RAM a swap group leaves to the OS, Python, Ray and CUDA's host side.")
 

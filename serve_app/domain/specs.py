@@ -25,6 +25,7 @@ from serve_app.domain.config import (
     SwapGroupConfig,
     TorchDtype,
 )
+from serve_app.domain.parallelism import ParallelMode
 from serve_app.domain.placement import place, place_swap_groups, pool_requirements
 from serve_app.domain.planner import OFFLOAD_MODES, OffloadMode, PlannerSettings, plan
 from serve_app.domain.quotas import KeyLimits
@@ -71,6 +72,13 @@ class EngineSpec(_Spec):
     pin_host_memory: bool = Field(default=True, description="Page-locked host copies when the engine is parked.")
     loras: tuple[LoraSpec, ...] = Field(default=(), description="Per-request LoRAs this variant takes.")
     max_loaded_loras: int = Field(default=4, ge=1, description="Per-request LoRAs kept loaded (LRU).")
+    parallel: str | None = Field(default=None, description="cp2, tp4, ...: one replica over that many GPUs (ranks).")
+    collective_timeout_s: float = Field(default=60.0, description="A parallel rank silent this long fails the replica.")
+
+    @property
+    def ranks(self) -> int:
+        """Processes (one per GPU) the engine runs in."""
+        return ParallelMode.parse(self.parallel).degree if self.parallel else 1
 
 
 class PoolSpec(_Spec):
@@ -157,6 +165,7 @@ class RouteSpec(_Spec):
     offload_mode: OffloadMode | None = Field(
         default=None, description="The offload mode the replica loads with on this pool (as LoadTarget plans it); "
                                   "None outside GPU pools.")
+    parallel: str | None = Field(default=None, description="The replica's parallel mode (cp2, tp4, ...), if any.")
 
 
 def key_digest(key: str | bytes) -> str:
@@ -226,8 +235,9 @@ def deployment_name(variant: ModelVariant, pool: str | None = None) -> str:
 
 
 def engine_spec(config: AppConfig, variant: ModelVariant, catalog: Catalog,
-                offload_modes: tuple[OffloadMode, ...] | None = None) -> EngineSpec:
-    """How to load ``variant`` as ``config`` says (catalog defaults where it says nothing)."""
+                offload_modes: tuple[OffloadMode, ...] | None = None, parallel: str | None = None) -> EngineSpec:
+    """How to load ``variant`` as ``config`` says (catalog defaults where it says nothing); ``parallel`` is the
+    placement's multi-GPU mode (the config's own outside pools)."""
     model = config.models[variant.id]
     forced = config.offload_mode_for(variant.id)
     if offload_modes is None:
@@ -257,17 +267,21 @@ def engine_spec(config: AppConfig, variant: ModelVariant, catalog: Catalog,
         loras=tuple(LoraSpec(name=name, source=lora.source, file=lora.file, revision=lora.revision)
                     for name, lora in config.loras_for(variant.id).items()),
         max_loaded_loras=model.max_loaded_loras,
+        parallel=parallel,
+        collective_timeout_s=model.collective_timeout_s,
     )
 
 
 def _replica_spec(config: AppConfig, catalog: Catalog, variant: ModelVariant, pool: PoolConfig | None,
-                  gpu: GPUClass | None, planned_mode: OffloadMode | None, cluster_has_gpus: bool) -> ReplicaSpec:
+                  gpu: GPUClass | None, planned_mode: OffloadMode | None, cluster_has_gpus: bool,
+                  parallel: str | None = None) -> ReplicaSpec:
     model = config.models[variant.id]
     if pool is not None:
-        engine = engine_spec(config, variant, catalog, pool.allowed_modes(config.offload_mode_for(variant.id)))
+        modes = (planned_mode,) if parallel else pool.allowed_modes(config.offload_mode_for(variant.id))
+        engine = engine_spec(config, variant, catalog, modes, parallel)
         uses_gpu = True
     else:
-        engine = engine_spec(config, variant, catalog)
+        engine = engine_spec(config, variant, catalog, parallel=model.parallel)
         device = config.device.device
         uses_gpu = device == "cuda" or (device == "auto" and cluster_has_gpus)
     return ReplicaSpec(
@@ -315,7 +329,9 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
     def route(spec: ReplicaSpec, deployment: str, cost_s: float | None, min_replicas: int, shared: bool) -> None:
         gpu = spec.pool.gpu if spec.pool else None
         mode = None
-        if gpu is not None:  # what LoadTarget.for_spec will choose on that GPU
+        if spec.engine.parallel is not None:
+            mode = spec.pool.offload_mode if spec.pool else None
+        elif gpu is not None:  # what LoadTarget.for_spec will choose on that GPU
             engine = spec.engine
             verdict = plan(spec.variant, gpu, engine.plan_width, engine.plan_height, modes=engine.offload_modes,
                            settings=engine.planner, batch_size=engine.batch_size)
@@ -323,7 +339,8 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
         routes.append(RouteSpec(
             variant=spec.variant.id, deployment=deployment, shared=shared,
             pool=spec.pool.name if spec.pool else "default", gpu_class=gpu.id if gpu else None,
-            vram_gib=gpu.vram_gib if gpu else None, cost_s=cost_s, min_replicas=min_replicas, offload_mode=mode))
+            vram_gib=gpu.vram_gib if gpu else None, cost_s=cost_s, min_replicas=min_replicas, offload_mode=mode,
+            parallel=spec.engine.parallel))
 
     def add(spec: ReplicaSpec, cost_s: float | None) -> None:
         replicas.append(spec)
@@ -337,8 +354,9 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
     if config.pools:
         placements, unplaced = place(config, catalog)
         for p in placements:
-            add(_replica_spec(config, catalog, p.variant, p.pool, p.gpu, p.plan.mode, cluster_has_gpus),
-                p.seconds_per_image)
+            mode = p.parallel.offload_mode if p.parallel else p.plan.mode
+            add(_replica_spec(config, catalog, p.variant, p.pool, p.gpu, mode, cluster_has_gpus,
+                              str(p.parallel.mode) if p.parallel else None), p.seconds_per_image)
         group_placements, unplaced_groups = place_swap_groups(config, catalog)
         for g in group_placements:
             modes = {m.variant: m.mode for m in g.plan.members}

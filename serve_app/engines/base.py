@@ -30,6 +30,7 @@ import torch
 
 from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.errors import UnsupportedValueError
+from serve_app.domain.parallelism import ParallelMode
 from serve_app.domain.schemas import MAX_SEED, LoraRequest, StageTimings
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines.host_copies import HostCopies
@@ -46,6 +47,7 @@ from serve_app.engines.loading import (
 )
 from serve_app.engines.loras import LoraAdapters, lora_file
 from serve_app.engines.optimizations import apply_optimizations
+from serve_app.engines.parallel import context_parallel, tensor_parallel, tensor_parallel_config
 from serve_app.engines.pipeline_call import PipelineCall, StageTimer
 from serve_app.engines.previews import LatentPreviewer, fit_latent_rgb
 from serve_app.engines.protocol import EngineInfo, EngineResult, Job, LoraState, ModelLoadError, engine_failure
@@ -150,6 +152,7 @@ class DiffusersEngine:
         dtype = DTYPES[target.torch_dtype]
         kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "local_files_only": True,
                                   **cls.extra_components(spec, folder)}
+        sharded = False
         if four_bit:
             kwargs["transformer"] = cls._nunchaku_transformer(spec, target)
         # The files read front to back while from_pretrained maps them and prepare() moves them to the device:
@@ -158,13 +161,17 @@ class DiffusersEngine:
             try:
                 if spec.variant.precision == "fp8":
                     kwargs["transformer"] = cls._fp8_transformer(folder, dtype, target)
+                elif spec.parallel is not None and ParallelMode.parse(spec.parallel).kind == "tp":
+                    kwargs["transformer"] = cls._tensor_parallel_transformer(folder, dtype, spec)
+                    sharded = True
                 pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(folder, **kwargs)
             except ModelLoadError:
                 raise
             except (OSError, ValueError, RuntimeError, KeyError, ImportError) as err:
                 raise ModelLoadError(f"{spec.variant.id}: loading {folder} failed: {type(err).__name__}: "
                                      f"{err}") from err
-            return cls.prepare(pipe, spec, target, started, str(folder), nunchaku_transformer=four_bit)
+            return cls.prepare(pipe, spec, target, started, str(folder), nunchaku_transformer=four_bit,
+                               transformer_sharded=sharded)
 
     @classmethod
     def _fp8_transformer(cls, folder: Path, dtype: torch.dtype, target: LoadTarget):
@@ -177,6 +184,24 @@ class DiffusersEngine:
         return transformer_class.from_pretrained(folder, subfolder="transformer", dtype=dtype, use_safetensors=True,
                                                  local_files_only=True, quantization_config=config,
                                                  **fp8_placement(target.device))
+
+    @classmethod
+    def _tensor_parallel_transformer(cls, folder: Path, dtype: torch.dtype, spec: EngineSpec):
+        """This rank's share of the transformer, sharded by diffusers while it reads the checkpoint (the process
+        group is joined already: ``deployments.parallel_replica``)."""
+        import diffusers
+
+        index = json.loads((folder / "model_index.json").read_text())
+        transformer_class = getattr(diffusers, index["transformer"][1])
+        return transformer_class.from_pretrained(
+            folder, subfolder="transformer", dtype=dtype, use_safetensors=True, local_files_only=True,
+            parallel_config=tensor_parallel_config(ParallelMode.parse(spec.parallel)))
+
+    @classmethod
+    def context_parallel_plan(cls, transformer) -> dict[str, Any] | None:
+        """How the transformer's inputs split over ranks and its output gathers (diffusers' ``ContextParallelInput``
+        / ``ContextParallelOutput``); None: the model's own ``_cp_plan``."""
+        return None
 
     @classmethod
     def extra_components(cls, spec: EngineSpec, folder: Path) -> dict[str, Any]:
@@ -202,8 +227,10 @@ class DiffusersEngine:
 
     @classmethod
     def prepare(cls, pipe, spec: EngineSpec, target: LoadTarget, started: float, source: str,
-                nunchaku_transformer: bool = False) -> DiffusersEngine:
-        """Finish a built pipeline: scheduler overrides, offload mode, speed options; wrap it as an engine."""
+                nunchaku_transformer: bool = False, transformer_sharded: bool = False) -> DiffusersEngine:
+        """Finish a built pipeline: scheduler overrides, parallelism, offload mode, speed options; wrap it as an
+        engine. ``transformer_sharded``: loaded as this rank's tensor-parallel share already (a pipeline built in
+        memory is sharded here instead)."""
         variant = spec.variant
         if (largest := cls.largest_side(pipe)) is not None and largest < variant.max_side:
             raise ModelLoadError(
@@ -227,6 +254,10 @@ class DiffusersEngine:
         fuse_on_device = target.offload_mode == "none"
         if lora is not None and not fuse_on_device:
             fuse_lora(pipe, lora, variant.source.lora_scale)
+        if spec.parallel is not None and (mode := ParallelMode.parse(spec.parallel)).kind == "cp":
+            context_parallel(pipe.transformer, mode, cls.context_parallel_plan(pipe.transformer))
+        elif spec.parallel is not None and not transformer_sharded:
+            tensor_parallel(pipe.transformer, mode)
         apply_offload(pipe, target.offload_mode, target.device, nunchaku_transformer)
         if lora is not None and fuse_on_device:
             fuse_lora(pipe, lora, variant.source.lora_scale)

@@ -15,6 +15,7 @@ import torch
 
 from serve_app.domain.catalog import GPUClass
 from serve_app.domain.config import HFConfig
+from serve_app.domain.parallelism import ParallelMode, plan_parallel_mode
 from serve_app.domain.planner import OffloadMode, architecture_problem, plan
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines.hardware import compute_dtype, detect_local_gpu
@@ -101,7 +102,15 @@ class LoadTarget:
         if gpu is not None and (problem := architecture_problem(variant, gpu)):
             raise IncompatibleHardwareError(f"{variant.id} cannot run here: {problem}")
         mode, planned = "none", None
-        if gpu is not None:
+        if gpu is not None and spec.parallel is not None:  # each rank holds its share: the parallel planner's
+            verdict = plan_parallel_mode(variant, gpu, ParallelMode.parse(spec.parallel), spec.plan_width,
+                                         spec.plan_height, settings=spec.planner, batch_size=spec.batch_size,
+                                         offload_modes=spec.offload_modes)
+            if not verdict.fits:
+                raise IncompatibleHardwareError(f"{variant.id} in {spec.parallel} does not fit {gpu.name}: "
+                                                f"{verdict.reason}")
+            mode, planned = verdict.offload_mode, verdict.peak_vram_gib
+        elif gpu is not None:
             verdict = plan(variant, gpu, spec.plan_width, spec.plan_height, modes=spec.offload_modes,
                            settings=spec.planner, batch_size=spec.batch_size)
             if not verdict.fits:

@@ -45,6 +45,11 @@ class DeviceFault(RuntimeError):
     call can run in this process again."""
 
 
+class RankFailure(DeviceFault):
+    """A rank of a multi-GPU engine died, or stayed silent past the collective timeout: the ranks' process group
+    is broken, and no call can run on it again."""
+
+
 def engine_failure(err: BaseException) -> BaseException:
     """What a raw failure of an engine call is: ``EngineOutOfMemory``, ``DeviceFault``, or ``err`` itself.
 

@@ -29,6 +29,22 @@ class ZImageEngine(DiffusersEngine):
     transformer_call_keywords = frozenset({"joint_attention_kwargs", "return_dict"})
 
     @classmethod
+    def context_parallel_plan(cls, transformer) -> dict:
+        """diffusers 0.42.1's ZImageTransformer2DModel has no ``_cp_plan``; this is ours. The refiners run whole on
+        every rank (two layers each, before the sequence is built); the main layers take 1/N of the joined image
+        and caption sequence with its rotary table, and the final layer's output is gathered before unpatchify.
+        The attention mask stays whole: Ulysses attends over the whole sequence for 1/N of the heads."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        return {
+            "layers.0": {"x": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+            "layers.*": {"freqs_cis": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+            # A ModuleDict by patch size (diffusers' wildcard takes only ModuleLists): each one the model has.
+            **{f"all_final_layer.{key}": ContextParallelOutput(gather_dim=1, expected_dims=3)
+               for key in transformer.all_final_layer},
+        }
+
+    @classmethod
     def largest_side(cls, pipe) -> int | None:
         """Rotary position tables of ``axes_lens`` patches per spatial axis bound the latent grid: a side of
         ``axes_lens x patch x VAE factor`` pixels (the real checkpoint: 512 x 2 x 8 = 8192)."""

@@ -43,9 +43,12 @@ def test_pinned_host_benchmark_compares_per_tensor_pinning_with_flat_buffers():
 
 @pytest.mark.integration
 def test_gpu_fullsize_harness_smoke_mode_runs_every_path_on_cpu():
-    out = subprocess.run([sys.executable, "-m", "bench.gpu_fullsize", "--smoke", "--json"],
+    out = subprocess.run([sys.executable, "-m", "bench.gpu_fullsize", "--smoke", "--parallel", "cp2", "--json"],
                          capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
     report = json.loads(out)
+    for variant in ("z-image-turbo", "qwen-image-edit-2509"):  # two ranks over gloo, rank 0 reporting
+        ranks = report["variants"][f"{variant}/parallel"]["cp2"]
+        assert ranks["total_s"] >= ranks["denoise_s"] > 0 and ranks["speedup_over_one_gpu"] > 0
     assert report["model_size"] == "tiny" and report["device"] == "cpu"
     for key in ("z-image-turbo/none", "qwen-image-edit-2509/none"):
         row = report["variants"][key]
@@ -63,6 +66,15 @@ def test_gpu_fullsize_harness_smoke_mode_runs_every_path_on_cpu():
     # The fact the config's refusal of mask-less backends for Z-Image rests on, shown on CPU:
     flash = report["variants"]["z-image-turbo/none"]["options"]["sdpa-flash"]["masked_calls"]
     assert flash["cfg"].startswith("ValueError") and flash["batch_2"].startswith("ValueError")
+
+
+def test_parallel_benchmark_sets_two_ranks_beside_one_process():
+    out = subprocess.run([sys.executable, "-m", "bench.parallel", "--size", "128", "--steps", "2", "--images", "1",
+                          "--json"], capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
+    rows = json.loads(out)["rows"]
+    assert rows["1 process, 2 threads"]["vs_strongest_baseline"] == 1.0
+    ranks = rows["cp2: 2 processes x 1 thread"]
+    assert ranks["seconds_per_image"] > 0 and ranks["max_abs_diff_vs_first"] < 1e-4  # the same image
 
 
 @pytest.mark.integration

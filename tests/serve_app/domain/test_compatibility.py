@@ -81,6 +81,8 @@ def config_for(pair) -> dict:
         model["optimizations"]["compile_transformer"] = True
     if row.get("batching") == "on":
         model["max_batch_size"] = 2
+    if row.get("parallel", "off") != "off":
+        model["parallel"] = {"context": "cp2", "tensor": "tp2"}[row["parallel"]]
     data = {"models": {variant.id: model}}
     if row.get("lora") == "on":
         data["loras"] = {"style": {"source": "/loras/style.safetensors", "variants": [variant.id]}}

@@ -76,12 +76,13 @@ def test_capacity_warning_when_a_pool_cannot_hold_its_minimum_replicas():
     assert capacity_warnings(config, roomy, placements) == []
 
 
-def test_a_fleet_gives_the_serving_config_its_pools_without_node_counts():
+def test_a_fleet_gives_the_serving_config_its_pools_with_their_node_size_but_no_node_counts():
+    """GPUs per node decide multi-GPU replicas, so the serving config keeps them; node counts are the autoscaler's."""
     fleet = parse_fleet({"pools": [{"name": "a100", "gpu_class": "a100-80g", "gpus_per_node": 8, "max_nodes": 2,
                                     "variants": ["qwen-image-edit-2511"]}]})
     config = fleet.serve_with(parse_config({"models": {"qwen-image-edit-2511": {}}}))
     (pool,) = config.pools
-    assert pool.model_dump(exclude_unset=True) == {"name": "a100", "gpu_class": "a100-80g",
+    assert pool.model_dump(exclude_unset=True) == {"name": "a100", "gpu_class": "a100-80g", "gpus_per_node": 8,
                                                    "variants": ["qwen-image-edit-2511"]}
     assert (fleet.pool("a100").gpus_per_node, fleet.pool("a100").max_nodes, fleet.pool("a100").nodes) == (8, 2, 1)
 
