@@ -181,7 +181,8 @@ class ModelReplica:
         if options.label_selector:
             actor["label_selector"] = dict(options.label_selector)
         result: dict[str, Any] = {"name": spec.name, "ray_actor_options": actor}
-        if spec.engine.ranks > 1:
+        engine = getattr(spec, "engine", None)  # a swap group's spec has its members' (never parallel: refused)
+        if engine is not None and engine.ranks > 1:
             result.update(placement_options(spec, actor))
         for key in ("max_ongoing_requests", "max_queued_requests", "health_check_period_s",
                     "graceful_shutdown_timeout_s"):
@@ -272,6 +273,12 @@ class ModelReplica:
         return [os.getpid()]
 
     async def check_health(self) -> None:
+        if self._unhealthy is None and isinstance(self.engine, ParallelEngine):
+            # A peer rank that died while the replica was idle: found now, not by the next request.
+            why = await asyncio.get_running_loop().run_in_executor(None, self.engine.dead_peer)
+            if why is not None:
+                self._unhealthy = f"a rank of this multi-GPU replica failed, replica must be replaced: {why}"
+                logger.error("%s: %s", self.variant.id, self._unhealthy)
         if self._unhealthy is not None:
             raise RuntimeError(self._unhealthy)
 

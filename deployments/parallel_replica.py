@@ -74,7 +74,8 @@ def _seeded(job: Job) -> Job:
     return dataclasses.replace(job, request=job.request.model_copy(update={"seed": seed}))
 
 
-@ray.remote
+# Two calls at once: ``pid`` answers (a liveness probe) while ``run`` holds the other slot for a whole call.
+@ray.remote(max_concurrency=2)
 class RankWorker:
     """Rank 1..N-1 of a multi-GPU replica: joins the group, loads the same engine, runs what rank 0 sends."""
 
@@ -136,6 +137,21 @@ class ParallelEngine:
     def warm_up(self) -> None:
         self._on_every_rank([w.warm_up.remote() for w in self.workers], self.local.warm_up)
 
+    def dead_peer(self, timeout_s: float = 10.0) -> str | None:
+        """Why a peer's process is gone, or None. A peer that is merely slow to answer is not judged here: a
+        silent rank is the collective timeout's to find, during a call."""
+        if self._broken is not None:
+            return self._broken
+        refs = [w.pid.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as err:
+                self._broken = f"a peer rank's process is gone: {type(err).__name__}"
+                return self._broken
+        return None
+
     def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
         """Every rank runs ``jobs``; rank 0's results. ``should_stop`` is not obeyed (the module docstring)."""
         jobs = [_seeded(job) for job in jobs]
@@ -170,24 +186,31 @@ class ParallelEngine:
             if time.monotonic() - self._beat > self.timeout_s:
                 self._fail(f"rank 0 made no step for {self.timeout_s:g}s: a peer is stuck in a collective")
         self._check_peers(refs)
-        if "error" in outcome:
-            err = outcome["error"]
-            if _is_collective_error(err):
-                self._fail(f"rank 0's collective failed: {type(err).__name__}: {str(err)[:200]}")
-            raise err
+        error = outcome.get("error")
+        if error is not None and _is_collective_error(error):
+            self._fail(f"rank 0's collective failed: {type(error).__name__}: {str(error)[:200]}")
         try:
             ray.get(refs, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
             self._fail(f"a peer rank did not finish within {self.timeout_s:g}s of rank 0")
+        except ray.exceptions.RayTaskError as err:
+            if error is None:  # rank 0 finished and a peer did not: the ranks parted ways
+                self._fail(f"a peer rank failed: {str(err)[:200]}")
+            # Every rank failed the call (the same inputs fail alike) and left it: the group is intact.
         except ray.exceptions.RayError as err:
             self._fail(f"a peer rank failed: {type(err).__name__}: {str(err)[:200]}")
+        if error is not None:
+            raise error
         return outcome["result"]
 
     def _check_peers(self, refs: list) -> None:
+        """Fail at once when a peer's process is gone (its call cannot end; rank 0 would wait on it)."""
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in ready:
             try:
                 ray.get(ref)
+            except ray.exceptions.RayTaskError:
+                pass  # the peer's call raised; whether that breaks the group is decided once rank 0's ends
             except ray.exceptions.RayError as err:
                 self._fail(f"a peer rank failed: {type(err).__name__}: {str(err)[:200]}")
 

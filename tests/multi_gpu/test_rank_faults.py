@@ -2,8 +2,9 @@
 the replica with a new one whose ranks answer as one process does.
 
 The faults are real: a rank's process is killed (SIGKILL) or stopped (SIGSTOP), by its process id, which the
-replica reports. A stopped rank is found by the collective timeout: rank 0 makes no step for
-``COLLECTIVE_TIMEOUT_S`` (20 s here) and gives up; the test waits that out once.
+replica reports. A killed rank is found at once, mid-call by rank 0 and while idle by the health check; a
+stopped one by the collective timeout: rank 0 makes no step for ``COLLECTIVE_TIMEOUT_S`` (20 s here) and gives
+up; the test waits that out once.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-
-import pytest
 
 from tests.multi_gpu.conftest import COLLECTIVE_TIMEOUT_S
 from tests.multi_gpu.test_parallel_replicas import assert_same_images, both, rank_pids
@@ -43,33 +42,65 @@ def assert_complete_503(response) -> None:
     assert "rank of this multi-GPU replica failed" in error["message"]
 
 
-@pytest.mark.parametrize("how", ["killed", "stopped"])
-def test_a_failed_rank_answers_503_and_serve_replaces_the_replica(http, how):
-    deployment, model = {"killed": ("edit-qwen-image-edit-2511", "qwen-image-edit-2511"),
-                         "stopped": ("gen-z-image-turbo", "z-image-turbo")}[how]
+def replica_info(deployment: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, "parallel").info.remote().result(timeout_s=60)
+
+
+def edit(http, prompt: str, steps: int, size: str = "128x128"):
+    from tests.multi_gpu.test_parallel_replicas import png
+
+    return http.post("/v1/images/edits", data={"model": "qwen-image-edit-2511", "prompt": prompt, "size": size,
+                                               "num_inference_steps": steps, "seed": 4},
+                     files=[("image[]", ("in.png", png((1, 2, 3)), "image/png"))])
+
+
+def test_a_rank_killed_mid_call_fails_the_request_with_503_and_serve_replaces_the_replica(http):
+    """The peer dies while the ranks denoise: rank 0 sees its process gone (through Ray, or its collective
+    failing) and answers at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    deployment = "edit-qwen-image-edit-2511"
     old = rank_pids(deployment)
-    peer = old[1]
-    os.kill(peer, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(edit, http, "the peer is killed", 100, "256x256")  # seconds of denoising here
+        deadline = time.monotonic() + REPLACED_WITHIN_S
+        while replica_info(deployment)["running"] == 0:  # the call has reached the ranks
+            assert not answer.done(), answer.result().text
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(old[1], signal.SIGKILL)
+        assert_complete_503(answer.result())
+    assert len(replaced(deployment, old)) == 2
+    parallel, one = both(http, "qwen-image-edit-2511", prompt="after the kill", size="128x128",
+                         num_inference_steps=2, seed=4)
+    assert_same_images(parallel, one)
+
+
+def test_a_rank_killed_while_idle_is_found_by_the_health_check(http):
+    """No request needs to fail first: the replica's health check sees the peer's process gone."""
+    deployment = "edit-qwen-image-edit-2511"
+    old = rank_pids(deployment)
+    os.kill(old[1], signal.SIGKILL)
+    assert len(replaced(deployment, old)) == 2
+    assert edit(http, "after an idle kill", 2).status_code == 200
+
+
+def test_a_stopped_rank_fails_the_request_after_the_collective_timeout_and_is_replaced(http):
+    deployment = "gen-z-image-turbo"
+    old = rank_pids(deployment)
+    os.kill(old[1], signal.SIGSTOP)
     try:
         started = time.monotonic()
-        fields = {"prompt": f"the peer was {how}", "size": "128x128", "num_inference_steps": 2, "seed": 4}
-        if model == "z-image-turbo":
-            response = http.post("/v1/images/generations", json={"model": model, **fields})
-        else:
-            from tests.multi_gpu.test_parallel_replicas import png
-
-            response = http.post("/v1/images/edits", data={"model": model, **fields},
-                                 files=[("image[]", ("in.png", png((1, 2, 3)), "image/png"))])
-        assert_complete_503(response)
-        if how == "stopped":  # found by the timeout, not by a closed connection
-            assert time.monotonic() - started >= COLLECTIVE_TIMEOUT_S
-        new = replaced(deployment, old)
-        assert len(new) == 2
-        parallel, one = both(http, model, **fields)
+        fields = {"prompt": "the peer was stopped", "size": "128x128", "num_inference_steps": 2, "seed": 4}
+        assert_complete_503(http.post("/v1/images/generations", json={"model": "z-image-turbo", **fields}))
+        assert time.monotonic() - started >= COLLECTIVE_TIMEOUT_S  # found by the timeout, not a closed socket
+        assert len(replaced(deployment, old)) == 2
+        parallel, one = both(http, "z-image-turbo", **fields)
         assert_same_images(parallel, one)
     finally:
-        if how == "stopped":
-            try:
-                os.kill(peer, signal.SIGCONT)  # if its replica's end has not killed it yet
-            except ProcessLookupError:
-                pass
+        try:
+            os.kill(old[1], signal.SIGCONT)  # if its replica's end has not killed it yet
+        except ProcessLookupError:
+            pass
