@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from serve_app.domain.config import AppConfig
 
 LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # schemas.LORA_NAME_PATTERN: what requests may name
+# Attention backends diffusers 0.42.1 registers with supports_context_parallel (models/attention_dispatch.py) that
+# a config may name; the default (unset) is native.
+CONTEXT_PARALLEL_BACKENDS = ("native", "_native_cudnn", "_native_flash", "flash", "sage")
 
 
 def models_are_catalog_variants(config: AppConfig, catalog: Catalog) -> None:
@@ -94,6 +97,10 @@ def parallel_modes_can_run(config: AppConfig, catalog: Catalog) -> None:
         where = f"models.{model_id}.parallel: {text}"
         if (problem := parallel_problem(catalog.variant(model_id), mode)) is not None:
             raise ValueError(f"{where}: {problem}")
+        backend = config.models[model_id].optimizations.attention_backend
+        if mode.kind == "cp" and backend is not None and backend not in CONTEXT_PARALLEL_BACKENDS:
+            raise ValueError(f"{where}: attention_backend {backend!r} has no context-parallel path in diffusers "
+                             f"0.42.1; use one of {', '.join(CONTEXT_PARALLEL_BACKENDS)} or leave it unset")
         if mode.kind == "tp" and config.device.device == "cpu":
             raise ValueError(f"{where}: diffusers 0.42.1 shards tensors only on cuda, neuron, tpu and xpu devices "
                              "(hooks/tensor_parallel.py); on CPU use cp")

@@ -139,6 +139,8 @@ def test_a_multi_gpu_replica_asks_serve_for_one_bundle_per_rank_on_one_node():
                                                                                "offload=sequential"),
     ({EDIT: {"parallel": "cp2", "optimizations": {"step_cache": {"kind": "first_block"}}}}, None, "auto",
      "ranks would skip different steps"),
+    ({EDIT: {"parallel": "cp2", "optimizations": {"attention_backend": "_native_math"}}}, None, "auto",
+     "'_native_math' has no context-parallel path"),
 ])
 def test_a_config_asking_for_a_mode_that_cannot_run_is_refused_at_load(models, pools, device, message):
     data = {"device": {"device": device}, "models": models, **({"pools": pools} if pools else {})}

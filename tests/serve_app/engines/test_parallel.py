@@ -46,3 +46,18 @@ def test_cpu_counts_as_one_device_only_while_diffusers_resolves_the_mesh(one_ran
     with pytest.raises(RuntimeError, match="bigger than default world size 1"):
         context_parallel(tiny_qwen_transformer(), ParallelMode("cp", 2), None)
     assert torch.accelerator.device_count() == before
+
+
+def test_the_configs_context_parallel_backends_are_the_ones_diffusers_runs_it_with():
+    """The config refuses cp with a backend outside CONTEXT_PARALLEL_BACKENDS; diffusers' registry says the
+    same of every backend a config may name."""
+    import typing
+
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    from serve_app.domain.config import AttentionBackend
+    from serve_app.domain.config_rules import CONTEXT_PARALLEL_BACKENDS
+
+    for name in typing.get_args(AttentionBackend):
+        supported = _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(name))
+        assert supported == (name in CONTEXT_PARALLEL_BACKENDS), name
