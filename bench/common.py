@@ -26,6 +26,25 @@ def run_reporting(args: argparse.Namespace, run: Callable[[argparse.Namespace, T
         return run(args, out)
 
 
+def run_ranks(target: Callable[..., None], degree: int, *args: Any, timeout_s: float = 3600) -> Any:
+    """``target(rank, address, results, *args)`` in ``degree`` spawned processes that join one process group at
+    ``address``; what rank 0 puts on ``results``."""
+    import torch.multiprocessing as mp
+
+    from serve_app.runner import free_port
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    processes = [context.Process(target=target, args=(rank, address, results, *args)) for rank in range(degree)]
+    for process in processes:
+        process.start()
+    answer = results.get(timeout=timeout_s)
+    for process in processes:
+        process.join(120)
+    return answer
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))

@@ -37,7 +37,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
-from bench.common import bench_parser, run_reporting
+from bench.common import bench_parser, run_ranks, run_reporting
 from serve_app.domain.calibration import MEASURED_DIR
 from serve_app.domain.catalog import GIB
 
@@ -278,7 +278,7 @@ def record_measurements(report: dict, args, gpu, folder: str):
     return path
 
 
-def _parallel_rank(rank: int, args, variant_id: str, mode: str, address: str, results) -> None:
+def _parallel_rank(rank: int, address: str, results, args, variant_id: str, mode: str) -> None:
     """One rank of ``--parallel``: its own GPU (the only one it sees), the group, the model, timed calls."""
     if args.device == "cuda":
         os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
@@ -308,26 +308,13 @@ def _parallel_rank(rank: int, args, variant_id: str, mode: str, address: str, re
 
 def parallel_rows(args, variant_id: str, gpu, one_gpu: dict | None) -> dict:
     """Every ``--parallel`` mode of one variant: measured on rank 0, beside the planner and the one-GPU row."""
-    import torch.multiprocessing as mp
-
     from serve_app.domain.catalog import default_catalog
     from serve_app.domain.parallelism import ParallelMode, plan_parallel_mode
-    from serve_app.runner import free_port
 
     variant = default_catalog().variant(variant_id)
     rows = {}
     for mode in args.parallel:
-        degree = ParallelMode.parse(mode).degree
-        context = mp.get_context("spawn")
-        results = context.Queue()
-        address = f"tcp://127.0.0.1:{free_port()}"
-        ranks = [context.Process(target=_parallel_rank, args=(r, args, variant_id, mode, address, results))
-                 for r in range(degree)]
-        for process in ranks:
-            process.start()
-        row = results.get(timeout=3600)
-        for process in ranks:
-            process.join(120)
+        row = run_ranks(_parallel_rank, ParallelMode.parse(mode).degree, args, variant_id, mode)
         if gpu is not None:
             planned = plan_parallel_mode(variant, gpu, ParallelMode.parse(mode), args.size, args.size)
             row["planned_total_s"] = planned.seconds_per_image

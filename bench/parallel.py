@@ -29,14 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from bench.common import bench_parser, run_reporting
+from bench.common import bench_parser, run_ranks, run_reporting
 from serve_app.domain.catalog import default_catalog
 from serve_app.domain.config import parse_config
 from serve_app.domain.schemas import GenerateRequest
 from serve_app.domain.specs import engine_spec
 from serve_app.embedded import tiny_model_config
 from serve_app.engines.random_weights import build_all
-from serve_app.runner import free_port
 
 VARIANT = "z-image-turbo"
 RANKS = 2
@@ -74,7 +73,7 @@ def one_process(tiny_dir: Path, threads: int, size: int, steps: int, images: int
     return _timed_calls(_engine(tiny_dir, None), size, steps, images)
 
 
-def _rank(rank: int, tiny_dir: Path, address: str, size: int, steps: int, images: int, results) -> None:
+def _rank(rank: int, address: str, results, tiny_dir: Path, size: int, steps: int, images: int) -> None:
     import torch
 
     from serve_app.engines.parallel import RankGroup, leave
@@ -88,19 +87,7 @@ def _rank(rank: int, tiny_dir: Path, address: str, size: int, steps: int, images
 
 
 def ranks(tiny_dir: Path, size: int, steps: int, images: int):
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    address = f"tcp://127.0.0.1:{free_port()}"
-    processes = [context.Process(target=_rank, args=(r, tiny_dir, address, size, steps, images, results))
-                 for r in range(RANKS)]
-    for process in processes:
-        process.start()
-    measured = results.get(timeout=1800)
-    for process in processes:
-        process.join(60)
-    return measured
+    return run_ranks(_rank, RANKS, tiny_dir, size, steps, images, timeout_s=1800)
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:

@@ -36,6 +36,7 @@ from serve_app.domain.planner import (
     Plan,
     PlannerSettings,
     estimate_seconds,
+    request_shape,
     stage_activations,
 )
 from serve_app.domain.shapes import transformer_tokens
@@ -231,10 +232,7 @@ def estimate_parallel_seconds(
     """Seconds per image: the one-GPU denoising over N, the exchanged bytes over the peer link, and the rest as on
     one GPU, plus moving every component in once per image under ``model`` offload."""
     settings = settings or PlannerSettings()
-    width = width or variant.defaults.width
-    height = height or variant.defaults.height
-    if num_input_images is None:
-        num_input_images = 1 if "edit" in variant.tasks else 0
+    width, height, num_input_images = request_shape(variant, width, height, num_input_images)
     one = estimate_seconds(variant, gpu, "none", width, height, num_input_images, num_inference_steps,
                            settings=settings, calibration=calibration)
     sent = exchanged_bytes_per_forward(variant, mode, transformer_tokens(width, height, num_input_images))
@@ -263,10 +261,7 @@ def plan_parallel_mode(
     """Whether ``variant`` runs in ``mode`` on GPUs of ``gpu``'s class: the first offload mode (resident first)
     whose per-GPU peak fits."""
     settings = settings or PlannerSettings()
-    width = width or variant.defaults.width
-    height = height or variant.defaults.height
-    if num_input_images is None:
-        num_input_images = 1 if "edit" in variant.tasks else 0
+    width, height, num_input_images = request_shape(variant, width, height, num_input_images)
     usable = round(gpu.vram_gib - settings.margin_gib(gpu.vram_gib), 2)
     base = dict(gpu=gpu.id, variant=variant.id, mode=str(mode), degree=mode.degree, usable_vram_gib=usable)
     if (problem := parallel_problem(variant, mode, gpu, gpus_per_node)) is not None:

@@ -121,6 +121,15 @@ class Plan(BaseModel):
         default=None, description="Expected seconds for one image in the chosen mode (estimate_seconds), or null.")
 
 
+def request_shape(variant: ModelVariant, width: int | None, height: int | None,
+                  num_input_images: int | None) -> tuple[int, int, int]:
+    """A request's output size and input images, the variant's defaults where not given (one input image for
+    an edit variant)."""
+    if num_input_images is None:
+        num_input_images = 1 if "edit" in variant.tasks else 0
+    return width or variant.defaults.width, height or variant.defaults.height, num_input_images
+
+
 def _sms_text(sms: list[int]) -> str:
     return "sm_" + "/".join(str(s) for s in sms)
 
@@ -326,10 +335,7 @@ def plan(
     """
     settings = settings or PlannerSettings()
     calibration = calibration or default_calibration()
-    width = width or variant.defaults.width
-    height = height or variant.defaults.height
-    if num_input_images is None:
-        num_input_images = 1 if "edit" in variant.tasks else 0
+    width, height, num_input_images = request_shape(variant, width, height, num_input_images)
     usable = round(gpu.vram_gib - settings.margin_gib(gpu.vram_gib), 2)
     base = dict(
         gpu=gpu.id, variant=variant.id, usable_vram_gib=usable, width=width, height=height,
@@ -414,10 +420,7 @@ def estimate_seconds(
     settings = settings or PlannerSettings()
     calibration = calibration or default_calibration()
     timing = calibration.timing
-    width = width or variant.defaults.width
-    height = height or variant.defaults.height
-    if num_input_images is None:
-        num_input_images = 1 if "edit" in variant.tasks else 0
+    width, height, num_input_images = request_shape(variant, width, height, num_input_images)
     steps = num_inference_steps or variant.defaults.num_inference_steps
     t = variant.transformer
     tokens = transformer_tokens(width, height, num_input_images)
