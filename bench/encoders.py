@@ -2,9 +2,10 @@
 
 Compares what the replica can encode with: Pillow's PNG at zlib levels 6 (its default), 1 and 0,
 imageserve's own PNG writer (``serve_app.domain.images.encode_png_rgb``: the Up filter vectorised,
-deflate over bands of rows in parallel), JPEG and WEBP at OpenAI's output_compression 100 and 90, and,
-where installed, OpenCV's PNG and JPEG and imagecodecs' PNG (zlib-ng). The replica's choices come from
-this table (docs/benchmarks.md).
+zlib-ng's run-length deflate over bands of rows in parallel; also with the stdlib zlib, as it was before
+zlib-ng), JPEG and WEBP at OpenAI's output_compression 100 and 90, and, where installed, OpenCV's PNG
+and JPEG, imagecodecs' PNG (zlib-ng) and fpng (``pip install fpng``). The replica's choices come from this
+table (docs/benchmarks.md).
 
     .venv/bin/python -m bench.encoders [--size 1024] [--repeats 5] [--json]
 """
@@ -52,18 +53,28 @@ def optional_encoders() -> dict:
         found["imagecodecs png level 1"] = lambda pixels: imagecodecs.png_encode(pixels, level=1)
     except ImportError:
         pass
+    try:
+        import fpng
+
+        found["fpng"] = fpng.from_ndarray
+    except ImportError:
+        pass
     return found
 
 
 def encoders() -> dict:
+    import zlib
+
     from serve_app.domain.images import encode_png_rgb
 
     return {
         "pillow png level 6 (Pillow's default)": pillow("PNG"),
         "pillow png level 1": pillow("PNG", compress_level=1),
         "pillow png level 0": pillow("PNG", compress_level=0),
-        "imageserve png level 1, 1 band": lambda pixels: encode_png_rgb(pixels, bands=1),
-        "imageserve png level 1 (all bands)": encode_png_rgb,
+        "imageserve png, stdlib zlib, 1 band": lambda pixels: encode_png_rgb(pixels, bands=1, deflater=zlib),
+        "imageserve png, stdlib zlib (all bands)": lambda pixels: encode_png_rgb(pixels, deflater=zlib),
+        "imageserve png, zlib-ng, 1 band": lambda pixels: encode_png_rgb(pixels, bands=1),
+        "imageserve png, zlib-ng (all bands)": encode_png_rgb,
         "pillow jpeg q100 (OpenAI's default)": pillow("JPEG", quality=100),
         "pillow jpeg q90": pillow("JPEG", quality=90),
         "pillow webp q100": pillow("WEBP", quality=100),

@@ -58,6 +58,17 @@ def test_the_png_encoder_is_lossless_for_any_shape_and_band_count(height, width,
     assert np.array_equal(np.asarray(back), pixels)
 
 
+def test_zlib_ng_writes_a_stream_the_stdlib_zlib_reads_back_to_the_same_rows():
+    """The writer's deflater swapped (issue 31): the IDAT stream must stay a plain zlib stream."""
+    import zlib
+
+    pixels = np.random.default_rng(5).integers(0, 256, (33, 17, 3), dtype=np.uint8)
+    ours, stdlib = encode_png_rgb(pixels, bands=3), encode_png_rgb(pixels, bands=3, deflater=zlib)
+    idat = ours[ours.index(b"IDAT") + 4:ours.index(b"IEND") - 8]
+    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(33, 17 * 3 + 1)
+    assert (raw[:, 0] == 2).all() and np.array_equal(np.asarray(decoded(stdlib)), pixels)
+
+
 def test_the_png_encoder_compresses_a_photo_like_image_about_as_well_as_pillow():
     from serve_app.engines.gpu_doubles import photo_like_image
 
