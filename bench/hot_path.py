@@ -16,8 +16,16 @@ Each is driven through HTTP and through a Python handle at 1, 4 and 16 clients, 
 ``T`` = 1.0 and 0.25 s. Printed per cell: images/s, its fraction of the limit, and the p50 and p95 latency
 added over ``T``.
 
+Then, per format at one client, where the added time goes (``--hop-requests`` requests, medians), from
+imageserve's own stamps (``timings``, and the ``Server-Timing`` header over HTTP) and the client's clock:
+the replica's encode, replica -> router (``to_router_s``), the router writing the body (``answer``), the
+rest until the response's headers reach the client (the request's way in, and router -> proxy), and
+headers -> last byte (proxy -> client). Beside it, in the same Ray, Serve's floor for the same bytes: an
+ingress and one replica that returns imageserve's very answer (the same JSON bytes, made once), which the
+ingress sends as they are; over HTTP and through a handle. Nothing is cheaper for Serve to carry.
+
     .venv/bin/python -m bench.hot_path [--seconds-per-image 1.0,0.25] [--clients 1,4,16] [--formats png,jpeg]
-                                       [--size 1024] [--rounds 3] [--json]
+                                       [--size 1024] [--rounds 3] [--hop-requests 20] [--json]
 """
 
 from __future__ import annotations
@@ -90,6 +98,118 @@ def cell(call, seconds_per_image: float, clients: int, rounds: int) -> dict:
     }
 
 
+def deploy_serve_floor(answers: dict[str, bytes]) -> None:
+    """Serve's own cost for these answers: FastAPI ingress -> handle -> one replica returning the answer's
+    bytes, sent on as they are (no encode, no JSON work anywhere), at ``/floor``; ``answer`` by handle."""
+    from fastapi import FastAPI, Response
+    from ray import serve
+
+    @serve.deployment(name="floor-replica", ray_actor_options={"num_cpus": 0})
+    class FloorReplica:
+        async def answer(self, fmt: str) -> bytes:
+            return answers[fmt]
+
+    api = FastAPI()
+
+    @serve.deployment(name="floor-ingress", ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class FloorIngress:
+        def __init__(self, replica) -> None:
+            self.replica = replica
+
+        @api.post("/v1/images/generations")
+        async def generations(self, body: dict) -> Response:
+            return Response(await self.replica.answer.remote(body["output_format"]), media_type="application/json")
+
+        async def answer(self, fmt: str) -> bytes:
+            return await self.replica.answer.remote(fmt)
+
+    serve.run(FloorIngress.bind(FloorReplica.bind()), name="floor", route_prefix="/floor")
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: queue;dur=1.2, ...`` as {stage: milliseconds}."""
+    stages = {}
+    for part in filter(None, (p.strip() for p in header.split(","))):
+        name, _, duration = part.partition(";dur=")
+        stages[name] = float(duration)
+    return stages
+
+
+def hops(client, handle, floor_handle, fmt: str, body: dict, seconds_per_image: float, requests: int) -> dict:
+    """Medians, in ms, of where one client's requests spend the time around the GPU, and Serve's floor."""
+    samples: dict[str, list[float]] = {}
+
+    def add(name: str, ms: float) -> None:
+        samples.setdefault(name, []).append(ms)
+
+    t_ms = 1000 * seconds_per_image
+    for _ in range(requests):
+        started = time.perf_counter()
+        with client.stream("POST", "/v1/images/generations", json=body) as response:
+            headers_at = time.perf_counter()
+            response.read()
+        done = time.perf_counter()
+        response.raise_for_status()
+        stages = server_timing(response.headers["server-timing"])
+        add("http added", 1000 * (done - started) - t_ms)
+        for stage in ("queue", "encode", "to_router", "answer"):
+            add(f"http {stage}", stages[stage])
+        add("http rest to headers", 1000 * (headers_at - started) - sum(stages.values()))
+        add("http headers to last byte", 1000 * (done - headers_at))
+        add("bytes", len(response.content))
+
+        started = time.perf_counter()
+        result = handle.generate.remote(body_request(body)).result()
+        done = time.perf_counter()
+        add("handle added", 1000 * (done - started) - t_ms)
+        timings = result.timings
+        add("handle encode", 1000 * timings["encode_s"])
+        add("handle to_router", 1000 * timings["to_router_s"])
+        add("handle rest", 1000 * (done - started - sum(timings[k] for k in ("queue_s", "total_s", "encode_s",
+                                                                               "to_router_s"))))
+
+        started = time.perf_counter()
+        floor = client.post("/floor/v1/images/generations", json=body)
+        add("floor http", 1000 * (time.perf_counter() - started))
+        floor.raise_for_status()
+        started = time.perf_counter()
+        floor_handle.answer.remote(fmt).result()
+        add("floor handle", 1000 * (time.perf_counter() - started))
+    return {name: round(percentile(values, 50), 1) for name, values in samples.items()}
+
+
+def body_request(body: dict):
+    from serve_app.domain.schemas import GenerateRequest
+
+    return GenerateRequest(**body)
+
+
+def run_hops(service, size: str, seconds_per_image: float, args: argparse.Namespace) -> dict:
+    """The per-hop breakdown of imageserve's path at one client, beside Serve's floor (``deploy_serve_floor``)
+    for the very bytes imageserve answered."""
+    import httpx
+    from ray import serve
+
+    report = {}
+    with httpx.Client(base_url=service.url, timeout=600) as client:
+        bodies = {fmt: {"prompt": "a lighthouse at dusk", "size": size, "output_format": fmt, "seed": 1}
+                  for fmt in args.formats}
+        answers = {}
+        for fmt, body in bodies.items():
+            response = client.post("/v1/images/generations", json=body)
+            response.raise_for_status()
+            answers[fmt] = response.content
+        deploy_serve_floor(answers)
+        handle, floor_handle = serve.get_app_handle("pool"), serve.get_app_handle("floor")
+        for fmt, body in bodies.items():
+            hops(client, handle, floor_handle, fmt, body, seconds_per_image, 2)  # warm every path
+            report[fmt] = hops(client, handle, floor_handle, fmt, body, seconds_per_image, args.hop_requests)
+            print(f"  T={seconds_per_image}s hops {fmt}: {report[fmt]}", file=sys.stderr)
+    serve.delete("floor")
+    return report
+
+
 def run_t(tiny_dir: Path, seconds_per_image: float, args: argparse.Namespace) -> dict:
     import httpx
     from ray import serve
@@ -125,9 +245,10 @@ def run_t(tiny_dir: Path, seconds_per_image: float, args: argparse.Namespace) ->
                             key = f"{path}/{fmt}/{transport}/{clients}"
                             results[key] = cell(call, seconds_per_image, clients, args.rounds)
                             print(f"  T={seconds_per_image}s {key}: {results[key]}", file=sys.stderr)
+        hop_report = run_hops(service, size, seconds_per_image, args) if args.hop_requests else {}
     finally:
         service.stop()
-    return results
+    return results, hop_report
 
 
 def ratios(results: dict) -> dict:
@@ -150,8 +271,9 @@ def run(args: argparse.Namespace, out) -> int:
     build_all(tiny_dir)  # the config names a source; the double loads nothing from it
     report: dict = {"size": args.size, "cpus": os.cpu_count(), "runs": {}}
     for seconds_per_image in args.seconds_per_image:
-        results = run_t(tiny_dir, seconds_per_image, args)
-        report["runs"][str(seconds_per_image)] = {"results": results, "pool_vs_inline": ratios(results)}
+        results, hop_report = run_t(tiny_dir, seconds_per_image, args)
+        report["runs"][str(seconds_per_image)] = {"results": results, "pool_vs_inline": ratios(results),
+                                                  "hops": hop_report}
     if args.json:
         print(json.dumps(report, indent=2), file=out)
         return 0
@@ -165,7 +287,24 @@ def run(args: argparse.Namespace, out) -> int:
             print(f"{rest:<24} {new['images_per_s']:>10.3f} {new['of_gpu_limit']:>9.3f} {new['added_p50_ms']:>8.0f}"
                   f" {new['added_p95_ms']:>8.0f} | {old['images_per_s']:>12.3f} {old['of_gpu_limit']:>9.3f}"
                   f" {old['added_p50_ms']:>8.0f} | {ratio['images_per_s_x']:>7.2f}", file=out)
+        for fmt, row in run_report["hops"].items():
+            print_hops(fmt, row, float(t), out)
     return 0
+
+
+def print_hops(fmt: str, row: dict, seconds_per_image: float, out) -> None:
+    """One format's breakdown: each hop's median ms, and the goals' ratios against the floor."""
+    print(f"\n{fmt}, one client, {row['bytes'] / 1e6:.2f} MB answer, medians (ms):", file=out)
+    for name in ("http added", "http queue", "http encode", "http to_router", "http answer", "http rest to headers",
+                 "http headers to last byte", "floor http", "handle added", "handle encode", "handle to_router",
+                 "handle rest", "floor handle"):
+        print(f"  {name:<28} {row[name]:>8.1f}", file=out)
+    over_http = row["http added"] - (row["http encode"] if fmt == "png" else 0.0)
+    print(f"  HTTP added{' less the PNG encode' if fmt == 'png' else ''} / Serve floor: "
+          f"{over_http / row['floor http']:.2f}x; handle: "
+          f"{(row['handle added'] - (row['handle encode'] if fmt == 'png' else 0.0)) / row['floor handle']:.2f}x; "
+          f"GPU kept at {seconds_per_image / (seconds_per_image + row['http added'] / 1000):.3f} of its limit "
+          f"over HTTP", file=out)
 
 
 def main() -> int:
@@ -176,6 +315,8 @@ def main() -> int:
     parser.add_argument("--formats", type=lambda t: t.split(","), default=["png", "jpeg"])
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--rounds", type=int, default=3, help="requests per client in each cell")
+    parser.add_argument("--hop-requests", type=int, default=20,
+                        help="requests per format for the per-hop breakdown at one client (0: none)")
     return run_reporting(parser.parse_args(), run)
 
 

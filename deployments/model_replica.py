@@ -41,7 +41,7 @@ from serve_app.domain.errors import (
     RequestCancelledError,
     UnsupportedValueError,
 )
-from serve_app.domain.images import encode_image, limit_pillow, to_pil
+from serve_app.domain.images import encode_image, encode_image_b64, limit_pillow, to_pil
 from serve_app.domain.placement import GPU_CLASS_LABEL
 from serve_app.domain.planner import estimate_vram, plan
 from serve_app.domain.schemas import (
@@ -84,7 +84,8 @@ class _Made:
     job: Job
     result: EngineResult
     queue_s: float
-    encoded: list[bytes] | None = None
+    encoded: list[bytes] | None = None  # base64 texts (encode_workers 0: written on the GPU's thread)
+    encode_s: float = 0.0
 
 
 def _replica_id() -> str | None:
@@ -400,14 +401,15 @@ class ModelReplica:
     async def _encoded(self, made: _Made) -> ImageResult:
         """The job's images encoded in the encoder pool, in parallel, after its batch left the GPU's thread."""
         if made.encoded is not None:  # encode_workers 0: encoded on the GPU's thread already
-            return self._image_result(made.job, made.result, made.queue_s, made.encoded)
+            return self._image_result(made.job, made.result, made.queue_s, made.encoded, made.encode_s)
         request = made.job.request
         loop = asyncio.get_running_loop()
-        images = await asyncio.gather(*(
-            loop.run_in_executor(self._encoders, encode_image, image, request.output_format,
+        started = time.perf_counter()
+        texts = await asyncio.gather(*(
+            loop.run_in_executor(self._encoders, encode_image_b64, image, request.output_format,
                                  request.output_compression, self.spec.png_writer)
             for image in made.result.images))
-        return self._image_result(made.job, made.result, made.queue_s, list(images))
+        return self._image_result(made.job, made.result, made.queue_s, list(texts), time.perf_counter() - started)
 
     async def _run_batch(self, jobs: list[Job]) -> list[_Made | Exception]:
         """Run one batch in the worker thread; a failure becomes every job's classified error."""
@@ -452,12 +454,14 @@ class ModelReplica:
             queue_s = started - job.arrived
             self.metrics.observe(result.timings, queue_s, job.num_inference_steps, len(result.images),
                                  result.denoised_images)
-            encoded = None
+            encoded, encode_s = None, 0.0
             if self._encoders is None:
                 request = job.request
-                encoded = [encode_image(image, request.output_format, request.output_compression, self.spec.png_writer)
-                           for image in result.images]
-            answers.append(_Made(job, result, queue_s, encoded))
+                encode_started = time.perf_counter()
+                encoded = [encode_image_b64(image, request.output_format, request.output_compression,
+                                            self.spec.png_writer) for image in result.images]
+                encode_s = time.perf_counter() - encode_started
+            answers.append(_Made(job, result, queue_s, encoded, encode_s))
         return answers
 
     def _usage(self, job: Job, result: EngineResult) -> Usage:
@@ -470,11 +474,13 @@ class ModelReplica:
                      input_tokens_details={"image_tokens": image_tokens, "text_tokens": text},
                      output_tokens=output_tokens, total_tokens=text + image_tokens + output_tokens)
 
-    def _image_result(self, job: Job, result: EngineResult, queue_s: float, images: list[bytes]) -> ImageResult:
+    def _image_result(self, job: Job, result: EngineResult, queue_s: float, texts: list[bytes],
+                      encode_s: float) -> ImageResult:
+        """``texts``: the images' base64 (``encode_image_b64``)."""
         request = job.request
         return ImageResult(
             variant=self.variant.id,
-            images=images,
+            b64_images=texts,
             output_format=request.output_format,
             quality=request.quality or "auto",
             usage=self._usage(job, result),
@@ -482,7 +488,8 @@ class ModelReplica:
             width=job.width,
             height=job.height,
             num_inference_steps=job.num_inference_steps,
-            timings={**{k: round(v, 4) for k, v in result.timings.items()}, "queue_s": round(queue_s, 4)},
+            timings={**{k: round(v, 4) for k, v in result.timings.items()}, "queue_s": round(queue_s, 4),
+                     "encode_s": round(encode_s, 4)},
             replica=self.replica,
             gpu_class=self.gpu_class,
             pool=self.spec.pool.name if self.spec.pool else None,
@@ -490,6 +497,7 @@ class ModelReplica:
             fits_node=self.fits_node,
             batch_images=result.batch_images,
             created=int(time.time()),
+            replied_at=time.time(),
         )
 
     def _classify(self, err: Exception) -> Exception:

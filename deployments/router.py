@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -80,6 +81,13 @@ def lora_load_cost(result: ImageResult, cost: float) -> float:
     if load_s <= 0 or work_s <= 0:
         return 0.0
     return cost * load_s / work_s
+
+
+def received(result: ImageResult) -> None:
+    """Time Ray took to bring ``result`` from the replica (``timings.to_router_s``). Replica and router may be on
+    two nodes: their clocks agree to NTP's precision, and a skew that would make it negative counts as 0."""
+    if result.replied_at is not None:
+        result.timings["to_router_s"] = round(max(0.0, time.time() - result.replied_at), 4)
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -420,7 +428,8 @@ class Router:
                             accepted = True
                         previewed |= isinstance(event, PartialImage)
                         if isinstance(event, ImageResult):
-                            route.observe(event.timings.get("total_s", 0.0) / max(len(event.images), 1))
+                            received(event)
+                            route.observe(event.timings.get("total_s", 0.0) / max(len(event.b64_images), 1))
                         yield event
                     finished = True
                     return

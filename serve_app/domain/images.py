@@ -11,6 +11,7 @@ in worker threads, and sends the replica the pixels re-encoded as a plain PNG (`
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -427,6 +428,13 @@ def encode_image(image: np.ndarray | Image.Image, output_format: OutputFormat = 
     quality = DEFAULT_OUTPUT_COMPRESSION if output_compression is None else output_compression
     to_pil(image).save(buffer, format="JPEG" if output_format == "jpeg" else "WEBP", quality=quality)
     return buffer.getvalue()
+
+
+def encode_image_b64(image: np.ndarray | Image.Image, output_format: OutputFormat = "png",
+                     output_compression: int | None = None, png_writer: PngWriter = "imageserve") -> bytes:
+    """``encode_image``'s bytes as base64 (ASCII bytes): the answer's ``b64_json`` text, written where the image
+    is encoded so nothing after the replica touches the megabytes again (``ImageResult.openai_body``)."""
+    return base64.b64encode(encode_image(image, output_format, output_compression, png_writer))
 
 
 def encode_png(image: np.ndarray | Image.Image) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
@@ -258,13 +259,17 @@ class StageTimings(TypedDict, total=False):
     denoise_s: float
     total_s: float
     queue_s: float  # waiting in the replica's queue for a batch (the replica adds it)
+    encode_s: float  # the images encoded, and their base64 written, in the replica's encoder threads
+    to_router_s: float  # from the replica handing the result over to the router holding it: Ray moving it
 
 
 class ImageResult(BaseModel):
     """What a generate or edit call returns, through a handle or (as JSON) over HTTP."""
 
     variant: str = Field(description="The catalog variant that ran.")
-    images: list[bytes] = Field(description="Encoded images (output_format), one per image.")
+    b64_images: list[bytes] = Field(description=(
+        "Encoded images (output_format) in base64, as ASCII bytes, one per image: the answer's b64_json texts, "
+        "written once in the replica's encoder threads. ``images`` decodes them."))
     output_format: OutputFormat = "png"
     quality: Quality = Field(default="auto", description="The quality preset asked for (auto: the default steps).")
     usage: Usage | None = None
@@ -281,6 +286,18 @@ class ImageResult(BaseModel):
     retried_from: str | None = Field(default=None, description="Pool of a first try that ran out of memory.")
     batch_images: int = Field(default=1, description="Images computed in the same pipeline call (batching).")
     created: int
+    replied_at: float | None = Field(default=None, description=(
+        "Epoch seconds when the replica handed the result over: the router's ``timings.to_router_s`` is from it."))
+
+    @classmethod
+    def encoded(cls, images: list[bytes], **fields) -> ImageResult:
+        """A result of encoded images given as raw bytes (tests, and callers that build one themselves)."""
+        return cls(b64_images=[base64.b64encode(data) for data in images], **fields)
+
+    @property
+    def images(self) -> list[bytes]:
+        """The encoded images (output_format), decoded from their base64 on each access."""
+        return [base64.b64decode(text) for text in self.b64_images]
 
     def pil_images(self) -> list[Image.Image]:
         return [Image.open(io.BytesIO(data)) for data in self.images]
@@ -289,11 +306,27 @@ class ImageResult(BaseModel):
         """The OpenAI images response, plus imageserve's metadata next to it. ``internals``: also where it ran
         and its stage timings (replica, pool, GPU class, queue time), which a multi-tenant endpoint hides:
         they show other callers' load."""
+        return self._openai_fields(internals, [text.decode("ascii") for text in self.b64_images])
+
+    def openai_body(self, internals: bool = True) -> bytes:
+        """``to_openai`` as the JSON bytes Starlette's ``JSONResponse`` would write for it, byte for byte, with
+        the base64 texts spliced in as they came from the replica: megabytes are copied once, never decoded,
+        re-encoded, escaped by ``json.dumps`` or re-validated (issue 31; 9.6 ms for a 2.65 MB PNG before).
+        The placeholder is found by its exact bytes: inside a JSON string its quotes would be escaped."""
+        hole = b'"b64_json":""'
+        pieces = _json_bytes(self._openai_fields(internals, [""] * len(self.b64_images))).split(hole)
+        assert len(pieces) == len(self.b64_images) + 1, "one placeholder per image"
+        spliced = [pieces[0]]
+        for text, rest in zip(self.b64_images, pieces[1:], strict=True):
+            spliced += [b'"b64_json":"', text, b'"', rest]
+        return b"".join(spliced)
+
+    def _openai_fields(self, internals: bool, texts: list[str]) -> dict:
         answer = {
             "created": self.created,
             "data": [
-                {"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed, "revised_prompt": None}
-                for png, seed in zip(self.images, self.seeds, strict=True)
+                {"b64_json": text, "seed": seed, "revised_prompt": None}
+                for text, seed in zip(texts, self.seeds, strict=True)
             ],
             "model": self.variant,
             "background": "opaque",
@@ -308,6 +341,11 @@ class ImageResult(BaseModel):
             answer.update({"timings": self.timings, "replica": self.replica, "gpu_class": self.gpu_class,
                            "pool": self.pool, "retried_from": self.retried_from, "batch_images": self.batch_images})
         return answer
+
+
+def _json_bytes(content: object) -> bytes:
+    """JSON as Starlette's ``JSONResponse.render`` writes it (compact, UTF-8, no NaN)."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
 
 
 # ---- model cards (GET /v1/models) ------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ def test_generation_returns_pngs_of_the_asked_size_with_metadata(http):
     assert body["model"] == "z-image-turbo"
     assert body["seeds"] == [11, 12] and [d["seed"] for d in body["data"]] == [11, 12]
     assert body["timings"]["total_s"] > 0 and body["num_inference_steps"] == 2
+    assert body["timings"]["encode_s"] > 0 and body["timings"]["to_router_s"] >= 0
+    assert [part.split(";")[0] for part in response.headers["server-timing"].split(", ")] == [
+        "queue", "total", "encode", "to_router", "answer"]
     assert body["gpu_class"] == "cpu" and body["replica"]
     assert isinstance(body["created"], int)
 

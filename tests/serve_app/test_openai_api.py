@@ -255,7 +255,7 @@ def test_edit_forms_are_parsed_under_file_field_and_part_limits():
 def test_answers_hide_where_they_ran_when_internals_are_off():
     from serve_app.domain.schemas import ImageResult
 
-    result = ImageResult(variant="z-image-turbo", images=[b"png"], seeds=[1], width=64, height=64,
+    result = ImageResult.encoded([b"png"], variant="z-image-turbo", seeds=[1], width=64, height=64,
                          num_inference_steps=1, timings={"queue_s": 3.0, "total_s": 4.0}, replica="r1",
                          gpu_class="h100", pool="big", created=0)
     shown = result.to_openai()
@@ -263,6 +263,38 @@ def test_answers_hide_where_they_ran_when_internals_are_off():
     hidden = result.to_openai(internals=False)
     assert not {"timings", "replica", "pool", "gpu_class", "retried_from", "batch_images"} & set(hidden)
     assert hidden["model"] == "z-image-turbo" and hidden["seeds"] == [1] and hidden["data"][0]["seed"] == 1
+
+
+@pytest.mark.parametrize("internals", [True, False])
+def test_an_image_answer_is_the_spliced_body_with_server_timing_only_among_internals(internals):
+    """The route sends the replica's base64 spliced into the JSON (issue 31), byte for byte what JSONResponse
+    wrote before; Server-Timing names the stages' milliseconds only where answers show internals."""
+    from starlette.responses import JSONResponse
+
+    from serve_app.domain.schemas import ImageResult
+    from serve_app.openai_api.routes import create_api
+
+    result = ImageResult.encoded([b"\x89PNG" * 1000], variant="z-image-turbo", seeds=[1], width=64, height=64,
+                                 num_inference_steps=1, created=0,
+                                 timings={"queue_s": 0.002, "total_s": 0.5, "encode_s": 0.0105, "to_router_s": 0.003})
+
+    class OneAnswer:
+        async def generate(self, request, key_id=None):
+            return result
+
+        def record_error(self, task: str, reason: str) -> None:
+            pass
+
+    with TestClient(create_api(OneAnswer(), HttpSpec(show_internals=internals))) as client:
+        answer = client.post("/v1/images/generations", json={"prompt": "a cat"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    assert answer.content == JSONResponse(result.to_openai(internals=internals)).body
+    if internals:
+        stages = [part.split(";")[0] for part in answer.headers["server-timing"].split(", ")]
+        assert stages == ["queue", "total", "encode", "to_router", "answer"]
+        assert "encode;dur=10.5" in answer.headers["server-timing"]
+    else:
+        assert "server-timing" not in answer.headers
 
 
 def test_server_errors_name_no_pool_or_gpu_when_internals_are_off():

@@ -7,15 +7,39 @@ from serve_app.domain.schemas import GenerateRequest, ImageResult, ImagesRespons
 
 
 def test_the_http_answer_is_what_the_schema_declares():
-    result = ImageResult(
-        variant="z-image-turbo", images=[b"\x89PNG one", b"\x89PNG two"], output_format="png", quality="low",
-        usage=Usage(input_tokens=12, input_tokens_details={"text_tokens": 12, "image_tokens": 0},
-                    output_tokens=512, total_tokens=524),
-        seeds=[7, 8], width=256, height=256, num_inference_steps=4, timings={"total_s": 0.5}, created=1)
-    answer = ImagesResponse.model_validate(result.to_openai())
+    answer = ImagesResponse.model_validate(two_images().to_openai())
     assert [d.seed for d in answer.data] == [7, 8]
     assert (answer.size, answer.output_format, answer.quality) == ("256x256", "png", "low")
     assert answer.usage.total_tokens == 524
+
+
+def two_images(**fields) -> ImageResult:
+    return ImageResult.encoded(
+        [b"\x89PNG one", b"\x89PNG two"], variant="z-image-turbo", output_format="png", quality="low",
+        usage=Usage(input_tokens=12, input_tokens_details={"text_tokens": 12, "image_tokens": 0},
+                    output_tokens=512, total_tokens=524),
+        seeds=[7, 8], width=256, height=256, num_inference_steps=4, timings={"total_s": 0.5}, created=1, **fields)
+
+
+@pytest.mark.parametrize("internals", [True, False])
+@pytest.mark.parametrize("fields", [{}, {"pool": 'a "quoted" \\ pool \u00e9', "replica": '"b64_json":""'},
+                                    {"retried_from": "small"}])
+def test_the_spliced_body_is_byte_for_byte_what_json_response_writes(internals, fields):
+    """The replica's base64 is spliced into the answer (issue 31): the bytes must be what Starlette's
+    JSONResponse writes for ``to_openai``, whatever the other fields hold, a placeholder look-alike included."""
+    from starlette.responses import JSONResponse
+
+    result = two_images(**fields)
+    assert result.openai_body(internals) == JSONResponse(result.to_openai(internals)).body
+    assert result.images == [b"\x89PNG one", b"\x89PNG two"]
+
+
+def test_a_result_carries_its_images_as_the_base64_the_answer_sends():
+    import base64
+
+    result = two_images()
+    assert result.b64_images == [base64.b64encode(b"\x89PNG one"), base64.b64encode(b"\x89PNG two")]
+    assert [d["b64_json"] for d in result.to_openai()["data"]] == [t.decode() for t in result.b64_images]
 
 
 @pytest.mark.parametrize("field, value", [("guidance_scale", False), ("n", "2"), ("n", True), ("seed", 1.5)])
