@@ -21,6 +21,29 @@ def test_placement_benchmark_runs_and_reports_the_router_against_both_baselines(
     assert set(load["router_over_best_baseline"]) == {"mean", "p95"}
 
 
+def test_the_time_averaged_costs_report_beside_the_router():
+    out = subprocess.run([sys.executable, "-m", "bench.placement", "--requests", "300", "--loads", "0.5",
+                          "--averaged", "--json"], capture_output=True, text=True, check=True, timeout=120,
+                         cwd=ROOT).stdout
+    tried = json.loads(out)["loads"]["50%"]["averaged_over_best_baseline"]
+    assert len(tried) == 3 and all(r["mean"] > 0 and r["p95"] > 0 for r in tried.values())
+
+
+def test_a_time_averaged_load_follows_the_count_over_time(catalog):
+    """The averaged count moves toward the instant count with the time constant: e^-1 of the gap left after tau."""
+    import math
+
+    from bench.placement import TimeAveragedTable
+    from serve_app.domain.routing import Route
+
+    table = TimeAveragedTable(catalog, {"z-image-turbo": [Route(pool="p", gpu_class=None, deployment="d")]}, {})
+    table.set_clock(0.0)
+    table.outstanding["d"] = 4
+    table.set_clock(0.0)
+    table.set_clock(table.tau_s)
+    assert table.average["d"] == pytest.approx(4 * (1 - math.exp(-1)))
+
+
 def test_fleet_capacity_is_the_best_split_of_the_workload(catalog):
     from bench.placement import capacity
     from serve_app.domain.routing import Route, RoutingTable
