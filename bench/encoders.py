@@ -4,8 +4,9 @@ Compares what the replica can encode with: Pillow's PNG at zlib levels 6 (its de
 imageserve's own PNG writer (``serve_app.domain.images.encode_png_rgb``: the Up filter vectorised,
 zlib-ng's run-length deflate over bands of rows in parallel; also with the stdlib zlib, as it was before
 zlib-ng), JPEG and WEBP at OpenAI's output_compression 100 and 90, and, where installed, OpenCV's PNG
-and JPEG, imagecodecs' PNG (zlib-ng) and fpng (``pip install fpng``). The replica's choices come from this
-table (docs/benchmarks.md).
+and JPEG, imagecodecs' PNG (zlib-ng) and fpng (``pip install fpng``). Then the base64 of imageserve's PNG,
+the answer's ``b64_json``, by the stdlib and by pybase64. The replica's choices come from this table
+(docs/benchmarks.md).
 
     .venv/bin/python -m bench.encoders [--size 1024] [--repeats 5] [--json]
 """
@@ -83,8 +84,17 @@ def encoders() -> dict:
     }
 
 
+def base64_codecs() -> dict:
+    """The base64 of an answer's image: the stdlib's, and pybase64's (SIMD), which the replica uses."""
+    import base64
+
+    import pybase64
+
+    return {"base64 of that PNG, stdlib": base64.b64encode, "base64 of that PNG, pybase64": pybase64.b64encode}
+
+
 def run(args, out) -> int:
-    from serve_app.domain.images import to_uint8
+    from serve_app.domain.images import encode_png_rgb, to_uint8
     from serve_app.engines.gpu_doubles import photo_like_image
 
     pixels = to_uint8(photo_like_image(args.size, args.size))
@@ -97,9 +107,20 @@ def run(args, out) -> int:
             data = encode(pixels)
             seconds.append(time.perf_counter() - started)
         rows[name] = {"ms": round(1000 * statistics.median(seconds), 1), "bytes": len(data)}
+    png = encode_png_rgb(pixels)
+    for name, codec in base64_codecs().items():  # the answer's b64_json text of imageserve's PNG
+        codec(png)
+        seconds = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            data = codec(png)
+            seconds.append(time.perf_counter() - started)
+        rows[name] = {"ms": round(1000 * statistics.median(seconds), 3), "bytes": len(data),
+                      "speedup_over_pillow_default": None}  # not an encoder
     baseline = rows["pillow png level 6 (Pillow's default)"]["ms"]
     for row in rows.values():
-        row["speedup_over_pillow_default"] = round(baseline / row["ms"], 1)
+        if "speedup_over_pillow_default" not in row:
+            row["speedup_over_pillow_default"] = round(baseline / row["ms"], 1)
     if args.json:
         import json
 
@@ -108,7 +129,8 @@ def run(args, out) -> int:
     print(f"{args.size}x{args.size} photo-like image, median of {args.repeats}", file=out)
     print(f"{'encoder':<40} {'ms':>8} {'KB':>8} {'x faster than Pillow PNG':>26}", file=out)
     for name, row in rows.items():
-        print(f"{name:<40} {row['ms']:>8.1f} {row['bytes'] / 1024:>8.0f} {row['speedup_over_pillow_default']:>26}",
+        speedup = row["speedup_over_pillow_default"]
+        print(f"{name:<40} {row['ms']:>8.2f} {row['bytes'] / 1024:>8.0f} {'' if speedup is None else speedup:>26}",
               file=out)
     return 0
 

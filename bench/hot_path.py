@@ -98,9 +98,13 @@ def cell(call, seconds_per_image: float, clients: int, rounds: int) -> dict:
     }
 
 
-def deploy_serve_floor(answers: dict[str, bytes]) -> None:
+def deploy_serve_floor(answers: dict[str, bytes], results: dict) -> None:
     """Serve's own cost for these answers: FastAPI ingress -> handle -> one replica returning the answer's
-    bytes, sent on as they are (no encode, no JSON work anywhere), at ``/floor``; ``answer`` by handle."""
+    bytes, sent on as they are (no encode, no JSON work anywhere), at ``/floor``; ``answer`` by handle.
+    Two steps toward imageserve's own transport, to price them: ``/floor/streamed`` calls the replica as a
+    stream of two events (a small "accepted", then the bytes), as the router calls a model replica, and
+    ``/floor/result`` has the replica return the ``ImageResult`` the router receives, whose body the ingress
+    splices (``openai_body``)."""
     from fastapi import FastAPI, Response
     from ray import serve
 
@@ -108,6 +112,13 @@ def deploy_serve_floor(answers: dict[str, bytes]) -> None:
     class FloorReplica:
         async def answer(self, fmt: str) -> bytes:
             return answers[fmt]
+
+        async def streamed(self, fmt: str):
+            yield {"accepted": fmt}
+            yield answers[fmt]
+
+        async def result(self, fmt: str):
+            return results[fmt]
 
     api = FastAPI()
 
@@ -120,6 +131,18 @@ def deploy_serve_floor(answers: dict[str, bytes]) -> None:
         @api.post("/v1/images/generations")
         async def generations(self, body: dict) -> Response:
             return Response(await self.replica.answer.remote(body["output_format"]), media_type="application/json")
+
+        @api.post("/streamed/v1/images/generations")
+        async def streamed(self, body: dict) -> Response:
+            answer = None
+            async for event in self.replica.options(stream=True).streamed.remote(body["output_format"]):
+                answer = event
+            return Response(answer, media_type="application/json")
+
+        @api.post("/result/v1/images/generations")
+        async def result(self, body: dict) -> Response:
+            result = await self.replica.result.remote(body["output_format"])
+            return Response(result.openai_body(), media_type="application/json")
 
         async def answer(self, fmt: str) -> bytes:
             return await self.replica.answer.remote(fmt)
@@ -169,10 +192,12 @@ def hops(client, handle, floor_handle, fmt: str, body: dict, seconds_per_image: 
         add("handle rest", 1000 * (done - started - sum(timings[k] for k in ("queue_s", "total_s", "encode_s",
                                                                                "to_router_s"))))
 
-        started = time.perf_counter()
-        floor = client.post("/floor/v1/images/generations", json=body)
-        add("floor http", 1000 * (time.perf_counter() - started))
-        floor.raise_for_status()
+        for name, path in (("floor http", "/floor"), ("floor http, streamed", "/floor/streamed"),
+                           ("floor http, ImageResult", "/floor/result")):
+            started = time.perf_counter()
+            floor = client.post(f"{path}/v1/images/generations", json=body)
+            add(name, 1000 * (time.perf_counter() - started))
+            floor.raise_for_status()
         started = time.perf_counter()
         floor_handle.answer.remote(fmt).result()
         add("floor handle", 1000 * (time.perf_counter() - started))
@@ -195,13 +220,15 @@ def run_hops(service, size: str, seconds_per_image: float, args: argparse.Namesp
     with httpx.Client(base_url=service.url, timeout=600) as client:
         bodies = {fmt: {"prompt": "a lighthouse at dusk", "size": size, "output_format": fmt, "seed": 1}
                   for fmt in args.formats}
-        answers = {}
+        answers, results = {}, {}
+        handle = serve.get_app_handle("pool")
         for fmt, body in bodies.items():
             response = client.post("/v1/images/generations", json=body)
             response.raise_for_status()
             answers[fmt] = response.content
-        deploy_serve_floor(answers)
-        handle, floor_handle = serve.get_app_handle("pool"), serve.get_app_handle("floor")
+            results[fmt] = handle.generate.remote(body_request(body)).result()
+        deploy_serve_floor(answers, results)
+        floor_handle = serve.get_app_handle("floor")
         for fmt, body in bodies.items():
             hops(client, handle, floor_handle, fmt, body, seconds_per_image, 2)  # warm every path
             report[fmt] = hops(client, handle, floor_handle, fmt, body, seconds_per_image, args.hop_requests)
@@ -296,7 +323,8 @@ def print_hops(fmt: str, row: dict, seconds_per_image: float, out) -> None:
     """One format's breakdown: each hop's median ms, and the goals' ratios against the floor."""
     print(f"\n{fmt}, one client, {row['bytes'] / 1e6:.2f} MB answer, medians (ms):", file=out)
     for name in ("http added", "http queue", "http encode", "http to_router", "http answer", "http rest to headers",
-                 "http headers to last byte", "floor http", "handle added", "handle encode", "handle to_router",
+                 "http headers to last byte", "floor http", "floor http, streamed", "floor http, ImageResult",
+                 "handle added", "handle encode", "handle to_router",
                  "handle rest", "floor handle"):
         print(f"  {name:<28} {row[name]:>8.1f}", file=out)
     over_http = row["http added"] - (row["http encode"] if fmt == "png" else 0.0)

@@ -7,12 +7,12 @@ users know (``seed``, ``num_inference_steps``, ``guidance_scale``, ``true_cfg_sc
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import re
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
+import pybase64
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from typing_extensions import TypedDict
@@ -292,12 +292,12 @@ class ImageResult(BaseModel):
     @classmethod
     def encoded(cls, images: list[bytes], **fields) -> ImageResult:
         """A result of encoded images given as raw bytes (tests, and callers that build one themselves)."""
-        return cls(b64_images=[base64.b64encode(data) for data in images], **fields)
+        return cls(b64_images=[pybase64.b64encode(data) for data in images], **fields)
 
     @property
     def images(self) -> list[bytes]:
         """The encoded images (output_format), decoded from their base64 on each access."""
-        return [base64.b64decode(text) for text in self.b64_images]
+        return [pybase64.b64decode(text, validate=True) for text in self.b64_images]
 
     def pil_images(self) -> list[Image.Image]:
         return [Image.open(io.BytesIO(data)) for data in self.images]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -11,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import pybase64
 from fastapi.responses import StreamingResponse
 
 from serve_app.domain.errors import ImageServeError, InternalError
@@ -39,7 +39,7 @@ def stream_events(event: PartialImage | ImageResult, prefix: str, request: Gener
               "size": f"{event.width}x{event.height}", "output_format": event.output_format}
     if isinstance(event, PartialImage):
         return [_sse(f"{prefix}.partial_image", {
-            "type": f"{prefix}.partial_image", "b64_json": base64.b64encode(event.image).decode("ascii"),
+            "type": f"{prefix}.partial_image", "b64_json": pybase64.b64encode_as_string(event.image),
             "partial_image_index": event.partial_image_index, "image_index": event.image_index, **common})]
     answer = event.to_openai(internals=internals)
     return [_sse(f"{prefix}.completed", {
