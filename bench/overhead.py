@@ -35,7 +35,7 @@ def deploy_serve_floor(png: bytes, prefix: str = "/floor") -> None:
     @serve.deployment(name="floor-model", ray_actor_options={"num_cpus": 0})
     class FloorModel:
         async def generate(self, request, width, height):
-            return ImageResult.encoded([png], variant="floor", seeds=[request.seed or 0], width=width,
+            return ImageResult(variant="floor", images=[png], seeds=[request.seed or 0], width=width,
                                height=height, num_inference_steps=STEPS, created=int(time.time()))
 
     api = FastAPI()

@@ -41,7 +41,7 @@ from serve_app.domain.errors import (
     RequestCancelledError,
     UnsupportedValueError,
 )
-from serve_app.domain.images import encode_image, encode_image_b64, limit_pillow, to_pil
+from serve_app.domain.images import encode_image, limit_pillow, to_pil
 from serve_app.domain.placement import GPU_CLASS_LABEL
 from serve_app.domain.planner import estimate_vram, plan
 from serve_app.domain.schemas import (
@@ -84,7 +84,7 @@ class _Made:
     job: Job
     result: EngineResult
     queue_s: float
-    encoded: list[bytes] | None = None  # base64 texts (encode_workers 0: written on the GPU's thread)
+    encoded: list[bytes] | None = None  # encode_workers 0: encoded on the GPU's thread
     encode_s: float = 0.0
 
 
@@ -405,11 +405,11 @@ class ModelReplica:
         request = made.job.request
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        texts = await asyncio.gather(*(
-            loop.run_in_executor(self._encoders, encode_image_b64, image, request.output_format,
+        images = await asyncio.gather(*(
+            loop.run_in_executor(self._encoders, encode_image, image, request.output_format,
                                  request.output_compression, self.spec.png_writer)
             for image in made.result.images))
-        return self._image_result(made.job, made.result, made.queue_s, list(texts), time.perf_counter() - started)
+        return self._image_result(made.job, made.result, made.queue_s, list(images), time.perf_counter() - started)
 
     async def _run_batch(self, jobs: list[Job]) -> list[_Made | Exception]:
         """Run one batch in the worker thread; a failure becomes every job's classified error."""
@@ -458,8 +458,8 @@ class ModelReplica:
             if self._encoders is None:
                 request = job.request
                 encode_started = time.perf_counter()
-                encoded = [encode_image_b64(image, request.output_format, request.output_compression,
-                                            self.spec.png_writer) for image in result.images]
+                encoded = [encode_image(image, request.output_format, request.output_compression, self.spec.png_writer)
+                           for image in result.images]
                 encode_s = time.perf_counter() - encode_started
             answers.append(_Made(job, result, queue_s, encoded, encode_s))
         return answers
@@ -474,13 +474,12 @@ class ModelReplica:
                      input_tokens_details={"image_tokens": image_tokens, "text_tokens": text},
                      output_tokens=output_tokens, total_tokens=text + image_tokens + output_tokens)
 
-    def _image_result(self, job: Job, result: EngineResult, queue_s: float, texts: list[bytes],
+    def _image_result(self, job: Job, result: EngineResult, queue_s: float, images: list[bytes],
                       encode_s: float) -> ImageResult:
-        """``texts``: the images' base64 (``encode_image_b64``)."""
         request = job.request
         return ImageResult(
             variant=self.variant.id,
-            b64_images=texts,
+            images=images,
             output_format=request.output_format,
             quality=request.quality or "auto",
             usage=self._usage(job, result),

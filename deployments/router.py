@@ -429,7 +429,7 @@ class Router:
                         previewed |= isinstance(event, PartialImage)
                         if isinstance(event, ImageResult):
                             received(event)
-                            route.observe(event.timings.get("total_s", 0.0) / max(len(event.b64_images), 1))
+                            route.observe(event.timings.get("total_s", 0.0) / max(len(event.images), 1))
                         yield event
                     finished = True
                     return

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import pybase64
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from zlib_ng import zlib_ng
 
@@ -428,14 +427,6 @@ def encode_image(image: np.ndarray | Image.Image, output_format: OutputFormat = 
     quality = DEFAULT_OUTPUT_COMPRESSION if output_compression is None else output_compression
     to_pil(image).save(buffer, format="JPEG" if output_format == "jpeg" else "WEBP", quality=quality)
     return buffer.getvalue()
-
-
-def encode_image_b64(image: np.ndarray | Image.Image, output_format: OutputFormat = "png",
-                     output_compression: int | None = None, png_writer: PngWriter = "imageserve") -> bytes:
-    """``encode_image``'s bytes as base64 (ASCII bytes): the answer's ``b64_json`` text, written where the image
-    is encoded so nothing after the replica touches the megabytes again (``ImageResult.openai_body``). pybase64's
-    SIMD codec: 0.06 ms for a 2.47 MB PNG where the stdlib's takes 4 ms (docs/benchmarks.md)."""
-    return pybase64.b64encode(encode_image(image, output_format, output_compression, png_writer))
 
 
 def encode_png(image: np.ndarray | Image.Image) -> bytes:

@@ -78,7 +78,7 @@ def test_a_lora_load_is_charged_at_the_rate_the_request_ran():
     from serve_app.domain.schemas import ImageResult
 
     def result(timings):
-        return ImageResult(b64_images=[], seeds=[], variant="z-image-turbo", width=64, height=64, num_inference_steps=2,
+        return ImageResult(images=[], seeds=[], variant="z-image-turbo", width=64, height=64, num_inference_steps=2,
                            created=0, timings=timings)
 
     assert lora_load_cost(result({"total_s": 2.0}), cost=10.0) == 0.0

@@ -38,7 +38,7 @@ def recording_router(**limits) -> tuple[Router, list]:
 
     async def dispatch(variants, request, size):  # the request's events, as the route's replica would send them
         dispatched.append(request)
-        yield ImageResult(b64_images=[], seeds=[], variant=variants[0].id, width=size[0], height=size[1],
+        yield ImageResult(images=[], seeds=[], variant=variants[0].id, width=size[0], height=size[1],
                           num_inference_steps=2, created=0)
 
     router._dispatch = dispatch

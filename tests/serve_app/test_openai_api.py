@@ -255,7 +255,7 @@ def test_edit_forms_are_parsed_under_file_field_and_part_limits():
 def test_answers_hide_where_they_ran_when_internals_are_off():
     from serve_app.domain.schemas import ImageResult
 
-    result = ImageResult.encoded([b"png"], variant="z-image-turbo", seeds=[1], width=64, height=64,
+    result = ImageResult(images=[b"png"], variant="z-image-turbo", seeds=[1], width=64, height=64,
                          num_inference_steps=1, timings={"queue_s": 3.0, "total_s": 4.0}, replica="r1",
                          gpu_class="h100", pool="big", created=0)
     shown = result.to_openai()
@@ -274,7 +274,7 @@ def test_an_image_answer_is_the_spliced_body_with_server_timing_only_among_inter
     from serve_app.domain.schemas import ImageResult
     from serve_app.openai_api.routes import create_api
 
-    result = ImageResult.encoded([b"\x89PNG" * 1000], variant="z-image-turbo", seeds=[1], width=64, height=64,
+    result = ImageResult(images=[b"\x89PNG" * 1000], variant="z-image-turbo", seeds=[1], width=64, height=64,
                                  num_inference_steps=1, created=0,
                                  timings={"queue_s": 0.002, "total_s": 0.5, "encode_s": 0.0105, "to_router_s": 0.003})
 
