@@ -132,11 +132,44 @@ def uses_torchao(config: AppConfig) -> bool:
     return any(catalog.variant(v).precision == "fp8" for v in config.models_to_load())
 
 
+# Ports this process has handed out: each is picked once, so two servers started together never share one.
+_handed_out: set[int] = set()
+# Above Ray's worker ports (its --min-worker-port/--max-worker-port defaults, 10002-19999).
+_FIRST_FREE_PORT = 20000
+
+
+def _ephemeral_ports_start() -> int:
+    """The first port the kernel hands out for ``bind(port 0)`` (Linux: net.ipv4.ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default, and what IANA reserves for dynamic ports from 49152 is above it
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (for private clusters, test servers, Prometheus)."""
+    """A TCP port nothing listens on right now (for private clusters, test servers, Prometheus), chosen
+    below the kernel's ephemeral range. A port taken with ``bind(port 0)`` and released is the kernel's to
+    give again, and Ray's raylet, agents and workers all bind port 0 while a cluster starts: one took the
+    HTTP port a test had just picked that way, and Serve's proxy could not bind it. A random port between
+    Ray's worker ports and the ephemeral range, bound once here to see that it is free, is not one the
+    kernel hands out."""
+    import random
     import socket
 
-    with socket.socket() as sock:
+    last = _ephemeral_ports_start() - 1
+    for _ in range(200) if last > _FIRST_FREE_PORT else ():
+        port = random.randint(_FIRST_FREE_PORT, last)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:  # no room below the ephemeral range: the kernel's pick
         sock.bind((host, 0))
         return sock.getsockname()[1]
 

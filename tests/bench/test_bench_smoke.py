@@ -159,10 +159,11 @@ def test_encoders_benchmark_reports_every_encoder():
 
 @pytest.mark.integration
 def test_hot_path_benchmark_compares_pool_and_inline_encoding():
-    out = subprocess.run([sys.executable, "-m", "bench.hot_path", "--seconds-per-image", "0.05", "--clients", "1,2",
-                          "--formats", "jpeg", "--size", "64", "--rounds", "1", "--hop-requests", "2", "--json"],
-                         capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout
-    run = json.loads(out)["runs"]["0.05"]
+    done = subprocess.run([sys.executable, "-m", "bench.hot_path", "--seconds-per-image", "0.05", "--clients", "1,2",
+                           "--formats", "jpeg", "--size", "64", "--rounds", "1", "--hop-requests", "2", "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout)["runs"]["0.05"]
     for key in ("pool/jpeg/http/2", "inline/jpeg/handle/1"):
         assert run["results"][key]["images_per_s"] > 0
     assert set(run["pool_vs_inline"]) == {"jpeg/http/1", "jpeg/http/2", "jpeg/handle/1", "jpeg/handle/2"}

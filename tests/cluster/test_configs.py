@@ -27,6 +27,7 @@ from cluster.configs import (
 from serve_app.domain.config_files import load_fleet
 from serve_app.domain.placement import node_labels, node_resources
 from serve_app.examples import EXAMPLE_FLEET, EXAMPLE_PRODUCTION_CONFIG
+from serve_app.runner import free_port
 from tests.cluster.edge_support import running_edge_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -314,12 +315,6 @@ def test_the_committed_edge_bounds_headers_idle_connections_and_silent_clients()
 
 
 # The edge run for real (tests/cluster/edge_support.py) in front of uvicorn, the server Serve's proxy runs.
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 class Backend:
     """uvicorn serving /slow/<seconds> (answers after that long, or notes the client left), / (at once), and

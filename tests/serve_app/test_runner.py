@@ -65,6 +65,20 @@ HEAD = textwrap.dedent("""
 ATTACH = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); print('ATTACHED', flush=True)"
 
 
+def test_free_ports_are_never_ones_the_kernel_hands_out_for_port_0_nor_handed_out_twice():
+    """A raylet binding port 0 once took the HTTP port a test had just picked by binding port 0 itself, and Serve's
+    proxy failed to start: free ports come from below the kernel's ephemeral range, each once."""
+    import socket
+
+    from serve_app.runner import _ephemeral_ports_start, free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(20000 <= port < _ephemeral_ports_start() for port in ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[-1]))  # and free
+
+
 @pytest.mark.integration
 def test_imageserve_runs_ray_behind_a_token(tiny_root, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
