@@ -93,6 +93,17 @@ def base64_codecs() -> dict:
     return {"base64 of that PNG, stdlib": base64.b64encode, "base64 of that PNG, pybase64": pybase64.b64encode}
 
 
+def median_ms(call, data, repeats: int) -> tuple[float, bytes]:
+    """The median milliseconds of ``call(data)`` over ``repeats`` runs after one warm-up, and its output."""
+    call(data)
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        out = call(data)
+        seconds.append(time.perf_counter() - started)
+    return 1000 * statistics.median(seconds), out
+
+
 def run(args, out) -> int:
     from serve_app.domain.images import encode_png_rgb, to_uint8
     from serve_app.engines.gpu_doubles import photo_like_image
@@ -100,23 +111,12 @@ def run(args, out) -> int:
     pixels = to_uint8(photo_like_image(args.size, args.size))
     rows = {}
     for name, encode in encoders().items():
-        encode(pixels)
-        seconds = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            data = encode(pixels)
-            seconds.append(time.perf_counter() - started)
-        rows[name] = {"ms": round(1000 * statistics.median(seconds), 1), "bytes": len(data)}
+        ms, data = median_ms(encode, pixels, args.repeats)
+        rows[name] = {"ms": round(ms, 1), "bytes": len(data)}
     png = encode_png_rgb(pixels)
     for name, codec in base64_codecs().items():  # the answer's b64_json text of imageserve's PNG
-        codec(png)
-        seconds = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            data = codec(png)
-            seconds.append(time.perf_counter() - started)
-        rows[name] = {"ms": round(1000 * statistics.median(seconds), 3), "bytes": len(data),
-                      "speedup_over_pillow_default": None}  # not an encoder
+        ms, data = median_ms(codec, png, args.repeats)
+        rows[name] = {"ms": round(ms, 3), "bytes": len(data), "speedup_over_pillow_default": None}  # not an encoder
     baseline = rows["pillow png level 6 (Pillow's default)"]["ms"]
     for row in rows.values():
         if "speedup_over_pillow_default" not in row:
