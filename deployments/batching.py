@@ -1,4 +1,4 @@
-"""The replica's batch queue: requests grouped by batch key, one batch at a time."""
+"""The replica's batch queue: requests grouped by batch key, one batch at a time, interactive work first."""
 
 from __future__ import annotations
 
@@ -11,11 +11,20 @@ from typing import Any, Generic, TypeVar
 Item = TypeVar("Item")
 
 
+class Requeue:
+    """A batch runner's outcome for an item it stopped to make way for interactive work: the item goes back to the
+    head of its line, keeping its place, and runs again later."""
+
+
+REQUEUE = Requeue()
+
+
 @dataclass
 class _Entry(Generic[Item]):
     item: Item
     size: int
     future: asyncio.Future
+    background: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -34,11 +43,17 @@ class BatchQueue(Generic[Item]):
             result, or an exception instance that the item's caller gets raised).
         max_size: the most size units (images) one batch may hold.
         wait_s: how long the oldest waiting item may wait for others while the runner is idle.
+        Background items (batch lines) never share a batch with interactive ones, and a line of them runs only while no
+    interactive item waits. An interactive item that arrives while a background batch runs calls ``preempt``: the
+    runner stops that batch at its next denoising step and returns ``REQUEUE`` for its items, which go back to the
+    head of their line. Interactive latency then grows by about one step, not by one whole image.
+
         size_of: size units of an item (1 when None).
+        preempt: called when interactive work arrives while a background batch runs.
     """
 
     def __init__(self, run_batch: Callable[[list[Item]], Awaitable[list[Any]]], max_size: int, wait_s: float,
-                 size_of: Callable[[Item], int] | None = None) -> None:
+                 size_of: Callable[[Item], int] | None = None, preempt: Callable[[], None] | None = None) -> None:
         self._run_batch = run_batch
         self.max_size = max_size
         self.wait_s = wait_s
@@ -46,14 +61,21 @@ class BatchQueue(Generic[Item]):
         self._lines: dict[Hashable, list[_Entry[Item]]] = {}
         self._changed: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
+        self._preempt = preempt
+        self.running_background = False
+        self.preemptions = 0
 
-    async def submit(self, key: Hashable, item: Item) -> Any:
-        """Queue ``item`` and return its outcome once its batch ran (raising a returned exception)."""
+    async def submit(self, key: Hashable, item: Item, background: bool = False) -> Any:
+        """Queue ``item`` and return its outcome once its batch ran (raising a returned exception). ``background``:
+        work nobody waits for, run only while no interactive item waits."""
         if self._dispatcher is None or self._dispatcher.done():
             self._changed = asyncio.Event()
             self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
-        entry = _Entry(item, self._size_of(item), asyncio.get_running_loop().create_future())
-        self._lines.setdefault(key, []).append(entry)
+        entry = _Entry(item, self._size_of(item), asyncio.get_running_loop().create_future(), background)
+        self._lines.setdefault((background, key), []).append(entry)
+        if not background and self.running_background and self._preempt is not None:
+            self.preemptions += 1
+            self._preempt()
         self._changed.set()
         outcome = await entry.future
         if isinstance(outcome, BaseException):
@@ -70,30 +92,31 @@ class BatchQueue(Generic[Item]):
         return max((now - e.arrived for line in self._lines.values() for e in line if not e.future.done()),
                    default=None)
 
-    def _next_batch(self, now: float) -> tuple[list[_Entry[Item]] | None, float | None]:
-        """The batch to run now, or None and how long until the oldest line is due."""
+    def _next_batch(self, now: float) -> tuple[Hashable, list[_Entry[Item]] | None, float | None]:
+        """The batch to run now and its line's key, or None and how long until the oldest line is due."""
         for key in list(self._lines):
             self._lines[key] = [e for e in self._lines[key] if not e.future.cancelled()]
             if not self._lines[key]:
                 del self._lines[key]
         if not self._lines:
-            return None, None
-        key = min(self._lines, key=lambda k: self._lines[k][0].arrived)
+            return None, None, None
+        interactive = [k for k in self._lines if not k[0]]
+        key = min(interactive or self._lines, key=lambda k: self._lines[k][0].arrived)
         line = self._lines[key]
         due_in = line[0].arrived + self.wait_s - now
         if sum(e.size for e in line) < self.max_size and due_in > 0:
-            return None, due_in
+            return None, None, due_in
         batch, total = [], 0
         while line and (not batch or total + line[0].size <= self.max_size):
             total += line[0].size
             batch.append(line.pop(0))
         if not line:
             del self._lines[key]
-        return batch, None
+        return key, batch, None
 
     async def _dispatch(self) -> None:
         while True:
-            batch, due_in = self._next_batch(time.monotonic())
+            key, batch, due_in = self._next_batch(time.monotonic())
             if batch is None:
                 self._changed.clear()
                 try:
@@ -101,12 +124,20 @@ class BatchQueue(Generic[Item]):
                 except asyncio.TimeoutError:
                     pass
                 continue
+            self.running_background = batch[0].background
             try:
                 outcomes = await self._run_batch([e.item for e in batch])
                 if len(outcomes) != len(batch):
                     raise RuntimeError(f"batch runner returned {len(outcomes)} outcomes for {len(batch)} items")
             except Exception as err:  # noqa: BLE001 - every caller of the batch gets the error
                 outcomes = [err] * len(batch)
+            finally:
+                self.running_background = False
+            requeued = [e for e, outcome in zip(batch, outcomes, strict=True) if outcome is REQUEUE]
+            if requeued:
+                self._lines.setdefault(key, [])[:0] = requeued
             for entry, outcome in zip(batch, outcomes, strict=True):
+                if outcome is REQUEUE:
+                    continue
                 if not entry.future.done():
                     entry.future.set_result(outcome)

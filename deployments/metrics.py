@@ -72,6 +72,8 @@ class ReplicaMetrics:
                                 tag_keys=keys + ("kind",))
         self.partial_images = Counter("imageserve_partial_images_total", "Previews sent to streaming callers.",
                                       tag_keys=keys)
+        self.preemptions = Counter("imageserve_batch_preemptions_total", "Batch lines stopped at a denoising step "
+                                   "for an interactive request, and requeued.", tag_keys=keys)
         self.lora_uses = Counter("imageserve_lora_uses_total", "Per-request LoRA activations: hit (loaded already), "
                                  "load (into a free slot) or hotswap (replacing the least recently used).",
                                  tag_keys=keys + ("outcome",))
@@ -114,6 +116,9 @@ class ReplicaMetrics:
 
     def partial_image(self) -> None:
         self.partial_images.inc(tags=self.tags)
+
+    def preempted(self) -> None:
+        self.preemptions.inc(tags=self.tags)
 
     def vram_peak(self, shape: str, planned_gib: float | None, measured_bytes: int | None) -> None:
         if planned_gib is not None:
@@ -215,6 +220,21 @@ class RouterMetrics:
                                 tag_keys=("key_id", "task"))
         self.streams = Counter("imageserve_streams_total", "Streamed requests by outcome (ok or an error reason).",
                                tag_keys=("task", "status"))
+        self.batch_lines = Gauge("imageserve_batch_lines", "Batch lines queued and running, in every unfinished "
+                                 "batch (the shared store's count: take max over router replicas).",
+                                 tag_keys=("state",))
+        self.batch_backlog_age = Gauge("imageserve_batch_backlog_age_seconds",
+                                       "Age of the oldest unfinished batch line (max over router replicas).")
+        self.batch_answers = Counter("imageserve_batch_lines_total", "Batch lines answered, completed or failed.",
+                                     tag_keys=("outcome",))
+
+    def batch_backlog(self, queued: int, running: int, age_s: float) -> None:
+        self.batch_lines.set(queued, tags={"state": "queued"})
+        self.batch_lines.set(running, tags={"state": "running"})
+        self.batch_backlog_age.set(age_s)
+
+    def batch_line(self, outcome: str) -> None:
+        self.batch_answers.inc(tags={"outcome": outcome})
 
     def keyed(self, key_id: str | None, task: str, status: str, cost: float = 0.0) -> None:
         """One answered request of ``key_id``: ``status`` is ok or an error reason."""
@@ -225,6 +245,16 @@ class RouterMetrics:
 
     def error(self, task: str, variant: str | None, reason: str) -> None:
         self.errors.inc(tags={"task": task, "variant": variant or "unresolved", "reason": reason})
+
+
+def replica_id() -> str | None:
+    """This Serve replica's unique id; None outside a replica (unit tests, benchmarks)."""
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica there is no context
+        return None
 
 
 def error_reason(err: BaseException) -> str:

@@ -20,6 +20,7 @@ import contextlib
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +30,8 @@ from typing import Any, Protocol, TypedDict
 from ray import serve
 from ray.serve import Application
 
-from deployments.batching import BatchQueue
-from deployments.metrics import ReplicaMetrics, host_rss_bytes, shape_label
+from deployments.batching import REQUEUE, BatchQueue
+from deployments.metrics import ReplicaMetrics, host_rss_bytes, replica_id, shape_label
 from deployments.parallel_replica import ParallelEngine, load_parallel_engine, placement_options
 from serve_app.domain.catalog import GPUClass
 from serve_app.domain.errors import (
@@ -86,13 +87,6 @@ class _Made:
     queue_s: float
     encoded: list[bytes] | None = None  # encode_workers 0: encoded on the GPU's thread
     encode_s: float = 0.0
-
-
-def _replica_id() -> str | None:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside a replica (unit tests) there is no context
-        return None
 
 
 def node_gpu_class(gpus: Sequence[GPUClass]) -> GPUClass | None:
@@ -230,14 +224,17 @@ class ModelReplica:
             self.engine = load_parallel_engine(engine_spec, spec.torch_threads, loader)
         else:
             self.engine = (loader or load_engine)(engine_spec)
-        self.replica = _replica_id()
+        self.replica = replica_id()
         device = self.engine.info.device
         self.gpu_class = self.node_gpu.id if self.node_gpu else ("cpu" if device == "cpu" else None)
         self.metrics = ReplicaMetrics("+".join(spec.tasks), self.variant.id, self.gpu_class,
                                       spec.pool.name if spec.pool else None, device)
         self.metrics.model_loaded(self.engine.info.load_seconds, self.engine.info.offload_mode)
         self._batches: BatchQueue[Job] = BatchQueue(self._run_batch, spec.batching.max_batch_size,
-                                                    spec.batching.wait_s, size_of=lambda job: job.images)
+                                                    spec.batching.wait_s, size_of=lambda job: job.images,
+                                                    preempt=self._preempt_background)
+        # Set when interactive work arrives while a background batch runs: its denoising stops at the next step.
+        self._preempting = threading.Event()
         self._running: Sequence[Job] = ()
         self._report_lora = self._lora_reporter(spec.engine.max_loaded_loras) if spec.engine.loras else None
         if self._unhealthy is not None:
@@ -337,11 +334,12 @@ class ModelReplica:
         assert isinstance(result, ImageResult), result  # a stream ends with the result, or raises
         return result
 
-    async def stream(self, request: GenerateRequest | EditRequest, width: int,
-                     height: int) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+    async def stream(self, request: GenerateRequest | EditRequest, width: int, height: int,
+                     background: bool = False) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
         """The one path of a request in a replica (the router calls it through ``handle.options(stream=True)``):
         a ``StreamAccepted`` at once, ``request.partial_images`` previews per image while it denoises, then its
-        ``ImageResult``. A caller that stops listening stops the denoising at the next step."""
+        ``ImageResult``. A caller that stops listening stops the denoising at the next step. ``background``: a batch
+        line, which runs only while no interactive request waits here, and yields to one at the next step."""
         if self._unhealthy is not None:
             self.metrics.failed()
             raise ModelUnavailableError(f"{self.variant.id}: {self._unhealthy}", retry_after_s=5)
@@ -358,7 +356,8 @@ class ModelReplica:
         await self._note_lora(request)
         wanted = preview_steps(steps, request.partial_images)
         # Only a job with previews to make runs alone (its batch key): a plain one batches with others.
-        job = Job(request, width, height, steps, preview_steps=wanted, on_preview=on_preview if wanted else None)
+        job = Job(request, width, height, steps, preview_steps=wanted, on_preview=on_preview if wanted else None,
+                  background=background)
         result = asyncio.ensure_future(self._run_job(job))
         result.add_done_callback(lambda _: previews.put_nowait(None))
         sent: dict[int, int] = {}
@@ -390,7 +389,7 @@ class ModelReplica:
 
     async def _run_job(self, job: Job) -> ImageResult:
         try:
-            made: _Made = await self._batches.submit(self.engine.batch_key(job), job)
+            made: _Made = await self._batches.submit(self.engine.batch_key(job), job, background=job.background)
             return await self._encoded(made)
         except asyncio.CancelledError:
             # A running batch stops between steps once every job in it is cancelled.
@@ -411,13 +410,23 @@ class ModelReplica:
             for image in made.result.images))
         return self._image_result(made.job, made.result, made.queue_s, list(images), time.perf_counter() - started)
 
+    def _preempt_background(self) -> None:
+        """Interactive work arrived while a background batch runs: stop it at its next denoising step."""
+        self._preempting.set()
+
     async def _run_batch(self, jobs: list[Job]) -> list[_Made | Exception]:
-        """Run one batch in the worker thread; a failure becomes every job's classified error."""
+        """Run one batch in the worker thread; a failure becomes every job's classified error. A background batch
+        stopped for interactive work is requeued (``REQUEUE``), not failed."""
         self._running = jobs
+        self._preempting.clear()
         try:
             async with self._gate.turn(self, jobs) if self._gate is not None else contextlib.nullcontext():
                 return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_in_worker, jobs)
         except Exception as err:  # noqa: BLE001 - classified for the callers, never surfaced raw
+            if jobs[0].background and self._preempting.is_set() and isinstance(engine_failure(err),
+                                                                                GenerationCancelled):
+                self.metrics.preempted()
+                return [REQUEUE] * len(jobs)
             outcome = self._classify(err)
         finally:
             self._running = ()
@@ -437,7 +446,9 @@ class ModelReplica:
         started = time.perf_counter()
         self.engine.reset_peak_memory()
         before = self.engine.lora_state().uses
-        results = self.engine.run(jobs, should_stop=lambda: all(job.cancelled.is_set() for job in jobs))
+        preemptible = jobs[0].background
+        results = self.engine.run(jobs, should_stop=lambda: (preemptible and self._preempting.is_set()) or all(
+            job.cancelled.is_set() for job in jobs))
         for outcome, uses in self.engine.lora_state().uses.items():
             if uses > before.get(outcome, 0):
                 self.metrics.lora_used(outcome, uses - before.get(outcome, 0))

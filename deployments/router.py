@@ -10,7 +10,9 @@ out-of-memory error (and once after a lost replica), and mapping failures to the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +23,10 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.metrics import RouterMetrics, error_reason, fetch_node_metrics
+from deployments.batch_api import BatchApi
+from deployments.batch_runner import BatchRunner
+from deployments.batch_store import SqliteBatchStore
+from deployments.metrics import RouterMetrics, error_reason, fetch_node_metrics, replica_id
 from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.errors import (
     ImageServeError,
@@ -135,6 +140,35 @@ class Router:
         self.metrics = RouterMetrics()
         self.quotas = KeyQuotas(spec.key_limits.share(spec.num_replicas))
         self._static_model_info = {v.id: self._describe(v) for v in self.catalog.variants.values()}
+        self.batch_api = self._batch_api(spec) if spec.batch.enabled else None
+
+    def _batch_api(self, spec: RouterSpec) -> BatchApi:
+        """The Files and Batches API over the shared store, and this replica's batch runner (started with the
+        replica's event loop: here if it runs, else at the first request or health check)."""
+        store = SqliteBatchStore(spec.batch.state_dir)
+        owner = f"{replica_id() or 'router'}-{os.getpid()}-{secrets.token_hex(4)}"
+        runner = BatchRunner(store, spec.batch, self._background_answer, owner, spec.http.show_internals,
+                             self.metrics)
+        with contextlib.suppress(RuntimeError):  # no running loop: started later
+            asyncio.get_running_loop()
+            runner.start()
+        return BatchApi(store, spec.batch, runner)
+
+    def _start_background(self) -> None:
+        self._start_replica_count_refresh()
+        if self.batch_api is not None:
+            self.batch_api.runner.start()
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check; it also starts this replica's background work after a restart, when no
+        request has arrived yet to start it (a batch resumes without one)."""
+        self._start_background()
+
+    async def _background_answer(self, task: str, request: GenerateRequest | EditRequest,
+                                 key_id: str | None) -> ImageResult:
+        """A batch line's answer: the request's own path, as background work (model replicas run it only while no
+        interactive request waits)."""
+        return await self._answer(task, request, key_id, background=True)
 
     # ---- the two tasks ----------------------------------------------------------------------
 
@@ -175,19 +209,22 @@ class Router:
         self.check_batch_fits(request, variants, size)
         return variants, size, cost
 
-    async def _answer(self, task: str, request: GenerateRequest | EditRequest, key_id: str | None) -> ImageResult:
+    async def _answer(self, task: str, request: GenerateRequest | EditRequest, key_id: str | None,
+                      background: bool = False) -> ImageResult:
         """A plain answer is the last event of the request's stream (asking for no previews)."""
         result = None
         async for event in self._events(task, request.model_copy(update={"partial_images": 0}), key_id,
-                                        streamed=False):
+                                        streamed=False, background=background):
             result = event
         assert isinstance(result, ImageResult), result  # _dispatch ends with the result, or raises
         return result
 
     async def _events(self, task: str, request: GenerateRequest | EditRequest, key_id: str | None,
-                      streamed: bool) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+                      streamed: bool, background: bool = False) -> AsyncIterator[StreamAccepted | PartialImage |
+                                                                                  ImageResult]:
         """The one path of every request: checked, admitted under its key's limits, dispatched, charged. A
-        caller that leaves (cancels its call, or stops reading its stream) ends here as "cancelled"."""
+        caller that leaves (cancels its call, or stops reading its stream) ends here as "cancelled".
+        ``background``: a batch line, which model replicas run only while no interactive request waits."""
         variant_id = None
         status = "cancelled"  # unless it ends otherwise
         try:
@@ -196,7 +233,7 @@ class Router:
             request, decode_cost, admission = await self._admitted(key_id, request, cost)
             request = self.seeded(request)
             try:
-                async for event in self._dispatch(variants, request, size):
+                async for event in self._dispatch(variants, request, size, background):
                     if isinstance(event, ImageResult):
                         self._answered(key_id, task, event, cost, decode_cost)
                         status = "ok"
@@ -381,18 +418,20 @@ class Router:
     # ---- dispatch -------------------------------------------------------------------------
 
     async def _dispatch(self, variants: list[ModelVariant], request: GenerateRequest | EditRequest,
-                        size: tuple[int, int]) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+                        size: tuple[int, int], background: bool = False,
+                        ) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
         """The request's events from the route the policy picks. Out of memory there is retried once on a larger
         GPU while no preview has been sent (the caller holds the first ``StreamAccepted``; the retry's own is
         not repeated)."""
-        self._start_replica_count_refresh()
+        self._start_background()
         options = self.table.options(variants)
         variant, route = self.table.choose(options, images=request.n)
         self.metrics.decisions.inc(tags={"task": request.task, "variant": variant.id, "pool": route.pool,
                                          "gpu_class": route.gpu_class or "unknown"})
         previewed = False
         try:
-            async for event in self._call(variant, route, self.with_steps(request, variant), size):
+            async for event in self._call(variant, route, self.with_steps(request, variant), size,
+                                          background=background):
                 previewed |= isinstance(event, PartialImage)
                 yield event
         except ReplicaOutOfMemoryError as oom:
@@ -401,13 +440,15 @@ class Router:
                 why = "its previews were already sent" if previewed else f"no pool with more memory serves {variant.id}"
                 raise ReplicaOutOfMemoryError(f"{oom.message}; {why}", retry_after_s=oom.retry_after_s) from None
             self._retrying(variant, route, retry[1], "oom")
-            async for event in self._call(*retry, self.with_steps(request, retry[0]), size, accepted=True):
+            async for event in self._call(*retry, self.with_steps(request, retry[0]), size, accepted=True,
+                                          background=background):
                 if isinstance(event, ImageResult):
                     event.retried_from = route.pool
                 yield event
 
     async def _call(self, variant: ModelVariant, route: Route, request: GenerateRequest | EditRequest,
-                    size: tuple[int, int], accepted: bool = False) -> AsyncIterator[StreamAccepted | PartialImage |
+                    size: tuple[int, int], accepted: bool = False,
+                    background: bool = False) -> AsyncIterator[StreamAccepted | PartialImage |
                                                                                       ImageResult]:
         """One route's events for ``request`` (``StreamAccepted`` left out when the caller has one already), its
         failures mapped to the errors callers see. A replica lost (killed, its node gone) before a preview was
@@ -418,7 +459,7 @@ class Router:
         previewed = False
         try:
             for attempt in (1, 2):
-                events = handle.stream.remote(request, *size)
+                events = handle.stream.remote(request, *size, background=background)
                 finished = False
                 try:
                     async for event in events:

@@ -269,9 +269,10 @@ class SwapReplica:
         return await self._member(variant).run(request, width, height)
 
     async def stream(self, request: GenerateRequest | EditRequest, width: int, height: int,
-                     variant: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
+                     variant: str | None = None,
+                     background: bool = False) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]:
         """``ModelReplica.stream`` on the member ``variant`` (the call's multiplexed model id when None)."""
-        async for event in self._member(variant).stream(request, width, height):
+        async for event in self._member(variant).stream(request, width, height, background=background):
             yield event
 
     async def info(self) -> dict[str, Any]:

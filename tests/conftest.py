@@ -11,6 +11,11 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 # The shared test clusters run without Ray token auth (the `serve` CLI and subprocess drivers attach to
 # them); tests/serve_app/test_runner.py checks the token lock `imageserve run` puts on its cluster.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The Batch API's store of every service a test starts (unless the test names its own): never the user's
+# ~/.local/state/imageserve, and empty at each run.
+import tempfile
+
+os.environ["IMAGESERVE_STATE_DIR"] = tempfile.mkdtemp(prefix="imageserve-test-state-")
 
 from pathlib import Path
 

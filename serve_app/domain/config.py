@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from serve_app.domain.batches import BatchSettings
 from serve_app.domain.catalog import Catalog, build_catalog
 from serve_app.domain.config_rules import check_config
 from serve_app.domain.parallelism import PARALLEL_MODE_PATTERN
@@ -181,6 +182,8 @@ class ServingConfig(_Section):
     )
     router_replicas: int = Field(default=1, ge=1, description="Replicas of the HTTP router (ingress).")
     router_num_cpus: float = Field(default=1.0, ge=0, description="CPUs each router replica reserves.")
+    batch: BatchSettings = Field(default_factory=BatchSettings,
+                                 description="OpenAI's Files and Batches API for images (docs/batch.md).")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_keys: list[str] = Field(
         default_factory=list, repr=False,

@@ -56,6 +56,28 @@ class InvalidRequestError(ImageServeError):
     reason = "bad_input"
 
 
+# An answer names this many invalid fields at most, each cut to this length: a body of 400,000 unknown
+# keys (or one 5 MB key) must not come back as megabytes of error message (bench/amplification.py).
+MAX_REPORTED_ERRORS = 5
+MAX_REPORTED_NAME = 64
+
+
+def _field_name(error: dict) -> str:
+    name = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "form", "query")) or "body"
+    return name if len(name) <= MAX_REPORTED_NAME else name[:MAX_REPORTED_NAME] + "..."
+
+
+def validation_error(errors: list[dict]) -> InvalidRequestError:
+    """The 422 of a request that failed its schema (pydantic's ``errors()``), as the HTTP route and a batch line
+    answer it: the first field as ``param``, at most ``MAX_REPORTED_ERRORS`` fields named."""
+    param = _field_name(errors[0])
+    param = {"body": None, "images": "image"}.get(param, param)
+    message = "; ".join(f"{_field_name(e)}: {e['msg']}" for e in errors[:MAX_REPORTED_ERRORS])
+    if len(errors) > MAX_REPORTED_ERRORS:
+        message += f"; and {len(errors) - MAX_REPORTED_ERRORS} more"
+    return InvalidRequestError(message, param=param)
+
+
 class LimitExceededError(InvalidRequestError):
     """A well-typed request over a bound of the model or of this deployment: a variant's sizes, steps or
     input images, what the planner says a batch fits, the configured cost bound. The message names the
@@ -95,6 +117,14 @@ class LoraNotFoundError(ImageServeError):
 
     status_code = 404
     code = "lora_not_found"
+    reason = "bad_input"
+
+
+class ResourceNotFoundError(ImageServeError):
+    """A file or batch id this caller has none of (another key's objects are not found either)."""
+
+    status_code = 404
+    code = "not_found"
     reason = "bad_input"
 
 

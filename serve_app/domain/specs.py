@@ -9,10 +9,13 @@ boundary as they are.
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.domain.batches import BatchSettings
 from serve_app.domain.catalog import Catalog, GPUClass, ModelVariant, Task
 from serve_app.domain.config import (
     AppConfig,
@@ -209,6 +212,8 @@ class RouterSpec(_Spec):
     loras: dict[str, tuple[str, ...]] = Field(
         default_factory=dict, description="Per-request LoRA name -> the variants that take it (the allow-list).")
     http: HttpSpec = Field(default_factory=HttpSpec)
+    batch: BatchSettings = Field(default_factory=BatchSettings,
+                                 description="The Batch API, its state_dir resolved (``batch_state_dir``).")
     key_limits: KeyLimits = Field(default_factory=KeyLimits, description="Per-key limits, for the whole service.")
     max_ongoing_requests: int = 256
     max_queued_requests: int = 64
@@ -404,6 +409,13 @@ def _http_spec(serving: ServingConfig) -> HttpSpec:
                     metrics_key_sha256=tuple(serving.metrics_key_sha256), show_internals=serving.internals_shown())
 
 
+def batch_state_dir(settings: BatchSettings) -> str:
+    """Where the Batch API keeps its store: the configured folder, else $IMAGESERVE_STATE_DIR, else
+    ~/.local/state/imageserve (resolved where the config is, so every router replica gets the same)."""
+    chosen = settings.state_dir or os.environ.get("IMAGESERVE_STATE_DIR") or "~/.local/state/imageserve"
+    return str(Path(chosen).expanduser())
+
+
 def _router_spec(config: AppConfig, catalog: Catalog, routes: list[RouteSpec], unplaced: dict[str, str],
                  deployments: list[ReplicaSpec | SwapGroupSpec]) -> RouterSpec:
     serving = config.serving
@@ -419,6 +431,7 @@ def _router_spec(config: AppConfig, catalog: Catalog, routes: list[RouteSpec], u
         unavailable=_unavailable(config, catalog, served, unplaced),
         loras={name: tuple(v for v in lora.variants if v in served) for name, lora in config.loras.items()},
         http=_http_spec(serving),
+        batch=serving.batch.model_copy(update={"state_dir": batch_state_dir(serving.batch)}),
         key_limits=serving.limits.per_key,
         max_ongoing_requests=serving.limits.router_max_ongoing,
         max_queued_requests=serving.limits.router_max_queued,

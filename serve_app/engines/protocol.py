@@ -84,6 +84,8 @@ class Job:
     # (called on the pipeline's thread).
     preview_steps: Sequence[int] = ()
     on_preview: Callable[[int, int, list[np.ndarray]], None] | None = None
+    # A batch line: run only while no interactive request waits, and stopped (then requeued) when one arrives.
+    background: bool = False
 
     @property
     def images(self) -> int:

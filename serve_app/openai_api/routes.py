@@ -1,7 +1,8 @@
 """The routes of the OpenAI images API, over an ``ImageService`` (the router replica).
 
 Routes: ``POST /v1/images/generations`` (JSON), ``POST /v1/images/edits`` (multipart, ``image``
-or ``image[]``), both answering Server-Sent Events with ``stream: true``, ``GET /v1/models``,
+or ``image[]``), both answering Server-Sent Events with ``stream: true``, the Files and Batches API
+(``serve_app.openai_api.batches``), ``GET /v1/models``,
 ``GET /healthz`` (liveness), ``GET /readyz`` (readiness),
 ``GET /metrics``; the OpenAPI schema is at ``/openapi.json``. Every error is JSON:
 ``{"error": {"code", "message", "param", "type"}}``. This module parses and answers HTTP;
@@ -36,6 +37,7 @@ from serve_app.domain.schemas import (
     StreamAccepted,
 )
 from serve_app.domain.specs import HttpSpec
+from serve_app.openai_api.batches import batch_routes, body_limits
 from serve_app.openai_api.errors import error_response, validation_response
 from serve_app.openai_api.forms import FormLimitError, bounded_form_route
 from serve_app.openai_api.middlewares import METRICS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, key_id_of
@@ -72,9 +74,12 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     add_error_handlers(app, service, http)
     add_generation_route(app, service, http)
     app.include_router(edit_routes(service, http))
+    batch_api = getattr(service, "batch_api", None)
+    if batch_api is not None:
+        app.include_router(batch_routes(service))
     add_model_and_probe_routes(app, service, http)
     app.openapi = lambda: edit_form_as_the_request_states_it(FastAPI.openapi(app))
-    add_middlewares(app, http)
+    add_middlewares(app, http, body_limits(batch_api.settings.max_file_bytes, http) if batch_api else {})
     return app
 
 
@@ -222,10 +227,10 @@ def add_model_and_probe_routes(app: FastAPI, service: ImageService, http: HttpSp
         return await service.readiness(internals=http.show_internals)
 
 
-def add_middlewares(app: FastAPI, http: HttpSpec) -> None:
+def add_middlewares(app: FastAPI, http: HttpSpec, route_limits: dict[str, int] | None = None) -> None:
     """The body limits, and the key check outside them: it runs before anything reads the body."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=http.max_body_bytes,
-                       route_limits={"/v1/images/generations": http.max_json_bytes},
+                       route_limits={"/v1/images/generations": http.max_json_bytes, **(route_limits or {})},
                        read_timeout_s=http.body_read_timeout_s)
     id_secret = key_id_secret()
     keys = KeyRing(http.api_key_sha256, http.api_keys_file, id_secret=id_secret)

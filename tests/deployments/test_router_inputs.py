@@ -36,7 +36,7 @@ def recording_router(**limits) -> tuple[Router, list]:
     router.quotas = KeyQuotas(KeyLimits(cost_per_minute=1e-9, burst_cost=BUCKET), clock=lambda: 0.0)
     dispatched = []
 
-    async def dispatch(variants, request, size):  # the request's events, as the route's replica would send them
+    async def dispatch(variants, request, size, background=False):  # the events the route's replica would send
         dispatched.append(request)
         yield ImageResult(images=[], seeds=[], variant=variants[0].id, width=size[0], height=size[1],
                           num_inference_steps=2, created=0)

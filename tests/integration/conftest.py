@@ -8,11 +8,13 @@ from serve_app.runner import free_port
 
 
 @pytest.fixture(scope="package")
-def service(tiny_root):
+def service(tiny_root, tmp_path_factory):
     from serve_app.embedded import embedded_config
     from serve_app.runner import LocalService
 
-    config = embedded_config(tiny_root)
+    # Batches poll fast so the batch tests wait less; the store is this package's own.
+    config = embedded_config(tiny_root, batch={"state_dir": str(tmp_path_factory.mktemp("batch-state")),
+                                               "poll_interval_s": 0.2})
     # Export metrics every second (Ray's default is 10 s) so the Prometheus test waits less.
     with LocalService(config, port=free_port(), metrics_report_interval_ms=1000) as running:
         yield running
