@@ -128,3 +128,47 @@ def test_a_runner_that_raises_fails_the_whole_batch_and_the_queue_goes_on():
 
     assert asyncio.run(main()) == 2
 
+
+
+def test_background_items_wait_while_interactive_ones_do_and_a_preempted_batch_runs_again_later():
+    """A background (batch) line runs only while no interactive item waits; an interactive item that arrives
+    while one runs preempts it, and the stopped items go back to the head of their line."""
+    from deployments.batching import REQUEUE
+
+    order: list[list] = []
+
+    async def main():
+        stop = asyncio.Event()
+        started = asyncio.Event()
+
+        async def run(items):
+            order.append(list(items))
+            if items[0] == "bg-1" and len(order) == 1:  # the first background batch runs until preempted
+                started.set()
+                await stop.wait()
+                return [REQUEUE] * len(items)
+            return [f"done {item}" for item in items]
+
+        queue = BatchQueue(run, max_size=1, wait_s=0.0, preempt=stop.set)
+        first = asyncio.ensure_future(queue.submit("k", "bg-1", background=True))
+        second = asyncio.ensure_future(queue.submit("k", "bg-2", background=True))
+        await started.wait()
+        interactive = await queue.submit("k", "fg")
+        assert not first.done() and not second.done()
+        return interactive, await first, await second, queue.preemptions
+
+    interactive, first, second, preemptions = asyncio.run(main())
+    assert (interactive, first, second, preemptions) == ("done fg", "done bg-1", "done bg-2", 1)
+    assert order == [["bg-1"], ["fg"], ["bg-1"], ["bg-2"]]
+
+
+def test_background_and_interactive_items_never_share_a_batch():
+    runner = Recorder()
+
+    async def main():
+        queue = BatchQueue(runner, max_size=4, wait_s=0.05)
+        return await asyncio.gather(queue.submit("a", 1, background=True), queue.submit("a", 2),
+                                    queue.submit("a", 3, background=True), queue.submit("a", 4))
+
+    assert asyncio.run(main()) == [10, 20, 30, 40]
+    assert runner.batches == [[2, 4], [1, 3]]  # the interactive line first, though a background item came first

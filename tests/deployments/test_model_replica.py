@@ -235,3 +235,28 @@ def test_a_replica_checks_the_gpu_it_got_against_its_pool(catalog):
     why = pool_mismatch(catalog.gpu("a100-80g"), catalog.gpu("rtx-a4500"))
     assert "expects A100 80GB (sm_80, 79.6 GiB) but got RTX A4500 (sm_86, 19.9 GiB)" in why
     assert pool_mismatch(catalog.gpu("rtx-4090"), None) is None
+
+
+async def last_event(events):
+    return [event async for event in events][-1]
+
+
+def test_a_background_line_yields_to_an_interactive_request_at_the_next_step_and_then_runs_again(tiny_models):
+    """A batch line running when an interactive request arrives stops at its next denoising step, the interactive
+    request runs, and the line runs again from the start: its images are those of a fresh run, bit for bit."""
+    srv = replica(tiny_models)
+    line = request("a lighthouse", 5, num_inference_steps=60)
+
+    async def main():
+        background = asyncio.ensure_future(last_event(srv.stream(line, 256, 256, background=True)))
+        while not srv._running:  # until the line is in the worker thread
+            await asyncio.sleep(0.01)
+        interactive = await srv.run(request("a fox", 1), 64, 64)
+        assert not background.done()  # it waits behind the interactive request, requeued
+        return interactive, await background
+
+    interactive, rerun = asyncio.run(main())
+    assert srv._batches.preemptions == 1
+    fresh = asyncio.run(srv.run(line, 256, 256))
+    assert rerun.seeds == fresh.seeds == [5]
+    assert rerun.images == fresh.images
