@@ -147,6 +147,7 @@ class ReplicaInfo(TypedDict):
     loras_loaded: list[str]
     queued: int
     running: int
+    batch_preemptions: int
 
 
 class ModelReplica:
@@ -323,6 +324,7 @@ class ModelReplica:
             "loras_loaded": list(self.engine.lora_state().loaded),
             "queued": self._batches.pending(),
             "running": len(self._running),
+            "batch_preemptions": self._batches.preemptions,
         }
 
     async def run(self, request: GenerateRequest | EditRequest, width: int, height: int) -> ImageResult:

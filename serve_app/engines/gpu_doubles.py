@@ -28,7 +28,7 @@ import torch
 from serve_app.domain.placement import VRAM_GIB_LABEL
 from serve_app.domain.specs import EngineSpec
 from serve_app.engines import load_engine
-from serve_app.engines.protocol import EngineInfo, EngineResult, ImageEngine, Job, LoraState
+from serve_app.engines.protocol import EngineInfo, EngineResult, GenerationCancelled, ImageEngine, Job, LoraState
 
 OOM_TRIGGER = "test-double: out of memory"
 CUDA_FAULT_TRIGGER = "test-double: cuda fault"
@@ -148,7 +148,7 @@ def photo_like_image(width: int = 1024, height: int = 1024, seed: int = 0) -> np
 
 
 class GpuTimingDouble:
-    """TEST DOUBLE for a GPU's time: a pipeline call that blocks ``seconds_per_image`` per image in
+    """TEST DOUBLE for a GPU's time: a pipeline call that blocks ``seconds_per_image`` per image, step by step, in
     ``time.sleep``, which releases the GIL as a thread waiting on CUDA kernels does, and returns
     photo-like images of the asked size (the same every run). Nothing a pipeline does on the CPU is
     simulated: it isolates what the serving path (queueing, encoding, HTTP) adds around a GPU.
@@ -190,9 +190,15 @@ class GpuTimingDouble:
         return self._images[(width, height)]
 
     def run(self, jobs: Sequence[Job], should_stop: Callable[[], bool]) -> list[EngineResult]:
+        """The batch's time spread over its denoising steps; ``should_stop`` is asked after each, as the real
+        pipeline's step callback asks it (a cancelled caller, or a batch line preempted by interactive work)."""
         images = sum(job.request.n for job in jobs)
+        steps = max(job.num_inference_steps for job in jobs)
         started = time.perf_counter()
-        time.sleep(self.seconds_per_image * images)
+        for step in range(steps):
+            time.sleep(self.seconds_per_image * images / steps)
+            if should_stop() and step < steps - 1:
+                raise GenerationCancelled(f"stopped after {step + 1} of {steps} steps")
         seconds = time.perf_counter() - started
         return [EngineResult([self.image(job.width, job.height)] * job.request.n, list(range(job.request.n)),
                              {"denoise_s": seconds, "total_s": seconds}, job.num_inference_steps,

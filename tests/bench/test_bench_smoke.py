@@ -236,3 +236,14 @@ def test_soak_runs_mixed_traffic_and_finds_no_process_growing_without_bound():
     assert {"gcs", "raylet", "ProxyActor", "ServeController", "ServeReplica:imageserve:router",
             "ServeReplica:imageserve:gen-z-image-turbo", "ray"} <= watched
     assert run.returncode == 0, result["unbounded"]
+
+
+def test_batch_benchmark_replays_interactive_traffic_without_and_with_a_batch():
+    done = subprocess.run([sys.executable, "-m", "bench.batch", "--seconds-per-image", "0.05", "--requests", "12",
+                           "--lines", "6", "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["batch"]["status"] == "completed" and report["batch"]["completed"] == 6
+    for run in ("no_batch", "with_batch", "with_client_script"):
+        assert report[run]["p95_ms"] >= report[run]["p50_ms"] > 0
+    assert report["p50_ratio"] > 0 and report["with_client_script"]["p95_ratio"] > 0
