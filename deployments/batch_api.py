@@ -59,6 +59,7 @@ class BatchApi:
         return file_object(row)
 
     async def _file(self, key_id: str | None, file_id: str) -> dict[str, Any]:
+        self.runner.start()  # a router replica Serve just replaced resumes its batches at its first call
         row = await asyncio.to_thread(self.store.get_file, file_id, key_id)
         if row is None:
             raise ResourceNotFoundError(f"no file {file_id!r}", param="file_id")
@@ -116,6 +117,7 @@ class BatchApi:
         return batch_object(batch)
 
     async def _batch(self, key_id: str | None, batch_id: str) -> dict[str, Any]:
+        self.runner.start()
         row = await asyncio.to_thread(self.store.get_batch, batch_id, key_id)
         if row is None:
             raise ResourceNotFoundError(f"no batch {batch_id!r}", param="batch_id")

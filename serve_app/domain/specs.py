@@ -409,11 +409,14 @@ def _http_spec(serving: ServingConfig) -> HttpSpec:
                     metrics_key_sha256=tuple(serving.metrics_key_sha256), show_internals=serving.internals_shown())
 
 
-def batch_state_dir(settings: BatchSettings) -> str:
-    """Where the Batch API keeps its store: the configured folder, else $IMAGESERVE_STATE_DIR, else
-    ~/.local/state/imageserve (resolved where the config is, so every router replica gets the same)."""
-    chosen = settings.state_dir or os.environ.get("IMAGESERVE_STATE_DIR") or "~/.local/state/imageserve"
-    return str(Path(chosen).expanduser())
+def batch_state_dir(settings: BatchSettings, app_name: str) -> str:
+    """Where the Batch API keeps its store: the configured folder, else the application's own folder under
+    $IMAGESERVE_STATE_DIR, else under ~/.local/state/imageserve (resolved where the config is, so every router
+    replica gets the same; two applications never share a store, whose batches each runs on its own models)."""
+    if settings.state_dir:
+        return str(Path(settings.state_dir).expanduser())
+    root = os.environ.get("IMAGESERVE_STATE_DIR") or "~/.local/state/imageserve"
+    return str(Path(root).expanduser() / app_name)
 
 
 def _router_spec(config: AppConfig, catalog: Catalog, routes: list[RouteSpec], unplaced: dict[str, str],
@@ -431,7 +434,7 @@ def _router_spec(config: AppConfig, catalog: Catalog, routes: list[RouteSpec], u
         unavailable=_unavailable(config, catalog, served, unplaced),
         loras={name: tuple(v for v in lora.variants if v in served) for name, lora in config.loras.items()},
         http=_http_spec(serving),
-        batch=serving.batch.model_copy(update={"state_dir": batch_state_dir(serving.batch)}),
+        batch=serving.batch.model_copy(update={"state_dir": batch_state_dir(serving.batch, serving.app_name)}),
         key_limits=serving.limits.per_key,
         max_ongoing_requests=serving.limits.router_max_ongoing,
         max_queued_requests=serving.limits.router_max_queued,

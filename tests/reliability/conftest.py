@@ -25,6 +25,8 @@ def reliable(tiny_root):
     data["serving"].update({
         "request_timeout_s": 4,
         "limits": {"max_body_mb": 2, "max_input_pixels": 2048 * 2048},
+        # A killed router replica's batch lines run again once their lease lapses: 3 s here, not 30.
+        "batch": {"lease_s": 3, "poll_interval_s": 0.2},
     })
     data["models"]["z-image-turbo"]["deployment"] = {
         "num_replicas": 2, "max_ongoing_requests": 2, "max_queued_requests": 8, "health_check_period_s": 1,
