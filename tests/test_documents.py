@@ -21,8 +21,8 @@ Markers (one per block):
   service's address; python scripts get ``RAY_ADDRESS``, ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN_PATH`` as
   ``imageserve run`` prints them (what README tells a driver to set). curl runs with ``--fail-with-body``,
   so an HTTP error fails the block.
-- ``<!-- checked as an imageserve config -->``, ``a fleet file``, ``a Serve config``, ``a generation request``:
-  the YAML or JSON validates as that.
+- ``<!-- checked as an imageserve config -->``, ``a fleet file``, ``a Serve config``, ``a generation request``,
+  ``a batch input line``: the YAML or JSON validates as that.
 - ``<!-- output of: COMMAND -->``: a text block; every line of it is a line of COMMAND's output (runs of
   spaces compared as one).
 
@@ -202,8 +202,18 @@ def check_generation_request(text: str, source: str) -> None:
     GenerateRequest.model_validate(json.loads(text))
 
 
+def check_batch_input_line(text: str, source: str) -> None:
+    """One line of a batch's input file, as the batch runner reads it (docs/batch.md), for the URL it names."""
+    from serve_app.domain.batches import BatchSettings, parse_input_file
+
+    line = json.loads(text)
+    (parsed,), refused = parse_input_file(json.dumps(line).encode(), line["url"], BatchSettings())
+    assert refused is None and parsed.error is None, parsed.error or refused
+
+
 CHECKS = {"an imageserve config": check_imageserve_config, "a fleet file": check_fleet_file,
-          "a Serve config": check_serve_config, "a generation request": check_generation_request}
+          "a Serve config": check_serve_config, "a generation request": check_generation_request,
+          "a batch input line": check_batch_input_line}
 
 
 def by_kind(*kinds: str) -> list[Block]:
