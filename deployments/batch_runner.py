@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -104,8 +105,10 @@ class BatchRunner:
         while True:
             try:
                 await self.tick()
-            except Exception:
-                logger.exception("batch runner tick failed")
+            except Exception as err:  # a store hiccup must not end the loop: the next tick retries
+                if sys.is_finalizing():
+                    return  # the replica's process is going away; its leases lapse and another runner goes on
+                logger.exception("batch runner tick failed: %s: %s", type(err).__name__, err)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_s)

@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypedDict
 from ray import serve
 from ray.serve import Application
 
+from deployments.autoscaling_policy import BACKGROUND_METRIC, autoscaling_options
 from deployments.batching import REQUEUE, BatchQueue
 from deployments.metrics import ReplicaMetrics, host_rss_bytes, replica_id, shape_label
 from deployments.parallel_replica import ParallelEngine, load_parallel_engine, placement_options
@@ -186,7 +187,7 @@ class ModelReplica:
             if value is not None:
                 result[key] = value
         if options.autoscaling is not None:
-            result["autoscaling_config"] = options.autoscaling.model_dump(exclude_none=True)
+            result["autoscaling_config"] = autoscaling_options(options.autoscaling)
         else:
             result["num_replicas"] = options.num_replicas or 1
         # A batching replica has room for two batches: one running and one filling. With one, Serve hands the
@@ -236,6 +237,7 @@ class ModelReplica:
                                                     preempt=self._preempt_background)
         # Set when interactive work arrives while a background batch runs: its denoising stops at the next step.
         self._preempting = threading.Event()
+        self.background_ongoing = 0  # batch lines this replica holds (record_autoscaling_stats)
         self._running: Sequence[Job] = ()
         self._report_lora = self._lora_reporter(spec.engine.max_loaded_loras) if spec.engine.loras else None
         if self._unhealthy is not None:
@@ -284,6 +286,11 @@ class ModelReplica:
     async def on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the replica's pipeline thread, where its engine's calls run (a swap moves weights there)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's autoscaler gets besides its request count: the batch lines among them, which
+        ``InteractiveFirstPolicy`` leaves out (docs/batch.md)."""
+        return {BACKGROUND_METRIC: float(self.background_ongoing)}
 
     def oldest_queued_age(self) -> float | None:
         """Seconds the oldest request in this replica's queue has waited for a batch, or None."""
@@ -363,6 +370,7 @@ class ModelReplica:
         result = asyncio.ensure_future(self._run_job(job))
         result.add_done_callback(lambda _: previews.put_nowait(None))
         sent: dict[int, int] = {}
+        self.background_ongoing += background
         try:
             yield StreamAccepted(variant=self.variant.id, num_inference_steps=steps,
                                  preview_steps=[step + 1 for step in wanted])
@@ -378,6 +386,7 @@ class ModelReplica:
                     self.metrics.partial_image()
             yield await result
         finally:
+            self.background_ongoing -= background
             if not result.done():  # the caller left: stop the denoising it no longer watches
                 job.cancelled.set()
                 result.cancel()

@@ -30,6 +30,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from deployments.autoscaling_policy import BACKGROUND_METRIC
 from deployments.metrics import SwapMetrics
 from deployments.model_replica import ModelReplica, node_gpu_class
 from serve_app.domain.catalog import GIB
@@ -274,6 +275,10 @@ class SwapReplica:
         """``ModelReplica.stream`` on the member ``variant`` (the call's multiplexed model id when None)."""
         async for event in self._member(variant).stream(request, width, height, background=background):
             yield event
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Its members' batch lines, as one replica's (``ModelReplica.record_autoscaling_stats``)."""
+        return {BACKGROUND_METRIC: float(sum(member.background_ongoing for member in self.members.values()))}
 
     async def info(self) -> dict[str, Any]:
         return {

@@ -234,3 +234,26 @@ def sign_webhook(secret: str, webhook_id: str, timestamp: int, body: bytes) -> d
 def webhook_backoff_s(attempt: int) -> float:
     """Seconds before delivery ``attempt + 1`` (1-based ``attempt``): 1, 2, 4, ... up to an hour."""
     return float(min(2 ** (attempt - 1), 3600))
+
+
+def replicas_wanted(current: int, ongoing: float, background: float, target_per_replica: float, max_replicas: int,
+                    backlog_share: float = 0.0) -> float:
+    """Replicas a model deployment wants, from its ongoing requests (Serve's count, batch lines included) and the
+    batch lines among them (``background``).
+
+    Interactive requests scale it as Serve's default policy does: ``ongoing / target_per_replica``. Batch lines
+    use idle time and add no replica, except that a deployment running one keeps at least one replica (a pool
+    that scales to zero does not drop the line it runs). With ``backlog_share`` above 0, batch lines count as
+    demand too, up to that share of ``max_replicas`` (at least one).
+    """
+    if current == 0:
+        return 0.0 if ongoing <= 0 else 1.0
+    interactive = max(0.0, ongoing - background)
+    wanted = interactive / target_per_replica
+    if background > 0:
+        wanted = max(wanted, 1.0)
+        if backlog_share > 0:
+            cap = max(1, int(backlog_share * max_replicas))
+            wanted = max(wanted, min(float(cap), (interactive + background) / target_per_replica))
+    return wanted
+

@@ -94,6 +94,10 @@ class AutoscalingConfig(_Section):
     downscale_delay_s: float = Field(default=300.0, ge=0)
     metrics_interval_s: float = Field(default=10.0, gt=0)
     look_back_period_s: float = Field(default=30.0, gt=0)
+    batch_backlog_share: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Batch lines add no replica by default (they use idle time); above 0, a batch backlog may scale "
+                    "this deployment up to this share of max_replicas (docs/batch.md).")
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:
