@@ -73,7 +73,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # The tests that start no Ray cluster and load no model (tests/conftest.py refuses Ray in them): under a minute.
-unit: install $(PROMETHEUS) $(HAPROXY)
+unit: install $(PROMETHEUS) $(REDIS) $(HAPROXY)
 	$(VENV)/bin/python -m pytest -m "not integration and not models"
 
 test: lint $(PROMETHEUS) $(REDIS) $(HAPROXY)

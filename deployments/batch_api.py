@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from deployments.batch_runner import BatchRunner
-from deployments.batch_store import SqliteBatchStore
+from deployments.batch_store import BatchStore
 from serve_app.domain.batches import (
     BATCH_ENDPOINTS,
     COMPLETION_WINDOWS,
@@ -36,7 +36,7 @@ MAX_LIST = 10_000
 class BatchApi:
     """``files.create/retrieve/content/delete/list`` and ``batches.create/retrieve/list/cancel``."""
 
-    def __init__(self, store: SqliteBatchStore, settings: BatchSettings, runner: BatchRunner) -> None:
+    def __init__(self, store: BatchStore, settings: BatchSettings, runner: BatchRunner) -> None:
         self.store = store
         self.settings = settings
         self.runner = runner

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from deployments.batch_store import SqliteBatchStore
+from deployments.batch_store import BatchStore
 from serve_app.domain.batches import (
     BATCH_ENDPOINTS,
     RETRYABLE_STATUS,
@@ -69,7 +69,7 @@ class BatchRunner:
         metrics: the router's metrics (``batch_line`` and ``batch_backlog``), or None.
     """
 
-    def __init__(self, store: SqliteBatchStore, settings: BatchSettings, answer: Answer, owner: str,
+    def __init__(self, store: BatchStore, settings: BatchSettings, answer: Answer, owner: str,
                  internals: bool = True, metrics: Any = None) -> None:
         self.store = store
         self.settings = settings
@@ -82,9 +82,11 @@ class BatchRunner:
             raise ValueError(f"serving.batch.webhook_url is set but {settings.webhook_secret_env} is not: webhooks are "
                              "signed, so the router needs the secret (whsec_...) in that environment variable")
         self.in_flight: dict[tuple[str, int], asyncio.Task] = {}
+        self._withdrawn: set[tuple[str, int]] = set()  # lines of cancelled batches this runner stopped
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._renewed = 0.0
+        self._ticking: asyncio.Lock | None = None
         self._swept = 0.0
 
     def start(self) -> None:
@@ -116,7 +118,14 @@ class BatchRunner:
                 pass
 
     async def tick(self) -> None:
-        """One round: validate, claim, finish, renew, deliver, sweep."""
+        """One round: validate, claim, finish, renew, deliver, sweep. Rounds never overlap (a caller's own tick and
+        the loop's would otherwise both count the free slots and claim twice as many lines)."""
+        if self._ticking is None:
+            self._ticking = asyncio.Lock()
+        async with self._ticking:
+            await self._tick()
+
+    async def _tick(self) -> None:
         while (batch := await asyncio.to_thread(self.store.claim_validation, self.settings.lease_s)) is not None:
             await self.validate(batch)
         free = self.settings.lines_in_flight - len(self.in_flight)
@@ -125,6 +134,7 @@ class BatchRunner:
                 key = (line["batch_id"], line["idx"])
                 self.in_flight[key] = asyncio.get_running_loop().create_task(self._run_line(line))
                 self.in_flight[key].add_done_callback(lambda _, key=key: self._line_done(key))
+        await self._withdraw_cancelled()
         for batch in await asyncio.to_thread(self.store.due_to_finish, int(time.time())):
             await self.finish(batch)
         now = time.monotonic()
@@ -140,7 +150,19 @@ class BatchRunner:
             counts = await asyncio.to_thread(self.store.line_counts)
             self.metrics.batch_backlog(counts["queued"], counts["running"], counts["backlog_age_s"])
 
+    async def _withdraw_cancelled(self) -> None:
+        """Stop this runner's lines of batches being cancelled: their requests end at the next denoising step, and
+        the lines go back to the store unanswered, where the batch's end answers them ``batch_cancelled``."""
+        for batch_id in {batch_id for batch_id, _ in self.in_flight}:
+            batch = await asyncio.to_thread(self.store.batch, batch_id)
+            if batch is not None and batch["status"] == "cancelling":
+                for key, task in list(self.in_flight.items()):
+                    if key[0] == batch_id and key not in self._withdrawn:
+                        self._withdrawn.add(key)
+                        task.cancel()
+
     def _line_done(self, key: tuple[str, int]) -> None:
+        self._withdrawn.discard(key)
         self.in_flight.pop(key, None)
         self._wake.set()  # a slot is free: claim the next line now, not at the next poll
 
@@ -198,6 +220,15 @@ class BatchRunner:
                                   param="image")
 
     async def _run_line(self, line: dict[str, Any]) -> None:
+        batch_id, idx = line["batch_id"], line["idx"]
+        try:
+            await self._answered_line(line)
+        except asyncio.CancelledError:
+            if (batch_id, idx) in self._withdrawn:  # its batch is being cancelled: release the line
+                await asyncio.to_thread(self.store.requeue, batch_id, idx, 0.0)
+            raise  # else this runner is stopping, as a dying replica would: the lease lapses
+
+    async def _answered_line(self, line: dict[str, Any]) -> None:
         batch_id, idx, custom_id = line["batch_id"], line["idx"], line["custom_id"]
         try:
             request = await asyncio.to_thread(self.request_of, line["endpoint"], json.loads(line["body"]),

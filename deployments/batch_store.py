@@ -17,9 +17,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-from serve_app.domain.batches import InputLine, new_id
+from serve_app.domain.batches import BatchSettings, InputLine, new_id
+
+if TYPE_CHECKING:
+    from deployments.batch_store_redis import RedisBatchStore
+
+# The two stores have the same operations (the tests run the runner over both).
+BatchStore = Union["SqliteBatchStore", "RedisBatchStore"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -110,12 +116,11 @@ class SqliteBatchStore:
         if purpose:
             sql += " AND purpose = ?"
             args.append(purpose)
-        if after:
-            anchor = self._one("SELECT created_at, id FROM files WHERE id = ?", after)
-            if anchor:
-                sql += f" AND (created_at, id) {'<' if direction == 'DESC' else '>'} (?, ?)"
-                args += [anchor["created_at"], anchor["id"]]
-        sql += f" ORDER BY created_at {direction}, id {direction} LIMIT ?"
+        if after and (anchor := self._one("SELECT rowid FROM files WHERE id = ?", after)):
+            sql += f" AND rowid {'<' if direction == 'DESC' else '>'} ?"
+            args.append(anchor["rowid"])
+        # rowid is the order of creation (created_at counts whole seconds, and ids are random)
+        sql += f" ORDER BY rowid {direction} LIMIT ?"
         return [dict(r) for r in self._db().execute(sql, [*args, limit])]
 
     def delete_file(self, file_id: str, key_id: str | None) -> bool:
@@ -162,10 +167,10 @@ class SqliteBatchStore:
 
     def list_batches(self, key_id: str | None, limit: int, after: str | None) -> list[dict[str, Any]]:
         sql, args = "SELECT * FROM batches WHERE key_id IS ?", [key_id]
-        if after and (anchor := self._one("SELECT created_at, id FROM batches WHERE id = ?", after)):
-            sql += " AND (created_at, id) < (?, ?)"
-            args += [anchor["created_at"], anchor["id"]]
-        return [dict(r) for r in self._db().execute(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*args, limit])]
+        if after and (anchor := self._one("SELECT rowid FROM batches WHERE id = ?", after)):
+            sql += " AND rowid < ?"
+            args.append(anchor["rowid"])
+        return [dict(r) for r in self._db().execute(sql + " ORDER BY rowid DESC LIMIT ?", [*args, limit])]
 
     def cancel_batch(self, batch_id: str, key_id: str | None) -> dict[str, Any] | None:
         """Move an unfinished batch to cancelling (its queued lines will not run); the batch as it stands."""
@@ -344,3 +349,15 @@ class SqliteBatchStore:
 
     def webhooks(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db().execute("SELECT id, url, attempts, delivered_at, last_error FROM webhooks")]
+
+
+def open_store(settings: BatchSettings, app_name: str) -> BatchStore:
+    """The store ``settings`` name: Redis when ``redis_url`` is set (file contents still under ``state_dir``),
+    else the embedded SQLite store in ``state_dir``. Both have the same operations."""
+    if settings.redis_url:
+        from deployments.batch_store_redis import RedisBatchStore
+
+        return RedisBatchStore.connect(settings.redis_url, app_name, settings.state_dir,
+                                       os.environ.get(settings.redis_password_env), settings.redis_ca_cert)
+    return SqliteBatchStore(settings.state_dir)
+

@@ -25,7 +25,7 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.batch_api import BatchApi
 from deployments.batch_runner import BatchRunner
-from deployments.batch_store import SqliteBatchStore
+from deployments.batch_store import open_store
 from deployments.metrics import RouterMetrics, error_reason, fetch_node_metrics, replica_id
 from serve_app.domain.catalog import ModelVariant
 from serve_app.domain.errors import (
@@ -145,7 +145,7 @@ class Router:
     def _batch_api(self, spec: RouterSpec) -> BatchApi:
         """The Files and Batches API over the shared store, and this replica's batch runner (started with the
         replica's event loop: here if it runs, else at the first request or health check)."""
-        store = SqliteBatchStore(spec.batch.state_dir)
+        store = open_store(spec.batch, spec.app_name)
         owner = f"{replica_id() or 'router'}-{os.getpid()}-{secrets.token_hex(4)}"
         runner = BatchRunner(store, spec.batch, self._background_answer, owner, spec.http.show_internals,
                              self.metrics)

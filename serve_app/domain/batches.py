@@ -66,6 +66,12 @@ class BatchSettings(BaseModel):
                                                                   "was not told about (another replica's batch).")
     lease_s: float = Field(default=30.0, gt=0, description="A running line whose router stopped renewing its lease "
                                                           "this long runs again elsewhere.")
+    redis_url: str | None = Field(
+        default=None, description="A cluster's store: batch state in this Redis (rediss://host:6379/1), file contents "
+                                  "under state_dir on a volume every router replica mounts; null: the embedded "
+                                  "SQLite store in state_dir.")
+    redis_password_env: str = Field(default="REDIS_PASSWORD", description="Env var holding the Redis password.")
+    redis_ca_cert: str | None = Field(default=None, description="CA certificate that signed Redis's TLS certificate.")
     webhook_url: str | None = Field(default=None, description="Where batch.completed, .failed, .cancelled and "
                                                               ".expired are posted.")
     webhook_secret_env: str = Field(default="IMAGESERVE_WEBHOOK_SECRET",

@@ -1,4 +1,6 @@
-"""The batch runner and its store without Ray: leases, exactly-once results, expiry, retries and webhooks.
+"""The batch runner and its stores without Ray: leases, exactly-once results, expiry, retries and webhooks, each
+over the embedded SQLite store and over the cluster's Redis (a real redis-server on loopback, with TLS and a
+password, as cluster/deploy/redis.yaml runs it).
 
 Lines run on a real tiny Z-Image replica in this process, reached directly instead of through the router (the
 integration tests take the router's path over HTTP). A "router replica that dies" is a runner whose tasks are
@@ -17,6 +19,7 @@ import pytest
 
 from deployments.batch_runner import BatchRunner
 from deployments.batch_store import SqliteBatchStore
+from deployments.batch_store_redis import RedisBatchStore
 from deployments.model_replica import ModelReplica
 from serve_app.domain.batches import BatchSettings
 from serve_app.domain.config import parse_config
@@ -36,17 +39,38 @@ def z_replica(tiny_models):
     replica.shutdown()
 
 
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    from tests.cluster.redis_support import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def new_store(request, tmp_path):
+    """``new_store()``: an empty store of the parameter's kind, its file contents under ``tmp_path``."""
+    if request.param == "sqlite":
+        return lambda: SqliteBatchStore(tmp_path)
+    from tests.cluster.redis_support import PASSWORD
+
+    server = request.getfixturevalue("redis_server")
+    app = f"test-{tmp_path.name}"  # each test its own keys
+    return lambda: RedisBatchStore.connect(f"rediss://127.0.0.1:{server.port}/0", app, str(tmp_path), PASSWORD,
+                                           str(server.ca_cert))
+
+
 def settings(tmp_path, **overrides) -> BatchSettings:
     return BatchSettings(state_dir=str(tmp_path), poll_interval_s=0.05, **overrides)
 
 
-def submit(store: SqliteBatchStore, count: int) -> str:
+def submit(store, count: int, window_s: int = 86400) -> str:
     """A batch of ``count`` generation lines, as batches.create leaves it (validating)."""
     text = "".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": ENDPOINT,
                                "body": {"prompt": f"prompt {i}", "seed": i, "num_inference_steps": 2}}) + "\n"
                    for i in range(count))
     file = store.create_file(None, "in.jsonl", "batch", text.encode(), None)
-    return store.create_batch(None, ENDPOINT, file["id"], "24h", 86400, None, 10)["id"]
+    return store.create_batch(None, ENDPOINT, file["id"], "24h", window_s, None, 10)["id"]
 
 
 async def until(condition, tick, deadline_s: float = 300.0):
@@ -58,7 +82,7 @@ async def until(condition, tick, deadline_s: float = 300.0):
         await asyncio.sleep(0.05)
 
 
-def answered(store: SqliteBatchStore, batch_id: str) -> tuple[list[str], list[str]]:
+def answered(store, batch_id: str) -> tuple[list[str], list[str]]:
     batch = store.batch(batch_id)
     ids = []
     for file_id in (batch["output_file_id"], batch["error_file_id"]):
@@ -67,8 +91,9 @@ def answered(store: SqliteBatchStore, batch_id: str) -> tuple[list[str], list[st
     return ids[0], ids[1]
 
 
-def test_lines_a_dead_router_replica_held_run_again_elsewhere_and_each_is_recorded_once(tmp_path, z_replica):
-    store = SqliteBatchStore(tmp_path)
+def test_lines_a_dead_router_replica_held_run_again_elsewhere_and_each_is_recorded_once(
+        tmp_path, new_store, z_replica):
+    store = new_store()
     batch_id = submit(store, 6)
     calls: list[str] = []
 
@@ -95,8 +120,8 @@ def test_lines_a_dead_router_replica_held_run_again_elsewhere_and_each_is_record
     assert store.batch(batch_id)["completed"] == 6
 
 
-def test_a_late_answer_from_a_lapsed_lease_is_not_recorded_twice(tmp_path):
-    store = SqliteBatchStore(tmp_path)
+def test_a_late_answer_from_a_lapsed_lease_is_not_recorded_twice(tmp_path, new_store):
+    store = new_store()
     batch_id = submit(store, 1)
     runner = BatchRunner(store, settings(tmp_path), None, "router-a")
     asyncio.run(runner.validate(store.claim_validation(30)))
@@ -108,8 +133,8 @@ def test_a_late_answer_from_a_lapsed_lease_is_not_recorded_twice(tmp_path):
     assert store.batch(batch_id)["completed"] == 1
 
 
-def test_a_rate_limited_line_waits_and_runs_again_instead_of_failing(tmp_path, z_replica):
-    store = SqliteBatchStore(tmp_path)
+def test_a_rate_limited_line_waits_and_runs_again_instead_of_failing(tmp_path, new_store, z_replica):
+    store = new_store()
     batch_id = submit(store, 2)
     refusals = []
 
@@ -128,17 +153,15 @@ def test_a_rate_limited_line_waits_and_runs_again_instead_of_failing(tmp_path, z
     assert sorted(answered(store, batch_id)[0]) == ["line-0", "line-1"] and len(refusals) == 1
 
 
-def test_a_batch_past_its_window_expires_with_its_unrun_lines_in_the_error_file(tmp_path):
-    store = SqliteBatchStore(tmp_path)
-    batch_id = submit(store, 3)
+def test_a_batch_past_its_window_expires_with_its_unrun_lines_in_the_error_file(tmp_path, new_store):
+    store = new_store()
+    batch_id = submit(store, 3, window_s=0)  # its window has passed by the first tick
 
     async def hangs(task, request, key_id):
         await asyncio.Event().wait()
 
     async def main():
         runner = BatchRunner(store, settings(tmp_path, lines_in_flight=1), hangs, "router")
-        await runner.tick()
-        store._db().execute("UPDATE batches SET expires_at = 0 WHERE id = ?", (batch_id,))  # the window passes
         await until(lambda: store.batch(batch_id)["status"] == "expired", runner.tick)
         await runner.stop()
 
@@ -166,16 +189,17 @@ class Receiver(BaseHTTPRequestHandler):
 
 
 def test_a_finished_batch_posts_a_signed_webhook_that_openai_python_verifies_retrying_a_failed_delivery(
-        tmp_path, z_replica, monkeypatch):
+        tmp_path, new_store, z_replica, monkeypatch):
     from openai import OpenAI
 
     from serve_app.runner import free_port
 
     secret = "whsec_" + "dGhlLXdlYmhvb2stc2VjcmV0"
     monkeypatch.setenv("TEST_WEBHOOK_SECRET", secret)
+    Receiver.received.clear()
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    store = SqliteBatchStore(tmp_path)
+    store = new_store()
     batch_id = submit(store, 1)
 
     async def answer(task, request, key_id):
@@ -202,3 +226,57 @@ def test_a_webhook_url_without_its_secret_is_refused_with_the_reason(tmp_path, m
     monkeypatch.delenv("IMAGESERVE_WEBHOOK_SECRET", raising=False)
     with pytest.raises(ValueError, match="IMAGESERVE_WEBHOOK_SECRET is not"):
         BatchRunner(SqliteBatchStore(tmp_path), settings(tmp_path, webhook_url="http://127.0.0.1:9/hook"), None, "r")
+
+
+def test_the_files_and_batches_api_answers_the_same_over_either_store(tmp_path, new_store):
+    """What openai-python's files and batches calls do, at the API layer, over both stores: listing and paging,
+    per-key objects, the key's bound on unfinished batches, and a cancel that stops the running line and ends the
+    batch."""
+    from deployments.batch_api import BatchApi
+    from serve_app.domain.errors import RateLimitedError, ResourceNotFoundError
+
+    store = new_store()
+
+    async def hangs(task, request, key_id):
+        await asyncio.Event().wait()
+
+    async def main():
+        runner = BatchRunner(store, settings(tmp_path, max_active_batches_per_key=2, lines_in_flight=1), hangs,
+                             "router")
+        api = BatchApi(store, runner.settings, runner)
+        lines = "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": ENDPOINT,
+                                    "body": {"prompt": "x"}}) + "\n" for i in range(3)).encode()
+        files = [await api.create_file("key-a", f"f{i}.jsonl", "batch", lines) for i in range(3)]
+        listed = await api.list_files("key-a", "batch", limit=2, after=None, order="desc")
+        assert [f["id"] for f in listed["data"]] == [f["id"] for f in files[::-1][:2]] and listed["has_more"]
+        rest = await api.list_files("key-a", None, limit=10, after=listed["last_id"], order="desc")
+        assert [f["id"] for f in rest["data"]] == [files[0]["id"]]
+        assert (await api.list_files("key-b", None, limit=10, after=None, order="desc"))["data"] == []
+        with pytest.raises(ResourceNotFoundError):
+            await api.retrieve_file("key-b", files[0]["id"])  # another key's file is not found
+        assert await api.file_content("key-a", files[0]["id"]) == lines
+
+        first = await api.create_batch("key-a", {"input_file_id": files[0]["id"], "endpoint": ENDPOINT,
+                                                 "completion_window": "24h", "metadata": {"run": "1"}})
+        second = await api.create_batch("key-a", {"input_file_id": files[1]["id"], "endpoint": ENDPOINT,
+                                                  "completion_window": "24h"})
+        with pytest.raises(RateLimitedError, match="2 unfinished batches"):
+            await api.create_batch("key-a", {"input_file_id": files[2]["id"], "endpoint": ENDPOINT,
+                                             "completion_window": "24h"})
+        assert [b["id"] for b in (await api.list_batches("key-a", 10, None))["data"]] == [second["id"], first["id"]]
+        await until(lambda: store.batch(first["id"])["status"] == "in_progress", runner.tick)
+        await runner.tick()  # one line of the first batch runs (and hangs); its other two wait
+        assert len(runner.in_flight) == 1, sorted(runner.in_flight)
+        assert (await api.cancel_batch("key-a", first["id"]))["status"] == "cancelling"
+        await until(lambda: store.batch(first["id"])["status"] == "cancelled", runner.tick)
+        await runner.stop()
+        done = await api.retrieve_batch("key-a", first["id"])
+        # The running line was stopped too: all three are answered batch_cancelled, once each.
+        assert done["request_counts"] == {"total": 3, "completed": 0, "failed": 3} and done["metadata"] == {"run": "1"}
+        errors = (await api.file_content("key-a", done["error_file_id"])).decode().splitlines()
+        assert {json.loads(line)["error"]["code"] for line in errors} == {"batch_cancelled"}
+        assert (await api.delete_file("key-a", files[2]["id"]))["deleted"]
+        with pytest.raises(ResourceNotFoundError):
+            await api.delete_file("key-a", files[2]["id"])
+
+    asyncio.run(main())
