@@ -150,7 +150,8 @@ def fault_tolerant_service(tiny_root, tmp_path_factory):
             "num_cpus": 2, "include_dashboard": False, "redis_password": PASSWORD, "gcs_server_port": free_port()})
         try:
             ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": worker_env()})
-            data = embedded_config_data(Path(tiny_root), router_replicas=2)
+            data = embedded_config_data(Path(tiny_root), router_replicas=2, batch={
+                "state_dir": str(tmp_path_factory.mktemp("batch-state")), "poll_interval_s": 0.2})
             data["models"] = {"z-image-turbo": data["models"]["z-image-turbo"]}
             data["loras"] = {}
             port = free_port()
@@ -200,6 +201,42 @@ def test_serve_answers_through_a_gcs_outage_and_the_gcs_comes_back_with_the_app(
     assert set(statuses) == {200}, statuses  # nothing on a request's path needs the GCS
     assert_each_request_answered_once(traffic)
     assert serve.status().applications[APP].status == "RUNNING"
+
+
+def test_a_batch_runs_on_through_a_gcs_outage_and_answers_each_line_once(fault_tolerant_service):
+    """Batch state lives outside Ray: the two router replicas go on running lines while no GCS runs, and the batch
+    completes after the GCS restarts with every line in the output once."""
+    import io
+    import json
+
+    import httpx
+
+    cluster, url = fault_tolerant_service
+    lines = 30
+    text = "".join(json.dumps({"custom_id": f"gcs-{i}", "method": "POST", "url": "/v1/images/generations",
+                               "body": {"prompt": f"item {i}", "size": "128x128", "num_inference_steps": 4}}) + "\n"
+                   for i in range(lines))
+    with httpx.Client(base_url=url, timeout=120) as client:
+        file = client.post("/v1/files", files={"file": ("in.jsonl", io.BytesIO(text.encode()))},
+                           data={"purpose": "batch"}).json()
+        batch_id = client.post("/v1/batches", json={"input_file_id": file["id"], "completion_window": "24h",
+                                                    "endpoint": "/v1/images/generations"}).json()["id"]
+
+        def completed() -> int:
+            return client.get(f"/v1/batches/{batch_id}").json()["request_counts"]["completed"]
+
+        wait_until(lambda: completed() >= 3, "a few lines answered")
+        cluster.head_node.kill_gcs_server()
+        during = completed()
+        wait_until(lambda: completed() >= during + 3, "lines answered while no GCS runs")
+        cluster.head_node.start_gcs_server()
+        wait_until(lambda: client.get(f"/v1/batches/{batch_id}").json()["status"] == "completed", "the batch done")
+        batch = client.get(f"/v1/batches/{batch_id}").json()
+        assert batch["request_counts"] == {"total": lines, "completed": lines, "failed": 0}
+        out = client.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()
+        assert sorted(json.loads(line)["custom_id"] for line in out) == sorted(f"gcs-{i}" for i in range(lines))
+    wait_until(lambda: running_replicas("gen-z-image-turbo") == 1 and running_replicas("router") == 2,
+               "the application RUNNING again, as the restarted GCS reads it")
 
 
 def router_replica_names() -> list[str]:

@@ -15,7 +15,7 @@ PER_KEY_LIMITS = {"cost_per_minute": 0.01, "burst_cost": 0.3}
 
 
 @pytest.fixture(scope="package")
-def reliable(tiny_root):
+def reliable(tiny_root, tmp_path_factory):
     from serve_app.domain.config import parse_config
     from serve_app.embedded import embedded_config_data
     from serve_app.engines.gpu_doubles import cuda_fault_loader, out_of_memory_loader
@@ -26,7 +26,7 @@ def reliable(tiny_root):
         "request_timeout_s": 4,
         "limits": {"max_body_mb": 2, "max_input_pixels": 2048 * 2048},
         # A killed router replica's batch lines run again once their lease lapses: 3 s here, not 30.
-        "batch": {"lease_s": 3, "poll_interval_s": 0.2},
+        "batch": {"lease_s": 3, "poll_interval_s": 0.2, "state_dir": str(tmp_path_factory.mktemp("batch-state"))},
     })
     data["models"]["z-image-turbo"]["deployment"] = {
         "num_replicas": 2, "max_ongoing_requests": 2, "max_queued_requests": 8, "health_check_period_s": 1,

@@ -87,3 +87,40 @@ def test_a_router_replica_killed_mid_batch_leaves_every_line_answered_once(relia
     killed = kill_one("SERVE_REPLICA::imageserve#router#")
     every_line_once(http, wait_for(http, batch_id, lambda b: b["status"] in FINISHED), "router-kill")
     assert killed not in actor_names("SERVE_REPLICA::imageserve#router#")
+
+
+def test_batch_lines_are_held_to_their_keys_limits_and_wait_instead_of_failing(reliable, api_key):
+    """/secure meters each key (a burst of 0.3 megapixel-steps, refilled at 0.01 a minute). A batch of three lines
+    of 0.2 each gets one through; the router refuses the others under the key's limit, and they wait in the queue
+    (a 429 is retried until the window ends), neither failed nor run past the limit."""
+    from pathlib import Path
+
+    from serve_app.api_keys import cluster_key_id_secret, key_id
+    from serve_app.domain.specs import key_digest
+
+    logs = Path(reliable.tmpdir) / "session_latest" / "logs"
+    refusal = f"key {key_id(key_digest(api_key), cluster_key_id_secret())}: generate refused by its per-key limit"
+
+    def refusals() -> int:
+        return sum(p.read_text(errors="ignore").count(refusal) for p in logs.rglob("*secure*router*") if p.is_file())
+
+    before = refusals()
+    body = {"size": "224x224", "num_inference_steps": 4}  # 0.2 megapixel-steps
+    text = "".join(json.dumps({"custom_id": f"metered-{i}", "method": "POST", "url": "/v1/images/generations",
+                               "body": {**body, "prompt": f"metered {i}"}}) + "\n" for i in range(3))
+    with httpx.Client(base_url=reliable.url + "/secure", timeout=120,
+                      headers={"Authorization": f"Bearer {api_key}"}) as client:
+        file = client.post("/v1/files", files={"file": ("in.jsonl", io.BytesIO(text.encode()))},
+                           data={"purpose": "batch"}).json()
+        batch_id = client.post("/v1/batches", json={"input_file_id": file["id"], "completion_window": "24h",
+                                                    "endpoint": "/v1/images/generations"}).json()["id"]
+        started = time.monotonic()
+        while refusals() < before + 2:  # both other lines tried and refused under the key's limit
+            assert time.monotonic() - started < 300, "the key's limit never refused a batch line"
+            time.sleep(0.5)
+        batch = client.get(f"/v1/batches/{batch_id}").json()
+        assert batch["status"] == "in_progress"
+        assert batch["request_counts"] == {"total": 3, "completed": 1, "failed": 0}  # the refused ones wait
+        client.post(f"/v1/batches/{batch_id}/cancel")
+        batch = wait_for(client, batch_id, lambda b: b["status"] in FINISHED)
+        assert batch["status"] == "cancelled" and batch["request_counts"]["completed"] == 1
