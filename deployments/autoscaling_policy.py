@@ -14,11 +14,18 @@ from typing import Any
 from serve_app.domain.batches import replicas_wanted
 
 BACKGROUND_METRIC = "background_requests"
+INTERACTIVE_METRIC = "interactive_requests"
 POLICY_PATH = "deployments.autoscaling_policy:InteractiveFirstPolicy"
 
 
 class InteractiveFirstPolicy:
-    """A Serve autoscaling policy (a class: Serve builds it once with ``policy_kwargs``)."""
+    """A Serve autoscaling policy (a class: Serve builds it once with ``policy_kwargs``).
+
+    Both counts come from the replicas' own reports, so they are sampled together: subtracting the lines from
+    Serve's handle-side request count instead mixed two clocks, and a second's skew at a batch's start read as
+    interactive load. Requests still queued at handles (past the replicas' ``max_ongoing_requests``) count as
+    interactive. Until every replica has reported, the deployment holds its size.
+    """
 
     def __init__(self, backlog_share: float = 0.0) -> None:
         self.backlog_share = backlog_share
@@ -26,10 +33,14 @@ class InteractiveFirstPolicy:
     def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
         if ctx.current_num_replicas == 0:
             return ctx.target_num_replicas, {}
-        background = sum((ctx.aggregated_metrics or {}).get(BACKGROUND_METRIC, {}).values())
-        return replicas_wanted(ctx.current_num_replicas, ctx.total_num_requests, background,
-                               ctx.config.get_target_ongoing_requests(), ctx.config.max_replicas,
-                               self.backlog_share), {}
+        reports = ctx.aggregated_metrics or {}
+        interactive, background = reports.get(INTERACTIVE_METRIC), reports.get(BACKGROUND_METRIC)
+        if not interactive or background is None or len(interactive) < ctx.current_num_replicas:
+            return ctx.current_num_replicas, {}
+        waiting = ctx.total_queued_requests or 0.0
+        return replicas_wanted(ctx.current_num_replicas, sum(interactive.values()) + waiting,
+                               sum(background.values()), ctx.config.get_target_ongoing_requests(),
+                               ctx.config.max_replicas, self.backlog_share), {}
 
 
 def autoscaling_options(autoscaling: Any) -> dict[str, Any]:

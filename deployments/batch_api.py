@@ -14,12 +14,11 @@ from typing import Any
 from deployments.batch_runner import BatchRunner
 from deployments.batch_store import BatchStore
 from serve_app.domain.batches import (
-    BATCH_ENDPOINTS,
     COMPLETION_WINDOWS,
     FILE_PURPOSES,
+    BatchCreate,
     BatchSettings,
     batch_object,
-    check_metadata,
     file_object,
 )
 from serve_app.domain.errors import (
@@ -51,11 +50,11 @@ class BatchApi:
         if len(data) > self.settings.max_file_bytes:
             raise LimitExceededError(
                 f"the file is {len(data)} bytes, over this service's {self.settings.max_file_bytes}", param="file")
-        if not data:
-            raise InvalidRequestError("the file is empty", param="file")
-        lifetime = expires_after_s if expires_after_s is not None else self.settings.file_expiry_days * 86400
+        # As OpenAI's: batch inputs expire after 30 days (file_expiry_days), other files when expires_after says.
+        lifetime = expires_after_s if expires_after_s is not None else (
+            self.settings.file_expiry_days * 86400 if purpose == "batch" else None)
         row = await asyncio.to_thread(self.store.create_file, key_id, filename[:255] or "upload", purpose, data,
-                                      int(time.time() + lifetime))
+                                      None if lifetime is None else int(time.time() + lifetime))
         return file_object(row)
 
     async def _file(self, key_id: str | None, file_id: str) -> dict[str, Any]:
@@ -89,21 +88,10 @@ class BatchApi:
 
     # ---- batches ---------------------------------------------------------------------------
 
-    async def create_batch(self, key_id: str | None, body: dict[str, Any]) -> dict[str, Any]:
-        endpoint = body.get("endpoint")
-        if endpoint not in BATCH_ENDPOINTS:
-            raise UnsupportedValueError(f"endpoint {endpoint!r}: this service batches "
-                                        f"{' and '.join(BATCH_ENDPOINTS)}", param="endpoint")
-        window = body.get("completion_window")
-        if window not in COMPLETION_WINDOWS:
-            raise UnsupportedValueError(f"completion_window {window!r}: only 24h", param="completion_window")
-        try:
-            metadata = check_metadata(body.get("metadata"))
-        except ValueError as err:
-            raise InvalidRequestError(str(err), param="metadata") from None
-        input_file_id = body.get("input_file_id")
-        if not isinstance(input_file_id, str):
-            raise InvalidRequestError("input_file_id is required", param="input_file_id")
+    async def create_batch(self, key_id: str | None, body: BatchCreate) -> dict[str, Any]:
+        """A new batch from ``body`` (its endpoint, window and metadata already checked by its type)."""
+        endpoint, window, metadata, input_file_id = (body.endpoint, body.completion_window, body.metadata,
+                                                     body.input_file_id)
         row = await self._file(key_id, input_file_id)
         if row["purpose"] != "batch":
             raise InvalidRequestError(f"file {input_file_id} was uploaded with purpose {row['purpose']!r}, not "

@@ -108,8 +108,8 @@ class BatchRunner:
             try:
                 await self.tick()
             except Exception as err:  # a store hiccup must not end the loop: the next tick retries
-                if sys.is_finalizing():
-                    return  # the replica's process is going away; its leases lapse and another runner goes on
+                if sys.is_finalizing() or (isinstance(err, RuntimeError) and "after shutdown" in str(err)):
+                    return  # the replica is going away (Serve stops it); its leases lapse and another runner goes on
                 logger.exception("batch runner tick failed: %s: %s", type(err).__name__, err)
             self._wake.clear()
             try:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from deployments.batch_files import write_contents
 from serve_app.domain.batches import BatchSettings, InputLine, new_id
 
 if TYPE_CHECKING:
@@ -90,13 +91,8 @@ class SqliteBatchStore:
 
     def create_file(self, key_id: str | None, filename: str, purpose: str, data: bytes,
                     expires_at: int | None) -> dict[str, Any]:
-        """Store ``data`` (written and renamed into place before its row exists: no row names a partial file)."""
-        file_id = new_id("file-")
-        partial = self.files_dir / f".{file_id}.partial"
-        partial.write_bytes(data)
-        partial.rename(self.files_dir / file_id)
-        row = {"id": file_id, "key_id": key_id, "filename": filename, "purpose": purpose, "bytes": len(data),
-               "created_at": int(time.time()), "expires_at": expires_at}
+        row = write_contents(self.files_dir, data, key_id=key_id, filename=filename, purpose=purpose,
+                             expires_at=expires_at)
         with self._write() as db:
             db.execute("INSERT INTO files VALUES (:id, :key_id, :filename, :purpose, :bytes, :created_at, :expires_at)",
                        row)

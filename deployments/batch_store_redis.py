@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from deployments.batch_files import write_contents
 from serve_app.domain.batches import InputLine, new_id
 
 INT_FIELDS = ("created_at", "expires_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
@@ -161,7 +162,10 @@ class RedisBatchStore:
                 ca_cert: str | None = None) -> RedisBatchStore:
         import redis
 
-        options: dict[str, Any] = {"password": password, "decode_responses": True}
+        # redis-py's 5 s socket timeout turns a busy node's slow answer into a failed tick: a store call may wait
+        # 30 s, as SQLite's lock wait does (the tick that waits holds nothing but its own lines' leases).
+        options: dict[str, Any] = {"password": password, "decode_responses": True, "socket_timeout": 30,
+                                   "socket_connect_timeout": 30}
         if ca_cert:
             options["ssl_ca_certs"] = ca_cert
         return cls(redis.Redis.from_url(url, **options), app, state_dir)
@@ -177,12 +181,9 @@ class RedisBatchStore:
 
     def create_file(self, key_id: str | None, filename: str, purpose: str, data: bytes,
                     expires_at: int | None) -> dict[str, Any]:
-        file_id = new_id("file-")
-        partial = self.files_dir / f".{file_id}.partial"
-        partial.write_bytes(data)
-        partial.rename(self.files_dir / file_id)
-        row = {"id": file_id, "key_id": key_id, "filename": filename, "purpose": purpose, "bytes": len(data),
-               "created_at": int(time.time()), "expires_at": expires_at}
+        row = write_contents(self.files_dir, data, key_id=key_id, filename=filename, purpose=purpose,
+                             expires_at=expires_at)
+        file_id = row["id"]
         with self.redis.pipeline() as tx:
             tx.set(self.p + "file:" + file_id, json.dumps(row))
             # scored by the time of creation to the microsecond: created_at counts whole seconds, ids are random

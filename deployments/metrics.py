@@ -225,7 +225,7 @@ class RouterMetrics:
                                  tag_keys=("state",))
         self.batch_backlog_age = Gauge("imageserve_batch_backlog_age_seconds",
                                        "Age of the oldest unfinished batch line (max over router replicas).")
-        self.batch_answers = Counter("imageserve_batch_lines_total", "Batch lines answered, completed or failed.",
+        self.batch_answers = Counter("imageserve_batch_answers_total", "Batch lines answered, completed or failed.",
                                      tag_keys=("outcome",))
 
     def batch_backlog(self, queued: int, running: int, age_s: float) -> None:

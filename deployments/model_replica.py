@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypedDict
 from ray import serve
 from ray.serve import Application
 
-from deployments.autoscaling_policy import BACKGROUND_METRIC, autoscaling_options
+from deployments.autoscaling_policy import BACKGROUND_METRIC, INTERACTIVE_METRIC, autoscaling_options
 from deployments.batching import REQUEUE, BatchQueue
 from deployments.metrics import ReplicaMetrics, host_rss_bytes, replica_id, shape_label
 from deployments.parallel_replica import ParallelEngine, load_parallel_engine, placement_options
@@ -237,7 +237,9 @@ class ModelReplica:
                                                     preempt=self._preempt_background)
         # Set when interactive work arrives while a background batch runs: its denoising stops at the next step.
         self._preempting = threading.Event()
-        self.background_ongoing = 0  # batch lines this replica holds (record_autoscaling_stats)
+        # Requests this replica holds, running or queued, for the autoscaler (record_autoscaling_stats).
+        self.background_ongoing = 0
+        self.interactive_ongoing = 0
         self._running: Sequence[Job] = ()
         self._report_lora = self._lora_reporter(spec.engine.max_loaded_loras) if spec.engine.loras else None
         if self._unhealthy is not None:
@@ -288,9 +290,9 @@ class ModelReplica:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """What Serve's autoscaler gets besides its request count: the batch lines among them, which
-        ``InteractiveFirstPolicy`` leaves out (docs/batch.md)."""
-        return {BACKGROUND_METRIC: float(self.background_ongoing)}
+        """What Serve's autoscaler gets from this replica: the interactive requests and the batch lines it holds,
+        which ``InteractiveFirstPolicy`` weighs apart (docs/batch.md)."""
+        return {INTERACTIVE_METRIC: float(self.interactive_ongoing), BACKGROUND_METRIC: float(self.background_ongoing)}
 
     def oldest_queued_age(self) -> float | None:
         """Seconds the oldest request in this replica's queue has waited for a batch, or None."""
@@ -371,6 +373,7 @@ class ModelReplica:
         result.add_done_callback(lambda _: previews.put_nowait(None))
         sent: dict[int, int] = {}
         self.background_ongoing += background
+        self.interactive_ongoing += not background
         try:
             yield StreamAccepted(variant=self.variant.id, num_inference_steps=steps,
                                  preview_steps=[step + 1 for step in wanted])
@@ -387,6 +390,7 @@ class ModelReplica:
             yield await result
         finally:
             self.background_ongoing -= background
+            self.interactive_ongoing -= not background
             if not result.done():  # the caller left: stop the denoising it no longer watches
                 job.cancelled.set()
                 result.cancel()

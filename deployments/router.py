@@ -452,8 +452,10 @@ class Router:
                                                                                       ImageResult]:
         """One route's events for ``request`` (``StreamAccepted`` left out when the caller has one already), its
         failures mapped to the errors callers see. A replica lost (killed, its node gone) before a preview was
-        sent is retried once on the same route: it never answered."""
-        self.table.outstanding[route.deployment] += 1
+        sent is retried once on the same route: it never answered. A batch line (``background``) is left out of the
+        route's load that the routing policy weighs: a replica runs it only in time no interactive request wants."""
+        load = 0 if background else 1
+        self.table.outstanding[route.deployment] += load
         self._queue_gauge(variant, route)
         handle = self._handle(route, request).options(stream=True)
         previewed = False
@@ -487,7 +489,7 @@ class Router:
             # cancellation and a closed generator (BaseExceptions) pass
             raise self._replica_failure(err, variant, route) from None
         finally:
-            self.table.outstanding[route.deployment] -= 1
+            self.table.outstanding[route.deployment] -= load
             self._queue_gauge(variant, route)
 
     @staticmethod

@@ -30,7 +30,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.autoscaling_policy import BACKGROUND_METRIC
+from deployments.autoscaling_policy import BACKGROUND_METRIC, INTERACTIVE_METRIC
 from deployments.metrics import SwapMetrics
 from deployments.model_replica import ModelReplica, node_gpu_class
 from serve_app.domain.catalog import GIB
@@ -277,8 +277,10 @@ class SwapReplica:
             yield event
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Its members' batch lines, as one replica's (``ModelReplica.record_autoscaling_stats``)."""
-        return {BACKGROUND_METRIC: float(sum(member.background_ongoing for member in self.members.values()))}
+        """Its members' requests and batch lines, as one replica's (``ModelReplica.record_autoscaling_stats``)."""
+        members = self.members.values()
+        return {INTERACTIVE_METRIC: float(sum(m.interactive_ongoing for m in members)),
+                BACKGROUND_METRIC: float(sum(m.background_ongoing for m in members))}
 
     async def info(self) -> dict[str, Any]:
         return {

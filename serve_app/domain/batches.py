@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BATCH_ENDPOINTS = {"/v1/images/generations": "generate", "/v1/images/edits": "edit"}
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
@@ -61,7 +61,9 @@ class BatchSettings(BaseModel):
                                      "holds, not what it takes from interactive traffic.")
     max_attempts: int = Field(default=5, ge=1, description="Tries of a line that fails with a 5xx before its "
                                                           "answer is that error (a 429 is retried until expiry).")
-    file_expiry_days: float = Field(default=30.0, gt=0, description="Files expire after this (OpenAI: 30 days).")
+    file_expiry_days: float = Field(
+        default=30.0, gt=0, description="Batch input, output and error files expire after this, as OpenAI's do (30 "
+                                        "days); other files when their upload's expires_after says.")
     poll_interval_s: float = Field(default=1.0, gt=0, description="How often a router replica looks for work it "
                                                                   "was not told about (another replica's batch).")
     lease_s: float = Field(default=30.0, gt=0, description="A running line whose router stopped renewing its lease "
@@ -85,6 +87,102 @@ class BatchSettings(BaseModel):
     @property
     def max_line_bytes(self) -> int:
         return int(self.max_line_kb * 1e3)
+
+
+# ---- the API's bodies and answers, as openai-python's types define them (declared for the OpenAPI schema) ----
+
+class BatchCreate(BaseModel):
+    """``client.batches.create``'s body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=64, description="A file uploaded with purpose batch.")
+    endpoint: Literal["/v1/images/generations", "/v1/images/edits"] = Field(
+        description="The route every line of the file calls.")
+    completion_window: Literal["24h"] = Field(description="Lines not run by then are answered batch_expired.")
+    metadata: dict[str, str] | None = Field(
+        default=None, max_length=16, description="Up to 16 pairs: keys up to 64 characters, values up to 512.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return check_metadata(value)
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"]
+    expires_at: int | None
+    status_details: None
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchErrorItem(BaseModel):
+    code: str
+    message: str
+    line: int | None
+    param: str | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"]
+    data: list[BatchErrorItem]
+
+
+class BatchObject(BaseModel):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    model: str | None
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    expires_at: int
+    in_progress_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    errors: BatchErrors | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[BatchObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 def new_id(prefix: str) -> str:
@@ -242,19 +340,18 @@ def webhook_backoff_s(attempt: int) -> float:
     return float(min(2 ** (attempt - 1), 3600))
 
 
-def replicas_wanted(current: int, ongoing: float, background: float, target_per_replica: float, max_replicas: int,
-                    backlog_share: float = 0.0) -> float:
-    """Replicas a model deployment wants, from its ongoing requests (Serve's count, batch lines included) and the
-    batch lines among them (``background``).
+def replicas_wanted(current: int, interactive: float, background: float, target_per_replica: float,
+                    max_replicas: int, backlog_share: float = 0.0) -> float:
+    """Replicas a model deployment wants, from the interactive requests and the batch lines it holds.
 
-    Interactive requests scale it as Serve's default policy does: ``ongoing / target_per_replica``. Batch lines
-    use idle time and add no replica, except that a deployment running one keeps at least one replica (a pool
-    that scales to zero does not drop the line it runs). With ``backlog_share`` above 0, batch lines count as
-    demand too, up to that share of ``max_replicas`` (at least one).
+    Interactive requests scale it as Serve's default policy scales all requests: ``interactive /
+    target_per_replica``. Batch lines use idle time and add no replica, except that a deployment running one
+    keeps at least one replica (a pool that scales to zero does not drop the line it runs). With
+    ``backlog_share`` above 0, batch lines count as demand too, up to that share of ``max_replicas`` (at least
+    one).
     """
     if current == 0:
-        return 0.0 if ongoing <= 0 else 1.0
-    interactive = max(0.0, ongoing - background)
+        return 0.0 if interactive + background <= 0 else 1.0
     wanted = interactive / target_per_replica
     if background > 0:
         wanted = max(wanted, 1.0)
@@ -262,4 +359,3 @@ def replicas_wanted(current: int, ongoing: float, background: float, target_per_
             cap = max(1, int(backlog_share * max_replicas))
             wanted = max(wanted, min(float(cap), (interactive + background) / target_per_replica))
     return wanted
-

@@ -96,6 +96,15 @@ def edit_form_as_the_request_states_it(schema: dict[str, Any]) -> dict[str, Any]
     return schema
 
 
+def form_without_null(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    """The multipart form of ``POST path`` with its optional fields stated without null: a form has no null, and
+    a client that sent the text "null" for one would be refused."""
+    body = schema["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    form["properties"] = {name: _not_null(field) for name, field in form["properties"].items()}
+    return schema
+
+
 def _not_null(field: dict[str, Any]) -> dict[str, Any]:
     field = {key: value for key, value in field.items() if key != "default" or value is not None}
     kinds = field.pop("anyOf", None)

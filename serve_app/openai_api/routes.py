@@ -41,7 +41,13 @@ from serve_app.openai_api.batches import batch_routes, body_limits
 from serve_app.openai_api.errors import error_response, validation_response
 from serve_app.openai_api.forms import FormLimitError, bounded_form_route
 from serve_app.openai_api.middlewares import METRICS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, key_id_of
-from serve_app.openai_api.openapi import IMAGE_ROUTE_RESPONSES, described, edit_form_as_the_request_states_it, error_doc
+from serve_app.openai_api.openapi import (
+    IMAGE_ROUTE_RESPONSES,
+    described,
+    edit_form_as_the_request_states_it,
+    error_doc,
+    form_without_null,
+)
 from serve_app.openai_api.sse import event_stream
 
 logger = logging.getLogger(__name__)
@@ -78,9 +84,15 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     if batch_api is not None:
         app.include_router(batch_routes(service))
     add_model_and_probe_routes(app, service, http)
-    app.openapi = lambda: edit_form_as_the_request_states_it(FastAPI.openapi(app))
+    app.openapi = lambda: stated_forms(FastAPI.openapi(app), batch_api is not None)
     add_middlewares(app, http, body_limits(batch_api.settings.max_file_bytes, http) if batch_api else {})
     return app
+
+
+def stated_forms(schema: dict[str, Any], batches: bool) -> dict[str, Any]:
+    """The schema's multipart forms as their requests state them (``serve_app.openai_api.openapi``)."""
+    schema = edit_form_as_the_request_states_it(schema)
+    return form_without_null(schema, "/v1/files") if batches else schema
 
 
 def add_error_handlers(app: FastAPI, service: ImageService, http: HttpSpec) -> None:

@@ -18,7 +18,8 @@ EXPORTED = {
     "ray_imageserve_key_requests_total", "ray_imageserve_key_cost_total",
     "ray_imageserve_partial_images_total", "ray_imageserve_streams_total", "ray_imageserve_lora_uses_total",
     "ray_imageserve_swaps_total", "ray_imageserve_swap_seconds", "ray_imageserve_swap_bytes_total",
-    "ray_imageserve_resident_variant",
+    "ray_imageserve_resident_variant", "ray_imageserve_batch_lines", "ray_imageserve_batch_backlog_age_seconds",
+    "ray_imageserve_batch_answers_total", "ray_imageserve_batch_preemptions_total",
 }
 
 

@@ -4,41 +4,47 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.autoscaling_policy import BACKGROUND_METRIC, POLICY_PATH, InteractiveFirstPolicy
+from deployments.autoscaling_policy import BACKGROUND_METRIC, INTERACTIVE_METRIC, POLICY_PATH, InteractiveFirstPolicy
 from serve_app.domain.batches import replicas_wanted
 
 
 def test_batch_lines_add_no_replica_unless_a_backlog_share_allows_it():
     # Two replicas, target 1: two interactive requests want two; two batch lines alone keep one.
-    assert replicas_wanted(2, ongoing=2, background=0, target_per_replica=1, max_replicas=8) == 2
-    assert replicas_wanted(2, ongoing=2, background=2, target_per_replica=1, max_replicas=8) == 1
-    assert replicas_wanted(2, ongoing=5, background=2, target_per_replica=1, max_replicas=8) == 3
-    assert replicas_wanted(2, ongoing=0, background=0, target_per_replica=1, max_replicas=8) == 0
+    assert replicas_wanted(2, interactive=2, background=0, target_per_replica=1, max_replicas=8) == 2
+    assert replicas_wanted(2, interactive=0, background=2, target_per_replica=1, max_replicas=8) == 1
+    assert replicas_wanted(2, interactive=3, background=2, target_per_replica=1, max_replicas=8) == 3
+    assert replicas_wanted(2, interactive=0, background=0, target_per_replica=1, max_replicas=8) == 0
     # A quarter of max_replicas for the backlog: six lines ask for 6 and get 2 (8 x 0.25).
-    assert replicas_wanted(1, ongoing=6, background=6, target_per_replica=1, max_replicas=8, backlog_share=0.25) == 2
-    assert replicas_wanted(1, ongoing=6, background=6, target_per_replica=1, max_replicas=2, backlog_share=0.1) == 1
+    assert replicas_wanted(1, interactive=0, background=6, target_per_replica=1, max_replicas=8,
+                           backlog_share=0.25) == 2
+    assert replicas_wanted(1, interactive=0, background=6, target_per_replica=1, max_replicas=2,
+                           backlog_share=0.1) == 1
     # Interactive demand above the backlog's cap wins.
-    assert replicas_wanted(1, ongoing=9, background=2, target_per_replica=1, max_replicas=8, backlog_share=0.25) == 7
+    assert replicas_wanted(1, interactive=7, background=2, target_per_replica=1, max_replicas=8,
+                           backlog_share=0.25) == 7
 
 
-def context(current: int, ongoing: float, background_by_replica: dict, max_replicas: int = 8):
+def context(current: int, interactive: dict, background: dict, queued: float = 0.0, max_replicas: int = 8):
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
     config = AutoscalingConfig(min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=1)
     return AutoscalingContext(
         deployment_id=None, deployment_name="image-z-image-turbo", app_name="imageserve",
-        current_num_replicas=current, target_num_replicas=current, running_replicas=list(background_by_replica),
-        total_num_requests=ongoing, total_queued_requests=0.0,
-        aggregated_metrics={BACKGROUND_METRIC: background_by_replica}, raw_metrics=None,
+        current_num_replicas=current, target_num_replicas=current, running_replicas=list(interactive),
+        total_num_requests=sum(interactive.values()) + sum(background.values()) + queued,
+        total_queued_requests=queued,
+        aggregated_metrics={INTERACTIVE_METRIC: interactive, BACKGROUND_METRIC: background}, raw_metrics=None,
         capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=max_replicas, policy_state={},
         last_scale_up_time=None, last_scale_down_time=None, current_time=None, config=config)
 
 
 def test_the_policy_reads_the_replicas_reports_from_serves_context():
-    lines = {"replica-a": 2.0, "replica-b": 0.0}
-    assert InteractiveFirstPolicy()(context(2, ongoing=2.0, background_by_replica=lines)) == (1.0, {})
-    assert InteractiveFirstPolicy(backlog_share=0.5)(context(2, ongoing=2.0, background_by_replica=lines)) == (2.0, {})
-    assert InteractiveFirstPolicy()(context(2, ongoing=4.0, background_by_replica=lines))[0] == 2.0
+    idle, lines = {"a": 0.0, "b": 0.0}, {"a": 2.0, "b": 0.0}
+    assert InteractiveFirstPolicy()(context(2, idle, lines)) == (1.0, {})
+    assert InteractiveFirstPolicy(backlog_share=0.5)(context(2, idle, lines)) == (2.0, {})
+    assert InteractiveFirstPolicy()(context(2, {"a": 1.0, "b": 1.0}, lines, queued=2.0))[0] == 4.0
+    # A replica that has not reported yet: the deployment holds its size rather than guess.
+    assert InteractiveFirstPolicy()(context(2, {"a": 0.0}, {"a": 2.0}))[0] == 2
 
 
 def test_an_autoscaled_deployment_takes_the_policy_serve_can_import(tiny_models):

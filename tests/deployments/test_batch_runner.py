@@ -233,6 +233,7 @@ def test_the_files_and_batches_api_answers_the_same_over_either_store(tmp_path, 
     per-key objects, the key's bound on unfinished batches, and a cancel that stops the running line and ends the
     batch."""
     from deployments.batch_api import BatchApi
+    from serve_app.domain.batches import BatchCreate
     from serve_app.domain.errors import RateLimitedError, ResourceNotFoundError
 
     store = new_store()
@@ -256,13 +257,13 @@ def test_the_files_and_batches_api_answers_the_same_over_either_store(tmp_path, 
             await api.retrieve_file("key-b", files[0]["id"])  # another key's file is not found
         assert await api.file_content("key-a", files[0]["id"]) == lines
 
-        first = await api.create_batch("key-a", {"input_file_id": files[0]["id"], "endpoint": ENDPOINT,
-                                                 "completion_window": "24h", "metadata": {"run": "1"}})
-        second = await api.create_batch("key-a", {"input_file_id": files[1]["id"], "endpoint": ENDPOINT,
-                                                  "completion_window": "24h"})
+        def body(file: dict, **extra) -> BatchCreate:
+            return BatchCreate(input_file_id=file["id"], endpoint=ENDPOINT, completion_window="24h", **extra)
+
+        first = await api.create_batch("key-a", body(files[0], metadata={"run": "1"}))
+        second = await api.create_batch("key-a", body(files[1]))
         with pytest.raises(RateLimitedError, match="2 unfinished batches"):
-            await api.create_batch("key-a", {"input_file_id": files[2]["id"], "endpoint": ENDPOINT,
-                                             "completion_window": "24h"})
+            await api.create_batch("key-a", body(files[2]))
         assert [b["id"] for b in (await api.list_batches("key-a", 10, None))["data"]] == [second["id"], first["id"]]
         await until(lambda: store.batch(first["id"])["status"] == "in_progress", runner.tick)
         await runner.tick()  # one line of the first batch runs (and hangs); its other two wait
@@ -280,3 +281,25 @@ def test_the_files_and_batches_api_answers_the_same_over_either_store(tmp_path, 
             await api.delete_file("key-a", files[2]["id"])
 
     asyncio.run(main())
+
+
+def test_files_expire_as_openais_do_and_the_sweep_deletes_them(tmp_path, new_store):
+    from deployments.batch_api import BatchApi
+
+    store = new_store()
+
+    async def main():
+        runner = BatchRunner(store, settings(tmp_path), None, "router")
+        api = BatchApi(store, runner.settings, runner)
+        batch_input = await api.create_file(None, "in.jsonl", "batch", b"{}\n")
+        image = await api.create_file(None, "a.png", "vision", b"png")
+        short = await api.create_file(None, "b.png", "vision", b"png", expires_after_s=3600)
+        await runner.stop()
+        return batch_input, image, short
+
+    batch_input, image, short = asyncio.run(main())
+    assert batch_input["expires_at"] - batch_input["created_at"] == 30 * 86400  # purpose batch: 30 days
+    assert image["expires_at"] is None and short["expires_at"] - short["created_at"] == 3600
+    assert store.expire_files(short["expires_at"]) == 1
+    assert store.get_file(short["id"], None) is None and not (tmp_path / "files" / short["id"]).exists()
+    assert store.expire_files(batch_input["expires_at"]) == 1 and store.get_file(image["id"], None) is not None

@@ -117,13 +117,13 @@ def test_files_and_batches_refuse_what_they_cannot_take(openai_client):
         openai_client.batches.retrieve("batch_missing")
     with pytest.raises(openai.NotFoundError):
         openai_client.files.content("file-missing")
-    with pytest.raises(openai.BadRequestError, match="purpose"):
+    with pytest.raises(openai.UnprocessableEntityError, match="purpose"):
         openai_client.files.create(file=("a.txt", b"x"), purpose="fine-tune")
     empty = openai_client.files.create(file=("empty.jsonl", b"\n\n"), purpose="batch")
     failed = finished(openai_client, openai_client.batches.create(
         input_file_id=empty.id, endpoint="/v1/images/generations", completion_window="24h").id)
     assert failed.status == "failed" and "no requests" in failed.errors.data[0].message
-    with pytest.raises(openai.BadRequestError, match="endpoint"):
+    with pytest.raises(openai.UnprocessableEntityError, match="endpoint"):
         openai_client.batches.create(input_file_id=empty.id, endpoint="/v1/embeddings", completion_window="24h")
     listed = openai_client.files.list(purpose="batch")
     assert empty.id in [f.id for f in listed]
