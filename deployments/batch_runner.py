@@ -85,17 +85,22 @@ class BatchRunner:
         self._withdrawn: set[tuple[str, int]] = set()  # lines of cancelled batches this runner stopped
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._renewed = 0.0
         self._ticking: asyncio.Lock | None = None
         self._swept = 0.0
 
     def start(self) -> None:
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            self._loop = asyncio.get_running_loop()
+            self._loop_task = self._loop.create_task(self._run())
 
     def wake(self) -> None:
-        """Look for work now (a batch was created or cancelled here)."""
-        self._wake.set()
+        """Look for work now (a batch was created or cancelled here). Safe from any thread or event loop: Serve may
+        call a replica's methods on another loop than the one the runner started on."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._wake.set)
 
     async def stop(self) -> None:
         for task in [self._loop_task, *self.in_flight.values()]:

@@ -160,9 +160,12 @@ class Router:
             self.batch_api.runner.start()
 
     async def check_health(self) -> None:
-        """Serve's periodic health check; it also starts this replica's background work after a restart, when no
-        request has arrived yet to start it (a batch resumes without one)."""
-        self._start_background()
+        """Serve's periodic health check; it also starts this replica's batch runner after a restart, when no
+        request has arrived yet to start it (a batch resumes without one). The replica-count refresh stays with the
+        first request: started here, at a replica's start, its first reading raced the application's deploy and
+        a readiness probe once answered 503 in CI after the replicas ran."""
+        if self.batch_api is not None:
+            self.batch_api.runner.start()
 
     async def _background_answer(self, task: str, request: GenerateRequest | EditRequest,
                                  key_id: str | None) -> ImageResult:
