@@ -39,6 +39,7 @@ from serve_app.domain.errors import (
     ReplicaOutOfMemoryError,
     UnsupportedValueError,
 )
+from serve_app.domain.fleet import RecentLatencies, fleet_status
 from serve_app.domain.images import (
     DecodeLimits,
     InputImage,
@@ -137,6 +138,8 @@ class Router:
         self._lora_handles: dict[tuple[str, str], Any] = {}
         self._refresher: asyncio.Task | None = None
         self._counts_read = False  # whether table.replicas holds a reading of Serve's status yet
+        self._replica_states: dict[str, dict[str, int]] = {}  # the same reading, every state: the fleet view's
+        self.latencies = RecentLatencies()  # interactive answers' seconds, per variant: the fleet view's p50/p95
         self.metrics = RouterMetrics()
         self.quotas = KeyQuotas(spec.key_limits.share(spec.num_replicas))
         self._static_model_info = {v.id: self._describe(v) for v in self.catalog.variants.values()}
@@ -230,6 +233,7 @@ class Router:
         ``background``: a batch line, which model replicas run only while no interactive request waits."""
         variant_id = None
         status = "cancelled"  # unless it ends otherwise
+        started = time.monotonic()
         try:
             variants, size, cost = self._checked(task, request)
             variant_id = variants[0].id
@@ -239,6 +243,8 @@ class Router:
                 async for event in self._dispatch(variants, request, size, background):
                     if isinstance(event, ImageResult):
                         self._answered(key_id, task, event, cost, decode_cost)
+                        if not background:  # a batch line waits for idle time: not what users see
+                            self.latencies.record(event.variant, time.monotonic() - started)
                         status = "ok"
                     yield event
             finally:
@@ -590,18 +596,24 @@ class Router:
             "served": False,
         }
 
-    def _read_replica_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+    def _read_replica_states(self) -> dict[str, dict[str, int]]:
+        """Deployment -> Serve's replica state -> count, for this application."""
         app = serve.status().applications.get(self.spec.app_name)
-        for name, status in (app.deployments if app else {}).items():
-            counts[name] = status.replica_states.get("RUNNING", 0)
-        return counts
+        # Its keys are ReplicaState members, a str Enum: .value is the plain name ("RUNNING").
+        return {name: {getattr(state, "value", state): count for state, count in status.replica_states.items()}
+                for name, status in (app.deployments if app else {}).items()}
+
+    async def _read_replica_counts(self) -> None:
+        """One reading of Serve's status into the cache: the states for the fleet view, the running counts for
+        routing and readiness."""
+        self._replica_states = await asyncio.to_thread(self._read_replica_states)
+        self.table.replicas = {name: states.get("RUNNING", 0) for name, states in self._replica_states.items()}
+        self._counts_read = True
 
     async def _refresh_replica_counts(self) -> None:
         while True:
             try:
-                self.table.replicas = await asyncio.to_thread(self._read_replica_counts)
-                self._counts_read = True
+                await self._read_replica_counts()
                 for variant_id, routes in self.table.routes.items():
                     for route in routes:
                         self.metrics.replicas.set(self.table.replicas.get(route.deployment, 0), tags={
@@ -615,8 +627,7 @@ class Router:
         must not ask the Serve controller on every request. The first call reads once, before any refresh."""
         self._start_replica_count_refresh()
         if not self._counts_read:
-            self.table.replicas = await asyncio.to_thread(self._read_replica_counts)
-            self._counts_read = True
+            await self._read_replica_counts()
         return self.table.replicas
 
     def _start_replica_count_refresh(self) -> None:
@@ -670,6 +681,15 @@ class Router:
         replicas = {variant: sum(running.get(r.deployment, 0) for r in routes)
                     for variant, routes in sorted(self.table.routes.items())}
         return {"status": "ready", "replicas": replicas}
+
+    async def fleet(self, internals: bool = True) -> dict[str, Any]:
+        """The fleet view of the console (``serve_app.domain.fleet``): pools, and per served variant its replicas
+        running and starting, its placement, its queue here and its recent p50/p95 seconds. From this replica's
+        caches (Serve's status, its routes, its answers): it never asks the Serve controller on a request's path.
+        Without ``internals``, served variants and whether each is ready, nothing more."""
+        await self._running_replicas()
+        return fleet_status(self.catalog, self.spec.routes, self._replica_states, self.table.outstanding,
+                            self.latencies, internals)
 
     async def health(self, internals: bool = True) -> dict[str, Any]:
         """Liveness, and with ``internals`` the served variants and the requests this router has at each

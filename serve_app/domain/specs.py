@@ -169,6 +169,9 @@ class RouteSpec(_Spec):
         default=None, description="The offload mode the replica loads with on this pool (as LoadTarget plans it); "
                                   "None outside GPU pools.")
     parallel: str | None = Field(default=None, description="The replica's parallel mode (cp2, tp4, ...), if any.")
+    co_resident: bool | None = Field(
+        default=None, description="For a swap group's route: the planner's verdict that every member stays on the "
+                                  "GPU, so nothing swaps (null outside swap groups, and where no GPU was planned).")
 
 
 def key_digest(key: str | bytes) -> str:
@@ -331,7 +334,8 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
 
     groups: list[SwapGroupSpec] = []
 
-    def route(spec: ReplicaSpec, deployment: str, cost_s: float | None, min_replicas: int, shared: bool) -> None:
+    def route(spec: ReplicaSpec, deployment: str, cost_s: float | None, min_replicas: int, shared: bool,
+              co_resident: bool | None = None) -> None:
         gpu = spec.pool.gpu if spec.pool else None
         mode = None
         if spec.engine.parallel is not None:
@@ -345,7 +349,7 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
             variant=spec.variant.id, deployment=deployment, shared=shared,
             pool=spec.pool.name if spec.pool else "default", gpu_class=gpu.id if gpu else None,
             vram_gib=gpu.vram_gib if gpu else None, cost_s=cost_s, min_replicas=min_replicas, offload_mode=mode,
-            parallel=spec.engine.parallel))
+            parallel=spec.engine.parallel, co_resident=co_resident))
 
     def add(spec: ReplicaSpec, cost_s: float | None) -> None:
         replicas.append(spec)
@@ -354,7 +358,8 @@ def resolve_application(config: AppConfig, cluster_has_gpus: bool = False) -> Ap
     def add_group(group: SwapGroupSpec, costs: dict[str, float | None]) -> None:
         groups.append(group)
         for member in group.members:
-            route(member, group.name, costs.get(member.variant.id), group.min_replicas, shared=True)
+            route(member, group.name, costs.get(member.variant.id), group.min_replicas, shared=True,
+                  co_resident=group.co_resident)
 
     if config.pools:
         placements, unplaced = place(config, catalog)

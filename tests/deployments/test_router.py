@@ -109,7 +109,8 @@ def test_not_ready_is_a_503_naming_the_variants_without_a_running_replica(monkey
     checks = router({})
     deployments = {route.variant: route.deployment for route in checks.spec.routes}
     running = {deployments["z-image-turbo"]: 1}
-    monkeypatch.setattr(checks, "_read_replica_counts", lambda: dict(running))  # serve.status() stands in here
+    # serve.status() stands in here
+    monkeypatch.setattr(checks, "_read_replica_states", lambda: {d: {"RUNNING": n} for d, n in running.items()})
     with pytest.raises(NotReadyError) as err:
         asyncio.run(checks.readiness())
     assert err.value.status_code == 503 and err.value.retry_after_s
@@ -129,7 +130,7 @@ def test_models_and_readiness_do_not_ask_the_controller_on_every_request(monkeyp
     monkeypatch.setattr(router_module, "REPLICA_COUNT_TTL_S", 3600)  # one background reading in this test
     checks = router({})
     reads = []
-    monkeypatch.setattr(checks, "_read_replica_counts", lambda: reads.append(1) or {})
+    monkeypatch.setattr(checks, "_read_replica_states", lambda: reads.append(1) or {})
 
     async def many_probes():
         for _ in range(20):
