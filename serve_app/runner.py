@@ -414,6 +414,7 @@ def example_requests(url: str, keyed: bool = False) -> str:
         f"    | python3 -c '{_SAVE_FIRST_IMAGE}'",
         f"  curl -s {url}/v1/images/edits{key} -F model=qwen-image-edit -F prompt='make it blue' -F image=@out.png \\",
         "       -F size=256x256",
+        f"Or open {url}/ui in a browser: the console (docs/console.md).",
         "Stop with Ctrl-C.",
     ]
     return "\n".join(lines)

@@ -16,6 +16,13 @@ logger = logging.getLogger(__name__)
 
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no key
+# The console's page and its static files: the page must load to ask for a key; they hold nothing but code
+# (serve_app/console/static), and every call the page makes carries the key it was given.
+OPEN_PREFIXES = ("/ui",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or any(path == p or path.startswith(p + "/") for p in OPEN_PREFIXES)
 
 
 METRICS_PATH = "/metrics"  # every key's series: opened by a metrics key, never by an API key
@@ -27,8 +34,9 @@ def key_id_of(request: Request) -> str | None:
 
 
 class ApiKeyMiddleware:
-    """Bearer-key check on every route but the probes (/healthz, /readyz), against ``keys``'s digests
-    (serve_app/api_keys.py). The caller's key id goes into the ASGI scope as ``state["key_id"]``.
+    """Bearer-key check on every route but the probes (/healthz, /readyz) and the console's static page (/ui),
+    against ``keys``'s digests (serve_app/api_keys.py). The caller's key id goes into the ASGI scope as
+    ``state["key_id"]``.
 
     ``/metrics`` shows every key's series, so it takes ``metrics_keys`` only: an API key gets 403. With no
     metrics key configured it is open only where no API key is configured either (a local run).
@@ -52,7 +60,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/"))
-        if path in OPEN_PATHS:
+        if is_open(path):
             return await self.app(scope, receive, send)
         ring = self.metrics_keys if path == METRICS_PATH else self.keys
         if not ring.configured and not (path == METRICS_PATH and self.keys.configured):

@@ -4,7 +4,8 @@ Routes: ``POST /v1/images/generations`` (JSON), ``POST /v1/images/edits`` (multi
 or ``image[]``), both answering Server-Sent Events with ``stream: true``, the Files and Batches API
 (``serve_app.openai_api.batches``), ``GET /v1/models``,
 ``GET /healthz`` (liveness), ``GET /readyz`` (readiness),
-``GET /metrics``; the OpenAPI schema is at ``/openapi.json``. Every error is JSON:
+``GET /metrics``, ``GET /v1/fleet`` and the console page at ``/ui`` (``serve_app.console``); the OpenAPI schema
+is at ``/openapi.json``. Every error is JSON:
 ``{"error": {"code", "message", "param", "type"}}``. This module parses and answers HTTP;
 ``deployments.router.Router`` does the work. ``create_api`` puts together the error handlers, the image
 routes, the model and probe routes, and the middlewares, each below.
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.api_keys import METRICS_KEYS_ENV, KeyRing, key_id_secret, refuse_open_non_loopback
+from serve_app.console import console_routes
 from serve_app.domain.errors import ImageServeError, InternalError
 from serve_app.domain.schemas import (
     MAX_EDIT_IMAGES,
@@ -63,6 +65,7 @@ class ImageService(Protocol):
     def edit_stream(self, request: EditRequest,
                     key_id: str | None = None) -> AsyncIterator[StreamAccepted | PartialImage | ImageResult]: ...
     async def models(self, internals: bool = True) -> dict[str, Any]: ...
+    async def fleet(self, internals: bool = True) -> dict[str, Any]: ...
     async def health(self, internals: bool = True) -> dict[str, Any]: ...
     async def readiness(self, internals: bool = True) -> dict[str, Any]: ...
     async def metrics_text(self) -> str: ...
@@ -80,6 +83,7 @@ def create_api(service: ImageService, http: HttpSpec | None = None) -> FastAPI:
     add_error_handlers(app, service, http)
     add_generation_route(app, service, http)
     app.include_router(edit_routes(service, http))
+    app.include_router(console_routes())
     batch_api = getattr(service, "batch_api", None)
     if batch_api is not None:
         app.include_router(batch_routes(service))
@@ -221,6 +225,12 @@ def add_model_and_probe_routes(app: FastAPI, service: ImageService, http: HttpSp
                                    "and replicas serving them)")
     async def list_models() -> dict[str, Any]:
         return await service.models(internals=http.show_internals)
+
+    @app.get("/v1/fleet", summary="The fleet as the console shows it: served variants and whether each is ready; "
+                                  "with serving.show_internals, pools, replicas running and starting, placement, "
+                                  "queue depth and recent p50/p95 seconds per variant (docs/console.md)")
+    async def fleet() -> dict[str, Any]:
+        return await service.fleet(internals=http.show_internals)
 
     if http.metrics_route:
         @app.get(METRICS_PATH, summary="Prometheus metrics of this node (single-node runs); with API keys "

@@ -34,7 +34,8 @@ def stream_events(event: PartialImage | ImageResult, prefix: str, request: Gener
                   internals: bool) -> list[bytes]:
     """The SSE events of one stream item, as openai-python's ImageGenStreamEvent / ImageEditStreamEvent parse
     them: a partial image, or one completed event per image (each carrying the request's usage). imageserve
-    adds ``image_index`` (which of the n images) and, on completed events, ``seed``."""
+    adds ``image_index`` (which of the n images) and, on completed events, ``seed`` and ``model`` (and, with
+    ``internals``, ``pool`` and ``gpu_class``)."""
     common = {"background": "opaque", "created_at": int(time.time()), "quality": request.quality or "auto",
               "size": f"{event.width}x{event.height}", "output_format": event.output_format}
     if isinstance(event, PartialImage):
@@ -42,9 +43,12 @@ def stream_events(event: PartialImage | ImageResult, prefix: str, request: Gener
             "type": f"{prefix}.partial_image", "b64_json": pybase64.b64encode_as_string(event.image),
             "partial_image_index": event.partial_image_index, "image_index": event.image_index, **common})]
     answer = event.to_openai(internals=internals)
+    # With internals, where it ran too, as the plain answer says it (the console labels downloads with it).
+    where = {"pool": answer["pool"], "gpu_class": answer["gpu_class"]} if internals else {}
     return [_sse(f"{prefix}.completed", {
         "type": f"{prefix}.completed", "b64_json": image["b64_json"], "usage": answer["usage"],
-        "image_index": index, "seed": image["seed"], **common}) for index, image in enumerate(answer["data"])]
+        "image_index": index, "seed": image["seed"], "model": answer["model"], **where, **common})
+        for index, image in enumerate(answer["data"])]
 
 
 async def event_stream(events: AsyncIterator[StreamAccepted | PartialImage | ImageResult], prefix: str,

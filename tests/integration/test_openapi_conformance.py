@@ -86,7 +86,7 @@ def real_png(size: int = 32) -> bytes:
 
 
 OPERATIONS = [("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"), ("GET", "/v1/models"),
-              ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+              ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/fleet"),
               # The Files and Batches API (docs/batch.md)
               ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
               ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/batches"),

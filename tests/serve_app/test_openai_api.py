@@ -466,7 +466,8 @@ def router_behind_http(monkeypatch, show_internals: bool):
     spec = resolve_application(config).router
     router = Router(spec, {route.deployment: None for route in spec.routes})
     running = {route.deployment: 1 for route in spec.routes}
-    monkeypatch.setattr(router, "_read_replica_counts", lambda: dict(running))  # serve.status() stands in
+    # serve.status() stands in
+    monkeypatch.setattr(router, "_read_replica_states", lambda: {d: {"RUNNING": n} for d, n in running.items()})
     router.table.outstanding[spec.routes[0].deployment] = 2
     return router, running, create_api(router, HttpSpec(show_internals=show_internals))
 
@@ -491,6 +492,8 @@ def test_probes_and_model_cards_say_nothing_of_load_or_placement_when_internals_
         not_ready = client.get("/readyz")
         assert not_ready.status_code == 503 and not_ready.headers["retry-after"]
         assert not_ready.json()["error"]["message"] == "not ready: a served model has no running replica yet"
+        fleet = client.get("/v1/fleet")
+        assert fleet.status_code == 200 and not [word for word in INTERNALS if word in fleet.text], fleet.text
 
 
 def test_an_operator_endpoint_shows_load_and_placement(monkeypatch):
@@ -502,6 +505,10 @@ def test_an_operator_endpoint_shows_load_and_placement(monkeypatch):
         assert cards["z-image-turbo"]["pools"][0]["pool"] == "pool4090" and cards["z-image-turbo"]["replicas"] == 1
         assert "poola100" in cards["qwen-image-edit-2509"]["unavailable_reason"]
         assert cards["qwen-image-edit"]["resolves_to"] == {"poola100": "qwen-image-edit-2511"}
+        fleet = client.get("/v1/fleet").json()
+        assert [p["pool"] for p in fleet["pools"]] == ["pool4090", "poola100"]
+        z = next(v for v in fleet["variants"] if v["id"] == "z-image-turbo")
+        assert z["queue_depth"] == 2 and z["routes"][0]["running"] == 1 and z["routes"][0]["offload_mode"]
 
 
 def test_a_caller_who_leaves_a_stream_closes_its_events_without_an_error(caplog):
