@@ -59,6 +59,16 @@ $(HAPROXY):
 		dpkg -x $$deb .tools/haproxy; done
 	LD_LIBRARY_PATH=.tools/haproxy/usr/lib/x86_64-linux-gnu $@ -v
 
+# Debian's Chromium and its chromedriver, for the console's tests in a real browser (tests/browser.py). Unlike the
+# tools above they are installed into the system (root, or sudo): Chromium needs dozens of Debian's libraries.
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+$(CHROMEDRIVER):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver 2>/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		chromium-driver)
+	test -x /usr/bin/chromium && test -x $@
+
 $(VENV)/.installed: pyproject.toml Makefile lock/image.txt lock/constraints.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_SPEC)
@@ -76,7 +86,7 @@ lint: install
 unit: install $(PROMETHEUS) $(REDIS) $(HAPROXY)
 	$(VENV)/bin/python -m pytest -m "not integration and not models"
 
-test: lint $(PROMETHEUS) $(REDIS) $(HAPROXY)
+test: lint $(PROMETHEUS) $(REDIS) $(HAPROXY) $(CHROMEDRIVER)
 	$(VENV)/bin/python -m pytest
 
 # serve_config.yaml and cluster/deploy/*.yaml from the example fleet and production config.

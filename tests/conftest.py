@@ -77,6 +77,18 @@ def prometheus_tool():
     return find
 
 
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Debian's headless Chromium under selenium (tests/browser.py), one per test module."""
+    from tests.browser import start_chromium
+
+    driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
 @pytest.fixture(scope="session")
 def png_bytes() -> bytes:
     """A 64x64 PNG, as an upload's bytes."""
