@@ -25,11 +25,18 @@ def final_images(driver):
     return driver.find_elements("css selector", "#results .result.final")
 
 
-def test_a_streamed_generation_shows_previews_then_the_final_image(page, tmp_path):
+def test_a_streamed_generation_with_a_lora_shows_previews_then_the_final_image(page, tmp_path):
+    from selenium.webdriver.support.select import Select
+
     fill(page, "prompt", "a lighthouse at dusk")
     fill(page, "steps", "4")
     fill(page, "seed", "7")
     fill(page, "partial-images", "2")
+    # The LoRA picker offers the variant's LoRAs from the allow-list (embedded: one per base model).
+    loras = [o.get_attribute("value") for o in page.find_elements("css selector", "#lora option")]
+    assert loras == ["", "tiny-style"], loras
+    Select(page.find_element("id", "lora")).select_by_value("tiny-style")
+    fill(page, "lora-scale", "0.8")
     assert page.find_element("id", "stream").is_selected()
     page.find_element("id", "submit").click()
     (card,) = wait(page, final_images)
