@@ -22,9 +22,10 @@ class ApiError extends Error {
     this.retryAfter = retryAfter;
   }
 
-  // The error in words, from the service's JSON body: {"error": {"code", "message", ...}}.
+  // The error in words, from the service's JSON body: {"error": {"code", "message", ...}}. A stream's error
+  // event has no status of its own (the stream began with 200).
   describe() {
-    const where = this.code ? `${this.code}, HTTP ${this.status}` : `HTTP ${this.status}`;
+    const where = [this.code, this.status ? `HTTP ${this.status}` : null].filter(Boolean).join(", ");
     const retry = this.retryAfter ? `; retry after ${this.retryAfter} s` : "";
     return `${this.message} (${where}${retry})`;
   }
@@ -276,7 +277,7 @@ function handleEvent(block) {
   }
   if (data.length === 0) return;
   const payload = JSON.parse(data.join("\n"));
-  if (name === "error") throw new ApiError(200, payload.error.code, payload.error.message, null);
+  if (name === "error") throw new ApiError(null, payload.error.code, payload.error.message, null);
   const index = payload.image_index || 0;
   if (name.endsWith(".partial_image")) {
     showPreview(index, payload.b64_json, payload.partial_image_index, payload.output_format);
